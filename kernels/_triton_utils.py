@@ -1,0 +1,117 @@
+"""Small helpers shared by the kernel files.
+
+Nothing here launches a kernel or reads the environment at import time; every helper is
+evaluated when an op is called. Kept deliberately small: kernel files import from it.
+"""
+import os
+from typing import Optional, Sequence
+
+import torch
+
+# torch dtype -> the fp32-or-narrower dtype a kernel accumulates in / the string used by tl.dot
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable at launch, so this is checked per call, never cached.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def allow_tf32() -> bool:
+    """Whether fp32 matmuls may use TF32 (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` string for ``tl.dot`` on operands of `dtype`.
+
+    fp32 operands: "ieee" (true fp32) unless TF32 is allowed, then "tf32". fp16/bf16 operands
+    ignore it (tensor cores, fp32 accumulation); "ieee" is returned so the argument is valid.
+    ``input_precision`` exists in every Triton 3.x (``allow_tf32`` is deprecated).
+    """
+    if dtype == torch.float32 and allow_tf32():
+        return "tf32"
+    return "ieee"
+
+
+def autocast_dtype(device_type: str = "cuda") -> Optional[torch.dtype]:
+    """The autocast dtype active for `device_type`, or None when autocast is off there."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def fp16_autocast_enabled(device_type: str = "cuda") -> bool:
+    """True under ``torch.autocast(device_type, dtype=torch.float16)``."""
+    return autocast_dtype(device_type) == torch.float16
+
+
+def bf16_autocast_enabled(device_type: str = "cuda") -> bool:
+    """True under ``torch.autocast(device_type, dtype=torch.bfloat16)``."""
+    return autocast_dtype(device_type) == torch.bfloat16
+
+
+def is_low_precision(dtype: torch.dtype) -> bool:
+    """fp16 or bf16."""
+    return dtype in _LOW_PRECISION
+
+
+def check_launchable(*tensors: Optional[torch.Tensor]) -> None:
+    """Raise a clear error unless the tensors can feed a Triton kernel here.
+
+    CUDA tensors always can; CPU tensors only under Triton's interpreter.
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            continue
+        if t.device.type == "cpu" and is_interpreter():
+            continue
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors (got a tensor on {t.device}); on a machine "
+            "without a GPU use the reference backend, or set TRITON_INTERPRET=1 to run the "
+            "kernels in Triton's (slow) CPU interpreter"
+        )
+
+
+def broadcast_strides(t: torch.Tensor, shape) -> tuple:
+    """Strides of `t` viewed as broadcast to `shape` (0 on broadcast dims), in elements.
+
+    ``t.expand(shape).stride()`` without building the view's storage requirements; leading
+    dims missing from `t` get stride 0.
+    """
+    return tuple(t.expand(shape).stride())
+
+
+def collapse_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]):
+    """Merge the dims of `shape` that every stride list lets merge; drop size-1 dims.
+
+    `strides` holds one stride list per tensor (all broadcast to `shape`, 0 on broadcast
+    dims). Dims i and i+1 merge when ``stride[i] == stride[i + 1] * shape[i + 1]`` for every
+    tensor, so one stride per merged dim still addresses each tensor. Returns
+    ``(sizes, [strides per tensor])``, both possibly empty. Kernels use this to take any number
+    of leading batch dims as a few (size, stride) pairs, without copies.
+    """
+    dims = [i for i, n in enumerate(shape) if n != 1]
+    sizes = [int(shape[i]) for i in dims]
+    out = [[int(s[i]) for i in dims] for s in strides]
+    j = len(sizes) - 1
+    while j > 0:
+        if all(s[j - 1] == s[j] * sizes[j] for s in out):
+            sizes[j - 1] *= sizes[j]
+            for s in out:
+                s[j - 1] = s[j]
+                del s[j]
+            del sizes[j]
+        j -= 1
+    return sizes, out

@@ -1,0 +1,969 @@
+"""Gated multi-head attention with a mask bias and a pair bias, flash-style.
+
+Math (OpenFold's ``primitives._attention`` followed by the gating of ``Attention._wrap_up``)::
+
+    q [*, H, Q, C] (already scaled by 1/sqrt(C)),  k, v [*, H, K, C]
+    a = q @ k^T                       [*, H, Q, K]
+    a += mask_bias; a += pair_bias    (each broadcast to [*, H, Q, K])
+    a = softmax(a, -1)                (OpenFold's softmax_no_cast: in the input dtype)
+    o = (a @ v).transpose(-2, -3)     [*, Q, H, C]
+    o = o * sigmoid(gate)             gate [*, Q, H, C], when given
+
+OpenFold's users: MSA row attention (pair bias [*, 1, H, N_res, N_res] shared over N_seq),
+MSA column attention, triangle attention (pair bias shared over the I rows), extra-MSA row
+attention (C = 8), template pointwise attention (Q = 1, K = N_templ, mask bias only).
+
+Precision contract. fp32 inputs: IEEE fp32 dots (``input_precision="ieee"``), or TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` is set. fp16/bf16 inputs: tensor-core dots in that
+dtype with fp32 accumulation; softmax statistics (max, sum, log-sum-exp), the biases, the gate
+and every gradient accumulator are fp32; results are cast on store. So the low-precision path is
+more accurate than OpenFold's (which rounds the logits and the probabilities to bf16). Biases
+may have their own dtype (under bf16 autocast OpenFold's mask bias is fp32, the pair bias bf16);
+each gradient has its input's dtype. Under autocast, fp32 q/k/v are cast to the autocast dtype,
+as ``torch.matmul`` would. The output has ``q``'s dtype, promoted with ``gate``'s.
+
+Memory. The [*, H, Q, K] logits are never materialised, neither forward nor backward. Forward:
+online softmax over key blocks; the per-row log-sum-exp (fp32, [*, H, Q]) is saved, plus the
+ungated output when a gate is given. Backward (FlashAttention-2 order):
+
+1. ``_attention_bwd_preprocess_kernel``: gate gradient, gated dO, delta = rowsum(dO * O).
+2. ``_attention_bwd_dkdv_kernel``: one program per (batch, head, key block) loops over query
+   blocks, recomputing P = exp(S - lse) blockwise; dK and dV stay in registers.
+3. ``_attention_bwd_dq_kernel``: one program per (batch, head, query block) loops over key
+   blocks.
+4. ``_attention_bwd_dbias_kernel``: the bias gradient is dS summed over the dims the bias is
+   broadcast on (for the pair bias: N_seq, or the I rows of triangle attention). One program
+   owns one [BLOCK_M, BLOCK_N] tile of the bias gradient and loops over the broadcast dims,
+   recomputing dS = P * (dO v^T - delta) there; the tile is accumulated in fp32 registers and
+   stored once. No atomics, so the result is deterministic. Why this design: the alternatives
+   are (a) accumulating dS into a fp32 [H, Q, K] buffer with atomics from the dK/dV or dQ
+   kernels, one atomic per logit (H * Q * K * N_seq of them: at triangle attention N_res 1024
+   that is 4.3e9 atomics, far more than the card's atomic throughput hides), or (b) having the
+   dK/dV program own a whole bias column strip and read-modify-write it in global memory for
+   every batch row (about 32 bytes of L2 traffic per logit, and too few programs to fill the
+   card). The separate kernel costs two [BLOCK_M, C] x [C, BLOCK_N] dots and one exp per logit,
+   about one forward pass, with all reads served from L2. When the bias tiles are too few to
+   fill the card (N_res 256: 64 tiles), the broadcast loop is split over several programs that
+   write fp32 partial sums, added by one small torch reduction.
+   The mask bias is OpenFold's constant ``inf * (mask - 1)`` and never needs a gradient there;
+   it is still supported by the same kernel (broadcast over H and Q: the tile is then also
+   summed over its rows). A bias constant along K shifts a softmax row by a constant: its
+   gradient is exactly zero and is returned as zeros.
+
+Layout. Inputs are taken through explicit strides, with no copies: q/k/v as OpenFold's
+transposed views of a Linear output, biases with stride 0 on broadcast dims. Leading batch dims
+are folded into at most two (size, stride) pairs per tensor (``collapse_dims``); the rare layout
+that needs more is handled by an explicit loop over the first batch dim. Offsets of batch and
+head are 64-bit. Head dims that are not a power of two or below tl.dot's 16 (extra-MSA: 8) are
+padded with masked loads. Key and query tails are handled by clamped loads (no masks in the
+main loop) and a masked last block.
+
+Kernels are autotuned on the GPU over a few block configurations keyed on (C, Q, K buckets, bias
+and gate flags); under Triton's CPU interpreter one small configuration is used.
+"""
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import (
+    autocast_dtype,
+    check_launchable,
+    collapse_dims,
+    dot_precision,
+    is_interpreter,
+    next_power_of_2,
+)
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
+def _softmax_no_cast(t: torch.Tensor) -> torch.Tensor:
+    """OpenFold's ``softmax_no_cast``: bf16 stays bf16 (autocast off), else plain softmax."""
+    if t.dtype is torch.bfloat16:
+        with torch.autocast(t.device.type, enabled=False):
+            return torch.nn.functional.softmax(t, dim=-1)
+    return torch.nn.functional.softmax(t, dim=-1)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_bias: Optional[torch.Tensor] = None,
+    pair_bias: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """OpenFold's attention core in plain PyTorch (same ops, same order, same dtypes).
+
+    Args:
+        q: [*, H, Q, C] queries, already scaled by 1/sqrt(C)
+        k, v: [*, H, K, C]
+        mask_bias, pair_bias: broadcast to [*, H, Q, K], added in this order
+        gate: [*, Q, H, C] gate logits (the sigmoid is applied here)
+    Returns:
+        [*, Q, H, C]
+    """
+    a = torch.matmul(q, k.transpose(-1, -2))
+    for b in (mask_bias, pair_bias):
+        if b is not None:
+            a += b
+    a = _softmax_no_cast(a)
+    o = torch.matmul(a, v).transpose(-2, -3)
+    if gate is not None:
+        o = o * torch.sigmoid(gate)
+    return o
+
+
+# --------------------------------------------------------------------------------------------
+# Triton helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptr, offs_r, offs_c, s_r, s_c, C: tl.constexpr, CP: tl.constexpr):
+    """[R, CP] tile; channels >= C read as 0."""
+    p = ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c
+    if C == CP:
+        x = tl.load(p)
+    else:
+        x = tl.load(p, mask=offs_c[None, :] < C, other=0.0)
+    return x
+
+
+@triton.jit
+def _load_rows_t(ptr, offs_r, offs_c, s_r, s_c, C: tl.constexpr, CP: tl.constexpr):
+    """[CP, R] tile (the transpose of ``_load_rows``)."""
+    p = ptr + offs_c[:, None] * s_c + offs_r[None, :] * s_r
+    if C == CP:
+        x = tl.load(p)
+    else:
+        x = tl.load(p, mask=offs_c[:, None] < C, other=0.0)
+    return x
+
+
+@triton.jit
+def _bias(ptr, offs_m, offs_n, s_m, s_n, Q_BCAST: tl.constexpr, TRANS: tl.constexpr):
+    """fp32 bias tile [M, N] (or [N, M] when TRANS); one row vector when broadcast over Q."""
+    if Q_BCAST:
+        b = tl.load(ptr + offs_n * s_n).to(tl.float32)
+        if TRANS:
+            b = b[:, None]
+        else:
+            b = b[None, :]
+    else:
+        if TRANS:
+            b = tl.load(ptr + offs_n[:, None] * s_n + offs_m[None, :] * s_m).to(tl.float32)
+        else:
+            b = tl.load(ptr + offs_m[:, None] * s_m + offs_n[None, :] * s_n).to(tl.float32)
+    return b
+
+
+@triton.jit
+def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+            HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
+            PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """((q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N]; keys >= NK at -inf."""
+    s = tl.dot(q, kT, input_precision=DOT_PREC)
+    if HAS_MB:
+        s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, False)
+    if HAS_PB:
+        s += _bias(PB, offs_mc, offs_nc, spm, spn, PB_QB, False)
+    s = s * _LOG2E
+    if MASK_N:
+        s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
+              HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
+              PB_QB: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The transpose of ``_logits``: [N, M] (no key mask: callers own the keys)."""
+    s = tl.dot(k, qT, input_precision=DOT_PREC)
+    if HAS_MB:
+        s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, True)
+    if HAS_PB:
+        s += _bias(PB, offs_mc, offs_nc, spm, spn, PB_QB, True)
+    return s * _LOG2E
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_n,
+                         skn, skc, svn, svc, smm, smn, spm, spn, NK,
+                         C: tl.constexpr, CP: tl.constexpr,
+                         HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
+                         PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK_N:
+        offs_nc = tl.minimum(offs_n, NK - 1)
+    else:
+        offs_nc = offs_n
+    kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
+    s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+                HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(V, offs_nc, offs_c, svn, svc, C, CP)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q, K, V, MB, PB, G, OUT, O, LSE,
+    sq0, sq1, sqh, sqm, sqc,
+    sk0, sk1, skh, skn, skc,
+    sv0, sv1, svh, svn, svc,
+    sm0, sm1, smh, smm, smn,
+    sp0, sp1, sph, spm, spn,
+    sg0, sg1, sgh, sgm, sgc,
+    so0, so1, soh, som, soc,
+    Z1, H, NQ, NK, Q_BUCKET, K_BUCKET,
+    C: tl.constexpr, CP: tl.constexpr,
+    HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
+    HAS_GATE: tl.constexpr, STORE_O: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_qb = tl.cdiv(NQ, BLOCK_M)
+    qb = pid % n_qb
+    zh = pid // n_qb
+    h = (zh % H).to(tl.int64)
+    z = zh // H
+    z1 = (z % Z1).to(tl.int64)
+    z0 = (z // Z1).to(tl.int64)
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_mc = tl.minimum(offs_m, NQ - 1)
+    offs_c = tl.arange(0, CP)
+    q = _load_rows(Q + z0 * sq0 + z1 * sq1 + h * sqh, offs_mc, offs_c, sqm, sqc, C, CP)
+    K += z0 * sk0 + z1 * sk1 + h * skh
+    V += z0 * sv0 + z1 * sv1 + h * svh
+    if HAS_MB:
+        MB += z0 * sm0 + z1 * sm1 + h * smh
+    if HAS_PB:
+        PB += z0 * sp0 + z1 * sp1 + h * sph
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, CP], tl.float32)
+    n_full = (NK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _attention_fwd_block(
+            acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_n,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, BLOCK_N)
+    if n_full < NK:
+        acc, m_i, l_i = _attention_fwd_block(
+            acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, n_full,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, BLOCK_N)
+
+    o = acc / l_i[:, None]
+    m_ok = offs_m < NQ
+    tl.store(LSE + zh.to(tl.int64) * NQ + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    io = z0 * so0 + z1 * so1 + h * soh + offs_m[:, None] * som + offs_c[None, :] * soc
+    st_mask = m_ok[:, None] & (offs_c[None, :] < C)
+    if HAS_GATE:
+        if STORE_O:
+            tl.store(O + io, o.to(O.dtype.element_ty), mask=st_mask)
+        g = _load_rows(G + z0 * sg0 + z1 * sg1 + h * sgh, offs_mc, offs_c, sgm, sgc, C, CP)
+        o = o * tl.sigmoid(g.to(tl.float32))
+    tl.store(OUT + io, o.to(OUT.dtype.element_ty), mask=st_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_bwd_preprocess_kernel(
+    DOUT, O, G, DO, DG, DELTA,
+    sd0, sd1, sdh, sdm, sdc,
+    so0, so1, soh, som, soc,
+    sg0, sg1, sgh, sgm, sgc,
+    sp0, sp1, sph, spm, spc,
+    sx0, sx1, sxh, sxm, sxc,
+    Z1, H, NQ,
+    C: tl.constexpr, CP: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Gate gradient, gated dO (stored in q's dtype) and delta = rowsum(dO * O) [fp32]."""
+    pid = tl.program_id(0)
+    n_qb = tl.cdiv(NQ, BLOCK_M)
+    qb = pid % n_qb
+    zh = pid // n_qb
+    h = (zh % H).to(tl.int64)
+    z = zh // H
+    z1 = (z % Z1).to(tl.int64)
+    z0 = (z // Z1).to(tl.int64)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, CP)
+    mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < C)
+    row = offs_m[:, None]
+    col = offs_c[None, :]
+    dout = tl.load(DOUT + z0 * sd0 + z1 * sd1 + h * sdh + row * sdm + col * sdc,
+                   mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(O + z0 * so0 + z1 * so1 + h * soh + row * som + col * soc,
+                mask=mask, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        g = tl.sigmoid(tl.load(G + z0 * sg0 + z1 * sg1 + h * sgh + row * sgm + col * sgc,
+                               mask=mask, other=0.0).to(tl.float32))
+        dg = dout * o * g * (1.0 - g)
+        tl.store(DG + z0 * sx0 + z1 * sx1 + h * sxh + row * sxm + col * sxc,
+                 dg.to(DG.dtype.element_ty), mask=mask)
+        do = (dout * g).to(DO.dtype.element_ty)
+        tl.store(DO + z0 * sp0 + z1 * sp1 + h * sph + row * spm + col * spc, do, mask=mask)
+        dout = do.to(tl.float32)
+    else:
+        dout = dout.to(DO.dtype.element_ty).to(tl.float32)
+    delta = tl.sum(dout * o, 1)
+    tl.store(DELTA + zh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, MB, PB, DO, LSE, DELTA, DK, DV,
+    sq0, sq1, sqh, sqm, sqc,
+    sk0, sk1, skh, skn, skc,
+    sv0, sv1, svh, svn, svc,
+    sm0, sm1, smh, smm, smn,
+    sp0, sp1, sph, spm, spn,
+    sd0, sd1, sdh, sdm, sdc,
+    sdk0, sdk1, sdkh, sdkn, sdkc,
+    sdv0, sdv1, sdvh, sdvn, sdvc,
+    Z1, H, NQ, NK, Q_BUCKET, K_BUCKET,
+    C: tl.constexpr, CP: tl.constexpr,
+    HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV for one (batch, head, key block); loops over query blocks (transposed tiles)."""
+    pid = tl.program_id(0)
+    n_kb = tl.cdiv(NK, BLOCK_N)
+    kb = pid % n_kb
+    zh = pid // n_kb
+    h = (zh % H).to(tl.int64)
+    z = zh // H
+    z1 = (z % Z1).to(tl.int64)
+    z0 = (z // Z1).to(tl.int64)
+
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.minimum(offs_n, NK - 1)
+    offs_c = tl.arange(0, CP)
+    k = _load_rows(K + z0 * sk0 + z1 * sk1 + h * skh, offs_nc, offs_c, skn, skc, C, CP)
+    v = _load_rows(V + z0 * sv0 + z1 * sv1 + h * svh, offs_nc, offs_c, svn, svc, C, CP)
+    Q += z0 * sq0 + z1 * sq1 + h * sqh
+    DO += z0 * sd0 + z1 * sd1 + h * sdh
+    if HAS_MB:
+        MB += z0 * sm0 + z1 * sm1 + h * smh
+    if HAS_PB:
+        PB += z0 * sp0 + z1 * sp1 + h * sph
+    LSE += zh.to(tl.int64) * NQ
+    DELTA += zh.to(tl.int64) * NQ
+
+    dk = tl.zeros([BLOCK_N, CP], tl.float32)
+    dv = tl.zeros([BLOCK_N, CP], tl.float32)
+    for start_m in range(0, NQ, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_mc = tl.minimum(offs_m, NQ - 1)
+        qT = _load_rows_t(Q, offs_mc, offs_c, sqm, sqc, C, CP)
+        sT = _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
+                       HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC)
+        lse = tl.load(LSE + offs_mc)
+        pT = tl.exp2(sT - lse[None, :])
+        pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)
+        do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        delta = tl.load(DELTA + offs_mc)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+
+    st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
+    tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
+             + offs_c[None, :] * sdkc, dk.to(DK.dtype.element_ty), mask=st_mask)
+    tl.store(DV + z0 * sdv0 + z1 * sdv1 + h * sdvh + offs_n[:, None] * sdvn
+             + offs_c[None, :] * sdvc, dv.to(DV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_block(dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
+                            skn, skc, svn, svc, smm, smn, spm, spn, NK,
+                            C: tl.constexpr, CP: tl.constexpr,
+                            HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
+                            PB_QB: tl.constexpr, MASK_N: tl.constexpr,
+                            DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if MASK_N:
+        offs_nc = tl.minimum(offs_n, NK - 1)
+    else:
+        offs_nc = offs_n
+    kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
+    s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+                HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC)
+    p = tl.exp2(s - lse[:, None])
+    vT = _load_rows_t(V, offs_nc, offs_c, svn, svc, C, CP)
+    dp = tl.dot(do, vT, input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V, MB, PB, DO, LSE, DELTA, DQ,
+    sq0, sq1, sqh, sqm, sqc,
+    sk0, sk1, skh, skn, skc,
+    sv0, sv1, svh, svn, svc,
+    sm0, sm1, smh, smm, smn,
+    sp0, sp1, sph, spm, spn,
+    sd0, sd1, sdh, sdm, sdc,
+    sdq0, sdq1, sdqh, sdqm, sdqc,
+    Z1, H, NQ, NK, Q_BUCKET, K_BUCKET,
+    C: tl.constexpr, CP: tl.constexpr,
+    HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ for one (batch, head, query block); loops over key blocks."""
+    pid = tl.program_id(0)
+    n_qb = tl.cdiv(NQ, BLOCK_M)
+    qb = pid % n_qb
+    zh = pid // n_qb
+    h = (zh % H).to(tl.int64)
+    z = zh // H
+    z1 = (z % Z1).to(tl.int64)
+    z0 = (z // Z1).to(tl.int64)
+
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_mc = tl.minimum(offs_m, NQ - 1)
+    offs_c = tl.arange(0, CP)
+    q = _load_rows(Q + z0 * sq0 + z1 * sq1 + h * sqh, offs_mc, offs_c, sqm, sqc, C, CP)
+    do = _load_rows(DO + z0 * sd0 + z1 * sd1 + h * sdh, offs_mc, offs_c, sdm, sdc, C, CP)
+    lse = tl.load(LSE + zh.to(tl.int64) * NQ + offs_mc)
+    delta = tl.load(DELTA + zh.to(tl.int64) * NQ + offs_mc)
+    K += z0 * sk0 + z1 * sk1 + h * skh
+    V += z0 * sv0 + z1 * sv1 + h * svh
+    if HAS_MB:
+        MB += z0 * sm0 + z1 * sm1 + h * smh
+    if HAS_PB:
+        PB += z0 * sp0 + z1 * sp1 + h * sph
+
+    dq = tl.zeros([BLOCK_M, CP], tl.float32)
+    n_full = (NK // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _attention_bwd_dq_block(
+            dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, BLOCK_N)
+    if n_full < NK:
+        dq = _attention_bwd_dq_block(
+            dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c, n_full,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, BLOCK_N)
+
+    st_mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < C)
+    tl.store(DQ + z0 * sdq0 + z1 * sdq1 + h * sdqh + offs_m[:, None] * sdqm
+             + offs_c[None, :] * sdqc, dq.to(DQ.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _attention_bwd_dbias_kernel(
+    Q, K, V, MB, PB, DO, LSE, DELTA, DB,
+    sq0, sq1, sqh, sqm, sqc,
+    sk0, sk1, skh, skn, skc,
+    sv0, sv1, svh, svn, svc,
+    sm0, sm1, smh, smm, smn,
+    sp0, sp1, sph, spm, spn,
+    sd0, sd1, sdh, sdm, sdc,
+    sbs, sb0, sb1, sbh, sbm, sbn,
+    Z0, Z1, H, NQ, NK, Q_BUCKET, K_BUCKET, R_PER,
+    C: tl.constexpr, CP: tl.constexpr,
+    HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
+    RED_Z0: tl.constexpr, RED_Z1: tl.constexpr, RED_H: tl.constexpr, RED_Q: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of a bias gradient: dS summed over the RED_* axes.
+
+    Program id, fastest first: key block, then each owned axis (query block, head, z1, z0),
+    then the split of the reduction range; reduction index, fastest first: query block, head,
+    z1, z0 (those flagged RED_*). The tile is summed over its rows too when RED_Q.
+    """
+    pid = tl.program_id(0)
+    n_qb = tl.cdiv(NQ, BLOCK_M)
+    n_kb = tl.cdiv(NK, BLOCK_N)
+    kb = pid % n_kb
+    rest = pid // n_kb
+    zero = pid * 0
+    red = 1
+    if RED_Q:
+        red = red * n_qb
+        qb_o = zero
+    else:
+        qb_o = rest % n_qb
+        rest = rest // n_qb
+    if RED_H:
+        red = red * H
+        h_o = zero
+    else:
+        h_o = rest % H
+        rest = rest // H
+    if RED_Z1:
+        red = red * Z1
+        z1_o = zero
+    else:
+        z1_o = rest % Z1
+        rest = rest // Z1
+    if RED_Z0:
+        red = red * Z0
+        z0_o = zero
+    else:
+        z0_o = rest % Z0
+        rest = rest // Z0
+    split = rest
+    r_start = split * R_PER
+    r_end = tl.minimum(r_start + R_PER, red)
+
+    offs_c = tl.arange(0, CP)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.minimum(offs_n, NK - 1)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r in range(r_start, r_end):
+        rr = r
+        if RED_Q:
+            qb = rr % n_qb
+            rr = rr // n_qb
+        else:
+            qb = qb_o
+        if RED_H:
+            h = rr % H
+            rr = rr // H
+        else:
+            h = h_o
+        if RED_Z1:
+            z1 = rr % Z1
+            rr = rr // Z1
+        else:
+            z1 = z1_o
+        if RED_Z0:
+            z0 = rr
+        else:
+            z0 = z0_o
+        h = h.to(tl.int64)
+        z1 = z1.to(tl.int64)
+        z0 = z0.to(tl.int64)
+        zh = (z0 * Z1 + z1) * H + h
+        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_mc = tl.minimum(offs_m, NQ - 1)
+        q = _load_rows(Q + z0 * sq0 + z1 * sq1 + h * sqh, offs_mc, offs_c, sqm, sqc, C, CP)
+        kT = _load_rows_t(K + z0 * sk0 + z1 * sk1 + h * skh, offs_nc, offs_c, skn, skc, C, CP)
+        s = _logits(q, kT, MB + z0 * sm0 + z1 * sm1 + h * smh,
+                    PB + z0 * sp0 + z1 * sp1 + h * sph,
+                    offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+                    HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC)
+        lse = tl.load(LSE + zh * NQ + offs_mc)
+        p = tl.exp2(s - lse[:, None])
+        do = _load_rows(DO + z0 * sd0 + z1 * sd1 + h * sdh, offs_mc, offs_c, sdm, sdc, C, CP)
+        vT = _load_rows_t(V + z0 * sv0 + z1 * sv1 + h * svh, offs_nc, offs_c, svn, svc, C, CP)
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        delta = tl.load(DELTA + zh * NQ + offs_mc)
+        ds = p * (dp - delta[:, None])
+        if RED_Q:
+            ds = tl.where(offs_m[:, None] < NQ, ds, 0.0)
+        acc += ds
+
+    base = (DB + split.to(tl.int64) * sbs + z0_o.to(tl.int64) * sb0
+            + z1_o.to(tl.int64) * sb1 + h_o.to(tl.int64) * sbh)
+    if RED_Q:
+        tl.store(base + offs_n * sbn, tl.sum(acc, 0), mask=offs_n < NK)
+    else:
+        offs_m = qb_o * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(base + offs_m[:, None] * sbm + offs_n[None, :] * sbn, acc,
+                 mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------
+def _configs(blocks: Sequence[Tuple[int, int, int, int]]) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in blocks]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop block sizes far larger than the problem (e.g. Q = 1 in template attention)."""
+    max_m = max(16, next_power_of_2(named_args["NQ"]))
+    max_n = max(16, next_power_of_2(named_args["NK"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n]
+    if kept:
+        return kept
+    smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == smallest]
+
+
+_TUNE_KEY = ["C", "Q_BUCKET", "K_BUCKET", "HAS_MB", "MB_QB", "HAS_PB", "PB_QB"]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M = query rows, BLOCK_N = key rows.
+_FWD_BLOCKS = [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+               (128, 32, 4, 3), (16, 64, 2, 2), (16, 16, 1, 2)]
+_DKDV_BLOCKS = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                (128, 128, 8, 2), (16, 64, 2, 2), (16, 16, 1, 2)]
+_DQ_BLOCKS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
+              (16, 64, 2, 2), (16, 16, 1, 2)]
+_DBIAS_WARPS = [(4, 3), (8, 2), (4, 2)]
+_DBIAS_BLOCK = 64
+_INTERP_BLOCK_M, _INTERP_BLOCK_N = 16, 32  # under the interpreter: uneven, small tiles
+
+_fwd_tuned = triton.autotune(_configs(_FWD_BLOCKS), key=_TUNE_KEY + ["HAS_GATE", "STORE_O"],
+                             prune_configs_by={"early_config_prune": _prune})(
+    _attention_fwd_kernel)
+_dkdv_tuned = triton.autotune(_configs(_DKDV_BLOCKS), key=_TUNE_KEY,
+                              prune_configs_by={"early_config_prune": _prune})(
+    _attention_bwd_dkdv_kernel)
+_dq_tuned = triton.autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY,
+                            prune_configs_by={"early_config_prune": _prune})(
+    _attention_bwd_dq_kernel)
+_dbias_tuned = triton.autotune(
+    [triton.Config({}, num_warps=w, num_stages=s) for w, s in _DBIAS_WARPS],
+    key=["C", "Q_BUCKET", "K_BUCKET", "HAS_MB", "MB_QB", "HAS_PB", "PB_QB", "RED_Z0", "RED_Z1", "RED_H",
+         "RED_Q"])(_attention_bwd_dbias_kernel)
+
+
+def _launch(jit_fn, tuned, grid, args, kwargs):
+    """The autotuned kernel on the GPU; one fixed small configuration under the interpreter."""
+    if is_interpreter():
+        kw = dict(kwargs)
+        if "BLOCK_M" not in kw:
+            kw.update(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N)
+        jit_fn[grid(kw)](*args, **kw, num_warps=4)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
+def _target_programs(device: torch.device) -> int:
+    """About two waves of programs on the card (a fixed small number under the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# --------------------------------------------------------------------------------------------
+# Layout planning
+# --------------------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    """Batch dims folded to (Z0, Z1); `strides[name]` = (s_z0, s_z1) for each tensor."""
+    Z0: int
+    Z1: int
+    strides: dict
+
+
+def _contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _make_plan(batch: Sequence[int], q_tail: Tuple[int, int, int], **tensors) -> Optional[_Plan]:
+    """Fold the batch dims for all `tensors` (each [*', a, b, c], broadcast to `batch`) and a
+    batch-contiguous [*, Q, H, C] output at once; None if more than two dims remain."""
+    nb = len(batch)
+    H, NQ, C = q_tail
+    named = {n: tuple(t.expand(*batch, *t.shape[-3:]).stride()[:nb])
+             for n, t in tensors.items() if t is not None}
+    named["out"] = _contiguous_strides((*batch, NQ, H, C))[:nb]
+    sizes, folded = collapse_dims(batch, list(named.values()))
+    if len(sizes) > 2:
+        return None
+    pad = 2 - len(sizes)
+    sizes = [1] * pad + sizes
+    return _Plan(sizes[0], sizes[1], {n: (0,) * pad + tuple(s) for n, s in zip(named, folded)})
+
+
+def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A bias with at least 3 dims ([..., H, Q, K]), as a view."""
+    if b is None or b.dim() >= 3:
+        return b
+    return b.view((1,) * (3 - b.dim()) + tuple(b.shape))
+
+
+def _strides5(plan: _Plan, name: str, t: Optional[torch.Tensor], dims: Tuple[int, int, int]):
+    """(s_z0, s_z1, s_a, s_b, s_c) for `t`, its last three dims picked in order `dims`."""
+    if t is None:
+        return (0, 0, 0, 0, 0)
+    s = t.stride()
+    return plan.strides[name] + tuple(s[t.dim() - 3 + d] for d in dims)
+
+
+def _bias_strides(plan: _Plan, name: str, b: Optional[torch.Tensor], full_tail):
+    """(s_z0, s_z1, s_h, s_q, s_k) of a bias broadcast to [*, H, Q, K] (0 on broadcast dims)."""
+    if b is None:
+        return (0, 0, 0, 0, 0)
+    s = b.expand(*b.shape[:-3], *full_tail).stride()
+    return plan.strides[name] + tuple(s[-3:])
+
+
+_QKV = (0, 1, 2)   # [*, H, Q, C]: (h, row, c)
+_QHC = (1, 0, 2)   # [*, Q, H, C]: (h, row, c)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd Function
+# --------------------------------------------------------------------------------------------
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, plan, q, k, v, mask_bias, pair_bias, gate):
+        *batch, H, NQ, C = q.shape
+        NK = k.shape[-2]
+        CP = max(16, next_power_of_2(C))
+        out_dtype = q.dtype if gate is None else torch.promote_types(q.dtype, gate.dtype)
+        out = q.new_empty((*batch, NQ, H, C), dtype=out_dtype)
+        # the backward needs the ungated output too when there is a gate
+        needs_grad = any(ctx.needs_input_grad)
+        o = q.new_empty((*batch, NQ, H, C)) if (gate is not None and needs_grad) else out
+        store_o = gate is not None and needs_grad
+        Z = plan.Z0 * plan.Z1
+        lse = torch.empty((Z, H, NQ), device=q.device, dtype=torch.float32)
+        flags = _bias_flags(mask_bias, pair_bias)
+        args = (
+            q, k, v,
+            mask_bias if mask_bias is not None else q,
+            pair_bias if pair_bias is not None else q,
+            gate if gate is not None else q,
+            out, o, lse,
+            *_strides5(plan, "q", q, _QKV), *_strides5(plan, "k", k, _QKV),
+            *_strides5(plan, "v", v, _QKV),
+            *_bias_strides(plan, "mask_bias", mask_bias, (H, NQ, NK)),
+            *_bias_strides(plan, "pair_bias", pair_bias, (H, NQ, NK)),
+            *_strides5(plan, "gate", gate, _QHC), *_strides5(plan, "out", out, _QHC),
+            plan.Z1, H, NQ, NK, next_power_of_2(NQ), next_power_of_2(NK),
+        )
+        kwargs = dict(C=C, CP=CP, **flags, HAS_GATE=gate is not None, STORE_O=store_o,
+                      DOT_PREC=dot_precision(q.dtype))
+        _launch(_attention_fwd_kernel, _fwd_tuned,
+                lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,), args, kwargs)
+
+        ctx.plan = plan
+        ctx.shape = (H, NQ, NK, C, CP)
+        ctx.has = (mask_bias is not None, pair_bias is not None, gate is not None)
+        ctx.save_for_backward(q, k, v, mask_bias, pair_bias, gate, o, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, mask_bias, pair_bias, gate, o, lse = ctx.saved_tensors
+        H, NQ, NK, C, CP = ctx.shape
+        batch = q.shape[:-3]
+        Z = ctx.plan.Z0 * ctx.plan.Z1
+        need_q, need_k, need_v, need_mb, need_pb, need_g = ctx.needs_input_grad[1:]
+        flags = _bias_flags(mask_bias, pair_bias)
+        prec = dot_precision(q.dtype)
+
+        # dout may come with any strides (e.g. expanded from a sum): fold it together with the
+        # inputs; if that changes the fold, a contiguous copy folds like `out` always does.
+        tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
+        plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
+        if plan is None or (plan.Z0, plan.Z1) != (ctx.plan.Z0, ctx.plan.Z1):
+            dout = dout.contiguous()
+            plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
+        dout_s = _strides5(plan, "dout", dout, _QHC)
+
+        # 1. preprocess: gate gradient, gated dO, delta
+        delta = torch.empty((Z, H, NQ), device=q.device, dtype=torch.float32)
+        dgate = None
+        if gate is not None:
+            do = q.new_empty((*batch, NQ, H, C))
+            dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
+            do_s = _contig_strides(plan, do, _QHC)
+            dg_s = _contig_strides(plan, dgate, _QHC)
+        else:
+            do, do_s, dg_s = dout, dout_s, (0,) * 5
+        o_s = _contig_strides(plan, o, _QHC)
+        g_s = _strides5(plan, "gate", gate, _QHC)
+        block = 32 if is_interpreter() else 64
+        _attention_bwd_preprocess_kernel[(triton.cdiv(NQ, block) * Z * H,)](
+            dout, o, gate if gate is not None else o, do,
+            dgate if dgate is not None else o, delta,
+            *dout_s, *o_s, *g_s, *do_s, *dg_s, plan.Z1, H, NQ,
+            C=C, CP=CP, HAS_GATE=gate is not None, BLOCK_M=block, num_warps=4)
+
+        common = (
+            q, k, v,
+            mask_bias if mask_bias is not None else q,
+            pair_bias if pair_bias is not None else q,
+            do, lse, delta,
+        )
+        common_strides = (
+            *_strides5(plan, "q", q, _QKV), *_strides5(plan, "k", k, _QKV),
+            *_strides5(plan, "v", v, _QKV),
+            *_bias_strides(plan, "mask_bias", mask_bias, (H, NQ, NK)),
+            *_bias_strides(plan, "pair_bias", pair_bias, (H, NQ, NK)),
+            *do_s,
+        )
+        kwargs = dict(C=C, CP=CP, **flags, DOT_PREC=prec)
+        qb, kb = next_power_of_2(NQ), next_power_of_2(NK)
+
+        dq = dk = dv = None
+        if need_k or need_v:
+            dk, dv = _grad_like(k), _grad_like(v)
+            _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned,
+                    lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
+                    (*common, dk, dv, *common_strides,
+                     *_contig_strides(plan, dk, _QKV), *_contig_strides(plan, dv, _QKV),
+                     plan.Z1, H, NQ, NK, qb, kb), kwargs)
+        if need_q:
+            dq = _grad_like(q)
+            _launch(_attention_bwd_dq_kernel, _dq_tuned,
+                    lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
+                    (*common, dq, *common_strides, *_contig_strides(plan, dq, _QKV),
+                     plan.Z1, H, NQ, NK, qb, kb), kwargs)
+        dmb = _bias_grad(plan, mask_bias, "mask_bias", common, common_strides, kwargs,
+                         (H, NQ, NK)) if need_mb else None
+        dpb = _bias_grad(plan, pair_bias, "pair_bias", common, common_strides, kwargs,
+                         (H, NQ, NK)) if need_pb else None
+        return None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
+
+
+def _bias_flags(mask_bias, pair_bias) -> dict:
+    return dict(
+        HAS_MB=mask_bias is not None,
+        MB_QB=mask_bias is not None and (mask_bias.shape[-2] == 1 or mask_bias.stride(-2) == 0),
+        HAS_PB=pair_bias is not None,
+        PB_QB=pair_bias is not None and (pair_bias.shape[-2] == 1 or pair_bias.stride(-2) == 0),
+    )
+
+
+def _contig_strides(plan: _Plan, t: torch.Tensor, dims) -> Tuple[int, ...]:
+    """Strides of a tensor whose batch dims are contiguous (it was allocated here)."""
+    inner = t.stride()
+    per_batch = t.shape[-1] * t.shape[-2] * t.shape[-3]
+    return (per_batch * plan.Z1, per_batch) + tuple(inner[t.dim() - 3 + d] for d in dims)
+
+
+def _grad_like(t: torch.Tensor) -> torch.Tensor:
+    """Gradient buffer for q/k/v: batch dims contiguous; the [H, Q, C] block laid out like `t`
+    (OpenFold's q/k/v are [*, Q, H, C] buffers seen as [*, H, Q, C], and so is the gradient,
+    so the Linear backward that follows needs no copy)."""
+    if t.stride(-3) < t.stride(-2):
+        return t.new_empty((*t.shape[:-3], t.shape[-2], t.shape[-3], t.shape[-1])).transpose(-2, -3)
+    return t.new_empty(t.shape)
+
+
+def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
+    """Gradient of one bias, summed over its broadcast dims inside the kernel."""
+    H, NQ, NK = full_tail
+    b = bias.expand(*bias.shape[:-3], *full_tail)
+    s0, s1 = plan.strides[name]
+    bs = b.stride()
+    if NK > 1 and (bias.shape[-1] == 1 or bs[-1] == 0):
+        # constant along K: a per-row shift of the logits, which the softmax ignores
+        return torch.zeros_like(bias)
+    red = dict(
+        RED_Z0=plan.Z0 > 1 and s0 == 0, RED_Z1=plan.Z1 > 1 and s1 == 0,
+        RED_H=H > 1 and bs[-3] == 0, RED_Q=NQ > 1 and bs[-2] == 0,
+    )
+    if is_interpreter():
+        bm, bn = _INTERP_BLOCK_M, _INTERP_BLOCK_N
+    else:
+        bm = bn = _DBIAS_BLOCK
+    n_qb, n_kb = triton.cdiv(NQ, bm), triton.cdiv(NK, bn)
+    owned = [plan.Z0, plan.Z1, H, n_qb]
+    flags = [red["RED_Z0"], red["RED_Z1"], red["RED_H"], red["RED_Q"]]
+    tiles = n_kb * math.prod(n for n, f in zip(owned, flags) if not f)
+    reduce_len = math.prod(n for n, f in zip(owned, flags) if f)
+    split = max(1, min(reduce_len, triton.cdiv(_target_programs(bias.device), tiles)))
+    r_per = triton.cdiv(reduce_len, split)
+    split = triton.cdiv(reduce_len, r_per)
+    dims = [1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags)]
+    buf = torch.empty((split, *dims, NK), device=bias.device, dtype=torch.float32)
+    sb = list(buf.stride())
+    for i, f in enumerate(flags):
+        if f:
+            sb[1 + i] = 0
+    grid = (tiles * split,)
+    args = (*common, buf, *common_strides, *sb, plan.Z0, plan.Z1, H, NQ, NK,
+            next_power_of_2(NQ), next_power_of_2(NK), r_per)
+    kw = dict(kwargs, **red)
+    if is_interpreter():
+        _attention_bwd_dbias_kernel[grid](*args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+    else:
+        _dbias_tuned[grid](*args, **kw, BLOCK_M=bm, BLOCK_N=bn)
+    g = buf.sum(0) if split > 1 else buf[0]
+    return g.reshape(bias.shape).to(bias.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------------
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_bias: Optional[torch.Tensor] = None,
+    pair_bias: Optional[torch.Tensor] = None,
+    gate: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Flash-style ``attention_reference`` (see the module docstring for the contract).
+
+    Args:
+        q: [*, H, Q, C] queries, already scaled by 1/sqrt(C); any strides
+        k, v: [*, H, K, C]
+        mask_bias, pair_bias: broadcast to [*, H, Q, K] (stride 0 on broadcast dims is fine);
+            their gradients are summed over the broadcast dims
+        gate: [*, Q, H, C] gate logits; the output is multiplied by sigmoid(gate)
+    Returns:
+        [*, Q, H, C] in q's dtype (promoted with gate's)
+    """
+    ac = autocast_dtype(q.device.type)
+    if ac is not None and q.dtype == torch.float32:
+        q, k, v = q.to(ac), k.to(ac), v.to(ac)  # as torch.matmul does under autocast
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"unsupported dtype {q.dtype}")
+    C = q.shape[-1]
+    if k.shape[-1] != C or v.shape[-1] != C or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if C > 128:
+        raise ValueError(f"head dim {C} > 128 is not supported by the Triton attention")
+    check_launchable(q, k, v, mask_bias, pair_bias, gate)
+    mask_bias, pair_bias = _bias_view(mask_bias), _bias_view(pair_bias)
+    H, NQ, NK = q.shape[-3], q.shape[-2], k.shape[-2]
+    lead = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
+    lead += [b.shape[:-3] for b in (mask_bias, pair_bias, gate) if b is not None]
+    batch = tuple(torch.broadcast_shapes(*lead))
+    q = q.expand(*batch, H, NQ, C)
+    k = k.expand(*batch, H, NK, C)
+    v = v.expand(*batch, H, NK, C)
+    if gate is not None:
+        gate = gate.expand(*batch, NQ, H, C)
+    for b in (mask_bias, pair_bias):
+        if b is not None:
+            torch.broadcast_shapes(b.shape, (*batch, H, NQ, NK))  # raises on a bad shape
+    if q.numel() == 0 or NK == 0:
+        return attention_reference(q, k, v, mask_bias, pair_bias, gate)
+    plan = _make_plan(batch, (H, NQ, C), q=q, k=k, v=v, gate=gate,
+                      mask_bias=mask_bias, pair_bias=pair_bias)
+    if plan is None:
+        # More than two batch dims that no stride merge folds: loop over the first one.
+        return torch.stack([
+            attention(*(_select(t, i, len(batch)) for t in (q, k, v, mask_bias, pair_bias, gate)))
+            for i in range(batch[0])
+        ])
+    return _AttentionFunction.apply(plan, q, k, v, mask_bias, pair_bias, gate)
+
+
+def _select(t: Optional[torch.Tensor], i: int, n_batch: int) -> Optional[torch.Tensor]:
+    """Entry i of the first batch dim (entry 0 where `t` is broadcast along it)."""
+    if t is None:
+        return None
+    t = t.view((1,) * (n_batch + 3 - t.dim()) + tuple(t.shape))
+    return t[i if t.shape[0] > 1 else 0]

@@ -1,0 +1,206 @@
+"""Shared-mask dropout fused with the residual add: ``residual + update * keep``.
+
+OpenFold's ``Dropout`` (``DropoutRowwise``: ``batch_dim=-3``, ``DropoutColumnwise``:
+``batch_dim=-2``) draws one keep-mask for a tensor of the update's shape with the batch dims set
+to 1: ``keep = nn.Dropout(p)(update.new_ones(shape))`` (values 0 or 1/(1-p), in the update's
+dtype), multiplies the update by it in place, and the caller adds the residual.
+
+Both paths draw ``keep`` with exactly those torch RNG calls, so with the same seed they reproduce
+stock OpenFold training runs bit for bit; the mask is tiny ([*, 1, N_res, C] for row-wise
+dropout). The Triton path fuses the broadcast multiply and the add into one pass (the mask is
+broadcast inside the kernel), and its backward computes d_update = d_out * keep in one pass.
+
+Precision contract (both paths): ``update * keep`` is rounded to the update's dtype (OpenFold
+multiplies in place), then added to the residual in the promoted dtype of residual and update;
+no other rounding. Backward: d_residual = d_out (cast to the residual's dtype);
+d_update = (d_out cast to the update's dtype) * keep, rounded to the update's dtype. The mask
+gets no gradient.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton_utils import check_launchable, is_interpreter, next_power_of_2
+
+BatchDim = Union[int, Sequence[int]]
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner):
+    """Offsets into the keep-mask of the [rows, cols] tile of the (coalesced) output.
+
+    Output rows index an up-to-3-D grid [R0, R1, R2] of outer dims (keep strides k0, k1, k2);
+    columns run along the innermost dim (keep stride k_inner, 0 when broadcast).
+    """
+    r2 = rows % R2
+    t = rows // R2
+    r1 = t % R1
+    r0 = t // R1
+    return (r0 * k0 + r1 * k1 + r2 * k2)[:, None] + cols[None, :] * k_inner
+
+
+@triton.jit
+def _dropout_add_fwd_kernel(
+    RES, UPD, KEEP, OUT,
+    R, I, R1, R2, k0, k1, k2, k_inner,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """OUT = RES + round_upd(UPD * KEEP) over a [BLOCK_R, BLOCK_I] tile of the [R, I] view."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (rows < R)[:, None] & (cols < I)[None, :]
+    offs = rows[:, None] * I + cols[None, :]
+    keep = tl.load(KEEP + _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner), mask=ok, other=0.0)
+    u = tl.load(UPD + offs, mask=ok, other=0.0)
+    prod = (u.to(tl.float32) * keep.to(tl.float32)).to(u.dtype)  # in place in update's dtype
+    res = tl.load(RES + offs, mask=ok, other=0.0)
+    out = res.to(tl.float32) + prod.to(tl.float32)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dropout_add_bwd_kernel(
+    G, KEEP, DUPD,
+    R, I, R1, R2, k0, k1, k2, k_inner,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """DUPD = round_upd(round_upd(G) * KEEP)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    ok = (rows < R)[:, None] & (cols < I)[None, :]
+    offs = rows[:, None] * I + cols[None, :]
+    keep = tl.load(KEEP + _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner), mask=ok, other=0.0)
+    g = tl.load(G + offs, mask=ok, other=0.0).to(DUPD.dtype.element_ty)
+    d = g.to(tl.float32) * keep.to(tl.float32)
+    tl.store(DUPD + offs, d.to(DUPD.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch geometry
+# ----------------------------------------------------------------------------------------------
+def _coalesce(shape: Sequence[int], strides: Sequence[int]) -> List[Tuple[int, int]]:
+    """(size, keep stride) per dim of a contiguous `shape`, merging dims the keep-mask walks
+    contiguously (or broadcasts over) together; size-1 dims dropped."""
+    dims: List[Tuple[int, int]] = []
+    for size, stride in zip(shape, strides):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == stride * size:
+            dims[-1] = (dims[-1][0] * size, stride)
+        else:
+            dims.append((size, stride))
+    return dims or [(1, 0)]
+
+
+def _geometry(shape: torch.Size, keep: torch.Tensor) -> Tuple[torch.Tensor, tuple, tuple, tuple]:
+    """(keep tensor to pass, grid, (BLOCK_R, BLOCK_I), scalars R, I, R1, R2, k0, k1, k2, k_inner)."""
+    dims = _coalesce(shape, keep.expand(shape).stride())
+    if len(dims) > 4:  # more than 3 alternating broadcast/non-broadcast outer groups: rare
+        keep = keep.expand(shape).contiguous()
+        dims = _coalesce(shape, keep.stride())
+    outer = [(1, 0)] * (4 - len(dims)) + dims[:-1]
+    (r0, k0), (r1, k1), (r2, k2) = outer
+    i_size, k_inner = dims[-1]
+    n_rows = r0 * r1 * r2
+    block_i = min(next_power_of_2(i_size), 1024)
+    elems = 16384 if is_interpreter() else 2048
+    block_r = max(1, min(elems // block_i, next_power_of_2(n_rows)))
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(i_size, block_i))
+    args = (n_rows, i_size, r1, r2, k0, k1, k2, k_inner)
+    return keep, grid, (block_r, block_i), args
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class _DropoutAddFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, residual, update, keep):
+        out_dtype = torch.promote_types(residual.dtype, update.dtype)
+        res = residual.contiguous()
+        upd = update.contiguous()
+        out = torch.empty(update.shape, dtype=out_dtype, device=update.device)
+        ctx.save_for_backward(keep)
+        ctx.meta = (update.shape, residual.dtype, update.dtype)
+        if out.numel() == 0:
+            return out
+        check_launchable(res, upd, keep)
+        keep_k, grid, (block_r, block_i), args = _geometry(update.shape, keep)
+        _dropout_add_fwd_kernel[grid](
+            res, upd, keep_k, out, *args, BLOCK_R=block_r, BLOCK_I=block_i,
+            enable_fp_fusion=False,  # mul and add rounded separately, as OpenFold's two ops
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (keep,) = ctx.saved_tensors
+        shape, res_dtype, upd_dtype = ctx.meta
+        d_res = g if g.dtype == res_dtype else g.to(res_dtype)
+        d_upd = torch.empty(shape, dtype=upd_dtype, device=g.device)
+        if d_upd.numel() > 0:
+            keep_k, grid, (block_r, block_i), args = _geometry(shape, keep)
+            _dropout_add_bwd_kernel[grid](
+                g.contiguous(), keep_k, d_upd, *args, BLOCK_R=block_r, BLOCK_I=block_i,
+            )
+        return d_res, d_upd, None
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+def keep_mask_shape(shape: Sequence[int], batch_dim: BatchDim) -> List[int]:
+    """`shape` with the dim(s) in `batch_dim` set to 1 (the dims the mask is shared along)."""
+    out = list(shape)
+    for bd in [batch_dim] if isinstance(batch_dim, int) else batch_dim:
+        out[bd] = 1
+    return out
+
+
+def draw_keep_mask(update: torch.Tensor, p: float, batch_dim: BatchDim) -> torch.Tensor:
+    """The keep-mask OpenFold's ``Dropout`` draws in training: the same torch RNG calls, in order."""
+    mask = update.new_ones(keep_mask_shape(update.shape, batch_dim))
+    return F.dropout(mask, p, True)
+
+
+def dropout_add(
+    residual: torch.Tensor, update: torch.Tensor, p: float, training: bool,
+    batch_dim: BatchDim, mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """residual + update * keep, one fused Triton pass forward and one backward.
+
+    residual, update: same shape [*, ...]; keep: `mask` if given (already scaled by 1/(1-p),
+    broadcastable to update), else drawn with torch's RNG exactly as OpenFold's ``Dropout``
+    (shared along `batch_dim`). Not training (or p == 0) and no mask: ``residual + update`` in
+    plain torch (one elementwise op; nothing to fuse). Residual and update of different shapes
+    and fp64 tensors take the reference path (explicit branch: OpenFold never broadcasts here, and
+    the kernels compute in fp32).
+    """
+    if mask is None:
+        if not training or p == 0.0:
+            return residual + update
+        mask = draw_keep_mask(update, p, batch_dim)
+    if residual.shape != update.shape or torch.float64 in (residual.dtype, update.dtype):
+        return dropout_add_reference(residual, update, p, training, batch_dim, mask)
+    return _DropoutAddFn.apply(residual, update, mask.detach())
+
+
+def dropout_add_reference(
+    residual: torch.Tensor, update: torch.Tensor, p: float, training: bool,
+    batch_dim: BatchDim, mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """OpenFold's ``residual + Dropout(p, batch_dim)(update)`` in plain PyTorch (same RNG calls)."""
+    if mask is None:
+        if not training or p == 0.0:
+            return residual + update
+        mask = draw_keep_mask(update, p, batch_dim)
+    u = update * mask
+    if u.dtype != update.dtype:  # OpenFold multiplies in place, in the update's dtype
+        u = u.to(update.dtype)
+    return residual + u

@@ -1,0 +1,538 @@
+"""Outer product mean (AlphaFold2 Algorithm 10), fused.
+
+Maths (OpenFold's ``OuterProductMean._forward``), with m ``[*, N_seq, N_res, C_m]``, mask
+``[*, N_seq, N_res]``, C the hidden width::
+
+    ln = LayerNorm(m)                                 (torch.nn.LayerNorm contract)
+    a  = (ln @ w1^T + b1) * mask,  b = (ln @ w2^T + b2) * mask         [*, N_seq, N_res, C]
+    outer[i, j, c, e] = sum_s a[s, i, c] * b[s, j, e]                    [*, N_res, N_res, C, C]
+    out[i, j] = (outer[i, j].flatten() @ w_out^T + b_out) / (sum_s mask[s, i] mask[s, j] + eps)
+
+Design of the Triton path:
+
+1. ``_opm_proj_fwd_kernel``: LayerNorm + both projections (one concatenated ``[w1; w2]``,
+   built at call time) + mask, one pass over m; a and b stored ``[*, N_seq, N_res, C]``.
+2. The outer product is a GEMM over N_seq with fp32 accumulation (cuBLAS, ``torch.bmm``):
+   ``O = a^T b`` with a viewed ``[N_seq, N_res * C]``, giving ``O [(i, c), (j, e)]``.  It runs in
+   chunks of rows i so that O never exceeds ``_CHUNK_ELEMENTS`` (the full
+   ``[N_res, N_res, C * C]`` intermediate is 4 GiB in bf16 at N_res 2048).
+3. ``_opm_out_fwd_kernel`` is linear_out fused with the bias and the division by the norm: for a
+   pair row i and a block of j it contracts O's ``(c, e)`` directly in the ``(i, c, j, e)`` layout
+   (tiles of several c at once, no permute copy) against w_out and writes ``[*, N_res, N_res, C_z]``.
+
+Backward, per chunk of rows i: ``_opm_out_bwd_kernel`` forms G = dout / norm and
+dO = G @ w_out in O's layout (and the bias gradient); O is recomputed by the same GEMM and
+``_opm_dw_kernel`` reduces dw_out = sum_ij G[i, j]^T O[i, :, j, :] over the pairs; two GEMMs give
+da and db.  ``_opm_proj_bwd_kernel`` recomputes the LayerNorm, applies the mask, writes the
+projection gradients and the LayerNorm output (for the weight GEMM), and runs the LayerNorm
+backward.  Bias and LayerNorm-weight gradients are fp32 per-program partial sums.
+
+Precision contract (``cdt`` is the autocast dtype, or m's dtype without autocast):
+
+* LayerNorm statistics and affine map, masking, bias, norm (an exact fp32 count) and the
+  division in fp32.
+* Projections, outer product, linear_out and every backward GEMM: ``cdt`` operands with fp32
+  accumulation (a, b, O, dO rounded once to ``cdt``, as OpenFold's autocast einsum rounds its
+  output).  fp32 operands use IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32``.
+* Output in ``cdt``; dm in m's dtype; parameter gradients in each parameter's dtype.
+
+OpenFold runs the whole module in fp32 with autocast off under fp16 autocast; that branch is
+the caller's (the patched forward does what OpenFold's ``forward`` does).
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton_utils import autocast_dtype, check_launchable, dot_precision, is_interpreter, next_power_of_2
+from .layer_norm import layer_norm_torch_reference
+
+# Largest outer-product chunk, in elements (512 MiB in bf16); backward holds two of them.
+_CHUNK_ELEMENTS = 1 << 28
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+def outer_product_mean_reference(
+    m: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    eps: float = 1e-3,
+    ln_eps: float = 1e-5,
+) -> torch.Tensor:
+    """OpenFold's ``OuterProductMean._forward`` (no chunking) in plain PyTorch.
+
+    m ``[*, N_seq, N_res, C_m]``, mask ``[*, N_seq, N_res]`` (None: all ones) ->
+    ``[*, N_res, N_res, C_z]``.
+    """
+    if mask is None:
+        mask = m.new_ones(m.shape[:-1])
+    ln = layer_norm_torch_reference(m, ln_w, ln_b, ln_eps)
+    mask = mask.unsqueeze(-1)
+    a = F.linear(ln, w1, b1)
+    a = a * mask
+    b = F.linear(ln, w2, b2)
+    b = b * mask
+    del ln
+    a = a.transpose(-2, -3)
+    b = b.transpose(-2, -3)
+    outer = torch.einsum("...bac,...dae->...bdce", a, b)
+    outer = outer.reshape(outer.shape[:-2] + (-1,))
+    outer = F.linear(outer, w_out, b_out)
+    norm = torch.einsum("...abc,...adc->...bdc", mask, mask)
+    norm = norm + eps
+    return outer / norm
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """tl.dot with fp32 accumulation.  In Triton's CPU interpreter (INTERP), bf16 tiles are
+    widened to fp32 first (exact): the interpreter multiplies bf16 tiles as raw uint16 bits."""
+    if INTERP and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """x.to(dtype), rounding to nearest even.  The interpreter truncates fp32 -> bf16, so there
+    the rounding is done on the bits first (finite values)."""
+    if INTERP and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _opm_proj_fwd_kernel(
+    M_IN, MASK, LN_W, LN_B, W12, B12, A_OUT, B_OUT,
+    M, CM, C, ln_eps, M_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """a, b [M, C] = (LN(m) @ W12[:C]^T + B12[:C]) * mask, (... W12[C:] ...) * mask."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cm = tl.arange(0, BLOCK_CM)
+    cm_ok = cm < CM
+    ok = row_ok[:, None] & cm_ok[None, :]
+    x = tl.load(M_IN + rows[:, None] * CM + cm[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / CM
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CM + ln_eps)
+    lw = tl.load(LN_W + cm, mask=cm_ok, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + cm, mask=cm_ok, other=0.0).to(tl.float32)
+    ln = _cast((xc * rstd[:, None] * lw[None, :] + lb[None, :]), W12.dtype.element_ty, INTERP)
+    mk = tl.load(MASK + rows, mask=row_ok, other=0.0)
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    w_ok = cm_ok[:, None] & c_ok[None, :]
+    o_ok = row_ok[:, None] & c_ok[None, :]
+    for side in tl.static_range(2):
+        w = tl.load(W12 + (side * C + c)[None, :] * CM + cm[:, None], mask=w_ok, other=0.0)
+        bias = tl.load(B12 + side * C + c, mask=c_ok, other=0.0)
+        val = (_dot(ln, w, DOT_PREC, INTERP) + bias[None, :]) * mk[:, None]
+        if side == 0:
+            tl.store(A_OUT + rows[:, None] * C + c[None, :], _cast(val, A_OUT.dtype.element_ty, INTERP), mask=o_ok)
+        else:
+            tl.store(B_OUT + rows[:, None] * C + c[None, :], _cast(val, B_OUT.dtype.element_ty, INTERP), mask=o_ok)
+
+
+@triton.jit
+def _opm_proj_bwd_kernel(
+    M_IN, MASK, LN_W, LN_B, W12, DA, DB, DP, LN_OUT, DM, PART,
+    M, CM, C, ln_eps, M_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """d(pre-mask a, b) = (da, db) * mask -> DP [M, 2C]; LN(m) -> LN_OUT [M, CM];
+    dm (LayerNorm backward of DP @ W12) -> DM; PART[pid] = [sum DP | sum dln * xhat | sum dln]."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cm = tl.arange(0, BLOCK_CM)
+    cm_ok = cm < CM
+    ok = row_ok[:, None] & cm_ok[None, :]
+    x = tl.load(M_IN + rows[:, None] * CM + cm[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / CM
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CM + ln_eps)
+    xhat = xc * rstd[:, None]
+    lw = tl.load(LN_W + cm, mask=cm_ok, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + cm, mask=cm_ok, other=0.0).to(tl.float32)
+    ln = _cast((xhat * lw[None, :] + lb[None, :]), W12.dtype.element_ty, INTERP)
+    tl.store(LN_OUT + rows[:, None] * CM + cm[None, :], ln, mask=ok)
+    mk = tl.load(MASK + rows, mask=row_ok, other=0.0)
+    c = tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    w_ok = c_ok[:, None] & cm_ok[None, :]
+    o_ok = row_ok[:, None] & c_ok[None, :]
+    part = PART + pid.to(tl.int64) * (2 * C + 2 * CM)
+    dln = tl.zeros((BLOCK_M, BLOCK_CM), dtype=tl.float32)
+    for side in tl.static_range(2):
+        if side == 0:
+            d = tl.load(DA + rows[:, None] * C + c[None, :], mask=o_ok, other=0.0).to(tl.float32)
+        else:
+            d = tl.load(DB + rows[:, None] * C + c[None, :], mask=o_ok, other=0.0).to(tl.float32)
+        d = d * mk[:, None]
+        d_c = _cast(d, DP.dtype.element_ty, INTERP)
+        tl.store(DP + rows[:, None] * (2 * C) + side * C + c[None, :], d_c, mask=o_ok)
+        tl.store(part + side * C + c, tl.sum(d, axis=0), mask=c_ok)
+        w = tl.load(W12 + (side * C + c)[:, None] * CM + cm[None, :], mask=w_ok, other=0.0)
+        dln += _dot(d_c, w, DOT_PREC, INTERP)
+    tl.store(part + 2 * C + cm, tl.sum(dln * xhat, axis=0), mask=cm_ok)
+    tl.store(part + 2 * C + CM + cm, tl.sum(dln, axis=0), mask=cm_ok)
+    dxhat = dln * lw[None, :]
+    c1 = tl.sum(dxhat * xhat, axis=1) / CM
+    c2 = tl.sum(dxhat, axis=1) / CM
+    dm = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    tl.store(DM + rows[:, None] * CM + cm[None, :], _cast(dm, DM.dtype.element_ty, INTERP), mask=ok)
+
+
+@triton.jit
+def _opm_out_fwd_kernel(
+    O, WO, BO, NORM, OUT,
+    RB, R0, R, C, CZ, eps, R_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
+):
+    """OUT[bt, R0 + il, j] = (sum_{c,e} O[bt, il, c, j, e] WO[:, c C + e] + BO) / (NORM + eps).
+
+    O is one chunk [Bt, RB, C, R, C] of the outer product; program (bt * RB + il, j block).
+    BLOCK_K = (c values per step) * BLOCK_C.
+    """
+    pid_i = tl.program_id(0)
+    bt = pid_i // RB
+    i = R0 + pid_i % RB
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < R
+    z = tl.arange(0, BLOCK_CZ)
+    z_ok = z < CZ
+    k = tl.arange(0, BLOCK_K)
+    o_base = O + pid_i.to(tl.int64) * C * R * C
+    acc = tl.zeros((BLOCK_J, BLOCK_CZ), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K // BLOCK_C):
+        ck = c0 + k // BLOCK_C
+        ek = k % BLOCK_C
+        k_ok = (ck < C) & (ek < C)
+        o = tl.load(o_base + ck[None, :].to(tl.int64) * R * C + j[:, None] * C + ek[None, :],
+                    mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(WO + z[None, :] * (C * C) + (ck * C + ek)[:, None], mask=k_ok[:, None] & z_ok[None, :],
+                    other=0.0)
+        acc += _dot(o, w, DOT_PREC, INTERP)
+    bo = tl.load(BO + z, mask=z_ok, other=0.0)
+    row = bt.to(tl.int64) * R * R + i * R + j
+    nrm = tl.load(NORM + row, mask=j_ok, other=1.0)
+    out = (acc + bo[None, :]) / (nrm + eps)[:, None]
+    tl.store(OUT + row[:, None] * CZ + z[None, :], _cast(out, OUT.dtype.element_ty, INTERP),
+             mask=j_ok[:, None] & z_ok[None, :])
+
+
+@triton.jit
+def _opm_out_bwd_kernel(
+    DOUT, WO, NORM, DO, PART,
+    RB, R0, R, C, CZ, eps, R_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
+):
+    """G = DOUT / (NORM + eps);  DO[bt, il, c, j, e] = sum_z G[bt, R0 + il, j, z] WO[z, c C + e];
+    PART[program] = sum_j G (fp32)."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    bt = pid_i // RB
+    i = R0 + pid_i % RB
+    j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = j < R
+    z = tl.arange(0, BLOCK_CZ)
+    z_ok = z < CZ
+    row = bt.to(tl.int64) * R * R + i * R + j
+    nrm = tl.load(NORM + row, mask=j_ok, other=1.0)
+    g = tl.load(DOUT + row[:, None] * CZ + z[None, :], mask=j_ok[:, None] & z_ok[None, :],
+                other=0.0).to(tl.float32) / (nrm + eps)[:, None]
+    part_row = pid_i.to(tl.int64) * tl.num_programs(1) + pid_j
+    tl.store(PART + part_row * CZ + z, tl.sum(g, axis=0), mask=z_ok)
+    g_c = _cast(g, WO.dtype.element_ty, INTERP)
+    k = tl.arange(0, BLOCK_K)
+    do_base = DO + pid_i.to(tl.int64) * C * R * C
+    for c0 in range(0, C, BLOCK_K // BLOCK_C):
+        ck = c0 + k // BLOCK_C
+        ek = k % BLOCK_C
+        k_ok = (ck < C) & (ek < C)
+        w = tl.load(WO + z[:, None] * (C * C) + (ck * C + ek)[None, :], mask=z_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        d = _dot(g_c, w, DOT_PREC, INTERP)
+        tl.store(do_base + ck[None, :].to(tl.int64) * R * C + j[:, None] * C + ek[None, :],
+                 _cast(d, DO.dtype.element_ty, INTERP), mask=j_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _opm_dw_kernel(
+    DOUT, O, NORM, PART,
+    RB, R0, R, C, CZ, eps, n_rows, rows_per_program, R_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
+):
+    """PART[group, z, c C + e] = sum_{rows of this group} sum_j G[bt, i, j, z] O[bt, il, c, j, e].
+
+    Program (column block of w_out's gradient, group of `rows_per_program` of the chunk's
+    n_rows = Bt * RB pair rows); G = DOUT / (NORM + eps) is recomputed on the fly.
+    """
+    k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ck = k // BLOCK_C
+    ek = k % BLOCK_C
+    k_ok = (ck < C) & (ek < C)
+    group = tl.program_id(1)
+    z = tl.arange(0, BLOCK_CZ)
+    z_ok = z < CZ
+    jj = tl.arange(0, BLOCK_J)
+    acc = tl.zeros((BLOCK_CZ, BLOCK_K), dtype=tl.float32)
+    for r in range(0, rows_per_program):
+        pid_i = group.to(tl.int64) * rows_per_program + r
+        r_ok = pid_i < n_rows
+        bt = pid_i // RB
+        i = R0 + pid_i % RB
+        for j0 in range(0, R, BLOCK_J):
+            j = j0 + jj
+            j_ok = (j < R) & r_ok
+            row = bt * R * R + i * R + j
+            nrm = tl.load(NORM + row, mask=j_ok, other=1.0)
+            gt = tl.load(DOUT + row[None, :] * CZ + z[:, None], mask=z_ok[:, None] & j_ok[None, :],
+                         other=0.0).to(tl.float32) / (nrm + eps)[None, :]
+            o = tl.load(O + pid_i * C * R * C + ck[None, :].to(tl.int64) * R * C + j[:, None] * C
+                        + ek[None, :], mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += _dot(_cast(gt, O.dtype.element_ty, INTERP), o, DOT_PREC, INTERP)
+    tl.store(PART + group.to(tl.int64) * CZ * C * C + z[:, None] * (C * C) + (ck * C + ek)[None, :], acc,
+             mask=z_ok[:, None] & k_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+def _row_configs():
+    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=2) for bm in (32, 64) for nw in (4, 8)]
+
+
+def _pair_configs(block_j):
+    return [
+        triton.Config({"BLOCK_J": bj, "BLOCK_K": bk}, num_warps=nw, num_stages=2)
+        for bj in block_j for bk in (64, 128) for nw in (4, 8)
+    ]
+
+
+def _prune_block_k(configs, nargs, **kwargs):
+    """BLOCK_K must hold whole c planes: at least BLOCK_C (C rounded up to a power of two)."""
+    block_c = kwargs.get("BLOCK_C") or nargs.get("BLOCK_C")
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= block_c]
+    if not kept:
+        raise ValueError(f"outer_product_mean: hidden width {block_c} is wider than the largest tile")
+    return kept
+
+
+_ROW_KEY = ["CM", "C", "M_BUCKET"]
+_PAIR_KEY = ["C", "CZ", "R_BUCKET"]
+_PRUNE = {"early_config_prune": _prune_block_k}
+
+_proj_fwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY)(_opm_proj_fwd_kernel)
+_proj_bwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
+_out_fwd_tuned = triton.autotune(_pair_configs((64, 128)), key=_PAIR_KEY, prune_configs_by=_PRUNE)(
+    _opm_out_fwd_kernel)
+_out_bwd_tuned = triton.autotune(_pair_configs((64, 128)), key=_PAIR_KEY, prune_configs_by=_PRUNE,
+                                 reset_to_zero=["PART"])(_opm_out_bwd_kernel)
+_dw_tuned = triton.autotune(_pair_configs((32, 64)), key=_PAIR_KEY, prune_configs_by=_PRUNE)(_opm_dw_kernel)
+
+_TUNED_META = ("BLOCK_M", "BLOCK_J", "BLOCK_K")
+_MIN_BLOCK_M = 32  # smallest BLOCK_M / BLOCK_J among the GPU configs: sizes partial-sum buffers
+_MIN_BLOCK_J = 64
+_INTERP = dict(BLOCK_M=32, BLOCK_J=16)  # interpreter: one fixed config, few programs
+
+
+def _launch(kernel, tuned, grid, args, meta):
+    """grid(meta) -> launch grid.  Autotuned on a GPU; `meta` as given in the interpreter."""
+    if is_interpreter():
+        kernel[grid(meta)](*args, **meta)
+    else:
+        tuned[grid](*args, **{k: v for k, v in meta.items() if k not in _TUNED_META})
+
+
+def _bucket(n: int) -> int:
+    return min(next_power_of_2(n), 1 << 24)
+
+
+def _outer_chunk(a: torch.Tensor, b: torch.Tensor, r0: int, nr: int) -> torch.Tensor:
+    """O [Bt, nr * C, N_res * C] = a[:, :, r0:r0+nr]^T b over N_seq (a, b [Bt, N_seq, N_res, C])."""
+    Bt, S, R, C = a.shape
+    a_rows = a.view(Bt, S, R * C)[:, :, r0 * C: (r0 + nr) * C]
+    return torch.bmm(a_rows.transpose(1, 2), b.view(Bt, S, R * C))
+
+
+def _pair_meta(C: int, CZ: int, cdt: torch.dtype):
+    bc = next_power_of_2(C)
+    return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), BLOCK_C=bc,
+                BLOCK_CZ=max(16, next_power_of_2(CZ)), BLOCK_J=_INTERP["BLOCK_J"], BLOCK_K=max(32, bc))
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Function
+# ----------------------------------------------------------------------------------------------
+class _OuterProductMeanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, mask, eps, ln_eps, chunk_rows, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out):
+        dev = m.device.type
+        ac = autocast_dtype(dev)
+        cdt = ac if ac is not None else m.dtype
+        batch = m.shape[:-3]
+        S, R, CM = m.shape[-3:]
+        C, CZ = w1.shape[0], w_out.shape[0]
+        Bt = math.prod(batch)
+        M = Bt * S * R
+        rb = chunk_rows if chunk_rows else max(1, _CHUNK_ELEMENTS // max(1, Bt * C * R * C))
+        rb = min(rb, R)
+        with torch.autocast(dev, enabled=False):
+            m2 = m.reshape(M, CM).contiguous()
+            if mask is None:
+                mk = torch.ones((Bt, S, R), device=m.device, dtype=torch.float32)
+            else:
+                mk = mask.expand(m.shape[:-1]).reshape(Bt, S, R).to(torch.float32).contiguous()
+            w12 = torch.cat([w1, w2]).to(cdt).contiguous()
+            b12 = torch.cat([b1, b2]).to(torch.float32).contiguous()
+            a = torch.empty((Bt, S, R, C), device=m.device, dtype=cdt)
+            b = torch.empty_like(a)
+            row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(),
+                            BLOCK_M=_INTERP["BLOCK_M"], BLOCK_CM=next_power_of_2(CM),
+                            BLOCK_C=max(16, next_power_of_2(C)))
+            _launch(_opm_proj_fwd_kernel, _proj_fwd_tuned, lambda mt: (triton.cdiv(M, mt["BLOCK_M"]),),
+                    (m2, mk, ln_w, ln_b, w12, b12, a, b, M, CM, C, ln_eps, _bucket(M)), row_meta)
+            norm = torch.bmm(mk.transpose(1, 2), mk)  # [Bt, R, R]: exact pair counts
+            wo = w_out.to(cdt).contiguous()
+            bo = b_out.to(torch.float32).contiguous()
+            out = torch.empty((Bt, R, R, CZ), device=m.device, dtype=cdt)
+            pair_meta = _pair_meta(C, CZ, cdt)
+            for r0 in range(0, R, rb):
+                nr = min(rb, R - r0)
+                o = _outer_chunk(a, b, r0, nr)
+                _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
+                        lambda mt, nr=nr: (Bt * nr, triton.cdiv(R, mt["BLOCK_J"])),
+                        (o, wo, bo, norm, out, nr, r0, R, C, CZ, eps, _bucket(R)), pair_meta)
+                del o
+        ctx.save_for_backward(m2, mk, a, b, norm, w12, wo, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
+        ctx.meta = (eps, ln_eps, rb, cdt, m.dtype, m.shape)
+        return out.view(*batch, R, R, CZ)
+
+    @staticmethod
+    def backward(ctx, dout):
+        m2, mk, a, b, norm, w12, wo, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out = ctx.saved_tensors
+        eps, ln_eps, rb, cdt, m_dtype, m_shape = ctx.meta
+        Bt, S, R, C = a.shape
+        CM, CZ = m2.shape[1], wo.shape[0]
+        M = Bt * S * R
+        dev = m2.device
+        interp = is_interpreter()
+        pair_meta = _pair_meta(C, CZ, cdt)
+        with torch.autocast(dev.type, enabled=False):
+            dout2 = dout.reshape(Bt, R, R, CZ).contiguous()
+            b3 = b.view(Bt, S, R * C)
+            da = torch.empty((Bt, S, R * C), device=dev, dtype=cdt)
+            db = None
+            dwo = torch.zeros((CZ, C * C), device=dev, dtype=torch.float32)
+            dbo = torch.zeros((CZ,), device=dev, dtype=torch.float32)
+            for r0 in range(0, R, rb):
+                nr = min(rb, R - r0)
+                n_rows = Bt * nr
+                d_o = torch.empty((Bt, nr * C, R * C), device=dev, dtype=cdt)
+                min_bj = pair_meta["BLOCK_J"] if interp else _MIN_BLOCK_J
+                part_b = torch.zeros((n_rows * triton.cdiv(R, min_bj), CZ), device=dev, dtype=torch.float32)
+                _launch(_opm_out_bwd_kernel, _out_bwd_tuned,
+                        lambda mt, n_rows=n_rows: (n_rows, triton.cdiv(R, mt["BLOCK_J"])),
+                        (dout2, wo, norm, d_o, part_b, nr, r0, R, C, CZ, eps, _bucket(R)), pair_meta)
+                dbo += part_b.sum(0)
+                del part_b
+                o = _outer_chunk(a, b, r0, nr)
+                groups = min(n_rows, 2 if interp else 64)
+                rows_per_program = triton.cdiv(n_rows, groups)
+                part_w = torch.empty((groups, CZ, C * C), device=dev, dtype=torch.float32)
+                _launch(_opm_dw_kernel, _dw_tuned,
+                        lambda mt, groups=groups: (triton.cdiv(C * pair_meta["BLOCK_C"], mt["BLOCK_K"]), groups),
+                        (dout2, o, norm, part_w, nr, r0, R, C, CZ, eps, n_rows, rows_per_program, _bucket(R)),
+                        pair_meta)
+                dwo += part_w.sum(0)
+                del o, part_w
+                a_rows = a.view(Bt, S, R * C)[:, :, r0 * C: (r0 + nr) * C]
+                da[:, :, r0 * C: (r0 + nr) * C] = torch.bmm(b3, d_o.transpose(1, 2))
+                db_chunk = torch.bmm(a_rows, d_o)
+                if db is None:
+                    db = db_chunk if nr == R else db_chunk.float()
+                else:
+                    db += db_chunk
+                del d_o, db_chunk
+            dp = torch.empty((M, 2 * C), device=dev, dtype=cdt)
+            ln_out = torch.empty((M, CM), device=dev, dtype=cdt)
+            dm = torch.empty((M, CM), device=dev, dtype=m_dtype)
+            n_prog = triton.cdiv(M, _INTERP["BLOCK_M"] if interp else _MIN_BLOCK_M)
+            part = torch.zeros((n_prog, 2 * C + 2 * CM), device=dev, dtype=torch.float32)
+            row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(),
+                            BLOCK_M=_INTERP["BLOCK_M"], BLOCK_CM=next_power_of_2(CM),
+                            BLOCK_C=max(16, next_power_of_2(C)))
+            _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (triton.cdiv(M, mt["BLOCK_M"]),),
+                    (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part, M, CM, C, ln_eps, _bucket(M)),
+                    row_meta)
+            del da, db
+            dw12 = torch.mm(dp.t(), ln_out)  # [2C, CM]
+            s = part.sum(0)
+        grads = (
+            s[2 * C: 2 * C + CM], s[2 * C + CM:],  # ln_w, ln_b
+            dw12[:C], s[:C], dw12[C:], s[C: 2 * C],  # w1, b1, w2, b2
+            dwo, dbo,  # w_out, b_out
+        )
+        params = (ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
+        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        return (dm.view(m_shape), None, None, None, None, *grads)
+
+
+def _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps=1e-3, ln_eps=1e-5,
+                        chunk_rows: Optional[int] = None):
+    """``outer_product_mean`` with an explicit number of pair rows per outer-product chunk."""
+    if m.dim() < 3:
+        raise ValueError(f"outer_product_mean: m must be [*, N_seq, N_res, C_m], got {tuple(m.shape)}")
+    if w1.shape[1] != m.shape[-1] or w_out.shape[1] != w1.shape[0] ** 2:
+        raise ValueError("outer_product_mean: weight shapes do not match m's channels / c_hidden^2")
+    check_launchable(m, mask)
+    return _OuterProductMeanFn.apply(m, mask, float(eps), float(ln_eps), chunk_rows,
+                                     ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
+
+
+def outer_product_mean(
+    m: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    eps: float = 1e-3,
+    ln_eps: float = 1e-5,
+) -> torch.Tensor:
+    """Fused outer product mean: m ``[*, N_seq, N_res, C_m]``, mask ``[*, N_seq, N_res]`` (None:
+    all ones) -> ``[*, N_res, N_res, C_z]``.  Same maths as ``outer_product_mean_reference``;
+    see the module docstring for the design and the precision contract.  Gradients flow to m
+    and the eight parameters (not to the mask).
+    """
+    return _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps, ln_eps)

@@ -1,0 +1,203 @@
+"""OpenFold's MSA / pair transition: ``linear_2(relu(linear_1(layer_norm(x)))) * mask``.
+
+``MSATransition._transition`` (c_m 256, n 4) and ``PairTransition._transition`` (c_z 128, n 4).
+
+Triton path, forward:
+  1. Triton LayerNorm (OpenFold's contract) that stores straight in the dtype linear_1 runs in
+     (one rounding where stock rounds the LayerNorm output, then casts it for autocast), plus the
+     fp32 row statistics.
+  2. linear_1 + bias + ReLU as one cuBLASLt GEMM with its bias/ReLU epilogue
+     (``torch._addmm_activation``): the hidden [*, 4C] pre-activation is never written.
+  3. linear_2 + bias (cuBLASLt epilogue), then the row mask (in place when the dtypes allow).
+  The GEMMs are compute-bound at AF2 sizes and stay on cuBLAS.
+Backward (memory: x, the fp32 row statistics and the hidden activation are kept; the LayerNorm
+output is recomputed, it is not stored as stock does):
+  - one Triton pass d2 = d_out * mask (rounded to the compute dtype) with the column sums for b2;
+  - dW2 = d2^T h, dh = d2 W2 (cuBLAS);
+  - one Triton pass, in place, d_pre = dh * (h > 0) with the column sums for b1;
+  - the LayerNorm output recomputed by the Triton kernel, dW1 = d_pre^T ln, d_ln = d_pre W1;
+  - Triton LayerNorm backward (dx, and dln_w / dln_b from per-program partials).
+
+Precision contract (both paths agree with stock OpenFold to rounding):
+  - compute dtype: the autocast dtype under autocast, else x's dtype (weights cast to it);
+  - LayerNorm per ``layer_norm`` (fp32 statistics; bf16 x: bf16 weights), rounded once to the
+    compute dtype;
+  - GEMMs in the compute dtype with fp32 accumulation (cuBLAS; fp32 is IEEE unless
+    ``torch.backends.cuda.matmul.allow_tf32``), outputs rounded to the compute dtype;
+  - output dtype: promote(compute dtype, mask dtype) (stock multiplies by the mask after linear_2,
+    so an fp32 mask under autocast gives an fp32 output);
+  - gradients: dx in x's dtype; weight gradients from GEMMs in the compute dtype, cast to each
+    parameter's dtype; bias gradients summed in fp32 by the Triton passes (stock rounds them to
+    the compute dtype first). The mask gets no gradient.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton_utils import autocast_dtype, check_launchable, is_interpreter, next_power_of_2
+from .layer_norm import (
+    _max_programs,
+    _rows,
+    layer_norm_bwd_rows,
+    layer_norm_fwd_rows,
+    layer_norm_reference,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _transition_bwd_kernel(
+    G, AUX, OUT, PART,
+    M, N, stride_g, stride_aux, stride_out, rows_per_program,
+    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One backward elementwise pass over [M, N] with the column sums of its output.
+
+    RELU False: OUT = G * AUX[row] (AUX: the [M] row mask), the gradient into linear_2.
+    RELU True:  OUT = G * (AUX > 0) (AUX: the [M, N] ReLU output), the gradient into linear_1;
+                OUT may be G itself (in place).
+    OUT is rounded to its dtype; PART[pid_m, cols] gets the fp32 column sums of the rounded OUT
+    over this program's rows (the bias gradient, reduced by the caller).
+    """
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row0 = pid_m.to(tl.int64) * rows_per_program
+    for i in range(0, rows_per_program, BLOCK_M):
+        rows = row0 + i + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if RELU:
+            h = tl.load(AUX + rows[:, None] * stride_aux + cols[None, :], mask=ok, other=0.0)
+            d = tl.where(h > 0, g, 0.0)
+        else:
+            s = tl.load(AUX + rows, mask=row_ok, other=0.0).to(tl.float32)
+            d = g * s[:, None]
+        d = d.to(OUT.dtype.element_ty)
+        tl.store(OUT + rows[:, None] * stride_out + cols[None, :], d, mask=ok)
+        acc += tl.sum(d.to(tl.float32), axis=0)
+    tl.store(PART + pid_m * N + cols, acc, mask=col_ok)
+
+
+def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool) -> torch.Tensor:
+    """Launch ``_transition_bwd_kernel``; returns the fp32 column sums of `out` [N]."""
+    m, n = g.shape
+    if m == 0:
+        return torch.zeros((n,), dtype=torch.float32, device=g.device)
+    block_n = min(next_power_of_2(n), 128 if not is_interpreter() else 1024)
+    block_m = max(1, (32768 if is_interpreter() else 4096) // block_n)
+    n_col = triton.cdiv(n, block_n)
+    n_tiles = triton.cdiv(m, block_m)
+    n_row = min(n_tiles, max(1, _max_programs(g.device) // n_col))
+    rows_per_program = triton.cdiv(n_tiles, n_row) * block_m
+    n_row = triton.cdiv(m, rows_per_program)
+    part = torch.empty((n_row, n), dtype=torch.float32, device=g.device)
+    _transition_bwd_kernel[(n_row, n_col)](
+        g, aux, out, part, m, n, g.stride(0), aux.stride(0) if relu else 0, out.stride(0),
+        rows_per_program, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return part.sum(0)
+
+
+def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """relu(x @ w^T + b): cuBLASLt GEMM with the bias+ReLU epilogue where available."""
+    if x.shape[0] == 0:
+        return x.new_empty((0, w.shape[0]))
+    return torch._addmm_activation(b, x, w.t())
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------
+class _TransitionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype):
+        c = x.shape[-1]
+        x2 = _rows(x, c)
+        check_launchable(x2)
+        # OpenFold's LayerNorm: a bf16 x is normalised with bf16 weights
+        lw, lb = (ln_w, ln_b) if x.dtype != torch.bfloat16 else (ln_w.to(x.dtype), ln_b.to(x.dtype))
+        w1c, b1c, w2c, b2c = (t.to(cdt) for t in (w1, b1, w2, b2))
+        with torch.autocast(x.device.type, enabled=False):
+            ln, mean, rstd = layer_norm_fwd_rows(x2, lw, lb, eps, cdt)
+            h = _linear_relu(ln, w1c, b1c)
+            del ln
+            y = torch.addmm(b2c, h, w2c.t())
+            if out_dtype == y.dtype:
+                out = y.mul_(mask_rows[:, None])
+            else:
+                out = y * mask_rows[:, None]
+        ctx.save_for_backward(x2, lw, lb, mean, rstd, w1c, w2c, h, mask_rows)
+        ctx.eps = eps
+        ctx.meta = (x.shape, x.dtype, ln_w.dtype, ln_b.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
+        return out.view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, lw, lb, mean, rstd, w1c, w2c, h, mask_rows = ctx.saved_tensors
+        shape, x_dt, lw_dt, lb_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.meta
+        cdt = h.dtype
+        m = x2.shape[0]
+        with torch.autocast(x2.device.type, enabled=False):
+            g2 = _rows(g, g.shape[-1])
+            d2 = torch.empty((m, g2.shape[1]), dtype=cdt, device=g.device)
+            db2 = _bwd_pass(g2, mask_rows, d2, relu=False)
+            dw2 = d2.t().mm(h)
+            dh = d2.mm(w2c)
+            del d2
+            db1 = _bwd_pass(dh, h, dh, relu=True)  # dh becomes d_pre, in place
+            ln = layer_norm_fwd_rows(x2, lw, lb, ctx.eps, cdt, store_stats=False)[0]
+            dw1 = dh.t().mm(ln)
+            del ln
+            dln = dh.mm(w1c)
+            del dh
+            dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt)
+        return (dx.view(shape), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt), db1.to(b1_dt),
+                dw2.to(w2_dt), db2.to(b2_dt), None, None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------
+def _mask_or_ones(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    # OpenFold's transitions default to ones in x's dtype: [*, 1]
+    return x.new_ones((*x.shape[:-1], 1)) if mask is None else mask
+
+
+def transition(
+    x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
+) -> torch.Tensor:
+    """linear_2(relu(linear_1(layer_norm(x)))) * mask (Triton LayerNorm/backward passes + cuBLAS).
+
+    x [*, C]; mask [*, 1] broadcastable to x's rows (None: ones in x's dtype, as OpenFold);
+    ln_w, ln_b [C]; w1 [n*C, C], b1 [n*C]; w2 [C, n*C], b2 [C]. Returns [*, C] in
+    promote(compute dtype, mask dtype). Gradients for x and every weight; none for the mask.
+    See the module docstring for the precision contract.
+    """
+    mask = _mask_or_ones(x, mask)
+    cdt = autocast_dtype(x.device.type) or x.dtype
+    out_dtype = torch.promote_types(cdt, mask.dtype)
+    rows = x.shape[:-1]
+    mask_rows = mask.detach().expand(*rows, 1).reshape(-1).to(torch.promote_types(mask.dtype, cdt))
+    return _TransitionFn.apply(x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype)
+
+
+def transition_reference(
+    x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
+    w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
+) -> torch.Tensor:
+    """OpenFold's ``MSATransition._transition`` / ``PairTransition._transition`` in plain PyTorch."""
+    mask = _mask_or_ones(x, mask)
+    m = layer_norm_reference(x, ln_w, ln_b, eps)
+    m = F.linear(m, w1, b1)
+    m = torch.relu(m)
+    m = F.linear(m, w2, b2) * mask
+    return m

@@ -1,0 +1,632 @@
+"""Triangle multiplicative update (AlphaFold2 Algorithms 11 and 12), fused.
+
+Maths (OpenFold's ``TriangleMultiplicativeUpdate.forward``, non-inplace path), with
+z ``[*, N, N, C_z]``, mask ``[*, N, N]``, C_h the hidden width::
+
+    zn = LayerNorm_in(z)                                   (OpenFold's LayerNorm contract)
+    a  = mask * sigmoid(zn @ a_g_w^T + a_g_b) * (zn @ a_p_w^T + a_p_b)     [*, N, N, C_h]
+    b  = mask * sigmoid(zn @ b_g_w^T + b_g_b) * (zn @ b_p_w^T + b_p_b)
+    outgoing: x[i, j] = sum_k a[i, k] * b[j, k]
+    incoming: x[i, j] = sum_k a[k, i] * b[k, j]
+    out = (LayerNorm_out(x) @ z_w^T + z_b) * sigmoid(zn @ g_w^T + g_b)      [*, N, N, C_z]
+
+Design of the Triton path (four launches forward, six backward):
+
+1. ``_trimul_proj_fwd_kernel``: one program normalises BLOCK_M rows of z in registers (fp32
+   statistics) and multiplies them by the concatenated projection ``[a_p | a_g | b_p | b_g]``
+   (built at call time from the four weights, so it never goes stale across optimizer steps);
+   the gate, mask and product are applied in the epilogue and ``a`` and ``b`` are stored straight
+   into the channel-major ``[*, C_h, N, N]`` layout the contraction wants (no permute copies).
+2. The contraction is one batched GEMM per direction on those planes (cuBLAS via ``torch.bmm``;
+   transposes are free stride flips): ``x_c = a_c @ b_c^T`` (outgoing) or ``a_c^T @ b_c``
+   (incoming), stored ``[*, C_h, N, N]``.
+3. ``_trimul_out_fwd_kernel`` reads BLOCK_M pairs of x across all C_h planes, applies
+   LayerNorm_out, ``linear_z``, and multiplies by the gate ``sigmoid(linear_g(zn))``, which it
+   recomputes from z (one more read of z instead of writing and reading an ``[*, N, N, C_z]`` gate).
+
+Backward recomputes rather than stores: forward keeps z, the mask, a, b and x (each of a, b, x is
+``[*, C_h, N, N]`` in the contraction dtype).  ``_trimul_out_bwd_kernel`` recomputes the gate and
+``linear_z``'s output, writes dx (channel-major), dy and LayerNorm_out's output (for
+``linear_z``'s weight gradient) and the gate-logit gradient; two batched GEMMs give da and db;
+``_trimul_proj_bwd_kernel`` recomputes the projections, applies the gating/mask backward, writes
+the projection gradients and LayerNorm_in's output, accumulates d(zn) through all five
+projections and runs LayerNorm_in's backward.  The weight gradients are two long-K GEMMs
+(``dP^T @ zn`` for the five input projections together, ``dy^T @ LayerNorm_out(x)`` for
+``linear_z``); bias and LayerNorm gradients are fp32 per-program partial sums reduced in torch.
+
+Precision contract (matches OpenFold under autocast; ``cdt`` is the autocast dtype, or z's
+dtype without autocast):
+
+* LayerNorm statistics and affine maps, gating, masking and every epilogue in fp32.
+* Projection and output GEMMs: ``cdt`` operands (zn and LayerNorm_out(x) rounded once to
+  ``cdt``), fp32 accumulation.  fp32 operands use IEEE fp32 unless
+  ``torch.backends.cuda.matmul.allow_tf32`` is set.
+* a, b and the contraction: ``cdt`` with fp32 accumulation, except under fp16 autocast, where
+  OpenFold contracts in fp32 (``is_fp16_enabled``): then a, b, x are fp32.
+* Output in the autocast dtype (z's dtype without autocast); dz in z's dtype; weight gradients
+  in each parameter's dtype (the weight GEMMs round to ``cdt`` first, as autocast's linear
+  backward does).
+
+OpenFold's fp16 check looks at CUDA autocast; here autocast is read for z's device, which is the
+same thing on a GPU and lets CPU-interpreter tests exercise the branch.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._triton_utils import (
+    autocast_dtype,
+    check_launchable,
+    dot_precision,
+    fp16_autocast_enabled,
+    is_interpreter,
+    next_power_of_2,
+)
+from .layer_norm import layer_norm_reference
+
+
+class TriMulWeights(NamedTuple):
+    """Parameters of one ``TriangleMultiplicativeUpdate``, in OpenFold's shapes.
+
+    Linear weights are ``[out, in]``: a_p_w, a_g_w, b_p_w, b_g_w ``[C_h, C_z]``; z_w
+    ``[C_z, C_h]``; g_w ``[C_z, C_z]``.  LayerNorms: ln_in ``[C_z]``, ln_out ``[C_h]``.
+    """
+
+    ln_in_w: torch.Tensor
+    ln_in_b: torch.Tensor
+    a_p_w: torch.Tensor
+    a_p_b: torch.Tensor
+    a_g_w: torch.Tensor
+    a_g_b: torch.Tensor
+    b_p_w: torch.Tensor
+    b_p_b: torch.Tensor
+    b_g_w: torch.Tensor
+    b_g_b: torch.Tensor
+    ln_out_w: torch.Tensor
+    ln_out_b: torch.Tensor
+    z_w: torch.Tensor
+    z_b: torch.Tensor
+    g_w: torch.Tensor
+    g_b: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+# ----------------------------------------------------------------------------------------------
+def _combine_projections_reference(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
+    """OpenFold's ``_combine_projections`` (permute + matmul + permute back)."""
+    if outgoing:
+        a = a.permute(*range(a.dim() - 3), -1, -3, -2)  # [*, C, i, k]
+        b = b.permute(*range(b.dim() - 3), -1, -2, -3)  # [*, C, k, j]
+    else:
+        a = a.permute(*range(a.dim() - 3), -1, -2, -3)  # [*, C, i, k] = a[k, i]
+        b = b.permute(*range(b.dim() - 3), -1, -3, -2)  # [*, C, k, j]
+    p = torch.matmul(a, b)
+    return p.permute(*range(p.dim() - 3), -2, -1, -3)
+
+
+def triangle_multiplication_reference(
+    z: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    w: TriMulWeights,
+    outgoing: bool,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """OpenFold's non-inplace ``TriangleMultiplicativeUpdate.forward`` in plain PyTorch.
+
+    z ``[*, N, N, C_z]``, mask ``[*, N, N]`` (None: all ones) -> ``[*, N, N, C_z]``.
+    Same ops in the same order, so fp32 results match stock to rounding; under fp16 autocast
+    the contraction runs in fp32 with autocast off, as OpenFold's ``is_fp16_enabled`` branch.
+    """
+    if mask is None:
+        mask = z.new_ones(z.shape[:-1])
+    mask = mask.unsqueeze(-1)
+    z = layer_norm_reference(z, w.ln_in_w, w.ln_in_b, eps)
+    a = mask
+    a = a * torch.sigmoid(F.linear(z, w.a_g_w, w.a_g_b))
+    a = a * F.linear(z, w.a_p_w, w.a_p_b)
+    b = mask
+    b = b * torch.sigmoid(F.linear(z, w.b_g_w, w.b_g_b))
+    b = b * F.linear(z, w.b_p_w, w.b_p_b)
+    if fp16_autocast_enabled(z.device.type):
+        with torch.autocast(z.device.type, enabled=False):
+            x = _combine_projections_reference(a.float(), b.float(), outgoing)
+    else:
+        x = _combine_projections_reference(a, b, outgoing)
+    del a, b
+    x = layer_norm_reference(x, w.ln_out_w, w.ln_out_b, eps)
+    x = F.linear(x, w.z_w, w.z_b)
+    g = torch.sigmoid(F.linear(z, w.g_w, w.g_b))
+    return x * g
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """tl.dot with fp32 accumulation.  In Triton's CPU interpreter (INTERP), bf16 tiles are
+    widened to fp32 first (exact): the interpreter multiplies bf16 tiles as raw uint16 bits."""
+    if INTERP and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """x.to(dtype), rounding to nearest even.  The interpreter truncates fp32 -> bf16, so there
+    the rounding is done on the bits first (finite values)."""
+    if INTERP and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _ln_rows(x_ptr, rows, row_ok, cz, cz_ok, CZ, eps):
+    """Load rows [BLOCK_M, BLOCK_CZ] of a row-major [M, CZ] tensor: (xhat, rstd) in fp32."""
+    ok = row_ok[:, None] & cz_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * CZ + cz[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / CZ
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / CZ
+    rstd = 1.0 / tl.sqrt(var + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
+def _trimul_proj_fwd_kernel(
+    Z, MASK, LN_W, LN_B, W_IN, B_IN, A_OUT, B_OUT,
+    M, NN, CZ, CH, eps, M_BUCKET,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """a, b [Bt, CH, NN] for BLOCK_M rows of z [M, CZ] (M = Bt * NN).
+
+    W_IN [4 CH, CZ] = [a_p; a_g; b_p; b_g] (cdt), B_IN [4 CH] fp32.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cz = tl.arange(0, BLOCK_CZ)
+    cz_ok = cz < CZ
+    zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
+    lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    zn = _cast((zhat * lw[None, :] + lb[None, :]), W_IN.dtype.element_ty, INTERP)
+    if HAS_MASK:
+        mk = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        mk = tl.where(row_ok, 1.0, 0.0)
+    bidx = rows // NN
+    out_row = bidx * CH * NN + (rows - bidx * NN)  # int64 offset of channel 0
+    hh = tl.arange(0, BLOCK_H)
+    for h0 in range(0, CH, BLOCK_H):
+        h = h0 + hh
+        h_ok = h < CH
+        w_ok = cz_ok[:, None] & h_ok[None, :]
+        o_ok = row_ok[:, None] & h_ok[None, :]
+        for side in tl.static_range(2):
+            # transposed tiles [BLOCK_CZ, BLOCK_H] of the projection and gate weights
+            wp = tl.load(W_IN + ((2 * side) * CH + h)[None, :] * CZ + cz[:, None], mask=w_ok, other=0.0)
+            wg = tl.load(W_IN + ((2 * side + 1) * CH + h)[None, :] * CZ + cz[:, None], mask=w_ok, other=0.0)
+            bp = tl.load(B_IN + (2 * side) * CH + h, mask=h_ok, other=0.0)
+            bg = tl.load(B_IN + (2 * side + 1) * CH + h, mask=h_ok, other=0.0)
+            p = _dot(zn, wp, DOT_PREC, INTERP) + bp[None, :]
+            g = _dot(zn, wg, DOT_PREC, INTERP) + bg[None, :]
+            val = (mk[:, None] * tl.sigmoid(g)) * p
+            offs = out_row[:, None] + h[None, :].to(tl.int64) * NN
+            if side == 0:
+                tl.store(A_OUT + offs, _cast(val, A_OUT.dtype.element_ty, INTERP), mask=o_ok)
+            else:
+                tl.store(B_OUT + offs, _cast(val, B_OUT.dtype.element_ty, INTERP), mask=o_ok)
+
+
+@triton.jit
+def _trimul_out_fwd_kernel(
+    X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG, OUT,
+    M, NN, CZ, CH, eps, M_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """OUT [M, CZ] = (LN_out(x) @ WZ^T + BZ) * sigmoid(LN_in(z) @ WG^T + BG), x [Bt, CH, NN]."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cz = tl.arange(0, BLOCK_CZ)
+    cz_ok = cz < CZ
+    ch = tl.arange(0, BLOCK_CH)
+    ch_ok = ch < CH
+    # LayerNorm_out over the channel planes of x
+    bidx = rows // NN
+    x_row = bidx * CH * NN + (rows - bidx * NN)
+    x_ok = row_ok[:, None] & ch_ok[None, :]
+    x = tl.load(X + x_row[:, None] + ch[None, :].to(tl.int64) * NN, mask=x_ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / CH
+    xc = tl.where(x_ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CH + eps)
+    ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    ob = tl.load(LN_OUT_B + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    xn = _cast((xc * rstd[:, None] * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
+    # LayerNorm_in of z for the gate
+    zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
+    iw = tl.load(LN_IN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    ib = tl.load(LN_IN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    zn = _cast((zhat * iw[None, :] + ib[None, :]), WG.dtype.element_ty, INTERP)
+    nn_ = tl.arange(0, BLOCK_N)
+    for n0 in range(0, CZ, BLOCK_N):
+        n = n0 + nn_
+        n_ok = n < CZ
+        wz = tl.load(WZ + n[None, :] * CH + ch[:, None], mask=ch_ok[:, None] & n_ok[None, :], other=0.0)
+        wg = tl.load(WG + n[None, :] * CZ + cz[:, None], mask=cz_ok[:, None] & n_ok[None, :], other=0.0)
+        bz = tl.load(BZ + n, mask=n_ok, other=0.0)
+        bg = tl.load(BG + n, mask=n_ok, other=0.0)
+        y = _dot(xn, wz, DOT_PREC, INTERP) + bz[None, :]
+        g = _dot(zn, wg, DOT_PREC, INTERP) + bg[None, :]
+        out = y * tl.sigmoid(g)
+        tl.store(OUT + rows[:, None] * CZ + n[None, :], _cast(out, OUT.dtype.element_ty, INTERP),
+                 mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _trimul_out_bwd_kernel(
+    DOUT, X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG,
+    DX, DY, XN, DP, PART,
+    M, NN, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Backward of the output stage for BLOCK_M pairs.
+
+    y = LN_out(x) @ WZ^T + BZ, s = sigmoid(LN_in(z) @ WG^T + BG), out = y * s:
+    dy = dout * s -> DY [M, CZ];  dg = dout * y * s (1 - s) -> DP[:, DP_OFF:DP_OFF + CZ];
+    LN_out(x) -> XN [M, CH];  dx (LayerNorm_out backward of dy @ WZ) -> DX [Bt, CH, NN];
+    PART[pid] = [sum dy | sum dg | sum d(xn) * xhat | sum d(xn)] (fp32).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cz = tl.arange(0, BLOCK_CZ)
+    cz_ok = cz < CZ
+    ch = tl.arange(0, BLOCK_CH)
+    ch_ok = ch < CH
+    bidx = rows // NN
+    x_row = bidx * CH * NN + (rows - bidx * NN)
+    x_ok = row_ok[:, None] & ch_ok[None, :]
+    x_offs = x_row[:, None] + ch[None, :].to(tl.int64) * NN
+    x = tl.load(X + x_offs, mask=x_ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / CH
+    xc = tl.where(x_ok, x - mean[:, None], 0.0)
+    rstd_x = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CH + eps)
+    xhat = xc * rstd_x[:, None]
+    ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    ob = tl.load(LN_OUT_B + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    xn = _cast((xhat * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
+    tl.store(XN + rows[:, None] * CH + ch[None, :], xn, mask=x_ok)
+    zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
+    iw = tl.load(LN_IN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    ib = tl.load(LN_IN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    zn = _cast((zhat * iw[None, :] + ib[None, :]), WG.dtype.element_ty, INTERP)
+    PART_W = 2 * CZ + 2 * CH
+    part = PART + pid.to(tl.int64) * PART_W
+    dxn = tl.zeros((BLOCK_M, BLOCK_CH), dtype=tl.float32)
+    nn_ = tl.arange(0, BLOCK_N)
+    for n0 in range(0, CZ, BLOCK_N):
+        n = n0 + nn_
+        n_ok = n < CZ
+        o_ok = row_ok[:, None] & n_ok[None, :]
+        wz_t = tl.load(WZ + n[None, :] * CH + ch[:, None], mask=ch_ok[:, None] & n_ok[None, :], other=0.0)
+        wg_t = tl.load(WG + n[None, :] * CZ + cz[:, None], mask=cz_ok[:, None] & n_ok[None, :], other=0.0)
+        bz = tl.load(BZ + n, mask=n_ok, other=0.0)
+        bg = tl.load(BG + n, mask=n_ok, other=0.0)
+        y = _dot(xn, wz_t, DOT_PREC, INTERP) + bz[None, :]
+        s = tl.sigmoid(_dot(zn, wg_t, DOT_PREC, INTERP) + bg[None, :])
+        do = tl.load(DOUT + rows[:, None] * CZ + n[None, :], mask=o_ok, other=0.0).to(tl.float32)
+        dy = do * s
+        dg = do * y * s * (1.0 - s)
+        dy_c = _cast(dy, DY.dtype.element_ty, INTERP)
+        tl.store(DY + rows[:, None] * CZ + n[None, :], dy_c, mask=o_ok)
+        tl.store(DP + rows[:, None] * DP_STRIDE + DP_OFF + n[None, :], _cast(dg, DP.dtype.element_ty, INTERP), mask=o_ok)
+        tl.store(part + n, tl.sum(dy, axis=0), mask=n_ok)
+        tl.store(part + CZ + n, tl.sum(dg, axis=0), mask=n_ok)
+        wz = tl.load(WZ + n[:, None] * CH + ch[None, :], mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
+        dxn += _dot(dy_c, wz, DOT_PREC, INTERP)
+    tl.store(part + 2 * CZ + ch, tl.sum(dxn * xhat, axis=0), mask=ch_ok)
+    tl.store(part + 2 * CZ + CH + ch, tl.sum(dxn, axis=0), mask=ch_ok)
+    dxhat = dxn * ow[None, :]
+    c1 = tl.sum(dxhat * xhat, axis=1) / CH
+    c2 = tl.sum(dxhat, axis=1) / CH
+    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd_x[:, None]
+    tl.store(DX + x_offs, _cast(dx, DX.dtype.element_ty, INTERP), mask=x_ok)
+
+
+@triton.jit
+def _trimul_proj_bwd_kernel(
+    Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
+    M, NN, CZ, CH, DP_STRIDE, eps, M_BUCKET,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward of LayerNorm_in + the five input projections for BLOCK_M rows.
+
+    Recomputes p = zn @ W^T + b and gates; d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s)
+    (same for b) -> DP[:, :4 CH]; reads d(g logits) from DP[:, 4 CH:]; d(zn) = DP @ [W_IN; WG];
+    LN_in(z) -> ZN_OUT [M, CZ]; dz (LayerNorm_in backward) -> DZ [M, CZ];
+    PART[pid] = [sum over rows of DP[:, :4 CH] | sum d(zn) * zhat | sum d(zn)] (fp32).
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cz = tl.arange(0, BLOCK_CZ)
+    cz_ok = cz < CZ
+    z_ok = row_ok[:, None] & cz_ok[None, :]
+    zhat, rstd = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
+    lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    lb = tl.load(LN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    zn = _cast((zhat * lw[None, :] + lb[None, :]), W_IN.dtype.element_ty, INTERP)
+    tl.store(ZN_OUT + rows[:, None] * CZ + cz[None, :], zn, mask=z_ok)
+    if HAS_MASK:
+        mk = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        mk = tl.where(row_ok, 1.0, 0.0)
+    bidx = rows // NN
+    g_row = bidx * CH * NN + (rows - bidx * NN)
+    PART_W = 4 * CH + 2 * CZ
+    part = PART + pid.to(tl.int64) * PART_W
+    dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
+    hh = tl.arange(0, BLOCK_H)
+    for h0 in range(0, CH, BLOCK_H):
+        h = h0 + hh
+        h_ok = h < CH
+        w_ok = h_ok[:, None] & cz_ok[None, :]
+        o_ok = row_ok[:, None] & h_ok[None, :]
+        g_offs = g_row[:, None] + h[None, :].to(tl.int64) * NN
+        for side in tl.static_range(2):
+            # natural tiles [BLOCK_H, BLOCK_CZ] of the projection and gate weights
+            wp = tl.load(W_IN + ((2 * side) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
+            wg = tl.load(W_IN + ((2 * side + 1) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
+            bp = tl.load(B_IN + (2 * side) * CH + h, mask=h_ok, other=0.0)
+            bg = tl.load(B_IN + (2 * side + 1) * CH + h, mask=h_ok, other=0.0)
+            p = _dot(zn, tl.trans(wp), DOT_PREC, INTERP) + bp[None, :]
+            s = tl.sigmoid(_dot(zn, tl.trans(wg), DOT_PREC, INTERP) + bg[None, :])
+            if side == 0:
+                d = tl.load(DA + g_offs, mask=o_ok, other=0.0).to(tl.float32)
+            else:
+                d = tl.load(DB + g_offs, mask=o_ok, other=0.0).to(tl.float32)
+            dm = d * mk[:, None]
+            dp = dm * s
+            dg = dm * p * s * (1.0 - s)
+            dp_c = _cast(dp, DP.dtype.element_ty, INTERP)
+            dg_c = _cast(dg, DP.dtype.element_ty, INTERP)
+            col_p = (2 * side) * CH + h
+            col_g = (2 * side + 1) * CH + h
+            tl.store(DP + rows[:, None] * DP_STRIDE + col_p[None, :], dp_c, mask=o_ok)
+            tl.store(DP + rows[:, None] * DP_STRIDE + col_g[None, :], dg_c, mask=o_ok)
+            tl.store(part + col_p, tl.sum(dp, axis=0), mask=h_ok)
+            tl.store(part + col_g, tl.sum(dg, axis=0), mask=h_ok)
+            dzn += _dot(dp_c, wp, DOT_PREC, INTERP)
+            dzn += _dot(dg_c, wg, DOT_PREC, INTERP)
+    # the output gate's logits: d(zn) += d(g) @ WG
+    for n0 in range(0, CZ, BLOCK_H):
+        n = n0 + hh
+        n_ok = n < CZ
+        dgo = tl.load(DP + rows[:, None] * DP_STRIDE + 4 * CH + n[None, :],
+                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        wgo = tl.load(WG + n[:, None] * CZ + cz[None, :], mask=n_ok[:, None] & cz_ok[None, :], other=0.0)
+        dzn += _dot(dgo, wgo, DOT_PREC, INTERP)
+    tl.store(part + 4 * CH + cz, tl.sum(dzn * zhat, axis=0), mask=cz_ok)
+    tl.store(part + 4 * CH + CZ + cz, tl.sum(dzn, axis=0), mask=cz_ok)
+    dzhat = dzn * lw[None, :]
+    c1 = tl.sum(dzhat * zhat, axis=1) / CZ
+    c2 = tl.sum(dzhat, axis=1) / CZ
+    dz = (dzhat - zhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    tl.store(DZ + rows[:, None] * CZ + cz[None, :], _cast(dz, DZ.dtype.element_ty, INTERP), mask=z_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch configuration
+# ----------------------------------------------------------------------------------------------
+def _configs(block_m, inner, inner_name, warps=(4, 8)):
+    return [
+        triton.Config({"BLOCK_M": bm, inner_name: bi}, num_warps=nw, num_stages=2)
+        for bm in block_m for bi in inner for nw in warps
+    ]
+
+
+def _prune_inner(inner_name: str, width_arg: str):
+    """Drop configs whose inner tile is wider than the (padded) width it tiles."""
+    def prune(configs, nargs, **kwargs):
+        width = max(16, next_power_of_2(nargs[width_arg]))
+        kept = [c for c in configs if c.kwargs[inner_name] <= width]
+        return kept or configs[:1]
+    return prune
+
+
+_GPU_BLOCK_M = (64, 128)
+_KEY = ["CZ", "CH", "M_BUCKET"]
+
+_proj_fwd_tuned = triton.autotune(
+    _configs(_GPU_BLOCK_M, (32, 64), "BLOCK_H"), key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_H", "CH")},
+)(_trimul_proj_fwd_kernel)
+_out_fwd_tuned = triton.autotune(
+    _configs(_GPU_BLOCK_M, (32, 64), "BLOCK_N"), key=_KEY,
+    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_N", "CZ")},
+)(_trimul_out_fwd_kernel)
+_out_bwd_tuned = triton.autotune(
+    _configs((32, 64), (32, 64), "BLOCK_N"), key=_KEY, reset_to_zero=["PART"],
+    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_N", "CZ")},
+)(_trimul_out_bwd_kernel)
+_proj_bwd_tuned = triton.autotune(
+    _configs((32, 64), (32, 64), "BLOCK_H"), key=_KEY, reset_to_zero=["PART"],
+    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_H", "CH")},
+)(_trimul_proj_bwd_kernel)
+
+_MIN_BWD_BLOCK_M = 32  # smallest BLOCK_M of the backward configs: sizes the partial-sum buffers
+_INTERP_BLOCK_M = 32  # interpreter: one fixed config, few programs
+
+
+def _launch(kernel, tuned, M: int, args, meta):
+    """Run `kernel` over cdiv(M, BLOCK_M) programs: autotuned on a GPU, `meta` in the interpreter."""
+    if is_interpreter():
+        kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](*args, **meta)
+    else:
+        tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **{k: v for k, v in meta.items()
+                                                                  if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
+
+
+def _m_bucket(M: int) -> int:
+    return min(next_power_of_2(M), 1 << 24)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Function
+# ----------------------------------------------------------------------------------------------
+class _TriMulFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, mask, outgoing, eps, *weights):
+        w = TriMulWeights(*weights)
+        dev = z.device.type
+        ac = autocast_dtype(dev)
+        cdt = ac if ac is not None else z.dtype
+        xdt = torch.float32 if ac == torch.float16 else cdt  # contraction dtype (OpenFold's fp16 rule)
+        out_dtype = ac if ac is not None else z.dtype
+        N, CZ = z.shape[-2], z.shape[-1]
+        CH = w.a_p_w.shape[0]
+        batch = z.shape[:-3]
+        Bt = math.prod(batch)
+        M, NN = Bt * N * N, N * N
+        with torch.autocast(dev, enabled=False):
+            z2 = z.reshape(M, CZ).contiguous()
+            m2 = None if mask is None else mask.expand(z.shape[:-1]).reshape(M).to(torch.float32).contiguous()
+            w_in = torch.cat([w.a_p_w, w.a_g_w, w.b_p_w, w.b_g_w]).to(cdt).contiguous()
+            b_in = torch.cat([w.a_p_b, w.a_g_b, w.b_p_b, w.b_g_b]).to(torch.float32).contiguous()
+            wz = w.z_w.to(cdt).contiguous()
+            wg = w.g_w.to(cdt).contiguous()
+            bz = w.z_b.to(torch.float32).contiguous()
+            bg = w.g_b.to(torch.float32).contiguous()
+            a = torch.empty((Bt, CH, N, N), device=z.device, dtype=xdt)
+            b = torch.empty_like(a)
+            bcz = max(16, next_power_of_2(CZ))
+            bch = max(16, next_power_of_2(CH))
+            prec = dot_precision(cdt)
+            interp = is_interpreter()
+            _launch(
+                _trimul_proj_fwd_kernel, _proj_fwd_tuned, M,
+                (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, a, b,
+                 M, NN, CZ, CH, eps, _m_bucket(M)),
+                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
+                     BLOCK_H=min(32, bch)),
+            )
+            x = _contract(a, b, outgoing)
+            out = torch.empty((M, CZ), device=z.device, dtype=out_dtype)
+            _launch(
+                _trimul_out_fwd_kernel, _out_fwd_tuned, M,
+                (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg, out,
+                 M, NN, CZ, CH, eps, _m_bucket(M)),
+                dict(DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
+                     BLOCK_N=min(32, bcz)),
+            )
+        ctx.save_for_backward(z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights)
+        ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, (Bt, N, CZ, CH))
+        return out.view(*batch, N, N, CZ)
+
+    @staticmethod
+    def backward(ctx, dout):
+        z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights = ctx.saved_tensors
+        w = TriMulWeights(*weights)
+        outgoing, eps, cdt, z_dtype, z_shape, (Bt, N, CZ, CH) = ctx.meta
+        M, NN = Bt * N * N, N * N
+        dev = z2.device
+        bcz = max(16, next_power_of_2(CZ))
+        bch = max(16, next_power_of_2(CH))
+        prec = dot_precision(cdt)
+        interp = is_interpreter()
+        with torch.autocast(dev.type, enabled=False):
+            dout2 = dout.reshape(M, CZ).contiguous()
+            dx = torch.empty_like(x)
+            dy = torch.empty((M, CZ), device=dev, dtype=cdt)
+            xn = torch.empty((M, CH), device=dev, dtype=cdt)
+            dp = torch.empty((M, 4 * CH + CZ), device=dev, dtype=cdt)
+            n_prog = triton.cdiv(M, _INTERP_BLOCK_M if is_interpreter() else _MIN_BWD_BLOCK_M)
+            part_out = torch.zeros((n_prog, 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
+            _launch(
+                _trimul_out_bwd_kernel, _out_bwd_tuned, M,
+                (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg,
+                 dx, dy, xn, dp, part_out, M, NN, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(M)),
+                dict(DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
+                     BLOCK_N=min(32, bcz)),
+            )
+            da, db = _contract_backward(dx, a, b, outgoing)
+            del x, dx
+            zn = torch.empty((M, CZ), device=dev, dtype=cdt)
+            dz = torch.empty((M, CZ), device=dev, dtype=z_dtype)
+            part_in = torch.zeros((n_prog, 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
+            _launch(
+                _trimul_proj_bwd_kernel, _proj_bwd_tuned, M,
+                (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, wg, da, db, dp,
+                 zn, dz, part_in, M, NN, CZ, CH, 4 * CH + CZ, eps, _m_bucket(M)),
+                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
+                     BLOCK_H=min(32, bch)),
+            )
+            del da, db
+            dw_all = torch.mm(dp.t(), zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
+            dwz = torch.mm(dy.t(), xn)  # [CZ, CH]
+            s_out = part_out.sum(0)
+            s_in = part_in.sum(0)
+        dws = dw_all.split([CH, CH, CH, CH, CZ])
+        dbs = s_in[: 4 * CH].split([CH, CH, CH, CH])
+        grads = TriMulWeights(
+            ln_in_w=s_in[4 * CH: 4 * CH + CZ], ln_in_b=s_in[4 * CH + CZ:],
+            a_p_w=dws[0], a_p_b=dbs[0], a_g_w=dws[1], a_g_b=dbs[1],
+            b_p_w=dws[2], b_p_b=dbs[2], b_g_w=dws[3], b_g_b=dbs[3],
+            ln_out_w=s_out[2 * CZ: 2 * CZ + CH], ln_out_b=s_out[2 * CZ + CH:],
+            z_w=dwz, z_b=s_out[:CZ], g_w=dws[4], g_b=s_out[CZ: 2 * CZ],
+        )
+        grads = [gr.to(p.dtype) for gr, p in zip(grads, weights)]
+        return (dz.view(z_shape), None, None, None, *grads)
+
+
+def _contract(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
+    """x [Bt, C, N, N] from channel-major a, b: a_c @ b_c^T (outgoing) or a_c^T @ b_c (incoming)."""
+    Bt, C, N, _ = a.shape
+    a3, b3 = a.view(Bt * C, N, N), b.view(Bt * C, N, N)
+    x = torch.bmm(a3, b3.transpose(1, 2)) if outgoing else torch.bmm(a3.transpose(1, 2), b3)
+    return x.view(Bt, C, N, N)
+
+
+def _contract_backward(dx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, outgoing: bool):
+    """(da, db) for _contract."""
+    Bt, C, N, _ = a.shape
+    a3, b3, dx3 = a.view(Bt * C, N, N), b.view(Bt * C, N, N), dx.view(Bt * C, N, N)
+    if outgoing:  # x = a b^T
+        da = torch.bmm(dx3, b3)
+        db = torch.bmm(dx3.transpose(1, 2), a3)
+    else:  # x = a^T b
+        da = torch.bmm(b3, dx3.transpose(1, 2))
+        db = torch.bmm(a3, dx3)
+    return da.view(Bt, C, N, N), db.view(Bt, C, N, N)
+
+
+def triangle_multiplication(
+    z: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    w: TriMulWeights,
+    outgoing: bool,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """Fused triangle multiplicative update: z ``[*, N, N, C_z]``, mask ``[*, N, N]`` (None:
+    all ones) -> ``[*, N, N, C_z]``.  Same maths and dtypes as
+    ``triangle_multiplication_reference``; see the module docstring for the design and the
+    precision contract.  Gradients flow to z and to all 16 weights (not to the mask).
+    """
+    if z.dim() < 3 or z.shape[-2] != z.shape[-3]:
+        raise ValueError(f"triangle_multiplication: z must be [*, N, N, C_z], got {tuple(z.shape)}")
+    if w.a_p_w.shape[1] != z.shape[-1] or w.z_w.shape != (z.shape[-1], w.a_p_w.shape[0]):
+        raise ValueError("triangle_multiplication: weight shapes do not match z's channel count")
+    check_launchable(z, mask)
+    return _TriMulFn.apply(z, mask, bool(outgoing), float(eps), *w)

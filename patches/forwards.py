@@ -1,0 +1,481 @@
+"""Replacement forwards for OpenFold's Evoformer, extra-MSA and template-pair modules.
+
+Each function here has the stock module's ``forward`` signature and is bound to one instance
+by :func:`fastfold_plugin.enable`. It reads the OpenFold module's own parameters (nothing is
+renamed, moved or copied) and routes the computation through the op table
+(``fastfold_plugin.kernels``): ``self._fastfold_patch.ops_for(x)`` returns the reference or the
+Triton ops for the tensor's device.
+
+The math and its order follow OpenFold 0.0.1 exactly, so that the reference ops reproduce stock
+results (and stock dropout masks: they are drawn from torch's RNG in OpenFold's order):
+
+- MSA row attention with pair bias, MSA column attention, triangle attention (starting and
+  ending node) and template pointwise attention all call ``ops.attention`` (gated, biased);
+- ``MSAColumnGlobalAttention`` calls ``ops.layer_norm_torch`` and ``ops.global_attention``;
+- the transitions call ``ops.transition``; the triangle updates ``ops.triangle_multiplication``;
+  the outer product mean ``ops.outer_product_mean`` (in fp32 under fp16 autocast, as OpenFold);
+- the blocks apply dropout and the residual add through ``ops.dropout_add``.
+
+Chunking (``chunk_size``) splits the batch-like leading dimension that OpenFold's own chunking
+would split, so peak memory stays bounded the same way; under OpenFold's in-place inference path
+(``inplace_safe``) residual adds happen in place.
+"""
+import math
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from openfold.model.evoformer import (
+    EvoformerBlock,
+    EvoformerBlockCore,
+    ExtraMSABlock,
+    MSATransition,
+)
+from openfold.model.msa import MSAAttention, MSAColumnAttention, MSAColumnGlobalAttention
+from openfold.model.outer_product_mean import OuterProductMean
+from openfold.model.pair_transition import PairTransition
+from openfold.model.primitives import Attention
+from openfold.model.template import TemplatePairStackBlock, TemplatePointwiseAttention
+from openfold.model.triangular_attention import TriangleAttention
+from openfold.model.triangular_multiplicative_update import TriangleMultiplicativeUpdate
+from openfold.utils.precision_utils import is_fp16_enabled
+from openfold.utils.tensor_utils import add, flatten_final_dims, permute_final_dims
+
+from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights
+
+
+class UnsupportedOption(ValueError):
+    """An OpenFold option that fastfold-plugin's forwards do not implement."""
+
+
+def _reject_offload(flag: bool) -> None:
+    if flag:
+        raise UnsupportedOption(
+            "fastfold-plugin does not implement OpenFold's offload_inference (CPU offloading "
+            "between sub-modules); set config.globals.offload_inference = False (and do not use "
+            "long_sequence_inference=True), or disable the plugin for this model."
+        )
+
+
+def _mask_bias(mask: torch.Tensor, inf: float) -> torch.Tensor:
+    """OpenFold's additive key mask: [*, Q, K] mask -> [*, Q, 1, 1, K] bias."""
+    return (inf * (mask - 1))[..., :, None, None, :]
+
+
+def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
+         mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """OpenFold's Attention (projections, gated biased attention, output projection).
+
+    q_x [*, Q, C_q], kv_x [*, K, C_k]; the biases broadcast to [*, H, Q, K].
+    """
+    h = mha.no_heads
+    q = mha.linear_q(q_x)
+    k = mha.linear_k(kv_x)
+    v = mha.linear_v(kv_x)
+    # [*, H, Q/K, C_hidden] views of the projections
+    q = q.view(q.shape[:-1] + (h, -1)).transpose(-2, -3)
+    k = k.view(k.shape[:-1] + (h, -1)).transpose(-2, -3)
+    v = v.view(v.shape[:-1] + (h, -1)).transpose(-2, -3)
+    q = q / math.sqrt(mha.c_hidden)
+    gate = None
+    if mha.linear_g is not None:
+        g = mha.linear_g(q_x)
+        gate = g.view(g.shape[:-1] + (h, -1))
+    # [*, Q, H, C_hidden]
+    o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate)
+    return mha.linear_o(flatten_final_dims(o, 2))
+
+
+def attention_forward(self: Attention, q_x, kv_x, biases=None, use_memory_efficient_kernel=False,
+                      use_lma=False, lma_q_chunk_size=None, lma_kv_chunk_size=None,
+                      use_flash=False, flash_mask=None):
+    """Attention.forward: up to two additive biases go to the op; more are summed first."""
+    if use_flash:
+        raise UnsupportedOption("use_flash cannot be combined with fastfold-plugin; unset "
+                                "config.globals.use_flash (the plugin's attention is flash-style).")
+    biases = list(biases or [])
+    if len(biases) > 2:
+        biases = biases[:1] + [sum(biases[1:])]
+    biases += [None] * (2 - len(biases))
+    return _mha(self, self._fastfold_patch.ops_for(q_x), q_x, kv_x, biases[0], biases[1])
+
+
+def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size):
+    n_seq, n_res = m.shape[-3:-1]
+    if mask is None:
+        mask = m.new_ones(m.shape[:-3] + (n_seq, n_res))
+    # [*, N_seq, 1, 1, N_res]
+    mask_bias = _mask_bias(mask, self.inf)
+    pair_bias = None
+    if self.pair_bias and z is not None:
+        z = ops.layer_norm(z, self.layer_norm_z.weight, self.layer_norm_z.bias, self.layer_norm_z.eps)
+        # [*, 1, H, N_res, N_res]
+        pair_bias = permute_final_dims(self.linear_z(z), (2, 0, 1)).unsqueeze(-4)
+    ln = self.layer_norm_m
+
+    def fn(m_chunk, bias_chunk, pair_bias):
+        m_chunk = ops.layer_norm(m_chunk, ln.weight, ln.bias, ln.eps)
+        return _mha(self.mha, ops, m_chunk, m_chunk, bias_chunk, pair_bias)
+
+    # rows of the MSA are independent: chunk along N_seq (dim -3 of m, -4 of the bias)
+    if chunk_size is None:
+        return fn(m, mask_bias, pair_bias)
+    outs = []
+    for s in range(0, n_seq, chunk_size):
+        e = min(s + chunk_size, n_seq)
+        outs.append(fn(m[..., s:e, :, :], mask_bias[..., s:e, :, :, :], pair_bias))
+    return torch.cat(outs, dim=-3)
+
+
+def msa_attention_forward(self: MSAAttention, m, z=None, mask=None, chunk_size=None,
+                          use_memory_efficient_kernel=False, use_lma=False, use_flash=False,
+                          inplace_safe=False, _chunk_logits=None, _checkpoint_chunks=None):
+    """MSAAttention.forward (row attention with pair bias, and the core of column attention).
+
+    `use_memory_efficient_kernel`, `use_lma` and `_chunk_logits` select memory-saving variants of
+    the same math in OpenFold; the plugin's attention op is itself memory-efficient (flash-style)
+    on the Triton backend, so they only change how OpenFold would have computed it.
+    """
+    if use_flash:
+        raise UnsupportedOption("use_flash cannot be combined with fastfold-plugin; unset "
+                                "config.globals.use_flash (the plugin's attention is flash-style).")
+    ops = self._fastfold_patch.ops_for(m)
+    if _chunk_logits is not None and chunk_size is None:
+        chunk_size = _chunk_logits
+    return _msa_attention(self, ops, m, z, mask, chunk_size)
+
+
+def msa_column_attention_forward(self: MSAColumnAttention, m, mask=None, chunk_size=None,
+                                 use_lma=False, use_flash=False):
+    """MSAColumnAttention.forward: row attention of the transposed MSA."""
+    if use_flash:
+        raise UnsupportedOption("use_flash cannot be combined with fastfold-plugin; unset "
+                                "config.globals.use_flash (the plugin's attention is flash-style).")
+    inner = self._msa_att
+    ops = self._fastfold_patch.ops_for(m)
+    m = m.transpose(-2, -3)
+    if mask is not None:
+        mask = mask.transpose(-1, -2)
+    m = _msa_attention(inner, ops, m, None, mask, chunk_size)
+    return m.transpose(-2, -3)
+
+
+def msa_column_global_attention_forward(self: MSAColumnGlobalAttention, m, mask=None,
+                                        chunk_size=None, use_lma=False):
+    """MSAColumnGlobalAttention.forward: torch LayerNorm contract, then global attention."""
+    ops = self._fastfold_patch.ops_for(m)
+    if mask is None:
+        mask = torch.ones(m.shape[:-1], dtype=m.dtype, device=m.device).detach()
+    # [*, N_res, N_seq, C_in]
+    m = m.transpose(-2, -3)
+    mask = mask.transpose(-1, -2)
+    ln, ga = self.layer_norm_m, self.global_attention
+
+    def fn(m_chunk, mask_chunk):
+        m_chunk = ops.layer_norm_torch(m_chunk, ln.weight, ln.bias, ln.eps)
+        return ops.global_attention(
+            m_chunk, mask_chunk, ga.linear_q.weight, ga.linear_k.weight, ga.linear_v.weight,
+            ga.linear_g.weight, ga.linear_g.bias, ga.linear_o.weight, ga.linear_o.bias,
+            ga.no_heads, ga.inf, ga.eps,
+        )
+
+    # columns are independent: chunk along N_res (dim -3 of m, -2 of the mask)
+    if chunk_size is None:
+        m = fn(m, mask)
+    else:
+        n = m.shape[-3]
+        m = torch.cat([fn(m[..., s:s + chunk_size, :, :], mask[..., s:s + chunk_size, :])
+                       for s in range(0, n, chunk_size)], dim=-3)
+    return m.transpose(-2, -3)
+
+
+def triangle_attention_forward(self: TriangleAttention, x, mask=None, chunk_size=None,
+                               use_memory_efficient_kernel=False, use_lma=False,
+                               inplace_safe=False):
+    """TriangleAttention.forward (starting node; ending node when `self.starting` is False)."""
+    ops = self._fastfold_patch.ops_for(x)
+    if mask is None:
+        mask = x.new_ones(x.shape[:-1])
+    if not self.starting:
+        x = x.transpose(-2, -3)
+        mask = mask.transpose(-1, -2)
+    x = ops.layer_norm(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
+    # [*, I, 1, 1, J]
+    mask_bias = _mask_bias(mask, self.inf)
+    # [*, 1, H, I, J]
+    triangle_bias = permute_final_dims(self.linear(x), (2, 0, 1)).unsqueeze(-4)
+
+    def fn(x_chunk, bias_chunk, triangle_bias):
+        return _mha(self.mha, ops, x_chunk, x_chunk, bias_chunk, triangle_bias)
+
+    if chunk_size is None:
+        x = fn(x, mask_bias, triangle_bias)
+    else:
+        n = x.shape[-3]
+        x = torch.cat([fn(x[..., s:s + chunk_size, :, :], mask_bias[..., s:s + chunk_size, :, :, :],
+                          triangle_bias) for s in range(0, n, chunk_size)], dim=-3)
+    if not self.starting:
+        x = x.transpose(-2, -3)
+    return x
+
+
+def template_pointwise_attention_forward(self: TemplatePointwiseAttention, t, z,
+                                         template_mask=None, chunk_size=256, use_lma=False):
+    """TemplatePointwiseAttention.forward: each pair entry attends over the templates."""
+    ops = self._fastfold_patch.ops_for(z)
+    if template_mask is None:
+        template_mask = t.new_ones(t.shape[:-3])
+    # [*, 1, 1, 1, 1, N_templ]
+    bias = self.inf * (template_mask[..., None, None, None, None, :] - 1)
+    # [*, N_res, N_res, 1, C_z]
+    z = z.unsqueeze(-2)
+    # [*, N_res, N_res, N_templ, C_t]
+    t = permute_final_dims(t, (1, 2, 0, 3))
+
+    def fn(z_chunk, t_chunk):
+        return _mha(self.mha, ops, z_chunk, t_chunk, bias, None)
+
+    if chunk_size is not None and not self.training:
+        n = z.shape[-4]
+        z = torch.cat([fn(z[..., s:s + chunk_size, :, :, :], t[..., s:s + chunk_size, :, :, :])
+                       for s in range(0, n, chunk_size)], dim=-4)
+    else:
+        z = fn(z, t)
+    return z.squeeze(-2)
+
+
+def _transition(self, ops, x, mask, chunk_size):
+    if mask is None:
+        mask = x.new_ones(x.shape[:-1])
+    mask = mask.unsqueeze(-1)
+    ln = self.layer_norm
+
+    def fn(x_chunk, mask_chunk):
+        return ops.transition(x_chunk, mask_chunk, ln.weight, ln.bias, self.linear_1.weight,
+                              self.linear_1.bias, self.linear_2.weight, self.linear_2.bias, ln.eps)
+
+    if chunk_size is None:
+        return fn(x, mask)
+    n = x.shape[-3]
+    return torch.cat([fn(x[..., s:s + chunk_size, :, :], mask[..., s:s + chunk_size, :, :])
+                      for s in range(0, n, chunk_size)], dim=-3)
+
+
+def msa_transition_forward(self: MSATransition, m, mask=None, chunk_size=None):
+    """MSATransition.forward."""
+    return _transition(self, self._fastfold_patch.ops_for(m), m, mask, chunk_size)
+
+
+def pair_transition_forward(self: PairTransition, z, mask=None, chunk_size=None):
+    """PairTransition.forward."""
+    return _transition(self, self._fastfold_patch.ops_for(z), z, mask, chunk_size)
+
+
+def tri_mul_weights(self: TriangleMultiplicativeUpdate) -> TriMulWeights:
+    """The op's weight tuple, read from the OpenFold module at call time (never cached)."""
+    return TriMulWeights(
+        self.layer_norm_in.weight, self.layer_norm_in.bias,
+        self.linear_a_p.weight, self.linear_a_p.bias, self.linear_a_g.weight, self.linear_a_g.bias,
+        self.linear_b_p.weight, self.linear_b_p.bias, self.linear_b_g.weight, self.linear_b_g.bias,
+        self.layer_norm_out.weight, self.layer_norm_out.bias,
+        self.linear_z.weight, self.linear_z.bias, self.linear_g.weight, self.linear_g.bias,
+    )
+
+
+def triangle_multiplication_forward(self: TriangleMultiplicativeUpdate, z, mask=None,
+                                    inplace_safe=False, _add_with_inplace=False,
+                                    _inplace_chunk_size=256):
+    """TriangleMultiplicativeUpdate.forward (outgoing or incoming, from `self._outgoing`).
+
+    Under OpenFold's in-place inference path with `_add_with_inplace`, z is overwritten with
+    z + update and returned, as OpenFold's `_inference_forward` does.
+    """
+    ops = self._fastfold_patch.ops_for(z)
+    if mask is None:
+        mask = z.new_ones(z.shape[:-1])
+    x = ops.triangle_multiplication(z, mask, tri_mul_weights(self), self._outgoing,
+                                    self.layer_norm_in.eps)
+    if inplace_safe:
+        if _add_with_inplace:
+            z += x
+            return z
+        return x
+    return x
+
+
+def outer_product_mean_forward(self: OuterProductMean, m, mask=None, chunk_size=None,
+                               inplace_safe=False):
+    """OuterProductMean.forward: fp32 with autocast off under fp16 autocast, as OpenFold."""
+    ops = self._fastfold_patch.ops_for(m)
+    if mask is None:
+        mask = m.new_ones(m.shape[:-1])
+
+    def fn(m):
+        ln = self.layer_norm
+        return ops.outer_product_mean(
+            m, mask, ln.weight, ln.bias, self.linear_1.weight, self.linear_1.bias,
+            self.linear_2.weight, self.linear_2.bias, self.linear_out.weight, self.linear_out.bias,
+            self.eps, ln.eps,
+        )
+
+    if is_fp16_enabled():
+        with torch.autocast(device_type=m.device.type, enabled=False):
+            return fn(m.float())
+    return fn(m)
+
+
+def _dropout_residual(ops, drop: nn.Module, residual: torch.Tensor, update: torch.Tensor,
+                      inplace_safe: bool) -> torch.Tensor:
+    """residual + drop(update), drawing OpenFold's shared dropout mask when training."""
+    if drop.training and drop.r > 0.0:
+        return ops.dropout_add(residual, update, drop.r, True, drop.batch_dim)
+    return add(residual, update, inplace_safe)
+
+
+def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_mask, pair_mask,
+                                 chunk_size=None, use_lma=False, inplace_safe=False,
+                                 _mask_trans=True, _attn_chunk_size=None,
+                                 _offload_inference=False):
+    """EvoformerBlockCore.forward: MSA transition, outer product mean, then the pair stack."""
+    _reject_offload(_offload_inference)
+    m, z = input_tensors
+    ops = self._fastfold_patch.ops_for(m)
+    msa_trans_mask = msa_mask if _mask_trans else None
+    pair_trans_mask = pair_mask if _mask_trans else None
+    if _attn_chunk_size is None:
+        _attn_chunk_size = chunk_size
+    drop = self.ps_dropout_row_layer
+
+    m = add(m, self.msa_transition(m, mask=msa_trans_mask, chunk_size=chunk_size), inplace_safe)
+    z = add(z, self.outer_product_mean(m, mask=msa_mask, chunk_size=chunk_size,
+                                       inplace_safe=inplace_safe), inplace_safe)
+    for tri_mul in (self.tri_mul_out, self.tri_mul_in):
+        if inplace_safe:
+            z = tri_mul(z, mask=pair_mask, inplace_safe=True, _add_with_inplace=True)
+        else:
+            z = _dropout_residual(ops, drop, z, tri_mul(z, mask=pair_mask), False)
+    z = _dropout_residual(ops, drop, z, self.tri_att_start(
+        z, mask=pair_mask, chunk_size=_attn_chunk_size, use_lma=use_lma,
+        inplace_safe=inplace_safe), inplace_safe)
+    z = z.transpose(-2, -3)
+    if inplace_safe:
+        z = z.contiguous()
+    z = _dropout_residual(ops, drop, z, self.tri_att_end(
+        z, mask=pair_mask.transpose(-1, -2), chunk_size=_attn_chunk_size, use_lma=use_lma,
+        inplace_safe=inplace_safe), inplace_safe)
+    z = z.transpose(-2, -3)
+    if inplace_safe:
+        z = z.contiguous()
+    z = add(z, self.pair_transition(z, mask=pair_trans_mask, chunk_size=chunk_size), inplace_safe)
+    return m, z
+
+
+def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chunk_size=None,
+                            use_lma=False, use_flash=False, inplace_safe=False, _mask_trans=True,
+                            _attn_chunk_size=None, _offload_inference=False,
+                            _offloadable_inputs=None):
+    """EvoformerBlock.forward: MSA row attention (dropout), column attention, then the core."""
+    _reject_offload(_offload_inference)
+    ops = self._fastfold_patch.ops_for(m)
+    if _attn_chunk_size is None:
+        _attn_chunk_size = chunk_size
+    m = _dropout_residual(ops, self.msa_dropout_layer, m, self.msa_att_row(
+        m, z=z, mask=msa_mask, chunk_size=_attn_chunk_size, use_lma=use_lma), inplace_safe)
+    m = add(m, self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma,
+                                use_flash=use_flash), inplace_safe)
+    return self.core([m, z], msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=chunk_size,
+                     use_lma=use_lma, inplace_safe=inplace_safe, _mask_trans=_mask_trans,
+                     _attn_chunk_size=_attn_chunk_size)
+
+
+def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chunk_size=None,
+                            use_lma=False, inplace_safe=False, _mask_trans=True,
+                            _attn_chunk_size=None, _offload_inference=False,
+                            _offloadable_inputs=None):
+    """ExtraMSABlock.forward, with OpenFold's activation checkpoint around column attention and
+    the core when `self.ckpt` is set and gradients are on."""
+    _reject_offload(_offload_inference)
+    ops = self._fastfold_patch.ops_for(m)
+    if _attn_chunk_size is None:
+        _attn_chunk_size = chunk_size
+    m = _dropout_residual(ops, self.msa_dropout_layer, m, self.msa_att_row(
+        m, z=z, mask=msa_mask, chunk_size=_attn_chunk_size, use_lma=use_lma), inplace_safe)
+
+    def fn(m, z):
+        m = add(m, self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma),
+                inplace_safe)
+        return self.core([m, z], msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=chunk_size,
+                         use_lma=use_lma, inplace_safe=inplace_safe, _mask_trans=_mask_trans,
+                         _attn_chunk_size=_attn_chunk_size)
+
+    if torch.is_grad_enabled() and self.ckpt:
+        from openfold.utils.checkpointing import get_checkpoint_fn
+        return get_checkpoint_fn()(fn, m, z)
+    return fn(m, z)
+
+
+def template_pair_stack_block_forward(self: TemplatePairStackBlock, z, mask, chunk_size=None,
+                                      use_lma=False, inplace_safe=False, _mask_trans=True,
+                                      _attn_chunk_size=None):
+    """TemplatePairStackBlock.forward: each template's pair stack, in OpenFold's order
+    (triangle attention first, then the triangle updates and the transition)."""
+    ops = self._fastfold_patch.ops_for(z)
+    if _attn_chunk_size is None:
+        _attn_chunk_size = chunk_size
+    outs = []
+    for i in range(z.shape[-4]):
+        single = z[..., i:i + 1, :, :, :]
+        single_mask = mask[..., i:i + 1, :, :]
+        single = _dropout_residual(ops, self.dropout_row, single, self.tri_att_start(
+            single, chunk_size=_attn_chunk_size, mask=single_mask, use_lma=use_lma,
+            inplace_safe=inplace_safe), inplace_safe)
+        single = _dropout_residual(ops, self.dropout_col, single, self.tri_att_end(
+            single, chunk_size=_attn_chunk_size, mask=single_mask, use_lma=use_lma,
+            inplace_safe=inplace_safe), inplace_safe)
+        for tri_mul in (self.tri_mul_out, self.tri_mul_in):
+            if inplace_safe:
+                single = tri_mul(single, mask=single_mask, inplace_safe=True,
+                                 _add_with_inplace=True)
+            else:
+                single = _dropout_residual(ops, self.dropout_row, single,
+                                           tri_mul(single, mask=single_mask), False)
+        single = add(single, self.pair_transition(
+            single, mask=single_mask if _mask_trans else None, chunk_size=chunk_size),
+            inplace_safe)
+        outs.append(single)
+    if inplace_safe:
+        for i, single in enumerate(outs):
+            if single.data_ptr() != z[..., i:i + 1, :, :, :].data_ptr():
+                z[..., i:i + 1, :, :, :] = single
+        return z
+    return torch.cat(outs, dim=-4)
+
+
+# OpenFold class -> replacement forward. Subclasses (MSARowAttentionWithPairBias,
+# TriangleMultiplicationOutgoing/Incoming, TriangleAttentionEndingNode) resolve through the MRO.
+FORWARDS: Dict[type, Callable] = {
+    Attention: attention_forward,
+    MSAAttention: msa_attention_forward,
+    MSAColumnAttention: msa_column_attention_forward,
+    MSAColumnGlobalAttention: msa_column_global_attention_forward,
+    TriangleAttention: triangle_attention_forward,
+    TemplatePointwiseAttention: template_pointwise_attention_forward,
+    MSATransition: msa_transition_forward,
+    PairTransition: pair_transition_forward,
+    TriangleMultiplicativeUpdate: triangle_multiplication_forward,
+    OuterProductMean: outer_product_mean_forward,
+    EvoformerBlockCore: evoformer_block_core_forward,
+    EvoformerBlock: evoformer_block_forward,
+    ExtraMSABlock: extra_msa_block_forward,
+    TemplatePairStackBlock: template_pair_stack_block_forward,
+}
+
+
+def replacement_for(module: nn.Module, table: Optional[Dict[type, Callable]] = None):
+    """The replacement forward for `module`'s class (through its MRO), or None."""
+    table = FORWARDS if table is None else table
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None

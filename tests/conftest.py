@@ -1,0 +1,25 @@
+"""Fixtures shared by the whole suite."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FASTFOLD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data beside the checkout: OpenFold's real sample inputs."""
+    if not (SHARED_DATA / "openfold_samples").is_dir():
+        raise FileNotFoundError(
+            f"{SHARED_DATA}/openfold_samples not found: the model tests read OpenFold's sample "
+            f"features from ../shared/data (or set FASTFOLD_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield

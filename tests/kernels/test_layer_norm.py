@@ -1,0 +1,190 @@
+"""layer_norm / layer_norm_torch: Triton op vs reference, and reference vs OpenFold's modules."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastfold_plugin.kernels.layer_norm import (
+    layer_norm,
+    layer_norm_reference,
+    layer_norm_torch,
+    layer_norm_torch_reference,
+)
+from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
+
+OPS = {
+    "openfold": (layer_norm, layer_norm_reference),
+    "torch": (layer_norm_torch, layer_norm_torch_reference),
+}
+
+# fp32: op vs reference, elementwise rtol (atol scaled by the tensor's size).
+# bf16/fp16: op's error vs an fp64 truth <= factor x the reference's own error in that dtype.
+# The CPU interpreter truncates fp32 -> bf16 on store (a GPU rounds to nearest), which doubles
+# the op's bf16 rounding error: hence 3 for bf16 here and 2 in the GPU tests.
+DTYPES = [
+    pytest.param(torch.float32, 2e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 3.0, id="bf16"),
+    pytest.param(torch.float16, 2.0, id="fp16"),
+]
+SHAPES = [(37, 64), (2, 3, 5, 24), (1, 1, 128), (3, 1, 7, 256)]
+
+
+def _autocast(device_type: str, on: bool):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def _inputs(shape, dtype, device, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    c = shape[-1]
+    x = (torch.randn(shape, generator=gen) * 2.0 + 0.5).to(device=device, dtype=dtype)
+    w = (1.0 + 0.1 * torch.randn(c, generator=gen)).to(device)
+    b = (0.1 * torch.randn(c, generator=gen)).to(device)
+    return [t.requires_grad_() for t in (x, w, b)]
+
+
+def _run(fn, args, g=None):
+    """Output and the grads of all args for upstream grad g (drawn if None)."""
+    out = fn(*args)
+    if g is None:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, args, g)
+    return out, grads, g
+
+
+def _truth(contract, x, w, b, eps, g):
+    """fp64 LayerNorm with the parameter rounding of the contract (bf16 x, OpenFold: bf16 params)."""
+    if contract == "openfold" and x.dtype == torch.bfloat16:
+        w_t, b_t = w.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16)
+    else:
+        w_t, b_t = w.detach(), b.detach()
+    args = [t.double().requires_grad_() for t in (x.detach(), w_t, b_t)]
+    fn = lambda x_, w_, b_: F.layer_norm(x_, (x_.shape[-1],), w_, b_, eps)  # noqa: E731
+    return _run(fn, args, g.double())
+
+
+def _compare(actual, expected, truth, dtype, tol, name):
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    if dtype == torch.float32:  # fp32 arithmetic on both sides
+        scale = expected.detach().abs().max().item()
+        assert_close(actual, expected, rtol=2e-5, atol=2e-5 * scale, name=name)
+        return
+    e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
+    assert e_op <= tol * e_ref + 1e-6, (
+        f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}")
+
+
+def check_layer_norm(contract, shape, dtype, tol, autocast, device, eps=1e-5):
+    op, ref = OPS[contract]
+    args = _inputs(shape, dtype, device)
+    with _autocast(device, autocast):
+        out, grads, g = _run(lambda *a: op(*a, eps), args)
+        out_ref, grads_ref, _ = _run(lambda *a: ref(*a, eps), args, g)
+    out_t, grads_t, _ = _truth(contract, *args, eps, g)
+    _compare(out, out_ref, out_t, dtype, tol, "out")
+    for name, a, e, t in zip(("dx", "dweight", "dbias"), grads, grads_ref, grads_t):
+        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
+        _compare(a, e, t, dtype, tol, name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("contract", ["openfold", "torch"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_layer_norm_matches_reference(shape, dtype, tol, contract, autocast):
+    check_layer_norm(contract, shape, dtype, tol, autocast, "cpu")
+
+
+@pytest.mark.parametrize("contract", ["openfold", "torch"])
+def test_output_dtype_contract(contract):
+    """bf16/fp16/fp32 in, with and without autocast: the op returns the reference's dtype."""
+    op, ref = OPS[contract]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, w, b = _inputs((3, 16), dtype, "cpu")
+        for ac in (False, True):
+            with _autocast("cpu", ac):
+                assert op(x, w, b).dtype == ref(x, w, b).dtype, (dtype, ac)
+    with _autocast("cpu", True):
+        x, w, b = _inputs((3, 16), torch.bfloat16, "cpu")
+        assert layer_norm(x, w, b).dtype == torch.bfloat16
+        assert layer_norm_torch(x, w, b).dtype == torch.float32
+
+
+def test_non_contiguous_input_and_grad():
+    x, w, b = _inputs((5, 6, 32), torch.float32, "cpu")
+    xt = x.transpose(0, 1)  # rows not in memory order
+    out, grads, g = _run(lambda *a: layer_norm(*a), [xt, w, b])
+    out_r, grads_r, _ = _run(lambda *a: layer_norm_reference(*a), [xt, w, b], g.transpose(0, 1).contiguous().transpose(0, 1))
+    assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, grads_r):
+        assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_input():
+    x, w, b = _inputs((0, 3, 16), torch.float32, "cpu")
+    out = layer_norm(x, w, b)
+    assert out.shape == x.shape
+    gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b), allow_unused=True)
+    assert gx.shape == x.shape and float(gw.abs().sum()) == 0.0 and float(gb.abs().sum()) == 0.0
+
+
+# ---- the references against OpenFold's own modules (exact) ----------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_reference_matches_openfold_layer_norm(dtype):
+    from openfold.model.primitives import LayerNorm
+
+    mod = randomize_parameters_(LayerNorm(48, eps=1e-5), seed=3)
+    x = (torch.randn(2, 7, 48) * 3 + 1).to(dtype).requires_grad_()
+    g = torch.randn(2, 7, 48).to(dtype)
+    out_mod = mod(x)
+    grads_mod = torch.autograd.grad(out_mod, (x, mod.weight, mod.bias), g)
+    out_ref = layer_norm_reference(x, mod.weight, mod.bias, mod.eps)
+    grads_ref = torch.autograd.grad(out_ref, (x, mod.weight, mod.bias), g)
+    assert out_ref.dtype == out_mod.dtype and torch.equal(out_ref, out_mod)
+    for a, e in zip(grads_ref, grads_mod):
+        assert torch.equal(a, e)
+
+
+def test_reference_matches_torch_layer_norm():
+    mod = randomize_parameters_(torch.nn.LayerNorm(40, eps=1e-5), seed=4)
+    x = (torch.randn(3, 5, 40) * 2).requires_grad_()
+    g = torch.randn(3, 5, 40)
+    out_mod = mod(x)
+    grads_mod = torch.autograd.grad(out_mod, (x, mod.weight, mod.bias), g)
+    out_ref = layer_norm_torch_reference(x, mod.weight, mod.bias, mod.eps)
+    grads_ref = torch.autograd.grad(out_ref, (x, mod.weight, mod.bias), g)
+    assert torch.equal(out_ref, out_mod)
+    for a, e in zip(grads_ref, grads_mod):
+        assert torch.equal(a, e)
+
+
+# ---- GPU: real sizes, CUDA autocast ------------------------------------------------------------
+GPU_DTYPES = [
+    pytest.param(torch.float32, 2e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2.0, id="bf16"),
+    pytest.param(torch.float16, 2.0, id="fp16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("contract", ["openfold", "torch"])
+@pytest.mark.parametrize("dtype,tol", GPU_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 128, 256, 256), (1, 256, 256, 128), (1, 1024, 37, 64), (7, 129)], ids=str)
+def test_layer_norm_gpu(shape, dtype, tol, contract, autocast):
+    check_layer_norm(contract, shape, dtype, tol, autocast, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_reference_matches_openfold_under_cuda_autocast(dtype):
+    from openfold.model.primitives import LayerNorm
+
+    mod = randomize_parameters_(LayerNorm(64), seed=5).cuda()
+    tmod = randomize_parameters_(torch.nn.LayerNorm(64), seed=6).cuda()
+    x = torch.randn(4, 33, 64, device="cuda").to(dtype)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_mod, out_ref = mod(x), layer_norm_reference(x, mod.weight, mod.bias, mod.eps)
+        tout_mod, tout_ref = tmod(x), layer_norm_torch_reference(x, tmod.weight, tmod.bias, tmod.eps)
+    assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref)
+    assert tout_mod.dtype == tout_ref.dtype and torch.equal(tout_mod, tout_ref)

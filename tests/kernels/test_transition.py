@@ -1,0 +1,201 @@
+"""transition: Triton op vs reference (forward, every gradient), reference vs OpenFold's modules."""
+import contextlib
+
+import pytest
+import torch
+
+from fastfold_plugin.kernels.transition import transition, transition_reference
+from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
+
+GRAD_NAMES = ("dx", "dln_w", "dln_b", "dw1", "db1", "dw2", "db2")
+
+# (x dtype, parameter dtype, autocast dtype or None, tolerance). fp32: op vs reference rtol.
+# Otherwise the op's error against an fp64 truth must stay within `tol` x the reference's own
+# error in that precision (the CPU interpreter truncates on bf16 stores: 3 for bf16 on CPU).
+PRECISIONS = [
+    pytest.param(torch.float32, torch.float32, None, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, torch.bfloat16, None, 3.0, id="bf16"),
+    pytest.param(torch.float16, torch.float16, None, 2.0, id="fp16"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, 3.0, id="fp32-autocast-bf16"),
+    pytest.param(torch.bfloat16, torch.float32, torch.bfloat16, 3.0, id="bf16-autocast-bf16"),
+    pytest.param(torch.float32, torch.float32, torch.float16, 2.0, id="fp32-autocast-fp16"),
+]
+# (x shape [*, C], expansion n): awkward row counts, N_res 1, C not a power of two
+SHAPES = [((3, 37, 16), 4), ((2, 1, 5, 24), 4), ((1, 7, 3, 64), 2)]
+
+
+def _autocast(device, dtype):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device, dtype=dtype)
+
+
+def make_inputs(shape, n, x_dtype, p_dtype, device, mask_dtype=torch.float32, seed=0, relu_margin=False):
+    """x, mask and the six weights. relu_margin: linear_1's pre-activations stay 0.5 away from 0
+    (|b1| >= 0.5, small w1), so that no rounding can flip a ReLU. On a few hundred rows one
+    flipped ReLU moves a bf16 gradient by percents, which would make the op-vs-reference error
+    ratio a coin toss; the fp32 tests and the GPU tests (many rows) use unconstrained weights."""
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+
+    def r(*s, scale=1.0, shift=0.0):
+        return torch.randn(*s, generator=gen) * scale + shift
+
+    x = r(*shape, scale=2.0, shift=0.3).to(device=device, dtype=x_dtype)
+    mask = (torch.rand(*shape[:-1], 1, generator=gen) > 0.25).to(device=device, dtype=mask_dtype)
+    params = [r(c, scale=0.1, shift=1.0), r(c, scale=0.1),
+              r(n * c, c, scale=c ** -0.5), r(n * c, scale=0.1),
+              r(c, n * c, scale=(n * c) ** -0.5), r(c, scale=0.1)]
+    if relu_margin:
+        params[2] = params[2] * 0.1
+        params[3] = torch.sign(params[3]) * (0.5 + params[3].abs())
+    params = [p.to(device=device, dtype=p_dtype) for p in params]
+    return [x.requires_grad_(), mask] + [p.requires_grad_() for p in params]
+
+
+def run(fn, args, g=None):
+    """Output and the gradients of x and the six weights (upstream grad g, drawn if None)."""
+    out = fn(*args)
+    if g is None:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    grads = torch.autograd.grad(out, [args[0]] + args[2:], g)
+    return out, grads, g
+
+
+def truth(args, g):
+    """fp64 reference, with the LayerNorm parameters rounded to bf16 for a bf16 x (OpenFold)."""
+    x = args[0]
+    d = [None if a is None else a.detach().double() for a in args]
+    if x.dtype == torch.bfloat16:
+        d[2], d[3] = (args[i].detach().to(torch.bfloat16).double() for i in (2, 3))
+    d = [d[0].requires_grad_(), d[1]] + [t.requires_grad_() for t in d[2:]]
+    return run(transition_reference, d, g.double())
+
+
+def check_transition(shape, n, x_dtype, p_dtype, ac_dtype, tol, device, args=None):
+    if args is None:
+        low = x_dtype != torch.float32 or ac_dtype is not None
+        args = make_inputs(shape, n, x_dtype, p_dtype, device, relu_margin=low and device == "cpu")
+    with _autocast(device, ac_dtype):
+        out, grads, g = run(transition, args)
+        out_ref, grads_ref, _ = run(transition_reference, args, g)
+    assert out.dtype == out_ref.dtype and out.shape == out_ref.shape
+    for name, a, e in zip(GRAD_NAMES, grads, grads_ref):
+        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
+    if x_dtype == torch.float32 and ac_dtype is None:
+        assert_close(out, out_ref, rtol=tol, atol=tol * out_ref.abs().max().item(), name="out")
+        for name, a, e in zip(GRAD_NAMES, grads, grads_ref):
+            assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), max_rel=tol, name=name)
+        return
+    out_t, grads_t, _ = truth(args, g)
+    for name, a, e, t in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref, (out_t,) + grads_t):
+        e_op, e_ref = rel_err(a, t), rel_err(e, t)
+        assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype,ac_dtype,tol", PRECISIONS)
+@pytest.mark.parametrize("shape,n", SHAPES, ids=str)
+def test_transition_matches_reference(shape, n, x_dtype, p_dtype, ac_dtype, tol):
+    check_transition(shape, n, x_dtype, p_dtype, ac_dtype, tol, "cpu")
+
+
+@pytest.mark.parametrize("mask_kind", ["x-dtype", "bool", "none"])
+def test_mask_dtypes_and_default(mask_kind):
+    """The mask decides the output dtype (stock multiplies after linear_2); None means ones."""
+    args = make_inputs((4, 6, 16), 4, torch.float32, torch.float32, "cpu", relu_margin=True)
+    if mask_kind == "none":
+        args[1] = None
+    elif mask_kind == "bool":
+        args[1] = args[1].bool()
+    else:
+        args[1] = args[1].to(torch.bfloat16)
+    check_transition(None, None, torch.float32, None, torch.bfloat16, 3.0, "cpu", args=args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = transition(*args).dtype
+    assert dtype == (torch.float32 if mask_kind == "none" else torch.bfloat16)
+
+
+def test_mask_broadcast_over_rows():
+    """A mask [*, 1] shared along a leading dim (e.g. [1, N_res, 1] for [N_seq, N_res, C])."""
+    args = make_inputs((3, 5, 16), 2, torch.float32, torch.float32, "cpu")
+    args[1] = (torch.rand(1, 5, 1) > 0.5).float()
+    out, grads, g = run(transition, args)
+    out_ref, grads_ref, _ = run(transition_reference, args, g)
+    for a, e in zip((out,) + grads, (out_ref,) + grads_ref):
+        assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+
+
+def test_non_contiguous_x_and_no_weight_grads():
+    args = make_inputs((6, 4, 16), 4, torch.float32, torch.float32, "cpu")
+    x = args[0].detach().transpose(0, 1).requires_grad_()  # [4, 6, 16], non-contiguous
+    args[0], args[1] = x, args[1].transpose(0, 1)
+    w = [a.detach() for a in args[2:]]
+    out = transition(x, args[1], *w)
+    out_ref = transition_reference(x, args[1], *w)
+    assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(out_ref, x, g)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_empty_rows():
+    args = make_inputs((0, 3, 16), 4, torch.float32, torch.float32, "cpu")
+    out = transition(*args)
+    assert out.shape == (0, 3, 16)
+    grads = torch.autograd.grad(out.sum(), [args[0]] + args[2:])
+    assert grads[0].shape == args[0].shape and all(float(d.abs().sum()) == 0 for d in grads[1:])
+
+
+# ---- the reference against OpenFold's modules (exact in fp32) ---------------------------------
+@pytest.mark.parametrize("kind", ["msa", "pair"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_matches_openfold_transition(kind, dtype):
+    from openfold.model.evoformer import MSATransition
+    from openfold.model.pair_transition import PairTransition
+
+    c, n = (24, 4) if kind == "msa" else (16, 4)
+    mod = (MSATransition if kind == "msa" else PairTransition)(c, n)
+    mod = randomize_parameters_(mod, seed=7).to(dtype)
+    x = (torch.randn(2, 5, 7, c) * 2).to(dtype).requires_grad_()
+    mask = (torch.rand(2, 5, 7) > 0.3).to(dtype)
+    g = torch.randn(2, 5, 7, c).to(dtype)
+    weights = [mod.layer_norm.weight, mod.layer_norm.bias, mod.linear_1.weight, mod.linear_1.bias,
+               mod.linear_2.weight, mod.linear_2.bias]
+    out_mod = mod(x, mask)
+    out_ref = transition_reference(x, mask.unsqueeze(-1), *weights, eps=mod.layer_norm.eps)
+    assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref)
+    grads_mod = torch.autograd.grad(out_mod, [x] + weights, g)
+    grads_ref = torch.autograd.grad(out_ref, [x] + weights, g)
+    for name, a, e in zip(GRAD_NAMES, grads_ref, grads_mod):
+        assert torch.equal(a, e), name
+
+
+# ---- GPU: AF2 sizes ---------------------------------------------------------------------------
+GPU_PRECISIONS = [
+    pytest.param(torch.float32, torch.float32, None, 1e-4, id="fp32"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, 2.0, id="fp32-autocast-bf16"),
+    pytest.param(torch.bfloat16, torch.float32, torch.bfloat16, 2.0, id="bf16-autocast-bf16"),
+    pytest.param(torch.float32, torch.float32, torch.float16, 2.0, id="fp32-autocast-fp16"),
+    pytest.param(torch.bfloat16, torch.bfloat16, None, 2.0, id="bf16"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,p_dtype,ac_dtype,tol", GPU_PRECISIONS)
+@pytest.mark.parametrize("shape,n", [((1, 128, 256, 256), 4), ((1, 256, 256, 128), 4),
+                                     ((1, 37, 129, 256), 4), ((2, 1, 37, 128), 4)], ids=str)
+def test_transition_gpu(shape, n, x_dtype, p_dtype, ac_dtype, tol):
+    check_transition(shape, n, x_dtype, p_dtype, ac_dtype, tol, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_matches_openfold_under_cuda_autocast(dtype):
+    from openfold.model.pair_transition import PairTransition
+
+    mod = randomize_parameters_(PairTransition(128, 4), seed=8).cuda()
+    x = torch.randn(1, 64, 64, 128, device="cuda").to(dtype)
+    mask = (torch.rand(1, 64, 64, device="cuda") > 0.2).float()
+    w = [mod.layer_norm.weight, mod.layer_norm.bias, mod.linear_1.weight, mod.linear_1.bias,
+         mod.linear_2.weight, mod.linear_2.bias]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_mod = mod(x, mask)
+        out_ref = transition_reference(x, mask.unsqueeze(-1), *w)
+    assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref)
