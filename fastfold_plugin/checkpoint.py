@@ -34,14 +34,14 @@ _NPZ_PREFIX = "alphafold/alphafold_iteration/"
 # Prefixes that training wrappers put in front of every key: DDP / DeepSpeed (`module.`), the
 # Lightning wrapper of train_openfold.py (`model.`), torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
-# Key fragments of the newer OpenFold layout (the multimer-era refactor; OpenFold's own
+# Key patterns of the newer OpenFold layout (the multimer-era refactor; OpenFold's own
 # `convert_deprecated_v1_keys` maps 0.0.1 names onto them).
 _NEWER_OPENFOLD_MARKERS = (
-    ("template_embedder.", "template modules grouped under template_embedder.*"),
-    ("template_single_embedder", "template_angle_embedder renamed template_single_embedder"),
-    (".pair_stack.", "Evoformer pair updates moved from core.* to pair_stack.*"),
-    ("linear_q_points.linear.", "IPA point projections as linear_q_points.linear.*"),
-    ("linear_kv_points.linear.", "IPA point projections as linear_kv_points.linear.*"),
+    (r"^template_embedder\.", "template modules grouped under template_embedder.*"),
+    (r"template_single_embedder", "template_angle_embedder renamed template_single_embedder"),
+    (r"\.pair_stack\.tri_", "Evoformer pair updates moved from core.* to pair_stack.*"),
+    (r"blocks\.\d+\.(msa_transition|outer_product_mean)\.", "block sub-modules out of core.*"),
+    (r"\.linear_(q|kv)_points\.linear\.", "IPA point projections as linear_*_points.linear.*"),
 )
 _SHOW = 5
 
@@ -216,7 +216,7 @@ def _match_keys(sd: Dict[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
     if missing or unexpected:
-        hints = _diagnose(missing, unexpected, set(sd), expected, preset)
+        hints = _diagnose(unexpected, set(sd), expected, preset)
         raise CheckpointError(
             f"{path} does not fit the {preset} model"
             + (f" (after removing the key prefix '{stripped}')" if stripped else "") + ":\n"
@@ -248,13 +248,11 @@ def _key_lines(missing: List[str], unexpected: List[str], in_file: str = "checkp
     return "\n".join(lines)
 
 
-def _diagnose(missing: List[str], unexpected: List[str], got: set, expected: set,
-              preset: str) -> List[str]:
+def _diagnose(unexpected: List[str], got: set, expected: set, preset: str) -> List[str]:
     """Reasons a key set differs from the model's, as far as the names show them."""
     hints = []
-    newer = [why for marker, why in _NEWER_OPENFOLD_MARKERS if any(marker in k for k in unexpected)]
-    if any(re.search(r"blocks\.\d+\.(msa_transition|outer_product_mean)\.", k) for k in unexpected):
-        newer.append("block sub-modules no longer under core.*")
+    newer = [why for pattern, why in _NEWER_OPENFOLD_MARKERS
+             if any(re.search(pattern, _strip(k)) for k in unexpected)]
     if newer:
         hints.append("This looks like a checkpoint from a newer OpenFold (" + "; ".join(newer)
                      + "). fastfold-plugin runs OpenFold 0.0.1, whose parameter names differ: "
@@ -264,20 +262,19 @@ def _diagnose(missing: List[str], unexpected: List[str], got: set, expected: set
         if 0 < n < len(got):
             hints.append(f"{n} of {len(got)} keys start with '{prefix}' (a training wrapper's "
                          f"prefix) and the others do not: a mix of two layouts?")
-    if missing and all(k.startswith("template") for k in missing) and not any(
-            k.startswith("template") for k in got):
+    # what the checkpoint has, whatever prefixes its keys carry
+    has = lambda keys, start: any(_strip(k).startswith(start) for k in keys)  # noqa: E731
+    if has(expected, "template") and not has(got, "template"):
         hints.append(f"The checkpoint has no template weights: it comes from a preset without "
                      f"templates (model_3, model_4, model_5 and their _ptm versions), not "
                      f"{preset}. Pass the matching --model-preset.")
-    if unexpected and all(k.startswith("template") for k in unexpected):
+    if has(got, "template") and not has(expected, "template"):
         hints.append(f"The checkpoint has template weights that {preset} lacks: it comes from a "
                      f"preset with templates (model_1, model_2 or their _ptm versions).")
-    tm_missing = any(k.startswith("aux_heads.tm.") for k in missing)
-    tm_extra = any(k.startswith("aux_heads.tm.") for k in unexpected)
-    if tm_missing and not tm_extra:
+    if has(expected, "aux_heads.tm.") and not has(got, "aux_heads.tm."):
         hints.append(f"The checkpoint has no pTM head (aux_heads.tm): it comes from a preset "
                      f"without _ptm; {preset} expects one.")
-    if tm_extra and not tm_missing:
+    if has(got, "aux_heads.tm.") and not has(expected, "aux_heads.tm."):
         hints.append(f"The checkpoint has a pTM head (aux_heads.tm): pass a _ptm --model-preset "
                      f"instead of {preset}.")
     for stack in ("evoformer", "extra_msa_stack", "template_pair_stack"):
@@ -288,9 +285,18 @@ def _diagnose(missing: List[str], unexpected: List[str], got: set, expected: set
     return hints
 
 
+def _strip(key: str) -> str:
+    """`key` without the wrapper prefixes it starts with."""
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            return key
+        key = key[len(prefix):]
+
+
 def _num_blocks(keys: Iterable[str], stack: str) -> int:
     pattern = re.compile(rf"^{stack}\.blocks\.(\d+)\.")
-    idx = [int(m.group(1)) for m in map(pattern.match, keys) if m]
+    idx = [int(m.group(1)) for m in (pattern.match(_strip(k)) for k in keys) if m]
     return max(idx) + 1 if idx else 0
 
 
@@ -321,7 +327,7 @@ def _load_npz_(model: torch.nn.Module, path: Path, preset: str) -> str:
         import_weights.generate_translation_dict(model, preset))
     missing = sorted(set(flat) - keys)
     unexpected = sorted(keys - set(flat))
-    hint = _npz_hints(missing, unexpected, path, preset)
+    hint = _npz_hints(missing, unexpected, keys, path, preset)
     if missing or (unexpected and hint):
         raise CheckpointError(
             f"{path} does not fit the {preset} model:\n"
@@ -354,7 +360,8 @@ def _load_npz_(model: torch.nn.Module, path: Path, preset: str) -> str:
     return f"AlphaFold parameters (.npz) for {preset}{note}"
 
 
-def _npz_hints(missing: List[str], unexpected: List[str], path: Path, preset: str) -> List[str]:
+def _npz_hints(missing: List[str], unexpected: List[str], keys: set, path: Path,
+               preset: str) -> List[str]:
     hints = []
     guess = re.match(r"^params_(model_\d(_ptm)?|model_\d_multimer(_v\d)?)\.npz$", path.name)
     if guess and guess.group(1) != preset:
@@ -363,7 +370,7 @@ def _npz_hints(missing: List[str], unexpected: List[str], path: Path, preset: st
         hints.append("These are AlphaFold-Multimer parameters; OpenFold 0.0.1's monomer model "
                      "cannot use them.")
     templ = f"{_NPZ_PREFIX}evoformer/template_"
-    if missing and all(k.startswith(templ) for k in missing):
+    if any(k.startswith(templ) for k in missing) and not any(k.startswith(templ) for k in keys):
         hints.append(f"The file has no template weights: it comes from a preset without "
                      f"templates (model_3, model_4, model_5), not {preset}.")
     if unexpected and any(k.startswith(templ) for k in unexpected):

@@ -124,3 +124,17 @@ def load_sample_batch(path: str, n_res: int = 16, n_msa: int = 8, n_extra: int =
         batch[k] = t
     batch = data_transforms.atom37_to_torsion_angles("template_")(batch)
     return {k: v.permute(*range(1, v.dim()), 0) if v.dim() > 0 else v for k, v in batch.items()}
+
+
+def grad_errors(grads: dict, ref_grads: dict, floor_frac: float = 1e-3) -> dict:
+    """Relative error of every gradient: ||g - ref|| / max(||ref||, floor).
+
+    The floor (`floor_frac` of the largest reference gradient norm) covers parameters whose exact
+    gradient is zero by symmetry, e.g. the bias of the LayerNorm before a pair-bias projection
+    (it adds a constant to every logit of a softmax row): their computed gradient is rounding
+    noise on both sides, and a plain relative error of noise against noise means nothing.
+    """
+    norms = {k: torch.linalg.vector_norm(v.double()).item() for k, v in ref_grads.items()}
+    floor = floor_frac * max(norms.values())
+    return {k: torch.linalg.vector_norm((grads[k] - ref_grads[k]).double()).item()
+            / max(norms[k], floor) for k in ref_grads}

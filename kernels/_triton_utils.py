@@ -7,6 +7,8 @@ import os
 from typing import Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 # torch dtype -> the fp32-or-narrower dtype a kernel accumulates in / the string used by tl.dot
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -115,3 +117,20 @@ def collapse_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]):
             del sizes[j]
         j -= 1
     return sizes, out
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even as the GPU does.
+
+    Triton's CPU interpreter (pass ``INTERP=is_interpreter()``) truncates fp32 -> bf16; there
+    the value is rounded in fp32 by bit arithmetic first, after which the cast is exact. On the
+    GPU (INTERP False) this is a plain cast.
+    """
+    if INTERP:
+        if dtype == tl.bfloat16:
+            if x.dtype == tl.float32:
+                b = x.to(tl.uint32, bitcast=True)
+                b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+                x = b.to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -28,7 +28,7 @@ ungated output when a gate is given. Backward (FlashAttention-2 order):
 
 1. ``_attention_bwd_preprocess_kernel``: gate gradient, gated dO, delta = rowsum(dO * O).
 2. ``_attention_bwd_dkdv_kernel``: one program per (batch, head, key block) loops over query
-   blocks, recomputing P = exp(S - lse) blockwise; dK and dV stay in registers.
+   blocks, recomputing P = exp(S - max) / sum blockwise; dK and dV stay in registers.
 3. ``_attention_bwd_dq_kernel``: one program per (batch, head, query block) loops over key
    blocks.
 4. ``_attention_bwd_dbias_kernel``: the bias gradient is dS summed over the dims the bias is
@@ -70,6 +70,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    cast_rne,
     check_launchable,
     collapse_dims,
     dot_precision,
@@ -125,6 +126,27 @@ def attention_reference(
 # Triton helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _mm(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b, fp32 result. INTERP (Triton's CPU interpreter, whose bf16 dot is wrong): bf16
+    operands are upcast first, which is exact and gives the tensor-core dot's products."""
+    if INTERP:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """acc + a @ b (see ``_mm``)."""
+    if INTERP:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _load_rows(ptr, offs_r, offs_c, s_r, s_c, C: tl.constexpr, CP: tl.constexpr):
     """[R, CP] tile; channels >= C read as 0."""
     p = ptr + offs_r[:, None] * s_r + offs_c[None, :] * s_c
@@ -166,9 +188,9 @@ def _bias(ptr, offs_m, offs_n, s_m, s_n, Q_BCAST: tl.constexpr, TRANS: tl.conste
 @triton.jit
 def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
             HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
-            PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+            PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
     """((q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N]; keys >= NK at -inf."""
-    s = tl.dot(q, kT, input_precision=DOT_PREC)
+    s = _mm(q, kT, DOT_PREC, INTERP)
     if HAS_MB:
         s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, False)
     if HAS_PB:
@@ -182,9 +204,9 @@ def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
 @triton.jit
 def _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
               HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
-              PB_QB: tl.constexpr, DOT_PREC: tl.constexpr):
+              PB_QB: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
     """The transpose of ``_logits``: [N, M] (no key mask: callers own the keys)."""
-    s = tl.dot(k, qT, input_precision=DOT_PREC)
+    s = _mm(k, qT, DOT_PREC, INTERP)
     if HAS_MB:
         s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, True)
     if HAS_PB:
@@ -200,7 +222,7 @@ def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_
                          skn, skc, svn, svc, smm, smn, spm, spn, NK,
                          C: tl.constexpr, CP: tl.constexpr,
                          HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
-                         PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                         PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
                          BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK_N:
@@ -209,19 +231,19 @@ def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_
         offs_nc = offs_n
     kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
     s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
-                HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC)
+                HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC, INTERP)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_rows(V, offs_nc, offs_c, svn, svc, C, CP)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    acc = _mma(cast_rne(p, v.dtype, INTERP), v, acc * alpha[:, None], DOT_PREC, INTERP)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, MB, PB, G, OUT, O, LSE,
+    Q, K, V, MB, PB, G, OUT, O, STATS,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -229,10 +251,10 @@ def _attention_fwd_kernel(
     sp0, sp1, sph, spm, spn,
     sg0, sg1, sgh, sgm, sgc,
     so0, so1, soh, som, soc,
-    Z1, H, NQ, NK, Q_BUCKET, K_BUCKET,
+    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
-    HAS_GATE: tl.constexpr, STORE_O: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_GATE: tl.constexpr, STORE_O: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -263,24 +285,28 @@ def _attention_fwd_kernel(
         acc, m_i, l_i = _attention_fwd_block(
             acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_n,
             skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, BLOCK_N)
+            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP, BLOCK_N)
     if n_full < NK:
         acc, m_i, l_i = _attention_fwd_block(
             acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, n_full,
             skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, BLOCK_N)
+            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP, BLOCK_N)
 
     o = acc / l_i[:, None]
     m_ok = offs_m < NQ
-    tl.store(LSE + zh.to(tl.int64) * NQ + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    # the row max and 1/sum, not their log-sum-exp: with OpenFold's -1e9 mask a fully masked
+    # row has |m| ~ 1.4e9, where m + log2(l) would round back to m
+    st = STATS + zh.to(tl.int64) * NQ + offs_m
+    tl.store(st, m_i, mask=m_ok)
+    tl.store(st + STAT_STRIDE, 1.0 / l_i, mask=m_ok)
     io = z0 * so0 + z1 * so1 + h * soh + offs_m[:, None] * som + offs_c[None, :] * soc
     st_mask = m_ok[:, None] & (offs_c[None, :] < C)
     if HAS_GATE:
         if STORE_O:
-            tl.store(O + io, o.to(O.dtype.element_ty), mask=st_mask)
+            tl.store(O + io, cast_rne(o, O.dtype.element_ty, INTERP), mask=st_mask)
         g = _load_rows(G + z0 * sg0 + z1 * sg1 + h * sgh, offs_mc, offs_c, sgm, sgc, C, CP)
         o = o * tl.sigmoid(g.to(tl.float32))
-    tl.store(OUT + io, o.to(OUT.dtype.element_ty), mask=st_mask)
+    tl.store(OUT + io, cast_rne(o, OUT.dtype.element_ty, INTERP), mask=st_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +321,8 @@ def _attention_bwd_preprocess_kernel(
     sp0, sp1, sph, spm, spc,
     sx0, sx1, sxh, sxm, sxc,
     Z1, H, NQ,
-    C: tl.constexpr, CP: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    C: tl.constexpr, CP: tl.constexpr, HAS_GATE: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Gate gradient, gated dO (stored in q's dtype) and delta = rowsum(dO * O) [fp32]."""
     pid = tl.program_id(0)
@@ -320,19 +347,19 @@ def _attention_bwd_preprocess_kernel(
                                mask=mask, other=0.0).to(tl.float32))
         dg = dout * o * g * (1.0 - g)
         tl.store(DG + z0 * sx0 + z1 * sx1 + h * sxh + row * sxm + col * sxc,
-                 dg.to(DG.dtype.element_ty), mask=mask)
-        do = (dout * g).to(DO.dtype.element_ty)
+                 cast_rne(dg, DG.dtype.element_ty, INTERP), mask=mask)
+        do = cast_rne(dout * g, DO.dtype.element_ty, INTERP)
         tl.store(DO + z0 * sp0 + z1 * sp1 + h * sph + row * spm + col * spc, do, mask=mask)
         dout = do.to(tl.float32)
     else:
-        dout = dout.to(DO.dtype.element_ty).to(tl.float32)
+        dout = cast_rne(dout, DO.dtype.element_ty, INTERP).to(tl.float32)
     delta = tl.sum(dout * o, 1)
     tl.store(DELTA + zh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, MB, PB, DO, LSE, DELTA, DK, DV,
+    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -341,10 +368,10 @@ def _attention_bwd_dkdv_kernel(
     sd0, sd1, sdh, sdm, sdc,
     sdk0, sdk1, sdkh, sdkn, sdkc,
     sdv0, sdv1, sdvh, sdvn, sdvc,
-    Z1, H, NQ, NK, Q_BUCKET, K_BUCKET,
+    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one (batch, head, key block); loops over query blocks (transposed tiles)."""
     pid = tl.program_id(0)
@@ -367,7 +394,7 @@ def _attention_bwd_dkdv_kernel(
         MB += z0 * sm0 + z1 * sm1 + h * smh
     if HAS_PB:
         PB += z0 * sp0 + z1 * sp1 + h * sph
-    LSE += zh.to(tl.int64) * NQ
+    STATS += zh.to(tl.int64) * NQ
     DELTA += zh.to(tl.int64) * NQ
 
     dk = tl.zeros([BLOCK_N, CP], tl.float32)
@@ -377,31 +404,32 @@ def _attention_bwd_dkdv_kernel(
         offs_mc = tl.minimum(offs_m, NQ - 1)
         qT = _load_rows_t(Q, offs_mc, offs_c, sqm, sqc, C, CP)
         sT = _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
-                       HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC)
-        lse = tl.load(LSE + offs_mc)
-        pT = tl.exp2(sT - lse[None, :])
+                       HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC, INTERP)
+        m = tl.load(STATS + offs_mc)
+        il = tl.load(STATS + STAT_STRIDE + offs_mc)
+        pT = tl.exp2(sT - m[None, :]) * il[None, :]
         pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)
         do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dv = _mma(cast_rne(pT, do.dtype, INTERP), do, dv, DOT_PREC, INTERP)
+        dpT = _mm(v, tl.trans(do), DOT_PREC, INTERP)
         delta = tl.load(DELTA + offs_mc)
         dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PREC)
+        dk = _mma(cast_rne(dsT, qT.dtype, INTERP), tl.trans(qT), dk, DOT_PREC, INTERP)
 
     st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
     tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
-             + offs_c[None, :] * sdkc, dk.to(DK.dtype.element_ty), mask=st_mask)
+             + offs_c[None, :] * sdkc, cast_rne(dk, DK.dtype.element_ty, INTERP), mask=st_mask)
     tl.store(DV + z0 * sdv0 + z1 * sdv1 + h * sdvh + offs_n[:, None] * sdvn
-             + offs_c[None, :] * sdvc, dv.to(DV.dtype.element_ty), mask=st_mask)
+             + offs_c[None, :] * sdvc, cast_rne(dv, DV.dtype.element_ty, INTERP), mask=st_mask)
 
 
 @triton.jit
-def _attention_bwd_dq_block(dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
+def _attention_bwd_dq_block(dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
                             skn, skc, svn, svc, smm, smn, spm, spn, NK,
                             C: tl.constexpr, CP: tl.constexpr,
                             HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
                             PB_QB: tl.constexpr, MASK_N: tl.constexpr,
-                            DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+                            DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK_N:
         offs_nc = tl.minimum(offs_n, NK - 1)
@@ -409,17 +437,17 @@ def _attention_bwd_dq_block(dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c
         offs_nc = offs_n
     kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
     s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
-                HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC)
-    p = tl.exp2(s - lse[:, None])
+                HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC, INTERP)
+    p = tl.exp2(s - m[:, None]) * il[:, None]
     vT = _load_rows_t(V, offs_nc, offs_c, svn, svc, C, CP)
-    dp = tl.dot(do, vT, input_precision=DOT_PREC)
+    dp = _mm(do, vT, DOT_PREC, INTERP)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PREC)
+    return _mma(cast_rne(ds, kT.dtype, INTERP), tl.trans(kT), dq, DOT_PREC, INTERP)
 
 
 @triton.jit
 def _attention_bwd_dq_kernel(
-    Q, K, V, MB, PB, DO, LSE, DELTA, DQ,
+    Q, K, V, MB, PB, DO, STATS, DELTA, DQ,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -427,10 +455,10 @@ def _attention_bwd_dq_kernel(
     sp0, sp1, sph, spm, spn,
     sd0, sd1, sdh, sdm, sdc,
     sdq0, sdq1, sdqh, sdqm, sdqc,
-    Z1, H, NQ, NK, Q_BUCKET, K_BUCKET,
+    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ for one (batch, head, query block); loops over key blocks."""
     pid = tl.program_id(0)
@@ -447,7 +475,8 @@ def _attention_bwd_dq_kernel(
     offs_c = tl.arange(0, CP)
     q = _load_rows(Q + z0 * sq0 + z1 * sq1 + h * sqh, offs_mc, offs_c, sqm, sqc, C, CP)
     do = _load_rows(DO + z0 * sd0 + z1 * sd1 + h * sdh, offs_mc, offs_c, sdm, sdc, C, CP)
-    lse = tl.load(LSE + zh.to(tl.int64) * NQ + offs_mc)
+    m = tl.load(STATS + zh.to(tl.int64) * NQ + offs_mc)
+    il = tl.load(STATS + STAT_STRIDE + zh.to(tl.int64) * NQ + offs_mc)
     delta = tl.load(DELTA + zh.to(tl.int64) * NQ + offs_mc)
     K += z0 * sk0 + z1 * sk1 + h * skh
     V += z0 * sv0 + z1 * sv1 + h * svh
@@ -460,23 +489,23 @@ def _attention_bwd_dq_kernel(
     n_full = (NK // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _attention_bwd_dq_block(
-            dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
+            dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
             skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, BLOCK_N)
+            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP, BLOCK_N)
     if n_full < NK:
         dq = _attention_bwd_dq_block(
-            dq, q, do, lse, delta, K, V, MB, PB, offs_mc, offs_c, n_full,
+            dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs_c, n_full,
             skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, BLOCK_N)
+            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP, BLOCK_N)
 
     st_mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < C)
     tl.store(DQ + z0 * sdq0 + z1 * sdq1 + h * sdqh + offs_m[:, None] * sdqm
-             + offs_c[None, :] * sdqc, dq.to(DQ.dtype.element_ty), mask=st_mask)
+             + offs_c[None, :] * sdqc, cast_rne(dq, DQ.dtype.element_ty, INTERP), mask=st_mask)
 
 
 @triton.jit
 def _attention_bwd_dbias_kernel(
-    Q, K, V, MB, PB, DO, LSE, DELTA, DB,
+    Q, K, V, MB, PB, DO, STATS, DELTA, DB,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -484,11 +513,11 @@ def _attention_bwd_dbias_kernel(
     sp0, sp1, sph, spm, spn,
     sd0, sd1, sdh, sdm, sdc,
     sbs, sb0, sb1, sbh, sbm, sbn,
-    Z0, Z1, H, NQ, NK, Q_BUCKET, K_BUCKET, R_PER,
+    Z0, Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, R_PER,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
     RED_Z0: tl.constexpr, RED_Z1: tl.constexpr, RED_H: tl.constexpr, RED_Q: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of a bias gradient: dS summed over the RED_* axes.
 
@@ -567,12 +596,13 @@ def _attention_bwd_dbias_kernel(
         s = _logits(q, kT, MB + z0 * sm0 + z1 * sm1 + h * smh,
                     PB + z0 * sp0 + z1 * sp1 + h * sph,
                     offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
-                    HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC)
-        lse = tl.load(LSE + zh * NQ + offs_mc)
-        p = tl.exp2(s - lse[:, None])
+                    HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP)
+        m = tl.load(STATS + zh * NQ + offs_mc)
+        il = tl.load(STATS + STAT_STRIDE + zh * NQ + offs_mc)
+        p = tl.exp2(s - m[:, None]) * il[:, None]
         do = _load_rows(DO + z0 * sd0 + z1 * sd1 + h * sdh, offs_mc, offs_c, sdm, sdc, C, CP)
         vT = _load_rows_t(V + z0 * sv0 + z1 * sv1 + h * svh, offs_nc, offs_c, svn, svc, C, CP)
-        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        dp = _mm(do, vT, DOT_PREC, INTERP)
         delta = tl.load(DELTA + zh * NQ + offs_mc)
         ds = p * (dp - delta[:, None])
         if RED_Q:
@@ -730,35 +760,35 @@ class _AttentionFunction(torch.autograd.Function):
         o = q.new_empty((*batch, NQ, H, C)) if (gate is not None and needs_grad) else out
         store_o = gate is not None and needs_grad
         Z = plan.Z0 * plan.Z1
-        lse = torch.empty((Z, H, NQ), device=q.device, dtype=torch.float32)
+        stats = torch.empty((2, Z, H, NQ), device=q.device, dtype=torch.float32)
         flags = _bias_flags(mask_bias, pair_bias)
         args = (
             q, k, v,
             mask_bias if mask_bias is not None else q,
             pair_bias if pair_bias is not None else q,
             gate if gate is not None else q,
-            out, o, lse,
+            out, o, stats,
             *_strides5(plan, "q", q, _QKV), *_strides5(plan, "k", k, _QKV),
             *_strides5(plan, "v", v, _QKV),
             *_bias_strides(plan, "mask_bias", mask_bias, (H, NQ, NK)),
             *_bias_strides(plan, "pair_bias", pair_bias, (H, NQ, NK)),
             *_strides5(plan, "gate", gate, _QHC), *_strides5(plan, "out", out, _QHC),
-            plan.Z1, H, NQ, NK, next_power_of_2(NQ), next_power_of_2(NK),
+            plan.Z1, H, NQ, NK, stats.stride(0), next_power_of_2(NQ), next_power_of_2(NK),
         )
         kwargs = dict(C=C, CP=CP, **flags, HAS_GATE=gate is not None, STORE_O=store_o,
-                      DOT_PREC=dot_precision(q.dtype))
+                      DOT_PREC=dot_precision(q.dtype), INTERP=is_interpreter())
         _launch(_attention_fwd_kernel, _fwd_tuned,
                 lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,), args, kwargs)
 
         ctx.plan = plan
         ctx.shape = (H, NQ, NK, C, CP)
         ctx.has = (mask_bias is not None, pair_bias is not None, gate is not None)
-        ctx.save_for_backward(q, k, v, mask_bias, pair_bias, gate, o, lse)
+        ctx.save_for_backward(q, k, v, mask_bias, pair_bias, gate, o, stats)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, mask_bias, pair_bias, gate, o, lse = ctx.saved_tensors
+        q, k, v, mask_bias, pair_bias, gate, o, stats = ctx.saved_tensors
         H, NQ, NK, C, CP = ctx.shape
         batch = q.shape[:-3]
         Z = ctx.plan.Z0 * ctx.plan.Z1
@@ -792,13 +822,14 @@ class _AttentionFunction(torch.autograd.Function):
             dout, o, gate if gate is not None else o, do,
             dgate if dgate is not None else o, delta,
             *dout_s, *o_s, *g_s, *do_s, *dg_s, plan.Z1, H, NQ,
-            C=C, CP=CP, HAS_GATE=gate is not None, BLOCK_M=block, num_warps=4)
+            C=C, CP=CP, HAS_GATE=gate is not None, INTERP=is_interpreter(), BLOCK_M=block,
+            num_warps=4)
 
         common = (
             q, k, v,
             mask_bias if mask_bias is not None else q,
             pair_bias if pair_bias is not None else q,
-            do, lse, delta,
+            do, stats, delta,
         )
         common_strides = (
             *_strides5(plan, "q", q, _QKV), *_strides5(plan, "k", k, _QKV),
@@ -807,7 +838,7 @@ class _AttentionFunction(torch.autograd.Function):
             *_bias_strides(plan, "pair_bias", pair_bias, (H, NQ, NK)),
             *do_s,
         )
-        kwargs = dict(C=C, CP=CP, **flags, DOT_PREC=prec)
+        kwargs = dict(C=C, CP=CP, **flags, DOT_PREC=prec, INTERP=is_interpreter())
         qb, kb = next_power_of_2(NQ), next_power_of_2(NK)
 
         dq = dk = dv = None
@@ -817,13 +848,13 @@ class _AttentionFunction(torch.autograd.Function):
                     lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
                     (*common, dk, dv, *common_strides,
                      *_contig_strides(plan, dk, _QKV), *_contig_strides(plan, dv, _QKV),
-                     plan.Z1, H, NQ, NK, qb, kb), kwargs)
+                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs)
         if need_q:
             dq = _grad_like(q)
             _launch(_attention_bwd_dq_kernel, _dq_tuned,
                     lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
                     (*common, dq, *common_strides, *_contig_strides(plan, dq, _QKV),
-                     plan.Z1, H, NQ, NK, qb, kb), kwargs)
+                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs)
         dmb = _bias_grad(plan, mask_bias, "mask_bias", common, common_strides, kwargs,
                          (H, NQ, NK)) if need_mb else None
         dpb = _bias_grad(plan, pair_bias, "pair_bias", common, common_strides, kwargs,
@@ -888,7 +919,8 @@ def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
         if f:
             sb[1 + i] = 0
     grid = (tiles * split,)
-    args = (*common, buf, *common_strides, *sb, plan.Z0, plan.Z1, H, NQ, NK,
+    stats = common[6]
+    args = (*common, buf, *common_strides, *sb, plan.Z0, plan.Z1, H, NQ, NK, stats.stride(0),
             next_power_of_2(NQ), next_power_of_2(NK), r_per)
     kw = dict(kwargs, **red)
     if is_interpreter():

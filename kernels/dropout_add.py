@@ -16,14 +16,20 @@ no other rounding. Backward: d_residual = d_out (cast to the residual's dtype);
 d_update = (d_out cast to the update's dtype) * keep, rounded to the update's dtype. The mask
 gets no gradient.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_launchable, is_interpreter, next_power_of_2
+from ._triton_utils import (
+    broadcast_strides,
+    check_launchable,
+    collapse_dims,
+    is_interpreter,
+    next_power_of_2,
+)
 
 BatchDim = Union[int, Sequence[int]]
 
@@ -33,7 +39,7 @@ BatchDim = Union[int, Sequence[int]]
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner):
-    """Offsets into the keep-mask of the [rows, cols] tile of the (coalesced) output.
+    """Offsets into the keep-mask of the [rows, cols] tile of the (collapsed) output.
 
     Output rows index an up-to-3-D grid [R0, R1, R2] of outer dims (keep strides k0, k1, k2);
     columns run along the innermost dim (keep stride k_inner, 0 when broadcast).
@@ -48,14 +54,15 @@ def _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner):
 @triton.jit
 def _dropout_add_fwd_kernel(
     RES, UPD, KEEP, OUT,
-    R, I, R1, R2, k0, k1, k2, k_inner,
+    n_rows, n_inner, R1, R2, k0, k1, k2, k_inner,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """OUT = RES + round_upd(UPD * KEEP) over a [BLOCK_R, BLOCK_I] tile of the [R, I] view."""
+    """OUT = RES + round_upd(UPD * KEEP) over a [BLOCK_R, BLOCK_I] tile of the [n_rows, n_inner]
+    view of the contiguous output."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ok = (rows < R)[:, None] & (cols < I)[None, :]
-    offs = rows[:, None] * I + cols[None, :]
+    ok = (rows < n_rows)[:, None] & (cols < n_inner)[None, :]
+    offs = rows[:, None] * n_inner + cols[None, :]
     keep = tl.load(KEEP + _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner), mask=ok, other=0.0)
     u = tl.load(UPD + offs, mask=ok, other=0.0)
     prod = (u.to(tl.float32) * keep.to(tl.float32)).to(u.dtype)  # in place in update's dtype
@@ -67,14 +74,14 @@ def _dropout_add_fwd_kernel(
 @triton.jit
 def _dropout_add_bwd_kernel(
     G, KEEP, DUPD,
-    R, I, R1, R2, k0, k1, k2, k_inner,
+    n_rows, n_inner, R1, R2, k0, k1, k2, k_inner,
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """DUPD = round_upd(round_upd(G) * KEEP)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    ok = (rows < R)[:, None] & (cols < I)[None, :]
-    offs = rows[:, None] * I + cols[None, :]
+    ok = (rows < n_rows)[:, None] & (cols < n_inner)[None, :]
+    offs = rows[:, None] * n_inner + cols[None, :]
     keep = tl.load(KEEP + _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner), mask=ok, other=0.0)
     g = tl.load(G + offs, mask=ok, other=0.0).to(DUPD.dtype.element_ty)
     d = g.to(tl.float32) * keep.to(tl.float32)
@@ -84,36 +91,23 @@ def _dropout_add_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launch geometry
 # ----------------------------------------------------------------------------------------------
-def _coalesce(shape: Sequence[int], strides: Sequence[int]) -> List[Tuple[int, int]]:
-    """(size, keep stride) per dim of a contiguous `shape`, merging dims the keep-mask walks
-    contiguously (or broadcasts over) together; size-1 dims dropped."""
-    dims: List[Tuple[int, int]] = []
-    for size, stride in zip(shape, strides):
-        if size == 1:
-            continue
-        if dims and dims[-1][1] == stride * size:
-            dims[-1] = (dims[-1][0] * size, stride)
-        else:
-            dims.append((size, stride))
-    return dims or [(1, 0)]
-
-
-def _geometry(shape: torch.Size, keep: torch.Tensor) -> Tuple[torch.Tensor, tuple, tuple, tuple]:
-    """(keep tensor to pass, grid, (BLOCK_R, BLOCK_I), scalars R, I, R1, R2, k0, k1, k2, k_inner)."""
-    dims = _coalesce(shape, keep.expand(shape).stride())
-    if len(dims) > 4:  # more than 3 alternating broadcast/non-broadcast outer groups: rare
+def _geometry(shape: torch.Size, keep: torch.Tensor):
+    """(keep tensor to pass, grid, (BLOCK_R, BLOCK_I), scalars n_rows, n_inner, R1, R2, k0, k1,
+    k2, k_inner) for the contiguous output of `shape` and the keep-mask broadcast to it."""
+    sizes, (strides,) = collapse_dims(shape, [broadcast_strides(keep, shape)])
+    if len(sizes) > 4:  # more than 3 alternating shared / not shared outer groups: rare
         keep = keep.expand(shape).contiguous()
-        dims = _coalesce(shape, keep.stride())
+        sizes, (strides,) = collapse_dims(shape, [keep.stride()])
+    dims = list(zip(sizes, strides, strict=True)) or [(1, 0)]
     outer = [(1, 0)] * (4 - len(dims)) + dims[:-1]
     (r0, k0), (r1, k1), (r2, k2) = outer
-    i_size, k_inner = dims[-1]
+    n_inner, k_inner = dims[-1]
     n_rows = r0 * r1 * r2
-    block_i = min(next_power_of_2(i_size), 1024)
+    block_i = min(next_power_of_2(n_inner), 1024)
     elems = 16384 if is_interpreter() else 2048
     block_r = max(1, min(elems // block_i, next_power_of_2(n_rows)))
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(i_size, block_i))
-    args = (n_rows, i_size, r1, r2, k0, k1, k2, k_inner)
-    return keep, grid, (block_r, block_i), args
+    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_inner, block_i))
+    return keep, grid, (block_r, block_i), (n_rows, n_inner, r1, r2, k0, k1, k2, k_inner)
 
 
 # ----------------------------------------------------------------------------------------------

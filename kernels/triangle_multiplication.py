@@ -169,6 +169,16 @@ def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _wide(x, I64: tl.constexpr):
+    """x as int64 when offsets may pass 2**31 (I64), else unchanged: 32-bit offset tiles hold
+    half the registers."""
+    if I64:
+        return x.to(tl.int64)
+    else:
+        return x
+
+
+@triton.jit
 def _ln_rows(x_ptr, rows, row_ok, cz, cz_ok, CZ, eps):
     """Load rows [BLOCK_M, BLOCK_CZ] of a row-major [M, CZ] tensor: (xhat, rstd) in fp32."""
     ok = row_ok[:, None] & cz_ok[None, :]
@@ -181,17 +191,29 @@ def _ln_rows(x_ptr, rows, row_ok, cz, cz_ok, CZ, eps):
 
 
 @triton.jit
+def _ln_planes(x_ptr, x_row, row_ok, ch_off, ch_ok, CH, eps):
+    """Load BLOCK_M pairs across the CH planes of a channel-major [Bt, CH, NN] tensor (x_row:
+    offset of channel 0 of each pair, ch_off: of each channel): (xhat, rstd) in fp32, normalised over the channels."""
+    ok = row_ok[:, None] & ch_ok[None, :]
+    x = tl.load(x_ptr + x_row[:, None] + ch_off[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / CH
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CH + eps)
+    return xc * rstd[:, None], rstd
+
+
+@triton.jit
 def _trimul_proj_fwd_kernel(
     Z, MASK, LN_W, LN_B, W_IN, B_IN, A_OUT, B_OUT,
     M, NN, CZ, CH, eps, M_BUCKET,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """a, b [Bt, CH, NN] for BLOCK_M rows of z [M, CZ] (M = Bt * NN).
 
     W_IN [4 CH, CZ] = [a_p; a_g; b_p; b_g] (cdt), B_IN [4 CH] fp32.
     """
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _wide(tl.program_id(0), I64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
@@ -204,7 +226,7 @@ def _trimul_proj_fwd_kernel(
     else:
         mk = tl.where(row_ok, 1.0, 0.0)
     bidx = rows // NN
-    out_row = bidx * CH * NN + (rows - bidx * NN)  # int64 offset of channel 0
+    out_row = bidx * CH * NN + (rows - bidx * NN)  # offset of channel 0
     hh = tl.arange(0, BLOCK_H)
     for h0 in range(0, CH, BLOCK_H):
         h = h0 + hh
@@ -220,7 +242,7 @@ def _trimul_proj_fwd_kernel(
             p = _dot(zn, wp, DOT_PREC, INTERP) + bp[None, :]
             g = _dot(zn, wg, DOT_PREC, INTERP) + bg[None, :]
             val = (mk[:, None] * tl.sigmoid(g)) * p
-            offs = out_row[:, None] + h[None, :].to(tl.int64) * NN
+            offs = out_row[:, None] + _wide(h, I64)[None, :] * NN
             if side == 0:
                 tl.store(A_OUT + offs, _cast(val, A_OUT.dtype.element_ty, INTERP), mask=o_ok)
             else:
@@ -231,11 +253,11 @@ def _trimul_proj_fwd_kernel(
 def _trimul_out_fwd_kernel(
     X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG, OUT,
     M, NN, CZ, CH, eps, M_BUCKET,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """OUT [M, CZ] = (LN_out(x) @ WZ^T + BZ) * sigmoid(LN_in(z) @ WG^T + BG), x [Bt, CH, NN]."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _wide(tl.program_id(0), I64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
@@ -244,14 +266,11 @@ def _trimul_out_fwd_kernel(
     # LayerNorm_out over the channel planes of x
     bidx = rows // NN
     x_row = bidx * CH * NN + (rows - bidx * NN)
-    x_ok = row_ok[:, None] & ch_ok[None, :]
-    x = tl.load(X + x_row[:, None] + ch[None, :].to(tl.int64) * NN, mask=x_ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / CH
-    xc = tl.where(x_ok, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CH + eps)
+    ch_off = _wide(ch, I64) * NN
+    xhat, _ = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
     ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
     ob = tl.load(LN_OUT_B + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    xn = _cast((xc * rstd[:, None] * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
+    xn = _cast((xhat * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
     # LayerNorm_in of z for the gate
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     iw = tl.load(LN_IN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
@@ -277,7 +296,7 @@ def _trimul_out_bwd_kernel(
     DOUT, X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG,
     DX, DY, XN, DP, PART,
     M, NN, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Backward of the output stage for BLOCK_M pairs.
@@ -288,7 +307,7 @@ def _trimul_out_bwd_kernel(
     PART[pid] = [sum dy | sum dg | sum d(xn) * xhat | sum d(xn)] (fp32).
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _wide(pid, I64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
@@ -297,12 +316,9 @@ def _trimul_out_bwd_kernel(
     bidx = rows // NN
     x_row = bidx * CH * NN + (rows - bidx * NN)
     x_ok = row_ok[:, None] & ch_ok[None, :]
-    x_offs = x_row[:, None] + ch[None, :].to(tl.int64) * NN
-    x = tl.load(X + x_offs, mask=x_ok, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / CH
-    xc = tl.where(x_ok, x - mean[:, None], 0.0)
-    rstd_x = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / CH + eps)
-    xhat = xc * rstd_x[:, None]
+    ch_off = _wide(ch, I64) * NN
+    x_offs = x_row[:, None] + ch_off[None, :]
+    xhat, _ = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
     ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
     ob = tl.load(LN_OUT_B + ch, mask=ch_ok, other=0.0).to(tl.float32)
     xn = _cast((xhat * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
@@ -335,6 +351,8 @@ def _trimul_out_bwd_kernel(
         tl.store(part + CZ + n, tl.sum(dg, axis=0), mask=n_ok)
         wz = tl.load(WZ + n[:, None] * CH + ch[None, :], mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
         dxn += _dot(dy_c, wz, DOT_PREC, INTERP)
+    # recompute xhat rather than keep it live through the loop (register pressure)
+    xhat, rstd_x = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
     tl.store(part + 2 * CZ + ch, tl.sum(dxn * xhat, axis=0), mask=ch_ok)
     tl.store(part + 2 * CZ + CH + ch, tl.sum(dxn, axis=0), mask=ch_ok)
     dxhat = dxn * ow[None, :]
@@ -348,7 +366,7 @@ def _trimul_out_bwd_kernel(
 def _trimul_proj_bwd_kernel(
     Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
     M, NN, CZ, CH, DP_STRIDE, eps, M_BUCKET,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward of LayerNorm_in + the five input projections for BLOCK_M rows.
@@ -359,12 +377,12 @@ def _trimul_proj_bwd_kernel(
     PART[pid] = [sum over rows of DP[:, :4 CH] | sum d(zn) * zhat | sum d(zn)] (fp32).
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = _wide(pid, I64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     z_ok = row_ok[:, None] & cz_ok[None, :]
-    zhat, rstd = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
+    zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
     lb = tl.load(LN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
     zn = _cast((zhat * lw[None, :] + lb[None, :]), W_IN.dtype.element_ty, INTERP)
@@ -384,7 +402,7 @@ def _trimul_proj_bwd_kernel(
         h_ok = h < CH
         w_ok = h_ok[:, None] & cz_ok[None, :]
         o_ok = row_ok[:, None] & h_ok[None, :]
-        g_offs = g_row[:, None] + h[None, :].to(tl.int64) * NN
+        g_offs = g_row[:, None] + _wide(h, I64)[None, :] * NN
         for side in tl.static_range(2):
             # natural tiles [BLOCK_H, BLOCK_CZ] of the projection and gate weights
             wp = tl.load(W_IN + ((2 * side) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
@@ -418,6 +436,8 @@ def _trimul_proj_bwd_kernel(
                       mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         wgo = tl.load(WG + n[:, None] * CZ + cz[None, :], mask=n_ok[:, None] & cz_ok[None, :], other=0.0)
         dzn += _dot(dgo, wgo, DOT_PREC, INTERP)
+    # recompute zhat rather than keep it live through the loops (register pressure)
+    zhat, rstd = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     tl.store(part + 4 * CH + cz, tl.sum(dzn * zhat, axis=0), mask=cz_ok)
     tl.store(part + 4 * CH + CZ + cz, tl.sum(dzn, axis=0), mask=cz_ok)
     dzhat = dzn * lw[None, :]
@@ -479,6 +499,11 @@ def _launch(kernel, tuned, M: int, args, meta):
                                                                   if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
 
 
+def _needs_i64(M: int, CZ: int, CH: int) -> bool:
+    """Whether an element offset may pass 2**31 (the widest buffer is dP, [M, 4 CH + CZ])."""
+    return M * (4 * CH + 2 * CZ) >= 2**31
+
+
 def _m_bucket(M: int) -> int:
     return min(next_power_of_2(M), 1 << 24)
 
@@ -515,11 +540,12 @@ class _TriMulFn(torch.autograd.Function):
             bch = max(16, next_power_of_2(CH))
             prec = dot_precision(cdt)
             interp = is_interpreter()
+            i64 = _needs_i64(M, CZ, CH)
             _launch(
                 _trimul_proj_fwd_kernel, _proj_fwd_tuned, M,
                 (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, a, b,
                  M, NN, CZ, CH, eps, _m_bucket(M)),
-                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
+                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
                      BLOCK_H=min(32, bch)),
             )
             x = _contract(a, b, outgoing)
@@ -528,7 +554,7 @@ class _TriMulFn(torch.autograd.Function):
                 _trimul_out_fwd_kernel, _out_fwd_tuned, M,
                 (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg, out,
                  M, NN, CZ, CH, eps, _m_bucket(M)),
-                dict(DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
+                dict(DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
                      BLOCK_N=min(32, bcz)),
             )
         ctx.save_for_backward(z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights)
@@ -546,6 +572,7 @@ class _TriMulFn(torch.autograd.Function):
         bch = max(16, next_power_of_2(CH))
         prec = dot_precision(cdt)
         interp = is_interpreter()
+        i64 = _needs_i64(M, CZ, CH)
         with torch.autocast(dev.type, enabled=False):
             dout2 = dout.reshape(M, CZ).contiguous()
             dx = torch.empty_like(x)
@@ -558,7 +585,7 @@ class _TriMulFn(torch.autograd.Function):
                 _trimul_out_bwd_kernel, _out_bwd_tuned, M,
                 (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg,
                  dx, dy, xn, dp, part_out, M, NN, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(M)),
-                dict(DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
+                dict(DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
                      BLOCK_N=min(32, bcz)),
             )
             da, db = _contract_backward(dx, a, b, outgoing)
@@ -570,7 +597,7 @@ class _TriMulFn(torch.autograd.Function):
                 _trimul_proj_bwd_kernel, _proj_bwd_tuned, M,
                 (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, wg, da, db, dp,
                  zn, dz, part_in, M, NN, CZ, CH, 4 * CH + CZ, eps, _m_bucket(M)),
-                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
+                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
                      BLOCK_H=min(32, bch)),
             )
             del da, db

@@ -73,6 +73,13 @@ class DAPContext:
         """The same groups with the async flag set to `async_comm`."""
         return DAPContext(self.group, async_comm, self.dp_group, self.mesh, self.timeout)
 
+    def __deepcopy__(self, memo) -> "DAPContext":
+        # process groups are shared, never copied: a copied model stays on the same groups
+        return self
+
+    def __copy__(self) -> "DAPContext":
+        return self
+
     def __repr__(self) -> str:
         return (f"DAPContext(size={self.size}, rank={self.rank}, async_comm={self.async_comm}, "
                 f"dp_size={self.dp_size}, dp_rank={self.dp_rank})")

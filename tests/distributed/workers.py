@@ -188,6 +188,463 @@ def primitives(args):
     result(ok=True, size=p)
 
 
+# ----------------------------------------------------------------------------------------------
+# Model helpers
+
+def bind_dap(module, ctx, ops=None):
+    """DAP forwards on `module`'s tree. Size > 1 without a custom op table: the real enable();
+    otherwise (DAP size 1, or a recording op table) bound directly, as enable() would."""
+    import types
+    from types import SimpleNamespace
+
+    import fastfold_plugin
+    from fastfold_plugin.kernels import get_ops
+    from fastfold_plugin.patches.dap import DAP_FORWARDS
+
+    if ctx.size > 1 and ops is None:
+        return fastfold_plugin.enable(module, backend="reference", dap=ctx)
+    ops = ops or get_ops("reference")
+    for m in module.modules():
+        for cls in type(m).__mro__:
+            if cls in DAP_FORWARDS:
+                m._fastfold_patch = SimpleNamespace(ops=ops, dap=ctx)
+                m.forward = types.MethodType(DAP_FORWARDS[cls], m)
+                break
+    return None
+
+
+def assert_dap_bound(module, ctx):
+    """The module runs the DAP forward with `ctx`'s group (a copied module keeps its patch)."""
+    from fastfold_plugin.patches.dap import DAP_FORWARDS
+
+    fn = getattr(module.forward, "__func__", None)
+    assert fn in DAP_FORWARDS.values(), f"{type(module).__name__} runs {fn}, not a DAP forward"
+    assert module._fastfold_patch.dap.group is ctx.group
+
+
+class RecordingOps:
+    """An op table that records the shape of each op's first argument."""
+
+    def __init__(self, ops):
+        self._ops, self.calls = ops, []
+
+    def __getattr__(self, name):
+        fn = getattr(self._ops, name)
+
+        def wrapped(*a, **kw):
+            self.calls.append((name, tuple(a[0].shape)))
+            return fn(*a, **kw)
+        return wrapped
+
+
+TOLS = {torch.float32: (2e-4, 2e-5, 1e-5), torch.float64: (1e-9, 1e-10, 1e-12)}
+
+
+def tol_check(name, got, exp, dtype=torch.float32, floor=0.0):
+    """Elementwise |got - exp| <= rtol * (|exp| + max|exp|) + floor, and the norm ratio.
+
+    `floor` is an absolute tolerance for entries that are mathematically zero (e.g. the gradient
+    of a bias that shifts a softmax row), whose values are rounding noise: callers pass the
+    dtype's noise level times the largest gradient of the module."""
+    rtol, max_rel, _ = TOLS[dtype]
+    scale = exp.detach().abs().max().item() if exp.numel() else 0.0
+    significant = scale > 100 * floor
+    assert_close(got, exp, rtol=rtol, atol=rtol * scale + floor + 1e-30,
+                 max_rel=max_rel if significant else None, name=name)
+
+
+def msa_inputs(n_seq, n_res, c_m, c_z, seed, dtype=torch.float32):
+    """Random m, z and masks with zeros, a fully masked MSA row and a fully masked residue."""
+    g = gen(seed)
+    m = torch.randn(n_seq, n_res, c_m, generator=g, dtype=dtype)
+    z = torch.randn(n_res, n_res, c_z, generator=g, dtype=dtype)
+    msa_mask = (torch.rand(n_seq, n_res, generator=g) > 0.2).to(dtype)
+    seq_mask = torch.ones(n_res, dtype=dtype)
+    if n_seq > 2:
+        msa_mask[1] = 0.0
+    if n_res > 3:
+        seq_mask[2] = 0.0
+        msa_mask[:, 2] = 0.0
+    pair_mask = seq_mask[:, None] * seq_mask[None, :]
+    return m, z, msa_mask, pair_mask
+
+
+def evoformer_stack(no_blocks=2, blocks_per_ckpt=None, dropout=(0.15, 0.25), seed=0):
+    from openfold.model.evoformer import EvoformerStack
+
+    from fastfold_plugin.testing import randomize_parameters_
+
+    stack = EvoformerStack(
+        c_m=16, c_z=8, c_hidden_msa_att=4, c_hidden_opm=4, c_hidden_mul=8, c_hidden_pair_att=4,
+        c_s=12, no_heads_msa=2, no_heads_pair=2, no_blocks=no_blocks, transition_n=2,
+        msa_dropout=dropout[0], pair_dropout=dropout[1], blocks_per_ckpt=blocks_per_ckpt,
+        inf=1e9, eps=1e-10)
+    return randomize_parameters_(stack, seed=seed, scale=1.0)
+
+
+def run_and_grads(module, call, inputs, out_weights, n_grad=2):
+    """outputs, {param name: grad}, [input grads] of sum_k <out_k, w_k> (the first `n_grad`
+    inputs require gradients)."""
+    module.zero_grad(set_to_none=True)
+    ins = [x.detach().clone().requires_grad_(x.is_floating_point() and i < n_grad)
+           for i, x in enumerate(inputs)]
+    outs = call(*ins)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o * w).sum() for o, w in zip(outs, out_weights))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    in_grads = [x.grad.detach().clone() for x in ins[:n_grad] if x.grad is not None]
+    return [o.detach() for o in outs], grads, in_grads, loss.detach()
+
+
+def compare_runs(tag, got, exp, exact=False, dtype=torch.float32):
+    outs_g, grads_g, in_g, loss_g = got
+    outs_e, grads_e, in_e, loss_e = exp
+    g_max = max([g.abs().max().item() for g in grads_e.values()] + [0.0])
+    floor = TOLS[dtype][2] * g_max
+
+    def check(n, a, b, fl=0.0):
+        if exact:
+            assert_close(a, b, rtol=0, atol=0, name=n)
+        else:
+            tol_check(n, a, b, dtype, fl)
+
+    check(f"{tag} loss", loss_g, loss_e)
+    for i, (a, b) in enumerate(zip(outs_g, outs_e)):
+        check(f"{tag} output {i}", a, b)
+    assert set(grads_g) == set(grads_e), (tag, set(grads_g) ^ set(grads_e))
+    nonzero = sum(bool(g.abs().sum() > 0) for g in grads_e.values())
+    assert nonzero >= len(grads_e) // 2, f"{tag}: only {nonzero}/{len(grads_e)} nonzero gradients"
+    for n in grads_e:
+        check(f"{tag} grad {n}", grads_g[n], grads_e[n], floor)
+    assert len(in_g) == len(in_e)
+    for i, (a, b) in enumerate(zip(in_g, in_e)):
+        check(f"{tag} input grad {i}", a, b)
+
+
+def assert_sharded_shapes(calls, p, n_seq_p, n_res_p, c_m, c_z):
+    """Every op saw a shard: attention queries are [rows/P, H, keys, c] and the transitions and
+    layer norms never see a whole padded MSA or pair tensor."""
+    full_m, full_z = n_seq_p * n_res_p * c_m, n_res_p * n_res_p * c_z
+    assert calls, "no op was called"
+    for name, shape in calls:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if name == "attention":
+            assert shape[-4] in (n_seq_p // p, n_res_p // p), (name, shape)
+        if name in ("transition", "layer_norm", "layer_norm_torch", "dropout_add"):
+            assert numel <= max(full_m, full_z) // p, (name, shape, full_m, full_z)
+
+
+def check_stack(ctx, stock, inputs, ws, call_stock, call_dap, n_grad, shape_check, tag):
+    """Stock `stock` (one process) vs its DAP copy: eval forward (no grad, in place), chunked eval,
+    training forward + every gradient in fp32 and fp64 with dropout, async == sync, and the shapes
+    every op saw. Returns the number of recorded op calls."""
+    import copy
+
+    from fastfold_plugin.kernels import get_ops
+
+    stock.eval()
+    dap = copy.deepcopy(stock)
+    bind_dap(dap, ctx)
+    assert_dap_bound(dap, ctx)
+    with torch.no_grad():
+        exp = call_stock(stock)(*[x.clone() for x in inputs])
+        exp = exp if isinstance(exp, tuple) else (exp,)
+        for chunk in (None, 2):
+            got = call_dap(dap, inplace=True, chunk_size=chunk)(*[x.clone() for x in inputs])
+            got = got if isinstance(got, tuple) else (got,)
+            for i, (a, b) in enumerate(zip(got, exp)):
+                tol_check(f"{tag} eval (chunk {chunk}) output {i}", a, b)
+
+    stock.train()
+    dap.train()
+    torch.manual_seed(7)
+    exp = run_and_grads(stock, call_stock(stock), inputs, ws, n_grad)
+    torch.manual_seed(7)
+    got_async = run_and_grads(dap, call_dap(dap), inputs, ws, n_grad)
+    compare_runs(f"{tag} train fp32", got_async, exp)
+    stock64, dap64 = copy.deepcopy(stock).double(), copy.deepcopy(dap).double()
+    in64 = [x.double() if x.is_floating_point() else x for x in inputs]
+    ws64 = [w.double() for w in ws]
+    assert_dap_bound(dap64, ctx)
+    torch.manual_seed(7)
+    exp64 = run_and_grads(stock64, call_stock(stock64), in64, ws64, n_grad)
+    torch.manual_seed(7)
+    compare_runs(f"{tag} train fp64", run_and_grads(dap64, call_dap(dap64), in64, ws64, n_grad),
+                 exp64, dtype=torch.float64)
+    dap_sync = copy.deepcopy(stock)
+    bind_dap(dap_sync, ctx.with_async(False))
+    torch.manual_seed(7)
+    got_sync = run_and_grads(dap_sync, call_dap(dap_sync), inputs, ws, n_grad)
+    compare_runs(f"{tag} async vs sync", got_async, got_sync, exact=True)
+
+    rec = RecordingOps(get_ops("reference"))
+    shaped = copy.deepcopy(stock)
+    bind_dap(shaped, ctx, ops=rec)
+    torch.manual_seed(7)
+    got_rec = run_and_grads(shaped, call_dap(shaped), inputs, ws, n_grad)
+    compare_runs(f"{tag} recorded", got_rec, got_async, exact=True)
+    shape_check(rec.calls)
+    return len(rec.calls)
+
+
+def msa_stack_call(use_lma=False):
+    def factory(mod, inplace=False, chunk_size=None):
+        return lambda m, z, mm, pm: mod(m, z, msa_mask=mm, pair_mask=pm, chunk_size=chunk_size,
+                                        use_lma=use_lma, inplace_safe=inplace)
+    return factory
+
+
+@scenario
+def evoformer_stack_equivalence(args):
+    """A whole (small) Evoformer stack under DAP equals one process (stock OpenFold)."""
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
+    p = ctx.size
+    n_seq, n_res = args["n_seq"], args["n_res"]
+    stock = evoformer_stack(blocks_per_ckpt=args.get("blocks_per_ckpt"))
+    inputs = msa_inputs(n_seq, n_res, 16, 8, seed=1)
+    ws = [randn(s, 50 + i, torch.float32) for i, s in
+          enumerate([(n_seq, n_res, 16), (n_res, n_res, 8), (n_res, 12)])]
+    calls = check_stack(
+        ctx, stock, inputs, ws, msa_stack_call(), msa_stack_call(), 2,
+        lambda c: assert_sharded_shapes(c, p, fd.padded_length(n_seq, p),
+                                        fd.padded_length(n_res, p), 16, 8), "evoformer")
+    fd.shutdown()
+    result(ok=True, size=p, ops=calls)
+
+
+@scenario
+def extra_msa_and_template_stacks(args):
+    """The extra-MSA stack (global column attention, checkpointed blocks) and the template pair
+    stack under DAP equal one process (stock OpenFold)."""
+    from openfold.model.evoformer import ExtraMSAStack
+    from openfold.model.template import TemplatePairStack
+
+    from fastfold_plugin.testing import randomize_parameters_
+
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
+    p = ctx.size
+    n_seq, n_res = args["n_seq"], args["n_res"]
+    n_seq_p, n_res_p = fd.padded_length(n_seq, p), fd.padded_length(n_res, p)
+
+    extra = randomize_parameters_(ExtraMSAStack(
+        c_m=8, c_z=8, c_hidden_msa_att=4, c_hidden_opm=4, c_hidden_mul=8, c_hidden_pair_att=4,
+        no_heads_msa=2, no_heads_pair=2, no_blocks=2, transition_n=2, msa_dropout=0.15,
+        pair_dropout=0.25, inf=1e9, eps=1e-10, ckpt=True), seed=3)
+    inputs = msa_inputs(n_seq, n_res, 8, 8, seed=2)
+    ws = [randn((n_res, n_res, 8), 60, torch.float32)]
+    # stock's extra-MSA attention calls OpenFold's CUDA-only kernel unless use_lma is set (same
+    # math, chunked); the DAP forward ignores use_lma
+    calls = check_stack(
+        ctx, extra, inputs, ws, msa_stack_call(use_lma=True), msa_stack_call(), 2,
+        lambda c: assert_sharded_shapes(c, p, n_seq_p, n_res_p, 8, 8), "extra MSA")
+    # the global column attention ran on the local columns, over the real sequences only
+    assert calls > 0
+
+    n_templ = 2
+    templ = randomize_parameters_(TemplatePairStack(
+        c_t=8, c_hidden_tri_att=4, c_hidden_tri_mul=8, no_blocks=2, no_heads=2,
+        pair_transition_n=2, dropout_rate=0.25, blocks_per_ckpt=args.get("blocks_per_ckpt"),
+        inf=1e9), seed=4)
+    _, _, _, pair_mask = msa_inputs(2, n_res, 8, 8, seed=5)
+    t = randn((n_templ, n_res, n_res, 8), 6, torch.float32)
+    ws = [randn((n_templ, n_res, n_res, 8), 61, torch.float32)]
+
+    def templ_call(mod, inplace=False, chunk_size=None):
+        return lambda t, mask: mod(t, mask, chunk_size=chunk_size, inplace_safe=inplace)
+
+    def templ_shapes(c):
+        for name, shape in c:
+            if name == "attention":
+                assert shape[-4] == n_res_p // p, (name, shape)
+            if name in ("transition", "layer_norm", "dropout_add"):
+                assert shape[-3] * shape[-2] <= n_res_p * n_res_p // p, (name, shape)
+
+    calls += check_stack(ctx, templ, [t, pair_mask.unsqueeze(-3)], ws, templ_call, templ_call, 1,
+                         templ_shapes, "template")
+    fd.shutdown()
+    result(ok=True, size=p, ops=calls)
+
+
+def _cpu_softmax_kernel_works() -> bool:
+    """OpenFold's in-place inference path calls attn_core_inplace_cuda, which runs on the CPU only
+    once the project's OpenFold install has given it a CPU implementation."""
+    try:
+        import attn_core_inplace_cuda
+
+        attn_core_inplace_cuda.forward_(torch.randn(1, 2, 3), 2, 3)
+        return True
+    except Exception:
+        return False
+
+
+@scenario
+def alphafold_eval(args):
+    """The whole AlphaFold (model_1_ptm, reduced depth) in eval mode on real cropped features:
+    a model built under register() with config.globals.dap_size = world size equals stock."""
+    import copy
+
+    from openfold.config import model_config
+    from openfold.model.model import AlphaFold
+
+    import fastfold_plugin
+    from fastfold_plugin.testing import load_sample_batch, randomize_parameters_
+
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120)
+    config = model_config("model_1_ptm")
+    config.model.evoformer_stack.no_blocks = 2
+    config.model.extra_msa.extra_msa_stack.no_blocks = 1
+    config.model.template.template_pair_stack.no_blocks = 1
+    config.model.structure_module.no_blocks = 2
+    no_grad = _cpu_softmax_kernel_works()
+    # without OpenFold's in-place kernel on the CPU: run eval with gradients on (OpenFold's
+    # out-of-place path), and let stock's extra-MSA attention take its chunked (LMA) branch
+    config.globals.use_lma = not no_grad
+    stock = randomize_parameters_(AlphaFold(config), seed=11).eval()
+    flagged = copy.deepcopy(config)
+    flagged.globals.use_fastfold = True
+    flagged.globals.fastfold_backend = "reference"
+    flagged.globals.dap_size = ctx.size
+    fastfold_plugin.register()
+    try:
+        dap = AlphaFold(flagged)
+    finally:
+        fastfold_plugin.unregister()
+    dap.load_state_dict(stock.state_dict())
+    dap.eval()
+    for name in ("evoformer", "extra_msa_stack", "template_pair_stack"):
+        if ctx.size > 1:
+            assert_dap_bound(getattr(dap, name), ctx)
+
+    batch = load_sample_batch(args["feats"], n_res=args["n_res"], n_msa=args["n_msa"],
+                              n_extra=args["n_extra"], n_templ=2,
+                              n_recycle=2 if no_grad else 1)  # recycles run under no_grad
+    with torch.set_grad_enabled(not no_grad):
+        out_s = stock({k: v.clone() for k, v in batch.items()})
+        out_d = dap({k: v.clone() for k, v in batch.items()})
+    for k in ("msa", "pair", "single"):
+        tol_check(f"alphafold {k}", out_d[k], out_s[k])
+    mask = out_s["final_atom_mask"].bool()
+    pos_s, pos_d = out_s["final_atom_positions"], out_d["final_atom_positions"]
+    assert pos_s[mask].abs().max() > 1.0, "degenerate structure: the comparison would be vacuous"
+    dpos = (pos_d - pos_s).norm(dim=-1)[mask].max().item()
+    assert dpos <= 1e-3, f"atom positions deviate by {dpos:.3e} A"
+    dplddt = (out_d["plddt"] - out_s["plddt"]).abs().max().item()
+    assert dplddt <= 1e-2, f"pLDDT deviates by {dplddt:.3e}"
+    fd.shutdown()
+    result(ok=True, size=ctx.size, no_grad=no_grad, dpos=dpos, dplddt=dplddt)
+
+
+@scenario
+def dp_x_dap(args):
+    """World 4 = 2 data-parallel groups x DAP 2: the mesh layout, the sampler, and one training
+    step whose gradients equal the mean of the two samples' single-process gradients."""
+    import copy
+
+    import fastfold_plugin
+
+    ctx = fd.init(dap_size=args["dap_size"], timeout=60, seed=1000)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dp = world // args["dap_size"]
+    assert (ctx.size, ctx.dp_size) == (args["dap_size"], dp)
+    # DAP groups are consecutive ranks; data-parallel groups stride over them
+    assert ctx.rank == rank % ctx.size and ctx.dp_rank == rank // ctx.size
+    assert ctx.mesh.get_ranks_in_group(ctx.group) == list(range(rank - ctx.rank,
+                                                               rank - ctx.rank + ctx.size))
+    assert ctx.mesh.get_ranks_in_group(ctx.dp_group) == list(range(ctx.rank, world, ctx.size))
+    assert fd.dap_context_for(ctx.size) is ctx
+
+    # one sample per DAP group: all ranks of a group read the same indices, groups are disjoint
+    lengths = [5, 6, 7, 4]
+    sampler = fd.DAPSampler(lengths, ctx, shuffle=True, seed=3)
+    sampler.set_epoch(1)
+    mine = torch.tensor(list(sampler))
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    groups = [everyone[g * ctx.size:(g + 1) * ctx.size] for g in range(dp)]
+    for g in groups:
+        assert all(torch.equal(g[0], x) for x in g), "ranks of one DAP group read different samples"
+    flat = torch.cat([g[0] for g in groups])
+    assert len(set(flat.tolist())) == len(lengths), f"groups overlap: {flat.tolist()}"
+
+    stock = evoformer_stack(no_blocks=2, blocks_per_ckpt=1)
+    stock.train()
+    model = copy.deepcopy(stock)
+    handle = fastfold_plugin.enable(model, backend="reference", dap=ctx)
+    assert handle.num_patched > 0
+    hooks = fd.register_data_parallel_hooks(model, ctx)
+    assert len(hooks) == len(list(model.parameters()))
+
+    def sample(i):
+        n_res = lengths[i]
+        inputs = msa_inputs(3, n_res, 16, 8, seed=20 + i)
+        ws = [randn(s, 70 + i, torch.float32) for s in [(3, n_res, 16), (n_res, n_res, 8),
+                                                         (n_res, 12)]]
+        return inputs, ws
+
+    call = msa_stack_call()
+    # this group's sample under DAP x DP; torch is seeded with 1000 + dp_rank by init()
+    idx = [int(g[0][0]) for g in groups]
+    inputs, ws = sample(idx[ctx.dp_rank])
+    torch.manual_seed(1000 + ctx.dp_rank)
+    _, grads, _, loss = run_and_grads(model, call(model), inputs, ws)
+    # reference: each sample in one process with its group's seed, gradients averaged
+    refs = []
+    for g, i in enumerate(idx):
+        torch.manual_seed(1000 + g)
+        refs.append(run_and_grads(stock, call(stock), *sample(i)))
+    tol_check("dp x dap loss", loss, refs[ctx.dp_rank][3])
+    mean = {n: sum(r[1][n] for r in refs) / dp for n in refs[0][1]}
+    compare_runs("dp x dap", ([], grads, [], torch.zeros(())), ([], mean, [], torch.zeros(())))
+    hooks.remove()
+    handle.disable()
+    fd.shutdown()
+    result(ok=True, rank=rank, dp_rank=ctx.dp_rank, dap_rank=ctx.rank)
+
+
+@scenario
+def never_joins(args):
+    """Rank 1 never calls init: rank 0 must fail within the timeout with a clear error."""
+    if dist_rank() != 0:
+        return
+    t0 = time.monotonic()
+    try:
+        fd.init(dap_size=2, timeout=args["timeout"])
+    except fd.DAPInitError as e:
+        result(error=type(e).__name__, message=str(e), elapsed=time.monotonic() - t0)
+        return
+    raise AssertionError("init returned although a rank never joined")
+
+
+@scenario
+def peer_fails(args):
+    """All ranks join; then the last rank exits (or stalls) instead of running the DAP stack:
+    the others must fail within the timeout with DAPCommError, never hang."""
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=args["timeout"])
+    stack = evoformer_stack(no_blocks=1)
+    inputs = msa_inputs(4, 6, 16, 8, seed=1)
+    if ctx.rank == ctx.size - 1:
+        if args["mode"] == "exit":
+            os._exit(0)
+        time.sleep(args["stall"])  # alive but never reaches the collective
+        os._exit(0)
+    bind_dap(stack, ctx)
+    t0 = time.monotonic()
+    try:
+        with torch.no_grad():
+            stack(*inputs[:2], msa_mask=inputs[2], pair_mask=inputs[3], chunk_size=None)
+    except fd.DAPCommError as e:
+        result(error=type(e).__name__, message=str(e)[:500], elapsed=time.monotonic() - t0)
+        os._exit(0)  # skip process-group teardown: the peer is gone
+    raise AssertionError("the DAP forward returned although a peer was gone")
+
+
+def dist_rank() -> int:
+    return int(os.environ["RANK"])
+
+
 def main():
     name, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     torch.set_num_threads(1)

@@ -10,12 +10,12 @@ from fastfold_plugin.testing import assert_close, rel_err
 
 # fp32: the op vs an fp64 truth must be as tight as fp32 arithmetic (relative norm error).
 # bf16/fp16: the op's error vs the fp64 truth <= factor x the reference's own error in that
-# dtype. The CPU interpreter truncates fp32 -> bf16 on store (a GPU rounds to nearest), which
-# doubles the op's rounding error: hence 3 here and 2 in the GPU tests.
+# dtype. (Under the CPU interpreter the kernels round to bf16 the way the GPU does: see
+# _triton_utils.cast_rne.)
 DTYPES = [
     pytest.param(torch.float32, 1e-5, id="fp32"),
-    pytest.param(torch.bfloat16, 3.0, id="bf16"),
-    pytest.param(torch.float16, 3.0, id="fp16"),
+    pytest.param(torch.bfloat16, 2.0, id="bf16"),
+    pytest.param(torch.float16, 2.0, id="fp16"),
 ]
 GPU_DTYPES = [
     pytest.param(torch.float32, 1e-5, id="fp32"),
@@ -110,11 +110,14 @@ def compare(actual, expected, truth, dtype, tol, name):
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     if dtype == torch.float32:
-        # atol: relative to the tensor's scale, or to the fp32 reference's own error where the
-        # truth is (near) zero, e.g. dq with a single key
+        # atol: relative to the tensor's scale, or to the fp32 reference's own error, or 1e-6
+        # (inputs are O(1)) where the truth is zero: dq with a single key, the gradient of a
+        # bias constant along K
+        scale = truth.detach().abs().max().item()
         ref_err = (expected.detach().double() - truth.detach().double()).abs().max().item()
-        atol = max(1e-5 * truth.detach().abs().max().item(), 4 * ref_err)
-        assert_close(actual, truth, rtol=1e-4, atol=atol, max_rel=tol, name=name)
+        atol = max(1e-5 * scale, 4 * ref_err, 1e-6)
+        assert_close(actual, truth, rtol=1e-4, atol=atol, max_rel=tol if scale > 1e-4 else None,
+                     name=name)
         return
     e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
@@ -172,16 +175,16 @@ def test_autocast_casts_fp32_inputs_like_matmul():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, grads, dout = run(attention, inputs)
         out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
-    assert out.dtype == out_ref.dtype == torch.bfloat16
+    assert out.dtype == out_ref.dtype  # bf16 attention, then * sigmoid(fp32 gate): fp32
     bf = {n: (t.detach().to(torch.bfloat16).double().requires_grad_(t.requires_grad)
               if t is not None and n in ("q", "k", "v") else
               (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None))
           for n, t in inputs.items()}
     out_t, grads_t, _ = run(attention_reference, bf, dout.double())
-    compare(out, out_ref, out_t, torch.bfloat16, 3.0, "out")
+    compare(out, out_ref, out_t, torch.bfloat16, 2.0, "out")
     for name in grads:
         assert grads[name].dtype == grads_ref[name].dtype == torch.float32
-        compare(grads[name], grads_ref[name], grads_t[name], torch.bfloat16, 3.0, "d" + name)
+        compare(grads[name], grads_ref[name], grads_t[name], torch.bfloat16, 2.0, "d" + name)
 
 
 # ---- fully masked rows ---------------------------------------------------------------------

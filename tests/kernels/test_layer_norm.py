@@ -82,7 +82,7 @@ def check_layer_norm(contract, shape, dtype, tol, autocast, device, eps=1e-5):
         out_ref, grads_ref, _ = _run(lambda *a: ref(*a, eps), args, g)
     out_t, grads_t, _ = _truth(contract, *args, eps, g)
     _compare(out, out_ref, out_t, dtype, tol, "out")
-    for name, a, e, t in zip(("dx", "dweight", "dbias"), grads, grads_ref, grads_t):
+    for name, a, e, t in zip(("dx", "dweight", "dbias"), grads, grads_ref, grads_t, strict=True):
         assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
         _compare(a, e, t, dtype, tol, name)
 
@@ -116,7 +116,7 @@ def test_non_contiguous_input_and_grad():
     out, grads, g = _run(lambda *a: layer_norm(*a), [xt, w, b])
     out_r, grads_r, _ = _run(lambda *a: layer_norm_reference(*a), [xt, w, b], g.transpose(0, 1).contiguous().transpose(0, 1))
     assert_close(out, out_r, rtol=1e-5, atol=1e-5)
-    for a, e in zip(grads, grads_r):
+    for a, e in zip(grads, grads_r, strict=True):
         assert_close(a, e, rtol=1e-5, atol=1e-4)
 
 
@@ -141,7 +141,7 @@ def test_reference_matches_openfold_layer_norm(dtype):
     out_ref = layer_norm_reference(x, mod.weight, mod.bias, mod.eps)
     grads_ref = torch.autograd.grad(out_ref, (x, mod.weight, mod.bias), g)
     assert out_ref.dtype == out_mod.dtype and torch.equal(out_ref, out_mod)
-    for a, e in zip(grads_ref, grads_mod):
+    for a, e in zip(grads_ref, grads_mod, strict=True):
         assert torch.equal(a, e)
 
 
@@ -154,7 +154,7 @@ def test_reference_matches_torch_layer_norm():
     out_ref = layer_norm_torch_reference(x, mod.weight, mod.bias, mod.eps)
     grads_ref = torch.autograd.grad(out_ref, (x, mod.weight, mod.bias), g)
     assert torch.equal(out_ref, out_mod)
-    for a, e in zip(grads_ref, grads_mod):
+    for a, e in zip(grads_ref, grads_mod, strict=True):
         assert torch.equal(a, e)
 
 

@@ -78,15 +78,15 @@ def check_transition(shape, n, x_dtype, p_dtype, ac_dtype, tol, device, args=Non
         out, grads, g = run(transition, args)
         out_ref, grads_ref, _ = run(transition_reference, args, g)
     assert out.dtype == out_ref.dtype and out.shape == out_ref.shape
-    for name, a, e in zip(GRAD_NAMES, grads, grads_ref):
+    for name, a, e in zip(GRAD_NAMES, grads, grads_ref, strict=True):
         assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
     if x_dtype == torch.float32 and ac_dtype is None:
         assert_close(out, out_ref, rtol=tol, atol=tol * out_ref.abs().max().item(), name="out")
-        for name, a, e in zip(GRAD_NAMES, grads, grads_ref):
+        for name, a, e in zip(GRAD_NAMES, grads, grads_ref, strict=True):
             assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), max_rel=tol, name=name)
         return
     out_t, grads_t, _ = truth(args, g)
-    for name, a, e, t in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref, (out_t,) + grads_t):
+    for name, a, e, t in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref, (out_t,) + grads_t, strict=True):
         e_op, e_ref = rel_err(a, t), rel_err(e, t)
         assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
 
@@ -119,7 +119,7 @@ def test_mask_broadcast_over_rows():
     args[1] = (torch.rand(1, 5, 1) > 0.5).float()
     out, grads, g = run(transition, args)
     out_ref, grads_ref, _ = run(transition_reference, args, g)
-    for a, e in zip((out,) + grads, (out_ref,) + grads_ref):
+    for a, e in zip((out,) + grads, (out_ref,) + grads_ref, strict=True):
         assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
@@ -163,7 +163,7 @@ def test_reference_matches_openfold_transition(kind, dtype):
     assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref)
     grads_mod = torch.autograd.grad(out_mod, [x] + weights, g)
     grads_ref = torch.autograd.grad(out_ref, [x] + weights, g)
-    for name, a, e in zip(GRAD_NAMES, grads_ref, grads_mod):
+    for name, a, e in zip(GRAD_NAMES, grads_ref, grads_mod, strict=True):
         assert torch.equal(a, e), name
 
 

@@ -31,7 +31,7 @@ from openfold.model.triangular_multiplicative_update import (
 
 import fastfold_plugin
 from fastfold_plugin import kernels
-from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
+from fastfold_plugin.testing import assert_close, grad_errors, randomize_parameters_, rel_err
 
 S, N = 5, 7        # N_seq, N_res (awkward sizes)
 C_M, C_Z, C_T = 32, 16, 16
@@ -154,19 +154,6 @@ def spy(monkeypatch):
     return s
 
 
-def _grad_errs(grad_p, grad_s):
-    """Relative error of every gradient, as ||a - b|| / max(||b||, floor).
-
-    The floor (1e-3 of the largest gradient norm) covers parameters whose exact gradient is zero
-    by symmetry, e.g. the bias of the LayerNorm before a pair-bias projection (a constant added to
-    every logit of a softmax row): their computed gradient is rounding noise on both sides.
-    """
-    norms = {k: torch.linalg.vector_norm(v.double()).item() for k, v in grad_s.items()}
-    floor = 1e-3 * max(norms.values())
-    return {k: torch.linalg.vector_norm((grad_p[k] - grad_s[k]).double()).item()
-            / max(norms[k], floor) for k in grad_s}
-
-
 def _outputs(out):
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -212,7 +199,7 @@ def test_patched_module_matches_stock(name, chunk_size, spy):
     for k in grad_s:
         assert grad_s[k] is not None and grad_p[k] is not None, f"{name}: {k} has no gradient"
         assert grad_s[k].abs().sum() > 0, f"{name}: stock gradient of {k} is zero"
-    for k, r in _grad_errs(grad_p, grad_s).items():
+    for k, r in grad_errors(grad_p, grad_s).items():
         assert r <= GRAD_TOL, f"{name}: gradient of {k}: rel err {r:.2e} > {GRAD_TOL:g}"
 
 
@@ -224,7 +211,7 @@ def test_patched_block_training_dropout_matches_stock(name):
     out_p, grad_p = _run(patched, call, inputs, None, seed=7)
     for a, b in zip(out_p, out_s):
         assert_close(a, b, rtol=1e-5, atol=1e-5, max_rel=1e-5, name=f"{name} train output")
-    for k, r in _grad_errs(grad_p, grad_s).items():
+    for k, r in grad_errors(grad_p, grad_s).items():
         assert r <= GRAD_TOL, f"{name}: gradient of {k}: rel err {r:.2e}"
     # and dropout really was active: another seed changes the stock output
     out_s2, _ = _run(stock, call, inputs, None, seed=8, grad=False)
@@ -269,7 +256,7 @@ def test_evoformer_stack_checkpointing_and_chunk_tuning():
     out_p, grad_p = _run(patched, call, x, None, seed=5)
     for a, b in zip(out_p, out_s):
         assert_close(a, b, rtol=1e-5, atol=1e-5, max_rel=1e-5, name="stack output")
-    for k, r in _grad_errs(grad_p, grad_s).items():
+    for k, r in grad_errors(grad_p, grad_s).items():
         assert r <= GRAD_TOL, f"stack gradient of {k}: rel err {r:.2e}"
     with torch.no_grad():  # tuner runs trial calls of the patched block
         out_t = _outputs(call(patched, {k: v.clone() for k, v in x.items()}, 2))

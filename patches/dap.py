@@ -1,0 +1,691 @@
+"""DAP replacement forwards: OpenFold's Evoformer, extra-MSA and template pair stacks with one
+protein's MSA and pair tensors split across the processes of a DAP group.
+
+Entry points (:data:`DAP_FORWARDS`, OpenFold class -> replacement forward with the stock
+signature, bound by ``fastfold_plugin.enable(model, dap=ctx)``):
+
+- stacks (``EvoformerStack``, ``ExtraMSAStack``, ``TemplatePairStack``): pad N_res (and N_seq)
+  once to a multiple of the DAP size, scatter, run every block on shards, gather, unpad;
+- blocks (``EvoformerBlock``, ``ExtraMSABlock``, ``TemplatePairStackBlock``): the same around one
+  block, for blocks called on their own.
+
+Contract: every rank of the group passes the full inputs and gets the full outputs; the loss and
+every parameter gradient equal the single-process ones. Each rank holds and computes only its
+shard. Layouts (P = DAP size, S/N the padded N_seq/N_res):
+
+==========================  =======================================  ===========================
+sub-module                  split                                    communication
+==========================  =======================================  ===========================
+MSA row attention + bias    MSA [*, S/P, N, C_m] (rows)              all-gather the [*, N/P, N,
+                                                                     H] projected pair bias
+row -> column switch        -> MSA [*, S, N/P, C_m]                  all-to-all
+MSA column attention /      MSA columns (all sequences local)        none
+global attention
+MSA transition              MSA columns                              none
+column -> row switch        -> MSA rows for the next block           async all-to-all, in flight
+                                                                     during OPM + pair stack
+outer product mean          a local [*, S, N/P, c], b all-gathered   all-gather b (N_res)
+                            -> [*, N/P, N, C_z] (pair rows)
+triangle mult. outgoing     pair rows [*, N/P, N, C_z]               all-gather b (rows)
+triangle mult. incoming     pair columns [*, N, N/P, C_z]            all-gather a (columns)
+triangle att. starting      pair rows                                all-gather the H-channel
+                                                                     triangle bias
+triangle att. ending        pair columns (rows of z^T)               all-gather the bias
+pair transition             pair columns                             none
+pair row <-> column         all-to-all (4 per block)
+==========================  =======================================  ===========================
+
+Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
+so results at real positions - including fully masked rows - are the single-process ones.
+Weights are replicated and applied to shards: their gradients are summed over the DAP group by
+construction (``sum_grads`` around each block's parameters, one all-reduce per block).
+Dropout masks are drawn full-size from torch's RNG in OpenFold's order on every rank (the ranks
+of a group share one RNG stream; checked once per training forward) and cut to the shard, so
+training under DAP draws exactly the masks one process would.
+
+The single-process math on each shard is the op table's (``ops.attention``,
+``ops.layer_norm``, ``ops.transition``, ``ops.global_attention``, ``ops.dropout_add``). The
+triangle multiplication and the outer product mean run decomposed (``ops.layer_norm`` +
+projections + a cuBLAS contraction against the all-gathered operand), because their fused ops
+take the whole pair/MSA tensor. OpenFold's chunk-size tuner is off under DAP: ``chunk_size`` (the
+config's value, the same on every rank) chunks the row-wise computations as given.
+"""
+import math
+from functools import partial
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from openfold.model.evoformer import EvoformerBlock, EvoformerStack, ExtraMSABlock, ExtraMSAStack
+from openfold.model.template import TemplatePairStack, TemplatePairStackBlock
+from openfold.utils.checkpointing import get_checkpoint_fn
+from openfold.utils.precision_utils import is_fp16_enabled
+from openfold.utils.tensor_utils import permute_final_dims
+
+import fastfold_plugin.distributed as fd
+from fastfold_plugin.kernels.dropout_add import keep_mask_shape
+
+from .forwards import UnsupportedOption
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-forward state
+
+class _Run:
+    """One stack forward under DAP: the group, the op table, real and padded lengths, the masks
+    in each layout, and the call options."""
+
+    def __init__(self, ctx, ops, n_res: int, n_seq: Optional[int], chunk_size: Optional[int],
+                 inplace_safe: bool, mask_trans: bool):
+        self.ctx, self.ops = ctx, ops
+        self.group, self.p, self.rank = ctx.group, ctx.size, ctx.rank
+        self.async_comm = ctx.async_comm and self.p > 1
+        self.n_res = n_res
+        self.np_res = fd.padded_length(n_res, self.p)
+        self.n_seq = n_seq
+        self.np_seq = None if n_seq is None else fd.padded_length(n_seq, self.p)
+        self.chunk_size = chunk_size
+        self.inplace_safe = inplace_safe
+        self.mask_trans = mask_trans
+
+    def block(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's block of a replicated tensor that needs no gradient (masks)."""
+        c = t.shape[dim] // self.p
+        return t.narrow(dim, self.rank * c, c)
+
+    def set_msa_mask(self, msa_mask: torch.Tensor) -> None:
+        # [*, S, N] -> padded; rows [*, S/P, N]; columns [*, S, N/P]
+        full = fd.pad_to(msa_mask, {-2: self.np_seq, -1: self.np_res})
+        self.msa_mask_full = full
+        self.msa_mask_row = self.block(full, -2)
+        self.msa_mask_col = self.block(full, -1)
+
+    def set_pair_mask(self, pair_mask: torch.Tensor) -> None:
+        # [*, N, N] -> padded; rows [*, N/P, N]; columns [*, N, N/P]
+        full = fd.pad_to(pair_mask, {-2: self.np_res, -1: self.np_res})
+        self.pair_mask_row = self.block(full, -2)
+        self.pair_mask_col = self.block(full, -1)
+
+    # communication, sync or async per the context
+    def all_gather(self, x: torch.Tensor, dim: int) -> fd.Pending:
+        if self.async_comm:
+            return fd.all_gather_start(x, dim, self.group)
+        return fd.Pending(None, None, fd.all_gather(x, dim, self.group))
+
+    def col_to_row(self, x: torch.Tensor) -> fd.Pending:
+        if self.async_comm:
+            return fd.col_to_row_start(x, self.group)
+        return fd.Pending(None, None, fd.col_to_row(x, self.group))
+
+    def add(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        if self.inplace_safe:
+            x += update
+            return x
+        return x + update
+
+
+def _ops(module: nn.Module, x: torch.Tensor):
+    state = module._fastfold_patch
+    ops_for = getattr(state, "ops_for", None)
+    return ops_for(x) if ops_for is not None else state.ops
+
+
+def _dap(module: nn.Module):
+    ctx = getattr(module._fastfold_patch, "dap", None)
+    if ctx is None:
+        raise RuntimeError(f"{type(module).__name__} has a DAP forward but no DAP context; enable "
+                           f"it with fastfold_plugin.enable(model, dap=ctx)")
+    return ctx
+
+
+def _weights(module: nn.Module, run: _Run) -> Dict[str, torch.Tensor]:
+    """`module`'s parameters by name; under DAP with gradients on, wrapped so that their
+    gradients are summed over the group in backward (they are applied to shards)."""
+    named = [(n, p) for n, p in module.named_parameters()]
+    if run.p == 1 or not torch.is_grad_enabled():
+        return dict(named)
+    train = [(n, p) for n, p in named if p.requires_grad]
+    synced = fd.sum_grads([p for _, p in train], run.group)
+    out = dict(named)
+    out.update(zip([n for n, _ in train], synced))
+    return out
+
+
+def _mask_bias(mask: torch.Tensor, inf: float, n_keys: int) -> torch.Tensor:
+    """OpenFold's key mask bias for the real keys: [*, R, K] -> [*, R, 1, 1, n_keys]."""
+    return (inf * (mask - 1))[..., :, None, None, :n_keys]
+
+
+def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args):
+    """fn over chunks of `n` rows: each arg is (tensor, dim) to slice, or a plain value."""
+    def piece(s, e):
+        return [a[0].narrow(a[1], s, e - s) if isinstance(a, tuple) else a for a in args]
+
+    if chunk_size is None or chunk_size >= n:
+        return fn(*piece(0, n))
+    outs = [fn(*piece(s, min(s + chunk_size, n))) for s in range(0, n, chunk_size)]
+    return torch.cat(outs, dim=-3)
+
+
+def _draw_keep(drop: nn.Module, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The keep-mask OpenFold's Dropout would draw for an update of the full, unpadded `shape`
+    (None when not dropping)."""
+    if not (drop.training and drop.r > 0.0):
+        return None
+    return F.dropout(like.new_ones(keep_mask_shape(list(shape), drop.batch_dim)), drop.r, True)
+
+
+def _residual(run: _Run, drop: nn.Module, x: torch.Tensor, update: torch.Tensor,
+              keep: Optional[torch.Tensor]) -> torch.Tensor:
+    if keep is None:
+        return run.add(x, update)
+    return run.ops.dropout_add(x, update, drop.r, True, drop.batch_dim, mask=keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sub-modules on shards
+
+def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int,
+            mask_bias: torch.Tensor, pair_bias: Optional[Callable], chunk_size: Optional[int]):
+    """OpenFold's gated multi-head attention of each row of `x` [*, R, Q, C] over its first
+    `n_keys` entries. mask_bias [*, R, 1, 1, n_keys]; pair_bias() -> [*, 1, H, Q, n_keys] is
+    called after the projections (it may wait for a collective)."""
+    h = mha.no_heads
+    wq, wk, wv = W[f"{pfx}.linear_q.weight"], W[f"{pfx}.linear_k.weight"], W[f"{pfx}.linear_v.weight"]
+    wo, bo = W[f"{pfx}.linear_o.weight"], W[f"{pfx}.linear_o.bias"]
+    gw = W.get(f"{pfx}.linear_g.weight")
+    gb = W.get(f"{pfx}.linear_g.bias")
+    scale = math.sqrt(mha.c_hidden)
+
+    def heads(t):
+        return t.view(t.shape[:-1] + (h, -1)).transpose(-2, -3)
+
+    def attend(xc, mbc, pb):
+        q = heads(F.linear(xc, wq)) / scale
+        kv = xc[..., :n_keys, :]
+        k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))
+        gate = None
+        if gw is not None:
+            g = F.linear(xc, gw, gb)
+            gate = g.view(g.shape[:-1] + (h, -1))
+        if callable(pb):
+            pb = pb()
+        o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate)
+        return F.linear(o.flatten(-2), wo, bo)
+
+    n = x.shape[-3]
+    if chunk_size is None or chunk_size >= n:
+        return attend(x, mask_bias, pair_bias)
+    pb = pair_bias() if callable(pair_bias) else pair_bias
+    return _chunked(attend, chunk_size, n, (x, -3), (mask_bias, -4), pb)
+
+
+def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z] (rows) -> m + dropout(row attention)."""
+    mod = block.msa_att_row
+    lnz, lnm = mod.layer_norm_z, mod.layer_norm_m
+    # the pair bias of the local pair rows, gathered: H channels, not z
+    zb = run.ops.layer_norm(z, W["msa_att_row.layer_norm_z.weight"],
+                            W["msa_att_row.layer_norm_z.bias"], lnz.eps)
+    pend = run.all_gather(F.linear(zb, W["msa_att_row.linear_z.weight"]), -3)
+    del zb
+    ml = run.ops.layer_norm(m, W["msa_att_row.layer_norm_m.weight"],
+                            W["msa_att_row.layer_norm_m.bias"], lnm.eps)
+
+    def pair_bias():
+        # [*, N, N, H] -> [*, 1, H, N, N_keys]
+        return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
+
+    upd = _attend(run, W, "msa_att_row.mha", mod.mha, ml, run.n_res,
+                  _mask_bias(run.msa_mask_row, mod.inf, run.n_res), pair_bias, run.chunk_size)
+    keep = _draw_keep(block.msa_dropout_layer, (*m.shape[:-3], run.n_seq, run.n_res, m.shape[-1]), m)
+    if keep is not None:
+        keep = fd.pad_to(keep, {-2: run.np_res})
+    return _residual(run, block.msa_dropout_layer, m, upd, keep)
+
+
+def _msa_column_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
+    """m [*, S, N/P, C_m] (columns; every sequence local) -> m + column attention."""
+    mod = block.msa_att_col._msa_att
+    pfx = "msa_att_col._msa_att"
+    mt = m.transpose(-2, -3)
+    ml = run.ops.layer_norm(mt, W[f"{pfx}.layer_norm_m.weight"], W[f"{pfx}.layer_norm_m.bias"],
+                            mod.layer_norm_m.eps)
+    mask_bias = _mask_bias(run.msa_mask_col.transpose(-1, -2), mod.inf, run.n_seq)
+    upd = _attend(run, W, f"{pfx}.mha", mod.mha, ml, run.n_seq, mask_bias, None, run.chunk_size)
+    return run.add(m, upd.transpose(-2, -3))
+
+
+def _msa_column_global_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
+    """Extra MSA: m [*, S, N/P, C_e] (columns) -> m + global column attention over the real
+    sequences."""
+    mod = block.msa_att_col
+    ga = mod.global_attention
+    pfx = "msa_att_col"
+    s = run.n_seq
+    # [*, N/P, S_real, C]
+    mt = m[..., :s, :, :].transpose(-2, -3)
+    mask = run.msa_mask_col[..., :s, :].transpose(-1, -2)
+
+    def fn(mc, maskc):
+        mc = run.ops.layer_norm_torch(mc, W[f"{pfx}.layer_norm_m.weight"],
+                                      W[f"{pfx}.layer_norm_m.bias"], mod.layer_norm_m.eps)
+        g = f"{pfx}.global_attention"
+        return run.ops.global_attention(
+            mc, maskc, W[f"{g}.linear_q.weight"], W[f"{g}.linear_k.weight"],
+            W[f"{g}.linear_v.weight"], W[f"{g}.linear_g.weight"], W[f"{g}.linear_g.bias"],
+            W[f"{g}.linear_o.weight"], W[f"{g}.linear_o.bias"], ga.no_heads, ga.inf, ga.eps)
+
+    upd = _chunked(fn, run.chunk_size, mt.shape[-3], (mt, -3), (mask, -2))
+    upd = fd.pad_to(upd.transpose(-2, -3), {-3: run.np_seq})
+    return run.add(m, upd)
+
+
+def _transition(run: _Run, W, pfx: str, mod: nn.Module, x: torch.Tensor,
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """MSA / pair transition on a shard (pointwise over rows), chunked along dim -3."""
+    if mask is None:
+        mask = x.new_ones(x.shape[:-1])
+    mask = mask.unsqueeze(-1)
+
+    def fn(xc, mc):
+        return run.ops.transition(xc, mc, W[f"{pfx}.layer_norm.weight"],
+                                  W[f"{pfx}.layer_norm.bias"], W[f"{pfx}.linear_1.weight"],
+                                  W[f"{pfx}.linear_1.bias"], W[f"{pfx}.linear_2.weight"],
+                                  W[f"{pfx}.linear_2.bias"], mod.layer_norm.eps)
+
+    return _chunked(fn, run.chunk_size, x.shape[-3], (x, -3), (mask, -3))
+
+
+def _outer_product_mean(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
+    """m [*, S, N/P, C_m] (columns) -> the pair rows [*, N/P, N, C_z] of the outer product mean:
+    a from the local residues, b all-gathered along N_res."""
+    if is_fp16_enabled():
+        with torch.autocast(device_type=m.device.type, enabled=False):
+            return _outer_product_mean_impl(block, W, run, m.float())
+    return _outer_product_mean_impl(block, W, run, m)
+
+
+def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
+    mod = block.core.outer_product_mean
+    pfx = "core.outer_product_mean"
+    mask = run.msa_mask_col.unsqueeze(-1)  # [*, S, N/P, 1]
+    ln = run.ops.layer_norm_torch(m, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
+                                  mod.layer_norm.eps)
+    a = F.linear(ln, W[f"{pfx}.linear_1.weight"], W[f"{pfx}.linear_1.bias"]) * mask
+    b = F.linear(ln, W[f"{pfx}.linear_2.weight"], W[f"{pfx}.linear_2.bias"]) * mask
+    del ln
+    pend = run.all_gather(b, -2)  # -> [*, S, N, c]
+    # [*, N/P, N, 1]
+    norm = torch.einsum("...abc,...adc->...bdc", mask, run.msa_mask_full.unsqueeze(-1).to(mask.dtype))
+    norm = norm + mod.eps
+    a = a.transpose(-2, -3)  # [*, N/P, S, c]
+    b = pend.wait().transpose(-2, -3)  # [*, N, S, c]
+    w_out, b_out = W[f"{pfx}.linear_out.weight"], W[f"{pfx}.linear_out.bias"]
+
+    def opm(ac):
+        outer = torch.einsum("...bac,...dae->...bdce", ac, b)
+        return F.linear(outer.reshape(outer.shape[:-2] + (-1,)), w_out, b_out)
+
+    outer = _chunked(opm, run.chunk_size, a.shape[-3], (a, -3))
+    return outer / norm
+
+
+def _combine(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
+    """OpenFold's _combine_projections on shards: outgoing a [*, I/P, K, c] x b [*, J, K, c]
+    -> [*, I/P, J, c]; incoming a [*, K, I, c] x b [*, K, J/P, c] -> [*, I, J/P, c]."""
+    if outgoing:
+        a = permute_final_dims(a, (2, 0, 1))
+        b = permute_final_dims(b, (2, 1, 0))
+    else:
+        a = permute_final_dims(a, (2, 1, 0))
+        b = permute_final_dims(b, (2, 0, 1))
+    return permute_final_dims(torch.matmul(a, b), (1, 2, 0))
+
+
+def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,
+                             outgoing: bool) -> torch.Tensor:
+    """Outgoing: z [*, N/P, N, C] (rows), the other operand b all-gathered along rows.
+    Incoming: z [*, N, N/P, C] (columns), a all-gathered along columns. Returns the update in
+    z's layout."""
+    mask = mask.unsqueeze(-1)
+    zl = run.ops.layer_norm(z, W[f"{pfx}.layer_norm_in.weight"], W[f"{pfx}.layer_norm_in.bias"],
+                            mod.layer_norm_in.eps)
+
+    def proj(name):
+        p = mask
+        p = p * torch.sigmoid(F.linear(zl, W[f"{pfx}.linear_{name}_g.weight"],
+                                       W[f"{pfx}.linear_{name}_g.bias"]))
+        return p * F.linear(zl, W[f"{pfx}.linear_{name}_p.weight"], W[f"{pfx}.linear_{name}_p.bias"])
+
+    if outgoing:
+        pend = run.all_gather(proj("b"), -3)
+        a = proj("a")
+    else:
+        pend = run.all_gather(proj("a"), -2)
+        b = proj("b")
+    g = torch.sigmoid(F.linear(zl, W[f"{pfx}.linear_g.weight"], W[f"{pfx}.linear_g.bias"]))
+    del zl
+    if outgoing:
+        b = pend.wait()
+    else:
+        a = pend.wait()
+    if is_fp16_enabled():
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            x = _combine(a.float(), b.float(), outgoing)
+    else:
+        x = _combine(a, b, outgoing)
+    del a, b
+    x = run.ops.layer_norm(x, W[f"{pfx}.layer_norm_out.weight"], W[f"{pfx}.layer_norm_out.bias"],
+                           mod.layer_norm_out.eps)
+    x = F.linear(x, W[f"{pfx}.linear_z.weight"], W[f"{pfx}.linear_z.bias"])
+    return x * g
+
+
+def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """Starting-node triangle attention of the rows `x` [*, N/P, N, C] (mask [*, N/P, N]); the
+    H-channel triangle bias is all-gathered. Ending-node attention is this on the rows of z^T."""
+    xl = run.ops.layer_norm(x, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
+                            mod.layer_norm.eps)
+    pend = run.all_gather(F.linear(xl, W[f"{pfx}.linear.weight"]), -3)  # -> [*, N, N, H]
+
+    def tri_bias():
+        return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
+
+    return _attend(run, W, f"{pfx}.mha", mod.mha, xl, run.n_res,
+                   _mask_bias(mask, mod.inf, run.n_res), tri_bias, run.chunk_size)
+
+
+def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead,
+               col_shard: bool = False) -> Optional[torch.Tensor]:
+    """A pair dropout mask drawn for the full [*lead, N, N, C] update (OpenFold's shape), padded,
+    and cut to the column shard if `col_shard`."""
+    keep = _draw_keep(drop, (*lead, run.n_res, run.n_res, like.shape[-1]), like)
+    if keep is None:
+        return None
+    keep = fd.pad_to(keep, {d: run.np_res for d in (-3, -2) if keep.shape[d] != 1})
+    if col_shard and keep.shape[-2] != 1:
+        keep = run.block(keep, -2)
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks on shards
+
+def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final: bool = False):
+    """One Evoformer / extra-MSA block on shards: m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z]
+    (rows). Returns (m rows, z rows), or (m columns, z rows) when `final`."""
+    W = _weights(block, run)
+    core = block.core
+    lead = z.shape[:-3]
+    drop = core.ps_dropout_row_layer
+
+    m = _msa_row_attention(block, W, run, m, z)
+    m = fd.row_to_col(m, run.group)  # [*, S, N/P, C_m]
+    if isinstance(block, ExtraMSABlock):
+        m = _msa_column_global_attention(block, W, run, m)
+    else:
+        m = _msa_column_attention(block, W, run, m)
+    m = run.add(m, _transition(run, W, "core.msa_transition", core.msa_transition, m,
+                               run.msa_mask_col if run.mask_trans else None))
+    # the MSA switch back to rows runs during the outer product mean and the pair stack
+    m_next = None if final else run.col_to_row(m)
+
+    z = run.add(z, _outer_product_mean(block, W, run, m))
+
+    # pair stack: rows -> columns -> rows -> columns -> rows
+    upd = _triangle_multiplication(core.tri_mul_out, W, "core.tri_mul_out", run, z,
+                                   run.pair_mask_row, True)
+    z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
+    z = fd.row_to_col(z, run.group)
+    upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
+                                   run.pair_mask_col, False)
+    z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead, col_shard=True))
+    z = fd.col_to_row(z, run.group)
+    upd = _triangle_attention_rows(core.tri_att_start, W, "core.tri_att_start", run, z,
+                                   run.pair_mask_row)
+    z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
+    z = fd.row_to_col(z, run.group)
+    # ending node: OpenFold transposes z and runs a starting-node attention (and its dropout)
+    # on z^T, whose rows are the local columns of z
+    zt = z.transpose(-2, -3)
+    upd = _triangle_attention_rows(core.tri_att_end, W, "core.tri_att_end", run, zt,
+                                   run.pair_mask_col.transpose(-1, -2))
+    z = _residual(run, drop, zt, upd, _pair_keep(run, drop, z, lead)).transpose(-2, -3)
+    z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
+                               run.pair_mask_col if run.mask_trans else None))
+    z = fd.col_to_row(z, run.group)
+    return (m if final else m_next.wait()), z
+
+
+def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
+    """One template pair block on t [*, T, N/P, N, C_t] (rows), all templates at once, in
+    OpenFold's order (triangle attention, then the triangle updates, then the transition)."""
+    W = _weights(block, run)
+    lead = t.shape[:-3]
+    n_templ = t.shape[-4]
+    # OpenFold draws each template's masks in turn (start, end, out, in); draw them in that
+    # order, then batch the templates
+    keeps = {"start": [], "end": [], "out": [], "in": []}
+    if block.dropout_row.training and block.dropout_row.r > 0.0:
+        one = (*lead[:-1], 1)
+        for _ in range(n_templ):
+            keeps["start"].append(_pair_keep(run, block.dropout_row, t, one))
+            keeps["end"].append(_pair_keep(run, block.dropout_col, t, one))
+            keeps["out"].append(_pair_keep(run, block.dropout_row, t, one))
+            keeps["in"].append(_pair_keep(run, block.dropout_row, t, one, col_shard=True))
+    keep = {k: (torch.cat(v, dim=-4) if v else None) for k, v in keeps.items()}
+
+    upd = _triangle_attention_rows(block.tri_att_start, W, "tri_att_start", run, t,
+                                   run.pair_mask_row)
+    t = _residual(run, block.dropout_row, t, upd, keep["start"])
+    t = fd.row_to_col(t, run.group)
+    upd = _triangle_attention_rows(block.tri_att_end, W, "tri_att_end", run, t.transpose(-2, -3),
+                                   run.pair_mask_col.transpose(-1, -2))
+    t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep["end"])
+    t = fd.col_to_row(t, run.group)
+    upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
+                                   run.pair_mask_row, True)
+    t = _residual(run, block.dropout_row, t, upd, keep["out"])
+    t = fd.row_to_col(t, run.group)
+    upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t, run.pair_mask_col,
+                                   False)
+    t = _residual(run, block.dropout_row, t, upd, keep["in"])
+    t = run.add(t, _transition(run, W, "pair_transition", block.pair_transition, t,
+                               run.pair_mask_col if run.mask_trans else None))
+    return fd.col_to_row(t, run.group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entering and leaving the DAP region
+
+def _enter_msa(run: _Run, m, z, msa_mask, pair_mask):
+    """Pad once, keep the local shards: m rows [*, S/P, N, C_m], z rows [*, N/P, N, C_z]."""
+    if msa_mask is None:
+        msa_mask = m.new_ones(m.shape[:-1])
+    if pair_mask is None:
+        pair_mask = z.new_ones(z.shape[:-1])
+    run.set_msa_mask(msa_mask)
+    run.set_pair_mask(pair_mask)
+    m = fd.scatter(fd.pad_to(m, {-3: run.np_seq, -2: run.np_res}), -3, run.group)
+    z = fd.scatter(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3, run.group)
+    return m, z
+
+
+def _leave_pair(run: _Run, z: torch.Tensor) -> torch.Tensor:
+    return fd.unpad(fd.gather(z, -3, run.group), {-3: run.n_res, -2: run.n_res})
+
+
+def _leave_msa_cols(run: _Run, m: torch.Tensor) -> torch.Tensor:
+    return fd.unpad(fd.gather(m, -2, run.group), {-3: run.n_seq, -2: run.n_res})
+
+
+def _check_dropout_rng(run: _Run, modules, device) -> None:
+    if run.p > 1 and torch.is_grad_enabled() and any(
+            getattr(d, "training", False) and getattr(d, "r", 0.0) > 0.0 for d in modules):
+        fd.check_rng_synced(run.ctx, device)
+
+
+def _checkpoint(fn, *args):
+    ckpt = get_checkpoint_fn()
+    if ckpt is torch.utils.checkpoint.checkpoint:
+        # reentrant: the whole block (and every collective in it) is recomputed on every rank
+        return ckpt(fn, *args, use_reentrant=True)
+    return ckpt(fn, *args)
+
+
+def _run_blocks(blocks, args, blocks_per_ckpt: Optional[int]):
+    if blocks_per_ckpt is None or not torch.is_grad_enabled():
+        for b in blocks:
+            args = b(*args)
+        return args
+    if not 1 <= blocks_per_ckpt <= len(blocks):
+        raise ValueError("blocks_per_ckpt must be between 1 and len(blocks)")
+
+    def segment(bs):
+        def run(*a):
+            for b in bs:
+                a = b(*a)
+            return a
+        return run
+
+    for s in range(0, len(blocks), blocks_per_ckpt):
+        args = _checkpoint(segment(blocks[s:s + blocks_per_ckpt]), *args)
+    return args
+
+
+def _reject(use_flash: bool = False, offload: bool = False) -> None:
+    if use_flash:
+        raise UnsupportedOption("use_flash cannot be combined with fastfold-plugin; unset "
+                                "config.globals.use_flash (the plugin's attention is flash-style).")
+    if offload:
+        raise UnsupportedOption("DAP does not implement OpenFold's offload_inference; set "
+                                "config.globals.offload_inference = False.")
+
+
+def _dropouts(blocks):
+    for b in blocks:
+        for mod in b.modules():
+            if hasattr(mod, "r") and hasattr(mod, "batch_dim"):
+                yield mod
+
+
+# ----------------------------------------------------------------------------------------------
+# Replacement forwards (stock signatures)
+
+def evoformer_stack_forward(self: EvoformerStack, m, z, msa_mask, pair_mask, chunk_size,
+                            use_lma=False, use_flash=False, inplace_safe=False, _mask_trans=True):
+    """EvoformerStack.forward under DAP: full m [*, N_seq, N_res, C_m], z [*, N_res, N_res, C_z]
+    in, full (m, z, s) out on every rank."""
+    _reject(use_flash)
+    run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
+               _mask_trans)
+    _check_dropout_rng(run, _dropouts(self.blocks), m.device)
+    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    last = len(self.blocks) - 1
+    blocks = [partial(_msa_block_sharded, b, run, final=(i == last))
+              for i, b in enumerate(self.blocks)]
+    m, z = _run_blocks(blocks, (m, z), self.blocks_per_ckpt)
+    if last < 0:  # no blocks: m is still split by rows
+        m = fd.row_to_col(m, run.group)
+    # single representation from the local residues of the first row
+    W = _weights(self.linear, run)
+    s = F.linear(m[..., 0, :, :], W["weight"], W["bias"])
+    s = fd.unpad(fd.gather(s, -2, run.group), {-2: run.n_res})
+    return _leave_msa_cols(run, m), _leave_pair(run, z), s
+
+
+def extra_msa_stack_forward(self: ExtraMSAStack, m, z, msa_mask, pair_mask, chunk_size,
+                            use_lma=False, inplace_safe=False, _mask_trans=True):
+    """ExtraMSAStack.forward under DAP: returns the full pair update on every rank."""
+    run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
+               _mask_trans)
+    _check_dropout_rng(run, _dropouts(self.blocks), m.device)
+    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    last = len(self.blocks) - 1
+    for i, b in enumerate(self.blocks):
+        fn = partial(_msa_block_sharded, b, run, final=(i == last))
+        if self.ckpt and torch.is_grad_enabled():
+            m, z = _checkpoint(fn, m, z)
+        else:
+            m, z = fn(m, z)
+    return _leave_pair(run, z)
+
+
+def template_pair_stack_forward(self: TemplatePairStack, t, mask, chunk_size, use_lma=False,
+                                inplace_safe=False, _mask_trans=True):
+    """TemplatePairStack.forward under DAP: t [*, N_templ, N_res, N_res, C_t] in and out."""
+    if mask.shape[-3] == 1:
+        expand_idx = list(mask.shape)
+        expand_idx[-3] = t.shape[-4]
+        mask = mask.expand(*expand_idx)
+    run = _Run(_dap(self), _ops(self, t), t.shape[-2], None, chunk_size, inplace_safe,
+               _mask_trans)
+    if self.training:
+        _check_dropout_rng(run, _dropouts(self.blocks), t.device)
+    run.set_pair_mask(mask)
+    t = fd.scatter(fd.pad_to(t, {-3: run.np_res, -2: run.np_res}), -3, run.group)
+    blocks = [partial(_template_block_sharded, b, run) for b in self.blocks]
+    (t,) = _run_blocks([lambda x, f=f: (f(x),) for f in blocks], (t,),
+                       self.blocks_per_ckpt if self.training else None)
+    W = _weights(self.layer_norm, run)
+    t = run.ops.layer_norm(t, W["weight"], W["bias"], self.layer_norm.eps)
+    return _leave_pair(run, t)
+
+
+def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chunk_size=None,
+                            use_lma=False, use_flash=False, inplace_safe=False, _mask_trans=True,
+                            _attn_chunk_size=None, _offload_inference=False,
+                            _offloadable_inputs=None):
+    """EvoformerBlock.forward under DAP (one block: pad, scatter, block, gather, unpad)."""
+    _reject(use_flash, _offload_inference)
+    run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
+               _mask_trans)
+    _check_dropout_rng(run, _dropouts([self]), m.device)
+    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    m, z = _msa_block_sharded(self, run, m, z, final=True)
+    return _leave_msa_cols(run, m), _leave_pair(run, z)
+
+
+def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chunk_size=None,
+                            use_lma=False, inplace_safe=False, _mask_trans=True,
+                            _attn_chunk_size=None, _offload_inference=False,
+                            _offloadable_inputs=None):
+    """ExtraMSABlock.forward under DAP (checkpointed when `self.ckpt` and gradients are on)."""
+    _reject(offload=_offload_inference)
+    run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
+               _mask_trans)
+    _check_dropout_rng(run, _dropouts([self]), m.device)
+    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    fn = partial(_msa_block_sharded, self, run, final=True)
+    if self.ckpt and torch.is_grad_enabled():
+        m, z = _checkpoint(fn, m, z)
+    else:
+        m, z = fn(m, z)
+    return _leave_msa_cols(run, m), _leave_pair(run, z)
+
+
+def template_pair_stack_block_forward(self: TemplatePairStackBlock, z, mask, chunk_size=None,
+                                      use_lma=False, inplace_safe=False, _mask_trans=True,
+                                      _attn_chunk_size=None):
+    """TemplatePairStackBlock.forward under DAP: z [*, N_templ, N_res, N_res, C_t]."""
+    run = _Run(_dap(self), _ops(self, z), z.shape[-2], None, chunk_size, inplace_safe,
+               _mask_trans)
+    _check_dropout_rng(run, _dropouts([self]), z.device)
+    run.set_pair_mask(mask)
+    z = fd.scatter(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3, run.group)
+    return _leave_pair(run, _template_block_sharded(self, run, z))
+
+
+# OpenFold class -> DAP replacement forward (used instead of the single-process ones when
+# enable() gets a DAP context of size > 1).
+DAP_FORWARDS: Dict[type, Callable] = {
+    EvoformerStack: evoformer_stack_forward,
+    ExtraMSAStack: extra_msa_stack_forward,
+    TemplatePairStack: template_pair_stack_forward,
+    EvoformerBlock: evoformer_block_forward,
+    ExtraMSABlock: extra_msa_block_forward,
+    TemplatePairStackBlock: template_pair_stack_block_forward,
+}
