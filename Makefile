@@ -92,6 +92,9 @@ $(VENV)/.stamp-venv: | check-mode
 	  echo "make: venv without pip (no ensurepip here); using the system pip"; \
 	  $(PYTHON) -m venv --without-pip $(VENV_FLAGS) $(VENV); }
 	echo "$(MODE)" > $(VENV)/.mode
+	# offline: also see the site-packages of $(PYTHON) itself (it may be a venv holding torch)
+	if [ "$(MODE)" != online ]; then $(PYTHON) -c 'import site; print("\n".join(site.getsitepackages()))' \
+	  > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_base_site.pth"; fi
 	$(if $(filter offline:%,$(MODE)),echo "$(abspath $(OFFLINE_WHEELHOUSE))" > $(VENV)/.offline-wheelhouse)
 	touch $@
 

@@ -73,6 +73,7 @@ class Report:
     max_plddt_deviation: float    # pLDDT points (0-100)
     atoms_compared: int
     warmup: bool
+    patched_modules: int          # OpenFold modules running the plugin's forwards
     summary_path: Optional[Path] = None
 
 
@@ -160,7 +161,10 @@ def predict(
         raise PredictError(f"fastfold-plugin cannot be enabled with backend={backend!r}: {e}") from e
 
     stock = _timed_run(model, batch, device, precision, "stock OpenFold", warmup)
-    with fastfold_plugin.enable(model, backend=backend):
+    with fastfold_plugin.enable(model, backend=backend) as handle:
+        patched = handle.num_patched
+        if patched == 0:  # the comparison would be stock against stock
+            raise PredictError(f"fastfold_plugin.enable() patched no module of this {preset} model")
         plugin = _timed_run(model, batch, device, precision, f"fastfold-plugin ({backend})", warmup)
 
     present = (stock.atom_mask > 0) & (plugin.atom_mask > 0)
@@ -173,7 +177,7 @@ def predict(
         random_weights=random_weights, stock=stock, plugin=plugin,
         max_atom_deviation=float(np.max(dist)) if dist.size else float("nan"),
         max_plddt_deviation=float(np.max(np.abs(stock.plddt - plugin.plddt))),
-        atoms_compared=int(dist.size), warmup=warmup,
+        atoms_compared=int(dist.size), warmup=warmup, patched_modules=patched,
     )
     _write_outputs(report, batch, output_dir)
     return report
@@ -189,7 +193,7 @@ def format_summary(r: Report) -> str:
         f"  {'run':<28}{'wall time':>12}{'mean pLDDT':>12}",
         f"  {'stock OpenFold':<28}{r.stock.seconds:>10.2f} s{r.stock.plddt.mean():>12.2f}",
         f"  {'fastfold-plugin (' + r.backend + ')':<28}{r.plugin.seconds:>10.2f} s"
-        f"{r.plugin.plddt.mean():>12.2f}",
+        f"{r.plugin.plddt.mean():>12.2f}   ({r.patched_modules} OpenFold modules patched)",
         f"  wall times: the model call only{warm}",
         f"  largest deviation between the two predictions: {r.max_atom_deviation:.3g} Angstrom "
         f"(atom positions, {r.atoms_compared} atoms), {r.max_plddt_deviation:.3g} pLDDT points "

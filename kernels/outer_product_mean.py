@@ -231,16 +231,16 @@ def _opm_out_fwd_kernel(
         ck = c0 + k // BLOCK_C
         ek = k % BLOCK_C
         k_ok = (ck < C) & (ek < C)
-        o = tl.load(o_base + ck[None, :].to(tl.int64) * R * C + j[:, None] * C + ek[None, :],
+        o = tl.load(o_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
                     mask=j_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(WO + z[None, :] * (C * C) + (ck * C + ek)[:, None], mask=k_ok[:, None] & z_ok[None, :],
                     other=0.0)
         acc += _dot(o, w, DOT_PREC, INTERP)
     bo = tl.load(BO + z, mask=z_ok, other=0.0)
-    row = bt.to(tl.int64) * R * R + i * R + j
-    nrm = tl.load(NORM + row, mask=j_ok, other=1.0)
+    pair0 = (bt.to(tl.int64) * R + i) * R  # pair (bt, i, 0); 64-bit scalar, 32-bit tile offsets
+    nrm = tl.load(NORM + pair0 + j, mask=j_ok, other=1.0)
     out = (acc + bo[None, :]) / (nrm + eps)[:, None]
-    tl.store(OUT + row[:, None] * CZ + z[None, :], _cast(out, OUT.dtype.element_ty, INTERP),
+    tl.store(OUT + pair0 * CZ + j[:, None] * CZ + z[None, :], _cast(out, OUT.dtype.element_ty, INTERP),
              mask=j_ok[:, None] & z_ok[None, :])
 
 
@@ -261,9 +261,9 @@ def _opm_out_bwd_kernel(
     j_ok = j < R
     z = tl.arange(0, BLOCK_CZ)
     z_ok = z < CZ
-    row = bt.to(tl.int64) * R * R + i * R + j
-    nrm = tl.load(NORM + row, mask=j_ok, other=1.0)
-    g = tl.load(DOUT + row[:, None] * CZ + z[None, :], mask=j_ok[:, None] & z_ok[None, :],
+    pair0 = (bt.to(tl.int64) * R + i) * R
+    nrm = tl.load(NORM + pair0 + j, mask=j_ok, other=1.0)
+    g = tl.load(DOUT + pair0 * CZ + j[:, None] * CZ + z[None, :], mask=j_ok[:, None] & z_ok[None, :],
                 other=0.0).to(tl.float32) / (nrm + eps)[:, None]
     part_row = pid_i.to(tl.int64) * tl.num_programs(1) + pid_j
     tl.store(PART + part_row * CZ + z, tl.sum(g, axis=0), mask=z_ok)
@@ -277,7 +277,7 @@ def _opm_out_bwd_kernel(
         w = tl.load(WO + z[:, None] * (C * C) + (ck * C + ek)[None, :], mask=z_ok[:, None] & k_ok[None, :],
                     other=0.0)
         d = _dot(g_c, w, DOT_PREC, INTERP)
-        tl.store(do_base + ck[None, :].to(tl.int64) * R * C + j[:, None] * C + ek[None, :],
+        tl.store(do_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
                  _cast(d, DO.dtype.element_ty, INTERP), mask=j_ok[:, None] & k_ok[None, :])
 
 
@@ -307,15 +307,16 @@ def _opm_dw_kernel(
         r_ok = pid_i < n_rows
         bt = pid_i // RB
         i = R0 + pid_i % RB
+        pair0 = (bt * R + i) * R
+        o_base = O + pid_i * C * R * C
         for j0 in range(0, R, BLOCK_J):
             j = j0 + jj
             j_ok = (j < R) & r_ok
-            row = bt * R * R + i * R + j
-            nrm = tl.load(NORM + row, mask=j_ok, other=1.0)
-            gt = tl.load(DOUT + row[None, :] * CZ + z[:, None], mask=z_ok[:, None] & j_ok[None, :],
+            nrm = tl.load(NORM + pair0 + j, mask=j_ok, other=1.0)
+            gt = tl.load(DOUT + pair0 * CZ + j[None, :] * CZ + z[:, None], mask=z_ok[:, None] & j_ok[None, :],
                          other=0.0).to(tl.float32) / (nrm + eps)[None, :]
-            o = tl.load(O + pid_i * C * R * C + ck[None, :].to(tl.int64) * R * C + j[:, None] * C
-                        + ek[None, :], mask=j_ok[:, None] & k_ok[None, :], other=0.0)
+            o = tl.load(o_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
+                        mask=j_ok[:, None] & k_ok[None, :], other=0.0)
             acc += _dot(_cast(gt, O.dtype.element_ty, INTERP), o, DOT_PREC, INTERP)
     tl.store(PART + group.to(tl.int64) * CZ * C * C + z[:, None] * (C * C) + (ck * C + ek)[None, :], acc,
              mask=z_ok[:, None] & k_ok[None, :])
@@ -325,40 +326,58 @@ def _opm_dw_kernel(
 # launch configuration
 # ----------------------------------------------------------------------------------------------
 def _row_configs():
-    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=2) for bm in (32, 64) for nw in (4, 8)]
+    # C_m = 256: BLOCK_M 64 with 8 warps spills in the backward kernel; the autotuner decides.
+    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=2) for bm, nw in ((32, 4), (32, 8), (64, 8))]
 
 
-def _pair_configs(block_j):
-    return [
-        triton.Config({"BLOCK_J": bj, "BLOCK_K": bk}, num_warps=nw, num_stages=2)
-        for bj in block_j for bk in (64, 128) for nw in (4, 8)
-    ]
+def _pair_configs(shapes):
+    """Configs from (BLOCK_J, BLOCK_K, num_warps) triples."""
+    return [triton.Config({"BLOCK_J": bj, "BLOCK_K": bk}, num_warps=nw, num_stages=2) for bj, bk, nw in shapes]
 
 
-def _prune_block_k(configs, nargs, **kwargs):
-    """BLOCK_K must hold whole c planes: at least BLOCK_C (C rounded up to a power of two)."""
-    block_c = kwargs.get("BLOCK_C") or nargs.get("BLOCK_C")
+def _block_c(nargs, kwargs) -> int:
+    return kwargs.get("BLOCK_C") or nargs["BLOCK_C"]
+
+
+def _prune_one_plane(configs, nargs, **kwargs):
+    """linear_out kernels: the narrowest BLOCK_K that holds a whole c plane (BLOCK_C).  One plane
+    per step keeps the tile indexing plain; several planes per step spill registers."""
+    block_c = _block_c(nargs, kwargs)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= block_c]
+    if not kept:
+        raise ValueError(f"outer_product_mean: hidden width {block_c} is wider than the largest tile")
+    k_min = min(c.kwargs["BLOCK_K"] for c in kept)
+    return [c for c in kept if c.kwargs["BLOCK_K"] == k_min]
+
+
+def _prune_planes(configs, nargs, **kwargs):
+    """dw kernel: BLOCK_K (its output columns) holds whole c planes."""
+    block_c = _block_c(nargs, kwargs)
     kept = [c for c in configs if c.kwargs["BLOCK_K"] >= block_c]
     if not kept:
         raise ValueError(f"outer_product_mean: hidden width {block_c} is wider than the largest tile")
     return kept
 
 
+# Candidate tiles (C = 32, C_z = 128 on an H100, bf16: these compile without register spills).
+_OUT_SHAPES = [(bj, bk, nw) for bk in (16, 32, 64, 128) for bj, nw in ((64, 4), (128, 8), (64, 8), (128, 4))]
+_DW_SHAPES = [(32, 64, 4), (64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 256, 8)]
 _ROW_KEY = ["CM", "C", "M_BUCKET"]
 _PAIR_KEY = ["C", "CZ", "R_BUCKET"]
-_PRUNE = {"early_config_prune": _prune_block_k}
 
 _proj_fwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY)(_opm_proj_fwd_kernel)
 _proj_bwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
-_out_fwd_tuned = triton.autotune(_pair_configs((64, 128)), key=_PAIR_KEY, prune_configs_by=_PRUNE)(
-    _opm_out_fwd_kernel)
-_out_bwd_tuned = triton.autotune(_pair_configs((64, 128)), key=_PAIR_KEY, prune_configs_by=_PRUNE,
+_out_fwd_tuned = triton.autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
+                                 prune_configs_by={"early_config_prune": _prune_one_plane})(_opm_out_fwd_kernel)
+_out_bwd_tuned = triton.autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
+                                 prune_configs_by={"early_config_prune": _prune_one_plane},
                                  reset_to_zero=["PART"])(_opm_out_bwd_kernel)
-_dw_tuned = triton.autotune(_pair_configs((32, 64)), key=_PAIR_KEY, prune_configs_by=_PRUNE)(_opm_dw_kernel)
+_dw_tuned = triton.autotune(_pair_configs(_DW_SHAPES), key=_PAIR_KEY,
+                            prune_configs_by={"early_config_prune": _prune_planes})(_opm_dw_kernel)
 
 _TUNED_META = ("BLOCK_M", "BLOCK_J", "BLOCK_K")
 _MIN_BLOCK_M = 32  # smallest BLOCK_M / BLOCK_J among the GPU configs: sizes partial-sum buffers
-_MIN_BLOCK_J = 64
+_MIN_BLOCK_J = min(bj for bj, _, _ in _OUT_SHAPES)
 _INTERP = dict(BLOCK_M=32, BLOCK_J=16)  # interpreter: one fixed config, few programs
 
 

@@ -31,7 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_launchable, collapse_dims, is_interpreter, next_power_of_2
+from ._triton_utils import (
+    cast_rne,
+    check_launchable,
+    collapse_dims,
+    is_interpreter,
+    next_power_of_2,
+)
 
 _MAX_SINGLE_K = 8192   # longest row held in one tile
 _LOOP_BLOCK_K = 4096   # tile width for longer rows
@@ -98,7 +104,7 @@ def _softmax_fwd_kernel(
     sp0, sp1, sp2, sp3, spk,
     sy0, sy1, sy2, sy3, syk,
     R1, R2, R3, NROWS, K,
-    HAS_MB: tl.constexpr, HAS_PB: tl.constexpr, SINGLE: tl.constexpr,
+    HAS_MB: tl.constexpr, HAS_PB: tl.constexpr, SINGLE: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -113,7 +119,7 @@ def _softmax_fwd_kernel(
         x = _load_logits(X, MB, PB, ox, om, op, cols, sxk, smk, spk, K, HAS_MB, HAS_PB)
         e = tl.exp(x - tl.max(x, 1)[:, None])
         y = e / tl.sum(e, 1)[:, None]
-        tl.store(Y + oy[:, None] + cols[None, :] * syk, y.to(Y.dtype.element_ty),
+        tl.store(Y + oy[:, None] + cols[None, :] * syk, cast_rne(y, Y.dtype.element_ty, INTERP),
                  mask=row_ok[:, None] & (cols[None, :] < K))
     else:
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -128,7 +134,7 @@ def _softmax_fwd_kernel(
             c = start + cols
             x = _load_logits(X, MB, PB, ox, om, op, c, sxk, smk, spk, K, HAS_MB, HAS_PB)
             y = tl.exp(x - m[:, None]) / s[:, None]
-            tl.store(Y + oy[:, None] + c[None, :] * syk, y.to(Y.dtype.element_ty),
+            tl.store(Y + oy[:, None] + c[None, :] * syk, cast_rne(y, Y.dtype.element_ty, INTERP),
                      mask=row_ok[:, None] & (c[None, :] < K))
 
 
@@ -139,7 +145,7 @@ def _softmax_bwd_dx_kernel(
     sd0, sd1, sd2, sd3, sdk,
     sx0, sx1, sx2, sx3, sxk,
     R1, R2, R3, NROWS, K,
-    SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE: tl.constexpr, INTERP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dx = y * (dy - rowsum(y * dy)), fp32."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -154,7 +160,7 @@ def _softmax_bwd_dx_kernel(
         y = tl.load(Y + oy[:, None] + cols[None, :] * syk, mask=cm, other=0.0).to(tl.float32)
         dy = tl.load(DY + od[:, None] + cols[None, :] * sdk, mask=cm, other=0.0).to(tl.float32)
         dx = y * (dy - tl.sum(y * dy, 1)[:, None])
-        tl.store(DX + ox[:, None] + cols[None, :] * sxk, dx.to(DX.dtype.element_ty),
+        tl.store(DX + ox[:, None] + cols[None, :] * sxk, cast_rne(dx, DX.dtype.element_ty, INTERP),
                  mask=row_ok[:, None] & cm)
     else:
         delta = tl.zeros([BLOCK_R], tl.float32)
@@ -170,7 +176,7 @@ def _softmax_bwd_dx_kernel(
             y = tl.load(Y + oy[:, None] + c[None, :] * syk, mask=cm, other=0.0).to(tl.float32)
             dy = tl.load(DY + od[:, None] + c[None, :] * sdk, mask=cm, other=0.0).to(tl.float32)
             dx = y * (dy - delta[:, None])
-            tl.store(DX + ox[:, None] + c[None, :] * sxk, dx.to(DX.dtype.element_ty),
+            tl.store(DX + ox[:, None] + c[None, :] * sxk, cast_rne(dx, DX.dtype.element_ty, INTERP),
                      mask=row_ok[:, None] & cm)
 
 
@@ -315,7 +321,7 @@ class _SoftmaxFunction(torch.autograd.Function):
             *_row_strides(fold, "pair_bias", pair_bias, shape), *_row_strides(fold, "y", y, shape),
             sizes[1], sizes[2], sizes[3], nrows, K,
             HAS_MB=mask_bias is not None, HAS_PB=pair_bias is not None, SINGLE=single,
-            BLOCK_R=br, BLOCK_K=bk, num_warps=warps)
+            INTERP=is_interpreter(), BLOCK_R=br, BLOCK_K=bk, num_warps=warps)
         ctx.bias_meta = [(None, None) if b is None else (b.shape, b.dtype)
                          for b in (mask_bias, pair_bias)]
         ctx.save_for_backward(y)
@@ -361,7 +367,7 @@ def _dx(y, dy, fold, br, bk, single, warps) -> torch.Tensor:
     _softmax_bwd_dx_kernel[(triton.cdiv(nrows, br),)](
         y, dy, dx, *_row_strides(fold, "y", y, shape), *_row_strides(fold, "dy", dy, shape),
         *_row_strides(fold, "y", dx, shape), sizes[1], sizes[2], sizes[3], nrows, shape[-1],
-        SINGLE=single, BLOCK_R=br, BLOCK_K=bk, num_warps=warps)
+        SINGLE=single, INTERP=is_interpreter(), BLOCK_R=br, BLOCK_K=bk, num_warps=warps)
     return dx
 
 

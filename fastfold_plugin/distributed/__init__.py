@@ -36,6 +36,7 @@ from .groups import (
     current,
     dap_context_for,
     init,
+    make_context,
     register_data_parallel_hooks,
     shutdown,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "col_to_row", "col_to_row_start", "gather", "group_rank", "group_size", "reduce_scatter",
     "reduce_scatter_start", "row_to_col", "row_to_col_start", "scatter", "sum_grads",
     "DEFAULT_TIMEOUT", "DAPContext", "DAPInitError", "GradHooks", "check_context",
-    "check_rng_synced", "current", "dap_context_for", "init", "register_data_parallel_hooks",
+    "check_rng_synced", "current", "dap_context_for", "init", "make_context",
+    "register_data_parallel_hooks",
     "shutdown", "pad_to", "pad_to_multiple", "padded_length", "unpad", "DAPSampler",
 ]

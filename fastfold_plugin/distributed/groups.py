@@ -171,20 +171,33 @@ def init(dap_size: int, timeout: Union[float, datetime.timedelta] = DEFAULT_TIME
                 f"rank {os.environ.get('RANK')}: the process group of {os.environ.get('WORLD_SIZE')} "
                 f"processes did not form within {timeout.total_seconds():g} s (a rank died or "
                 f"never started?). Cause: {e}") from e
+    ctx = make_context(dap_size, timeout, async_comm)
+    if seed is not None:
+        torch.manual_seed(seed + ctx.dp_rank)
+    _current = ctx
+    return ctx
+
+
+def make_context(dap_size: int, timeout: Union[float, datetime.timedelta] = DEFAULT_TIMEOUT,
+                 async_comm: bool = True) -> DAPContext:
+    """A (dp_size, dap_size) ProcessGroupMesh on the existing default process group, and this
+    process's DAPContext on it. Every rank must call it (it creates process groups). :func:`init`
+    calls it once; call it again for contexts of other DAP sizes (e.g. to compare sizes in one
+    launch). Does not change :func:`current`."""
+    timeout = _as_timedelta(timeout)
+    if not dist.is_initialized():
+        raise DAPInitError("make_context needs torch.distributed initialised; call "
+                           "fastfold_plugin.distributed.init first")
     world = dist.get_world_size()
-    if world % dap_size != 0:
+    if dap_size < 1 or world % dap_size != 0:
         raise ValueError(f"dap_size {dap_size} does not divide the world size {world}; launch a "
                          f"multiple of {dap_size} processes")
     mesh = _timed_mesh_class()(world // dap_size, dap_size, timeout=timeout)
     dap_group = mesh.get_group_along_axis(1)
     dp_group = mesh.get_group_along_axis(0)
-    ctx = DAPContext(group=dap_group if dap_size > 1 else None, async_comm=async_comm,
-                     dp_group=dp_group if world // dap_size > 1 else None, mesh=mesh,
-                     timeout=timeout)
-    if seed is not None:
-        torch.manual_seed(seed + ctx.dp_rank)
-    _current = ctx
-    return ctx
+    return DAPContext(group=dap_group if dap_size > 1 else None, async_comm=async_comm,
+                      dp_group=dp_group if world // dap_size > 1 else None, mesh=mesh,
+                      timeout=timeout)
 
 
 def current() -> Optional[DAPContext]:
@@ -301,6 +314,7 @@ def register_data_parallel_hooks(model: torch.nn.Module, ctx: DAPContext) -> Gra
     return GradHooks(p.register_hook(hook) for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["DAPContext", "DAPInitError", "DAPCommError", "init", "current", "dap_context_for",
+__all__ = ["DAPContext", "DAPInitError", "DAPCommError", "init", "make_context", "current",
+           "dap_context_for",
            "check_context", "shutdown", "check_rng_synced", "register_data_parallel_hooks",
            "GradHooks", "DEFAULT_TIMEOUT"]

@@ -87,3 +87,8 @@ def launch(scenario: str, nprocs: int, args: Optional[dict] = None, deadline: fl
 @pytest.fixture
 def run_workers():
     return launch
+
+
+@pytest.fixture
+def tcp_port() -> int:
+    return free_port()

@@ -397,10 +397,8 @@ def msa_stack_call(use_lma=False):
     return factory
 
 
-@scenario
-def evoformer_stack_equivalence(args):
+def evoformer_case(ctx, args):
     """A whole (small) Evoformer stack under DAP equals one process (stock OpenFold)."""
-    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
     p = ctx.size
     n_seq, n_res = args["n_seq"], args["n_res"]
     stock = evoformer_stack(blocks_per_ckpt=args.get("blocks_per_ckpt"))
@@ -411,12 +409,10 @@ def evoformer_stack_equivalence(args):
         ctx, stock, inputs, ws, msa_stack_call(), msa_stack_call(), 2,
         lambda c: assert_sharded_shapes(c, p, fd.padded_length(n_seq, p),
                                         fd.padded_length(n_res, p), 16, 8), "evoformer")
-    fd.shutdown()
-    result(ok=True, size=p, ops=calls)
+    return calls
 
 
-@scenario
-def extra_msa_and_template_stacks(args):
+def extra_template_case(ctx, args):
     """The extra-MSA stack (global column attention, checkpointed blocks) and the template pair
     stack under DAP equal one process (stock OpenFold)."""
     from openfold.model.evoformer import ExtraMSAStack
@@ -424,7 +420,6 @@ def extra_msa_and_template_stacks(args):
 
     from fastfold_plugin.testing import randomize_parameters_
 
-    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
     p = ctx.size
     n_seq, n_res = args["n_seq"], args["n_res"]
     n_seq_p, n_res_p = fd.padded_length(n_seq, p), fd.padded_length(n_res, p)
@@ -464,8 +459,18 @@ def extra_msa_and_template_stacks(args):
 
     calls += check_stack(ctx, templ, [t, pair_mask.unsqueeze(-3)], ws, templ_call, templ_call, 1,
                          templ_shapes, "template")
+    return calls
+
+
+@scenario
+def stacks(args):
+    """Each case of args["cases"] ({"stack": "evoformer" | "extra_template", sizes}) in turn."""
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
+    cases = {"evoformer": evoformer_case, "extra_template": extra_template_case}
+    for case in args["cases"]:
+        calls = cases[case["stack"]](ctx, case)
+        result(ok=True, size=ctx.size, ops=calls, **case)
     fd.shutdown()
-    result(ok=True, size=p, ops=calls)
 
 
 def _cpu_softmax_kernel_works() -> bool:

@@ -23,7 +23,7 @@ PRECISIONS = [
     pytest.param(torch.float32, torch.float32, torch.float16, 2.0, False, id="fp32-autocast-fp16"),
 ]
 # (leading dims [*, N_res], N_seq, C, heads, C_hidden)
-SHAPES = [((2, 2), 37, 24, 3, 8), ((1,), 1, 16, 2, 8), ((1, 1, 2), 20, 64, 8, 8)]
+SHAPES = [((2, 2), 37, 24, 3, 8), ((24,), 1, 16, 2, 8), ((1, 1, 2), 20, 64, 8, 8)]
 
 
 def _autocast(device, dtype):
@@ -73,20 +73,22 @@ def check_global_attention(shape, m_dtype, w_dtype, ac_dtype, tol, masked_column
     assert out.dtype == out_ref.dtype and out.shape == out_ref.shape
     for name, a, e in zip(GRAD_NAMES, grads, grads_ref, strict=True):
         assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
-    if m_dtype == torch.float32 and ac_dtype is None:
-        for name, a, e in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref, strict=True):
-            assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), max_rel=tol, name=name)
-        return
+    exact = m_dtype == torch.float32 and ac_dtype is None
     out_t, grads_t, _ = truth(args, h, g)
-    for name, a, e, t in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref, (out_t,) + grads_t, strict=True):
+    grad_scale = max(t.norm().item() for t in grads_t)
+    for name, a, e, t in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref, (out_t,) + grads_t,
+                             strict=True):
         if not bool(t.any()):
             # an exactly zero gradient (N_seq 1: the softmax is constant, dWq = dWk = 0); the op
-            # forms it from rounded operands, so it is zero to rounding, not bit for bit
-            bound = tol * torch.finfo(ac_dtype or m_dtype).eps * a.numel() ** 0.5
+            # forms it from rounded operands, so it is zero to rounding (relative to the other
+            # gradients), not bit for bit
+            bound = 4 * torch.finfo(ac_dtype or m_dtype).eps * grad_scale
             assert a.double().norm().item() <= bound, f"{name}: should be 0, norm {a.double().norm():.3e}"
-            continue
-        e_op, e_ref = rel_err(a, t), rel_err(e, t)
-        assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
+        elif exact:
+            assert_close(a, e, rtol=tol, atol=tol * e.abs().max().item(), max_rel=tol, name=name)
+        else:
+            e_op, e_ref = rel_err(a, t), rel_err(e, t)
+            assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
 
 
 @pytest.mark.parametrize("m_dtype,w_dtype,ac_dtype,tol,masked_column", PRECISIONS)

@@ -1,0 +1,488 @@
+"""Dynamic Axial Parallelism benchmark: launch with torchrun (2, 3, 4 or 8 processes).
+
+    torchrun --nproc-per-node 2 benchmarks/bench_dap.py                  # GPUs, NCCL, bf16
+    torchrun --nproc-per-node 2 benchmarks/bench_dap.py --dry-run        # CPU, gloo, tiny sizes
+
+Suites (``--suites``, default all):
+
+- ``strong``: one Evoformer block, training fwd+bwd, at N_seq x N_res = 128 x 256 and 512 x 384,
+  DAP size 1 (one process: stock OpenFold and the plugin) vs every DAP size that divides the world
+  (the sharded block as it runs inside a stack), async overlap on and off: strong scaling.
+- ``inference``: one Evoformer block, inference (no grad, in place, chunked), N_res 2048 and 4096
+  (N_seq 128): speed-up and peak memory per GPU.
+- ``weak``: DP x DAP weak scaling: a 2-block Evoformer stack training step (fwd+bwd, data-parallel
+  gradient averaging) per DAP group of 2, with 1, 2, ... data-parallel groups.
+- ``profile``: a torch.profiler trace of a DAP block step (async and sync), with a summary of the
+  time collectives spend running concurrently with compute kernels (the overlap of NCCL kernels
+  with compute kernels on other streams); Chrome traces go to ``--profile-dir``.
+
+Timing: each case runs ``--warmup`` steps, then ``--trials`` timed trials of ``--inner`` steps
+between barriers (CUDA-synchronised); a trial's time is the slowest rank's; results are the median
+and the 20 / 80 % quantiles over trials. (triton.testing.do_bench is not used here: its adaptive
+repetition count could differ between ranks and deadlock the collectives.) Peak memory is the
+largest ``max_memory_allocated`` over ranks.
+
+Results append to ``--out`` as JSON lines with the GPU name, torch / triton / CUDA / Colossal-AI
+versions, the commit and the date; rank 0 writes them and prints a table.
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = ("strong", "inference", "weak", "profile")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU + gloo, tiny sizes, fp32, reference ops: checks the script end to end")
+    p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dap.jsonl"))
+    p.add_argument("--profile-dir", default=str(REPO / "benchmarks" / "results" / "dap_traces"))
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="bf16 autocast (default on GPU) or fp32 (default for --dry-run)")
+    p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--trials", type=int, default=None)
+    p.add_argument("--inner", type=int, default=None)
+    p.add_argument("--inference-chunk-size", type=int, default=128,
+                   help="chunk_size for the inference suite (rows per chunk)")
+    p.add_argument("--timeout", type=float, default=600.0, help="process-group timeout, seconds")
+    a = p.parse_args(argv)
+    a.suites = [s for s in a.suites.split(",") if s]
+    unknown = set(a.suites) - set(SUITES)
+    if unknown:
+        p.error(f"unknown suites {sorted(unknown)}; choose from {SUITES}")
+    dry = a.dry_run
+    a.dtype = a.dtype or ("fp32" if dry else "bf16")
+    a.warmup = a.warmup if a.warmup is not None else (1 if dry else 3)
+    a.trials = a.trials if a.trials is not None else (2 if dry else 10)
+    a.inner = a.inner if a.inner is not None else (1 if dry else 3)
+    if dry:
+        a.inference_chunk_size = 2
+    return a
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment and output
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def _commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device, args) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        colossalai_version = version("colossalai")
+    except PackageNotFoundError:
+        colossalai_version = None
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "backend_dist": dist.get_backend(),
+        "world": dist.get_world_size(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "colossalai": colossalai_version,
+        "commit": _commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": args.dtype,
+        "dry_run": args.dry_run,
+    }
+
+
+class Output:
+    def __init__(self, path: str, env: dict, rank: int):
+        self.path, self.env, self.rank, self.rows = Path(path), env, rank, []
+
+    def add(self, **row) -> None:
+        row = {"bench": "dap", **row, **self.env}
+        self.rows.append(row)
+        if self.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            keys = ("suite", "case", "provider", "dap", "dp", "async", "ms_median", "ms_q20",
+                    "ms_q80", "peak_gib", "comm_ms", "overlap_ms", "overlap_frac_of_comm", "note")
+            print("  ".join(f"{k}={row[k]}" for k in keys if k in row), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _all_max(x: float, device) -> float:
+    t = torch.tensor([x], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def measure(step, args, device, active: bool = True) -> dict:
+    """Median / quantiles (ms, slowest rank) and peak memory (GiB, largest rank) of `step`.
+    Ranks with `active` False only join the barriers."""
+    oom = False
+    try:
+        if active:
+            for _ in range(args.warmup):
+                step()
+        _sync(device)
+    except torch.cuda.OutOfMemoryError:
+        oom = True
+    if _all_max(float(oom), device) > 0:
+        return {"note": "out of memory"}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.trials):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        if active:
+            for _ in range(args.inner):
+                step()
+        _sync(device)
+        times.append(_all_max((time.perf_counter() - t0) * 1e3 / args.inner, device))
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"ms_median": round(statistics.median(times), 4), "ms_q20": round(qs[0], 4),
+            "ms_q80": round(qs[3], 4), "peak_gib": round(_all_max(peak, device), 3)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and inputs
+
+def block_dims(dry: bool) -> dict:
+    if dry:
+        return dict(c_m=16, c_z=8, c_hidden_msa_att=4, c_hidden_opm=4, c_hidden_mul=8,
+                    c_hidden_pair_att=4, no_heads_msa=2, no_heads_pair=2, transition_n=2)
+    return dict(c_m=256, c_z=128, c_hidden_msa_att=32, c_hidden_opm=32, c_hidden_mul=128,
+                c_hidden_pair_att=32, no_heads_msa=8, no_heads_pair=4, transition_n=4)
+
+
+def make_block(args, device):
+    from openfold.model.evoformer import EvoformerBlock
+
+    from fastfold_plugin.testing import randomize_parameters_
+
+    block = EvoformerBlock(**block_dims(args.dry_run), msa_dropout=0.15, pair_dropout=0.25,
+                           inf=1e9, eps=1e-10)
+    return randomize_parameters_(block, seed=0).to(device)
+
+
+def make_stack(args, device, no_blocks=2):
+    from openfold.model.evoformer import EvoformerStack
+
+    from fastfold_plugin.testing import randomize_parameters_
+
+    stack = EvoformerStack(**block_dims(args.dry_run), c_s=32 if args.dry_run else 384,
+                           no_blocks=no_blocks, msa_dropout=0.15, pair_dropout=0.25,
+                           blocks_per_ckpt=None, inf=1e9, eps=1e-10)
+    return randomize_parameters_(stack, seed=0).to(device)
+
+
+def inputs(n_seq, n_res, args, device, seed=0):
+    d = block_dims(args.dry_run)
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n_seq, n_res, d["c_m"], generator=g).to(device)
+    z = torch.randn(n_res, n_res, d["c_z"], generator=g).to(device)
+    msa_mask = torch.ones(n_seq, n_res, device=device)
+    pair_mask = torch.ones(n_res, n_res, device=device)
+    return m, z, msa_mask, pair_mask
+
+
+def autocast(args, device):
+    if args.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def op_backend(args, device) -> str:
+    if args.backend != "auto":
+        return args.backend
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def dap_sizes(world: int) -> List[int]:
+    return [d for d in range(2, world + 1) if world % d == 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+def single_process_step(block, ins, args, device, train: bool, chunk_size=None):
+    """One block in one process (stock OpenFold or the plugin's single-process forwards)."""
+    m, z, mm, pm = ins
+
+    def step():
+        with autocast(args, device):
+            if train:
+                mi, zi = m.detach().requires_grad_(), z.detach().requires_grad_()
+                mo, zo = block(mi, zi, msa_mask=mm, pair_mask=pm, chunk_size=None)
+                (mo.float().sum() + zo.float().sum()).backward()
+            else:
+                with torch.no_grad():
+                    block(m.clone(), z.clone(), msa_mask=mm, pair_mask=pm, chunk_size=chunk_size,
+                          inplace_safe=True)
+    return step
+
+
+def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
+    """The sharded block as it runs inside a DAP stack (inputs already split)."""
+    from fastfold_plugin.kernels import get_ops
+    from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
+
+    m, z, mm, pm = ins
+    run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], chunk_size,
+               inplace_safe=not train, mask_trans=True)
+    with torch.no_grad():
+        m_s, z_s = _enter_msa(run, m, z, mm, pm)
+
+    def step():
+        with autocast(args, device):
+            if train:
+                mi, zi = m_s.detach().requires_grad_(), z_s.detach().requires_grad_()
+                mo, zo = _msa_block_sharded(block, run, mi, zi)
+                (mo.float().sum() + zo.float().sum()).backward()
+            else:
+                with torch.no_grad():
+                    _msa_block_sharded(block, run, m_s.clone(), z_s.clone())
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Suites
+
+def suite_block(out: Output, contexts, args, device, train: bool):
+    import fastfold_plugin
+
+    suite = "strong" if train else "inference"
+    if train:
+        sizes = [(5, 9)] if args.dry_run else [(128, 256), (512, 384)]
+        chunk = None
+    else:
+        sizes = [(4, 11)] if args.dry_run else [(128, 2048), (128, 4096)]
+        chunk = args.inference_chunk_size
+    stock = make_block(args, device).train(train)
+    plugin = copy.deepcopy(stock)
+    fastfold_plugin.enable(plugin, backend=args.backend)
+    for n_seq, n_res in sizes:
+        case = f"{n_seq}x{n_res}"
+        ins = inputs(n_seq, n_res, args, device)
+        providers = [("stock", stock), ("plugin", plugin)]
+        for name, model in providers:
+            if not train and name == "stock":
+                continue  # stock OpenFold at these lengths is the anchors' business (OOM / minutes)
+            res = measure(single_process_step(model, ins, args, device, train, chunk), args, device)
+            out.add(suite=suite, case=case, provider=name, dap=1, dp=1, n_seq=n_seq, n_res=n_res,
+                    mode="fwd+bwd" if train else "inference", **res)
+        for d, ctx in contexts.items():
+            for use_async in (True, False):
+                step = dap_block_step(stock, ctx.with_async(use_async), ins, args, device, train,
+                                      chunk)
+                res = measure(step, args, device)
+                out.add(suite=suite, case=case, provider="dap", dap=d, dp=1, n_seq=n_seq,
+                        n_res=n_res, mode="fwd+bwd" if train else "inference", **{"async": use_async},
+                        **res)
+        del ins
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _subset_context(dp: int, dap: int, timeout: float):
+    """DAP groups of `dap` consecutive ranks and data-parallel groups across them, on the first
+    dp * dap ranks (every rank creates every group, in the same order)."""
+    from fastfold_plugin.distributed import DAPContext
+
+    rank = dist.get_rank()
+    td = datetime.timedelta(seconds=timeout)
+    my_dap = my_dp = None
+    for g in range(dp):
+        ranks = list(range(g * dap, (g + 1) * dap))
+        grp = dist.new_group(ranks, timeout=td) if dap > 1 else None
+        if rank in ranks:
+            my_dap = grp
+    for j in range(dap):
+        ranks = list(range(j, dp * dap, dap))
+        grp = dist.new_group(ranks, timeout=td) if dp > 1 else None
+        if rank in ranks:
+            my_dp = grp
+    return DAPContext(group=my_dap, dp_group=my_dp), rank < dp * dap
+
+
+def suite_weak(out: Output, args, device):
+    import fastfold_plugin
+    import fastfold_plugin.distributed as fd
+
+    world = dist.get_world_size()
+    dap = 2 if world % 2 == 0 else world
+    n_seq, n_res = (4, 7) if args.dry_run else (128, 256)
+    stock = make_stack(args, device).train()
+    ins = inputs(n_seq, n_res, args, device, seed=dist.get_rank() // dap)
+    for dp in [d for d in range(1, world // dap + 1) if (world // dap) % d == 0]:
+        base, active = _subset_context(dp, dap, args.timeout)
+        for use_async in (True, False):
+            ctx = base.with_async(use_async)
+            model = copy.deepcopy(stock)
+            if active:
+                fastfold_plugin.enable(model, backend=args.backend, dap=ctx)
+                hooks = fd.register_data_parallel_hooks(model, ctx)
+
+            def step():
+                m, z, mm, pm = ins
+                with autocast(args, device):
+                    mo, zo, so = model(m.detach().requires_grad_(), z.detach().requires_grad_(),
+                                       msa_mask=mm, pair_mask=pm, chunk_size=None)
+                    (mo.float().sum() + zo.float().sum() + so.float().sum()).backward()
+
+            res = measure(step, args, device, active=active)
+            if active:
+                hooks.remove()
+            out.add(suite="weak", case=f"{n_seq}x{n_res}", provider="dap+dp", dap=dap, dp=dp,
+                    n_seq=n_seq, n_res=n_res, mode="stack fwd+bwd (2 blocks)",
+                    **{"async": use_async}, **res)
+
+
+def overlap_summary(prof, device) -> dict:
+    """How long collectives run concurrently with compute (device kernels on CUDA; on the CPU,
+    the collective ranges of gloo's threads against aten compute ranges)."""
+    from torch.autograd import DeviceType
+
+    comm_words = ("nccl", "gloo", "all_to_all", "allgather", "all_gather", "reduce_scatter",
+                  "reducescatter", "alltoall", "allreduce")
+    comm, compute = [], []
+    for e in prof.events():
+        name = e.name.lower()
+        is_dev = e.device_type == DeviceType.CUDA
+        if device.type == "cuda" and not is_dev:
+            continue
+        rng = (e.time_range.start, e.time_range.end)
+        if any(w in name for w in comm_words):
+            comm.append(rng)
+        elif is_dev or name.startswith(("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul",
+                                        "aten::linear", "aten::softmax", "aten::_softmax")):
+            compute.append(rng)
+
+    def union(iv):
+        merged = []
+        for s, e in sorted(iv):
+            if merged and s <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], e)
+            else:
+                merged.append([s, e])
+        return merged
+
+    cu, pu = union(comm), union(compute)
+    overlap, j = 0.0, 0
+    for s, e in cu:
+        for ps, pe in pu:
+            overlap += max(0.0, min(e, pe) - max(s, ps))
+    comm_us = sum(e - s for s, e in cu)
+    return {"comm_ms": round(comm_us / 1e3, 4), "compute_ms": round(sum(e - s for s, e in pu) / 1e3, 4),
+            "overlap_ms": round(overlap / 1e3, 4),
+            "overlap_frac_of_comm": round(overlap / comm_us, 4) if comm_us else None,
+            "n_comm": len(comm)}
+
+
+def suite_profile(out: Output, contexts, args, device):
+    from torch.profiler import ProfilerActivity, profile
+
+    if not contexts:
+        return
+    d = min(contexts)
+    n_seq, n_res = (6, 7) if args.dry_run else (128, 256)
+    block = make_block(args, device).train()
+    ins = inputs(n_seq, n_res, args, device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+    for use_async in (True, False):
+        step = dap_block_step(block, contexts[d].with_async(use_async), ins, args, device, True)
+        for _ in range(args.warmup):
+            step()
+        _sync(device)
+        dist.barrier()
+        with profile(activities=acts) as prof:
+            for _ in range(max(1, args.inner)):
+                step()
+            _sync(device)
+        trace = Path(args.profile_dir) / f"dap{d}_{'async' if use_async else 'sync'}_rank{dist.get_rank()}.json"
+        prof.export_chrome_trace(str(trace))
+        summ = overlap_summary(prof, device)
+        out.add(suite="profile", case=f"{n_seq}x{n_res}", provider="dap", dap=d, dp=1,
+                n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
+                trace=str(trace), **summ)
+
+
+def main(argv=None) -> int:
+    import fastfold_plugin.distributed as fd
+
+    args = parse_args(argv)
+    if "RANK" not in os.environ:
+        print("bench_dap.py: launch with torchrun, e.g. torchrun --nproc-per-node 2 "
+              "benchmarks/bench_dap.py [--dry-run]", file=sys.stderr)
+        return 2
+    backend = "gloo" if args.dry_run or not torch.cuda.is_available() else "nccl"
+    if not args.dry_run and backend == "gloo":
+        print("bench_dap.py: no CUDA device; use --dry-run on the CPU", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    world_ctx = fd.init(dap_size=1, timeout=args.timeout, backend=backend)
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if backend == "nccl"
+              else torch.device("cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    world = dist.get_world_size()
+    contexts: Dict[int, object] = {d: fd.make_context(d, timeout=args.timeout)
+                                   for d in dap_sizes(world)}
+    env = environment(device, args)
+    out = Output(args.out, env, dist.get_rank())
+    if dist.get_rank() == 0:
+        print(f"bench_dap: world {world}, DAP sizes {list(contexts) or [1]}, {env['gpu']}, "
+              f"{args.dtype}, suites {args.suites}", flush=True)
+    if "strong" in args.suites:
+        suite_block(out, contexts, args, device, train=True)
+    if "inference" in args.suites:
+        with torch.no_grad():
+            suite_block(out, contexts, args, device, train=False)
+    if "weak" in args.suites:
+        suite_weak(out, args, device)
+    if "profile" in args.suites:
+        suite_profile(out, contexts, args, device)
+    dist.barrier()
+    del world_ctx
+    fd.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
