@@ -21,9 +21,8 @@ Cases (bf16, as under OpenFold's bf16 autocast: mask bias fp32, pair bias bf16):
 """
 import importlib.util
 
-import torch
-
 import harness
+import torch
 
 OP = "attention"
 PROVIDERS = ("openfold", "openfold_compile", "plugin", "trifast", "cueq")
@@ -32,8 +31,8 @@ PROVIDERS = ("openfold", "openfold_compile", "plugin", "trifast", "cueq")
 def sweep(args):
     """(case, params) pairs for the chosen sweep."""
     if args.dry_run:
-        return [("tri_att", dict(n_res=n, heads=2, c=16)) for n in (8, 17)] + [
-            ("msa_row", dict(n_seq=3, n_res=9, heads=2, c=8))]
+        return [("tri_att", dict(n_res=n, heads=2, c=16)) for n in (5, 9)] + [
+            ("msa_row", dict(n_seq=2, n_res=9, heads=2, c=8))]
     if args.full:
         tri = [128, 256, 384, 512, 768, 1024, 1536, 2048]
         msa = [(128, 256), (128, 384), (512, 384), (128, 1024)]
@@ -176,9 +175,9 @@ def main(argv=None):
             inputs = make_inputs(case, params, device)
             row = dict(op=OP, provider=name, case=case, **params, dtype="bf16",
                        flops_fwd=_flops(case, params))
-            harness.run_provider(rec, row, lambda: provider_fn(name, case, inputs, device),
-                                 args, device)
-            del inputs
+            harness.run_provider(rec, row, lambda n=name, c=case, i=inputs: provider_fn(
+                n, c, i, device), args, device)
+            inputs = None
     rec.done()
 
 

@@ -358,7 +358,7 @@ def suite_weak(out: Output, args, device):
                 fastfold_plugin.enable(model, backend=args.backend, dap=ctx)
                 hooks = fd.register_data_parallel_hooks(model, ctx)
 
-            def step():
+            def step(model=model):
                 m, z, mm, pm = ins
                 with autocast(args, device):
                     mo, zo, so = model(m.detach().requires_grad_(), z.detach().requires_grad_(),
@@ -403,7 +403,7 @@ def overlap_summary(prof, device) -> dict:
         return merged
 
     cu, pu = union(comm), union(compute)
-    overlap, j = 0.0, 0
+    overlap = 0.0
     for s, e in cu:
         for ps, pe in pu:
             overlap += max(0.0, min(e, pe) - max(s, ps))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fastfold_plugin.checkpoint import CheckpointError, load_checkpoint_, random_checkpoint
+from fastfold_plugin.checkpoint import load_checkpoint_, random_checkpoint
 
 DEMO_FASTA = "gb1.fasta"
 PRESETS = tuple(f"model_{i}{s}" for s in ("", "_ptm") for i in range(1, 6))

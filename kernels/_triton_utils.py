@@ -10,16 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-# torch dtype -> the fp32-or-narrower dtype a kernel accumulates in / the string used by tl.dot
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 def is_interpreter() -> bool:
     """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``).
 
-    Triton reads the variable at launch, so this is checked per call, never cached.
+    Checked per call, never cached. Note that ``@triton.jit`` reads the variable when it
+    decorates a kernel: it must be set before the kernel modules are imported.
     """
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
 def next_power_of_2(n: int) -> int:
@@ -62,11 +60,6 @@ def bf16_autocast_enabled(device_type: str = "cuda") -> bool:
     return autocast_dtype(device_type) == torch.bfloat16
 
 
-def is_low_precision(dtype: torch.dtype) -> bool:
-    """fp16 or bf16."""
-    return dtype in _LOW_PRECISION
-
-
 def check_launchable(*tensors: Optional[torch.Tensor]) -> None:
     """Raise a clear error unless the tensors can feed a Triton kernel here.
 
@@ -81,8 +74,9 @@ def check_launchable(*tensors: Optional[torch.Tensor]) -> None:
             continue
         raise RuntimeError(
             f"Triton kernels need CUDA tensors (got a tensor on {t.device}); on a machine "
-            "without a GPU use the reference backend, or set TRITON_INTERPRET=1 to run the "
-            "kernels in Triton's (slow) CPU interpreter"
+            "without a GPU use the reference backend, or run the kernels in Triton's (slow) "
+            "CPU interpreter by setting TRITON_INTERPRET=1 before the kernel modules are "
+            "imported (Triton reads it when it decorates a kernel)"
         )
 
 

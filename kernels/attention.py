@@ -15,7 +15,7 @@ attention (C = 8), template pointwise attention (Q = 1, K = N_templ, mask bias o
 
 Precision contract. fp32 inputs: IEEE fp32 dots (``input_precision="ieee"``), or TF32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is set. fp16/bf16 inputs: tensor-core dots in that
-dtype with fp32 accumulation; softmax statistics (max, sum, log-sum-exp), the biases, the gate
+dtype with fp32 accumulation; softmax statistics (max, sum), the biases, the gate
 and every gradient accumulator are fp32; results are cast on store. So the low-precision path is
 more accurate than OpenFold's (which rounds the logits and the probabilities to bf16). Biases
 may have their own dtype (under bf16 autocast OpenFold's mask bias is fp32, the pair bias bf16);
@@ -23,8 +23,10 @@ each gradient has its input's dtype. Under autocast, fp32 q/k/v are cast to the 
 as ``torch.matmul`` would. The output has ``q``'s dtype, promoted with ``gate``'s.
 
 Memory. The [*, H, Q, K] logits are never materialised, neither forward nor backward. Forward:
-online softmax over key blocks; the per-row log-sum-exp (fp32, [*, H, Q]) is saved, plus the
-ungated output when a gate is given. Backward (FlashAttention-2 order):
+online softmax over key blocks; the per-row max and 1/sum (fp32, 2 x [*, H, Q]) are saved, plus
+the ungated output when a gate is given and a backward will run. (Not their log-sum-exp: with
+OpenFold's finite -1e9 mask a fully masked row has |max| ~ 1e9, where max + log(sum) rounds back
+to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttention-2 order):
 
 1. ``_attention_bwd_preprocess_kernel``: gate gradient, gated dO, delta = rowsum(dO * O).
 2. ``_attention_bwd_dkdv_kernel``: one program per (batch, head, key block) loops over query
@@ -59,7 +61,10 @@ padded with masked loads. Key and query tails are handled by clamped loads (no m
 main loop) and a masked last block.
 
 Kernels are autotuned on the GPU over a few block configurations keyed on (C, Q, K buckets, bias
-and gate flags); under Triton's CPU interpreter one small configuration is used.
+and gate flags); under Triton's CPU interpreter one small configuration is used, and the kernels
+(flag INTERP) upcast bf16 dot operands (the interpreter's bf16 dot is wrong; the upcast is exact)
+and round to bf16 to nearest even (the interpreter truncates), so that they compute what the GPU
+computes.
 """
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
@@ -188,7 +193,8 @@ def _bias(ptr, offs_m, offs_n, s_m, s_n, Q_BCAST: tl.constexpr, TRANS: tl.conste
 @triton.jit
 def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
             HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
-            PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+            PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+            INTERP: tl.constexpr):
     """((q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N]; keys >= NK at -inf."""
     s = _mm(q, kT, DOT_PREC, INTERP)
     if HAS_MB:
@@ -222,8 +228,8 @@ def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_
                          skn, skc, svn, svc, smm, smn, spm, spn, NK,
                          C: tl.constexpr, CP: tl.constexpr,
                          HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
-                         PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                         INTERP: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     if MASK_N:
         offs_nc = tl.minimum(offs_n, NK - 1)
@@ -243,7 +249,7 @@ def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_
 
 @triton.jit
 def _attention_fwd_kernel(
-    Q, K, V, MB, PB, G, OUT, O, STATS,
+    Q, K, V, MB, PB, G, OUT, ORAW, STATS,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -303,7 +309,7 @@ def _attention_fwd_kernel(
     st_mask = m_ok[:, None] & (offs_c[None, :] < C)
     if HAS_GATE:
         if STORE_O:
-            tl.store(O + io, cast_rne(o, O.dtype.element_ty, INTERP), mask=st_mask)
+            tl.store(ORAW + io, cast_rne(o, ORAW.dtype.element_ty, INTERP), mask=st_mask)
         g = _load_rows(G + z0 * sg0 + z1 * sg1 + h * sgh, offs_mc, offs_c, sgm, sgc, C, CP)
         o = o * tl.sigmoid(g.to(tl.float32))
     tl.store(OUT + io, cast_rne(o, OUT.dtype.element_ty, INTERP), mask=st_mask)
@@ -314,7 +320,7 @@ def _attention_fwd_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_bwd_preprocess_kernel(
-    DOUT, O, G, DO, DG, DELTA,
+    DOUT, ORAW, G, DO, DG, DELTA,
     sd0, sd1, sdh, sdm, sdc,
     so0, so1, soh, som, soc,
     sg0, sg1, sgh, sgm, sgc,
@@ -340,7 +346,7 @@ def _attention_bwd_preprocess_kernel(
     col = offs_c[None, :]
     dout = tl.load(DOUT + z0 * sd0 + z1 * sd1 + h * sdh + row * sdm + col * sdc,
                    mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(O + z0 * so0 + z1 * so1 + h * soh + row * som + col * soc,
+    o = tl.load(ORAW + z0 * so0 + z1 * so1 + h * soh + row * som + col * soc,
                 mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         g = tl.sigmoid(tl.load(G + z0 * sg0 + z1 * sg1 + h * sgh + row * sgm + col * sgc,
@@ -355,6 +361,37 @@ def _attention_bwd_preprocess_kernel(
         dout = cast_rne(dout, DO.dtype.element_ty, INTERP).to(tl.float32)
     delta = tl.sum(dout * o, 1)
     tl.store(DELTA + zh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
+
+
+@triton.jit
+def _attention_bwd_dkdv_block(dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc, offs_c,
+                              start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, NQ, STAT_STRIDE,
+                              C: tl.constexpr, CP: tl.constexpr,
+                              HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
+                              PB_QB: tl.constexpr, MASK_M: tl.constexpr,
+                              DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+                              BLOCK_M: tl.constexpr):
+    """One query block's contribution to dK, dV (transposed tiles [BLOCK_N, BLOCK_M])."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if MASK_M:
+        offs_mc = tl.minimum(offs_m, NQ - 1)
+    else:
+        offs_mc = offs_m
+    qT = _load_rows_t(Q, offs_mc, offs_c, sqm, sqc, C, CP)
+    sT = _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
+                   HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC, INTERP)
+    m = tl.load(STATS + offs_mc)
+    il = tl.load(STATS + STAT_STRIDE + offs_mc)
+    pT = tl.exp2(sT - m[None, :]) * il[None, :]
+    if MASK_M:  # clamped duplicate rows must not contribute
+        pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)
+    do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
+    dv = _mma(cast_rne(pT, do.dtype, INTERP), do, dv, DOT_PREC, INTERP)
+    dpT = _mm(v, tl.trans(do), DOT_PREC, INTERP)
+    delta = tl.load(DELTA + offs_mc)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _mma(cast_rne(dsT, qT.dtype, INTERP), tl.trans(qT), dk, DOT_PREC, INTERP)
+    return dk, dv
 
 
 @triton.jit
@@ -399,22 +436,17 @@ def _attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, CP], tl.float32)
     dv = tl.zeros([BLOCK_N, CP], tl.float32)
-    for start_m in range(0, NQ, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        offs_mc = tl.minimum(offs_m, NQ - 1)
-        qT = _load_rows_t(Q, offs_mc, offs_c, sqm, sqc, C, CP)
-        sT = _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
-                       HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC, INTERP)
-        m = tl.load(STATS + offs_mc)
-        il = tl.load(STATS + STAT_STRIDE + offs_mc)
-        pT = tl.exp2(sT - m[None, :]) * il[None, :]
-        pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)
-        do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
-        dv = _mma(cast_rne(pT, do.dtype, INTERP), do, dv, DOT_PREC, INTERP)
-        dpT = _mm(v, tl.trans(do), DOT_PREC, INTERP)
-        delta = tl.load(DELTA + offs_mc)
-        dsT = pT * (dpT - delta[None, :])
-        dk = _mma(cast_rne(dsT, qT.dtype, INTERP), tl.trans(qT), dk, DOT_PREC, INTERP)
+    m_full = (NQ // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _attention_bwd_dkdv_block(
+            dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc, offs_c, start_m,
+            sqm, sqc, sdm, sdc, smm, smn, spm, spn, NQ, STAT_STRIDE, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP, BLOCK_M)
+    if m_full < NQ:
+        dk, dv = _attention_bwd_dkdv_block(
+            dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc, offs_c, m_full,
+            sqm, sqc, sdm, sdc, smm, smn, spm, spn, NQ, STAT_STRIDE, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP, BLOCK_M)
 
     st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
     tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
@@ -562,6 +594,8 @@ def _attention_bwd_dbias_kernel(
 
     offs_c = tl.arange(0, CP)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    # keys past NK are clamped duplicates: their columns are never stored, and P comes from
+    # the saved row statistics, so they need no -inf mask here
     offs_nc = tl.minimum(offs_n, NK - 1)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for r in range(r_start, r_end):
@@ -596,7 +630,7 @@ def _attention_bwd_dbias_kernel(
         s = _logits(q, kT, MB + z0 * sm0 + z1 * sm1 + h * smh,
                     PB + z0 * sp0 + z1 * sp1 + h * sph,
                     offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
-                    HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP)
+                    HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP)
         m = tl.load(STATS + zh * NQ + offs_mc)
         il = tl.load(STATS + STAT_STRIDE + zh * NQ + offs_mc)
         p = tl.exp2(s - m[:, None]) * il[:, None]
@@ -661,8 +695,7 @@ _dq_tuned = triton.autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY,
     _attention_bwd_dq_kernel)
 _dbias_tuned = triton.autotune(
     [triton.Config({}, num_warps=w, num_stages=s) for w, s in _DBIAS_WARPS],
-    key=["C", "Q_BUCKET", "K_BUCKET", "HAS_MB", "MB_QB", "HAS_PB", "PB_QB", "RED_Z0", "RED_Z1", "RED_H",
-         "RED_Q"])(_attention_bwd_dbias_kernel)
+    key=_TUNE_KEY + ["RED_Z0", "RED_Z1", "RED_H", "RED_Q"])(_attention_bwd_dbias_kernel)
 
 
 def _launch(jit_fn, tuned, grid, args, kwargs):
@@ -714,7 +747,8 @@ def _make_plan(batch: Sequence[int], q_tail: Tuple[int, int, int], **tensors) ->
         return None
     pad = 2 - len(sizes)
     sizes = [1] * pad + sizes
-    return _Plan(sizes[0], sizes[1], {n: (0,) * pad + tuple(s) for n, s in zip(named, folded)})
+    strides = {n: (0,) * pad + tuple(s) for n, s in zip(named, folded, strict=True)}
+    return _Plan(sizes[0], sizes[1], strides)
 
 
 def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -749,14 +783,13 @@ _QHC = (1, 0, 2)   # [*, Q, H, C]: (h, row, c)
 # --------------------------------------------------------------------------------------------
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, q, k, v, mask_bias, pair_bias, gate):
+    def forward(ctx, plan, needs_grad, q, k, v, mask_bias, pair_bias, gate):
         *batch, H, NQ, C = q.shape
         NK = k.shape[-2]
         CP = max(16, next_power_of_2(C))
         out_dtype = q.dtype if gate is None else torch.promote_types(q.dtype, gate.dtype)
         out = q.new_empty((*batch, NQ, H, C), dtype=out_dtype)
         # the backward needs the ungated output too when there is a gate
-        needs_grad = any(ctx.needs_input_grad)
         o = q.new_empty((*batch, NQ, H, C)) if (gate is not None and needs_grad) else out
         store_o = gate is not None and needs_grad
         Z = plan.Z0 * plan.Z1
@@ -792,7 +825,7 @@ class _AttentionFunction(torch.autograd.Function):
         H, NQ, NK, C, CP = ctx.shape
         batch = q.shape[:-3]
         Z = ctx.plan.Z0 * ctx.plan.Z1
-        need_q, need_k, need_v, need_mb, need_pb, need_g = ctx.needs_input_grad[1:]
+        need_q, need_k, need_v, need_mb, need_pb, need_g = ctx.needs_input_grad[2:]
         flags = _bias_flags(mask_bias, pair_bias)
         prec = dot_precision(q.dtype)
 
@@ -859,7 +892,7 @@ class _AttentionFunction(torch.autograd.Function):
                          (H, NQ, NK)) if need_mb else None
         dpb = _bias_grad(plan, pair_bias, "pair_bias", common, common_strides, kwargs,
                          (H, NQ, NK)) if need_pb else None
-        return None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
+        return None, None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
 
 
 def _bias_flags(mask_bias, pair_bias) -> dict:
@@ -907,12 +940,12 @@ def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
     n_qb, n_kb = triton.cdiv(NQ, bm), triton.cdiv(NK, bn)
     owned = [plan.Z0, plan.Z1, H, n_qb]
     flags = [red["RED_Z0"], red["RED_Z1"], red["RED_H"], red["RED_Q"]]
-    tiles = n_kb * math.prod(n for n, f in zip(owned, flags) if not f)
-    reduce_len = math.prod(n for n, f in zip(owned, flags) if f)
+    tiles = n_kb * math.prod(n for n, f in zip(owned, flags, strict=True) if not f)
+    reduce_len = math.prod(n for n, f in zip(owned, flags, strict=True) if f)
     split = max(1, min(reduce_len, triton.cdiv(_target_programs(bias.device), tiles)))
     r_per = triton.cdiv(reduce_len, split)
     split = triton.cdiv(reduce_len, r_per)
-    dims = [1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags)]
+    dims = [1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags, strict=True)]
     buf = torch.empty((split, *dims, NK), device=bias.device, dtype=torch.float32)
     sb = list(buf.stride())
     for i, f in enumerate(flags):
@@ -990,7 +1023,10 @@ def attention(
             attention(*(_select(t, i, len(batch)) for t in (q, k, v, mask_bias, pair_bias, gate)))
             for i in range(batch[0])
         ])
-    return _AttentionFunction.apply(plan, q, k, v, mask_bias, pair_bias, gate)
+    # the ungated output is kept for the backward only when one will run
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mask_bias, pair_bias, gate))
+    return _AttentionFunction.apply(plan, needs_grad, q, k, v, mask_bias, pair_bias, gate)
 
 
 def _select(t: Optional[torch.Tensor], i: int, n_batch: int) -> Optional[torch.Tensor]:

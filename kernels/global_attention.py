@@ -295,7 +295,10 @@ class _Geom:
 
     def __init__(self, n_rows: int, s: int, c: int, h: int, hd: int, cdt: torch.dtype, device):
         interp = is_interpreter()
-        self.block_s = 32 if interp else 64
+        # 8 warps: the tile kernels hold [BLOCK_S, C] and [C, H*D] tiles (no register spills at
+        # C = H*D = 64 for sm_90); fp32 dots (FMA, not tensor cores) need the smaller tile
+        self.block_s = 32 if interp or cdt == torch.float32 else 64
+        self.num_warps = 8
         self.cp = max(16, next_power_of_2(c))
         self.hp = max(16, next_power_of_2(h))
         self.hdp = max(16, next_power_of_2(hd))
@@ -313,7 +316,6 @@ class _Geom:
             OP_DTYPE=tl.float32 if interp and cdt == torch.bfloat16 else _TL_DTYPES[cdt],
             PREC=dot_precision(cdt),
         )
-        self.num_warps = 4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -149,9 +149,11 @@ def _opm_proj_fwd_kernel(
         bias = tl.load(B12 + side * C + c, mask=c_ok, other=0.0)
         val = (_dot(ln, w, DOT_PREC, INTERP) + bias[None, :]) * mk[:, None]
         if side == 0:
-            tl.store(A_OUT + rows[:, None] * C + c[None, :], _cast(val, A_OUT.dtype.element_ty, INTERP), mask=o_ok)
+            tl.store(A_OUT + rows[:, None] * C + c[None, :], _cast(val, A_OUT.dtype.element_ty, INTERP),
+                     mask=o_ok)
         else:
-            tl.store(B_OUT + rows[:, None] * C + c[None, :], _cast(val, B_OUT.dtype.element_ty, INTERP), mask=o_ok)
+            tl.store(B_OUT + rows[:, None] * C + c[None, :], _cast(val, B_OUT.dtype.element_ty, INTERP),
+                     mask=o_ok)
 
 
 @triton.jit
@@ -207,7 +209,7 @@ def _opm_proj_bwd_kernel(
 
 @triton.jit
 def _opm_out_fwd_kernel(
-    O, WO, BO, NORM, OUT,
+    OUTER, WO, BO, NORM, OUT,
     RB, R0, R, C, CZ, eps, R_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
@@ -225,7 +227,7 @@ def _opm_out_fwd_kernel(
     z = tl.arange(0, BLOCK_CZ)
     z_ok = z < CZ
     k = tl.arange(0, BLOCK_K)
-    o_base = O + pid_i.to(tl.int64) * C * R * C
+    o_base = OUTER + pid_i.to(tl.int64) * C * R * C
     acc = tl.zeros((BLOCK_J, BLOCK_CZ), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_K // BLOCK_C):
         ck = c0 + k // BLOCK_C
@@ -283,7 +285,7 @@ def _opm_out_bwd_kernel(
 
 @triton.jit
 def _opm_dw_kernel(
-    DOUT, O, NORM, PART,
+    DOUT, OUTER, NORM, PART,
     RB, R0, R, C, CZ, eps, n_rows, rows_per_program, R_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
@@ -308,7 +310,7 @@ def _opm_dw_kernel(
         bt = pid_i // RB
         i = R0 + pid_i % RB
         pair0 = (bt * R + i) * R
-        o_base = O + pid_i * C * R * C
+        o_base = OUTER + pid_i * C * R * C
         for j0 in range(0, R, BLOCK_J):
             j = j0 + jj
             j_ok = (j < R) & r_ok
@@ -317,7 +319,7 @@ def _opm_dw_kernel(
                          other=0.0).to(tl.float32) / (nrm + eps)[None, :]
             o = tl.load(o_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
                         mask=j_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += _dot(_cast(gt, O.dtype.element_ty, INTERP), o, DOT_PREC, INTERP)
+            acc += _dot(_cast(gt, OUTER.dtype.element_ty, INTERP), o, DOT_PREC, INTERP)
     tl.store(PART + group.to(tl.int64) * CZ * C * C + z[:, None] * (C * C) + (ck * C + ek)[None, :], acc,
              mask=z_ok[:, None] & k_ok[None, :])
 
@@ -327,12 +329,14 @@ def _opm_dw_kernel(
 # ----------------------------------------------------------------------------------------------
 def _row_configs():
     # C_m = 256: BLOCK_M 64 with 8 warps spills in the backward kernel; the autotuner decides.
-    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=2) for bm, nw in ((32, 4), (32, 8), (64, 8))]
+    return [triton.Config({"BLOCK_M": bm}, num_warps=nw, num_stages=2)
+            for bm, nw in ((32, 4), (32, 8), (64, 8))]
 
 
 def _pair_configs(shapes):
     """Configs from (BLOCK_J, BLOCK_K, num_warps) triples."""
-    return [triton.Config({"BLOCK_J": bj, "BLOCK_K": bk}, num_warps=nw, num_stages=2) for bj, bk, nw in shapes]
+    return [triton.Config({"BLOCK_J": bj, "BLOCK_K": bk}, num_warps=nw, num_stages=2)
+            for bj, bk, nw in shapes]
 
 
 def _block_c(nargs, kwargs) -> int:
@@ -368,7 +372,8 @@ _PAIR_KEY = ["C", "CZ", "R_BUCKET"]
 _proj_fwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY)(_opm_proj_fwd_kernel)
 _proj_bwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
 _out_fwd_tuned = triton.autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
-                                 prune_configs_by={"early_config_prune": _prune_one_plane})(_opm_out_fwd_kernel)
+                                 prune_configs_by={"early_config_prune": _prune_one_plane},
+                                 )(_opm_out_fwd_kernel)
 _out_bwd_tuned = triton.autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
                                  prune_configs_by={"early_config_prune": _prune_one_plane},
                                  reset_to_zero=["PART"])(_opm_out_bwd_kernel)
@@ -486,7 +491,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
                 rows_per_program = triton.cdiv(n_rows, groups)
                 part_w = torch.empty((groups, CZ, C * C), device=dev, dtype=torch.float32)
                 _launch(_opm_dw_kernel, _dw_tuned,
-                        lambda mt, groups=groups: (triton.cdiv(C * pair_meta["BLOCK_C"], mt["BLOCK_K"]), groups),
+                        lambda mt, g=groups: (triton.cdiv(C * pair_meta["BLOCK_C"], mt["BLOCK_K"]), g),
                         (dout2, o, norm, part_w, nr, r0, R, C, CZ, eps, n_rows, rows_per_program, _bucket(R)),
                         pair_meta)
                 dwo += part_w.sum(0)
@@ -511,7 +516,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
                     (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part, M, CM, C, ln_eps, _bucket(M)),
                     row_meta)
             del da, db
-            dw12 = torch.mm(dp.t(), ln_out)  # [2C, CM]
+            dw12 = _weight_grad(dp, ln_out)  # [2C, CM]
             s = part.sum(0)
         grads = (
             s[2 * C: 2 * C + CM], s[2 * C + CM:],  # ln_w, ln_b
@@ -521,6 +526,24 @@ class _OuterProductMeanFn(torch.autograd.Function):
         params = (ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return (dm.view(m_shape), None, None, None, None, *grads)
+
+
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy^T @ x in fp32 for long row counts: dy [M, O], x [M, I] -> [O, I].
+
+    The reduction over M (up to N_res^2 rows) is split into equal slices run as one batched GEMM
+    (a single [O, M] x [M, I] GEMM has only O*I/128^2 output tiles to spread over the GPU) and
+    the slices' partial sums, each rounded to the operands' dtype, are added in fp32.
+    """
+    M = dy.shape[0]
+    slices = max(1, min(32, M // 4096))
+    rows = M // slices
+    main = slices * rows
+    out = torch.bmm(dy[:main].view(slices, rows, -1).transpose(1, 2),
+                    x[:main].view(slices, rows, -1)).float().sum(0)
+    if main < M:
+        out += torch.mm(dy[main:].t(), x[main:]).float()
+    return out
 
 
 def _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps=1e-3, ln_eps=1e-5,

@@ -290,7 +290,7 @@ def _fold(shape: Sequence[int], tensors: dict) -> Optional[Tuple[list, dict]]:
     if len(sizes) > _NDIM:
         return None
     pad = _NDIM - len(sizes)
-    return [1] * pad + sizes, {n: [0] * pad + s for n, s in zip(names, folded)}
+    return [1] * pad + sizes, {n: [0] * pad + s for n, s in zip(names, folded, strict=True)}
 
 
 def _row_strides(fold, name, t, shape) -> list:
@@ -340,7 +340,7 @@ class _SoftmaxFunction(torch.autograd.Function):
         need_x, need_mb, need_pb = ctx.needs_input_grad[1:]
         dx = _dx(y, dy, fold, br, bk, single, warps) if need_x else None
         grads = []
-        for need, (bshape, bdtype) in zip((need_mb, need_pb), ctx.bias_meta):
+        for need, (bshape, bdtype) in zip((need_mb, need_pb), ctx.bias_meta, strict=True):
             g = None
             if need and K > 1 and bshape[-1] == 1:
                 # constant along K: a per-row shift, which the softmax ignores
@@ -381,10 +381,10 @@ def _bias_grad(y, dy, shape, bshape, bdtype, br, bk, warps) -> Optional[torch.Te
         return None
     sizes = fold[0]
     sb = fold[1]["b"]
-    red = [n > 1 and s == 0 for n, s in zip(sizes, sb)]
-    own_sizes = [1 if r else n for n, r in zip(sizes, red)]
+    red = [n > 1 and s == 0 for n, s in zip(sizes, sb, strict=True)]
+    own_sizes = [1 if r else n for n, r in zip(sizes, red, strict=True)]
     n_owned = math.prod(own_sizes)
-    reduce_len = math.prod(n for n, r in zip(sizes, red) if r)
+    reduce_len = math.prod(n for n, r in zip(sizes, red, strict=True) if r)
     n_rb = triton.cdiv(n_owned, br)
     split = max(1, min(reduce_len, triton.cdiv(_target_programs(y.device), n_rb)))
     r_per = triton.cdiv(reduce_len, split)

@@ -10,7 +10,7 @@ z ``[*, N, N, C_z]``, mask ``[*, N, N]``, C_h the hidden width::
     incoming: x[i, j] = sum_k a[k, i] * b[k, j]
     out = (LayerNorm_out(x) @ z_w^T + z_b) * sigmoid(zn @ g_w^T + g_b)      [*, N, N, C_z]
 
-Design of the Triton path (four launches forward, six backward):
+Design of the Triton path (forward: two Triton kernels around one batched GEMM):
 
 1. ``_trimul_proj_fwd_kernel``: one program normalises BLOCK_M rows of z in registers (fp32
    statistics) and multiplies them by the concatenated projection ``[a_p | a_g | b_p | b_g]``
@@ -24,15 +24,21 @@ Design of the Triton path (four launches forward, six backward):
    LayerNorm_out, ``linear_z``, and multiplies by the gate ``sigmoid(linear_g(zn))``, which it
    recomputes from z (one more read of z instead of writing and reading an ``[*, N, N, C_z]`` gate).
 
+Programs tile the N*N pairs of one batch entry (grid ``(cdiv(N*N, BLOCK_M), batch)``), so the
+channel-major loads and stores are contiguous along a tile and coalesce; 32-bit offsets are used
+unless a buffer passes 2**31 elements (halves the registers the offset tiles take).
+
 Backward recomputes rather than stores: forward keeps z, the mask, a, b and x (each of a, b, x is
-``[*, C_h, N, N]`` in the contraction dtype).  ``_trimul_out_bwd_kernel`` recomputes the gate and
-``linear_z``'s output, writes dx (channel-major), dy and LayerNorm_out's output (for
-``linear_z``'s weight gradient) and the gate-logit gradient; two batched GEMMs give da and db;
-``_trimul_proj_bwd_kernel`` recomputes the projections, applies the gating/mask backward, writes
-the projection gradients and LayerNorm_in's output, accumulates d(zn) through all five
-projections and runs LayerNorm_in's backward.  The weight gradients are two long-K GEMMs
-(``dP^T @ zn`` for the five input projections together, ``dy^T @ LayerNorm_out(x)`` for
-``linear_z``); bias and LayerNorm gradients are fp32 per-program partial sums reduced in torch.
+``[*, C_h, N, N]`` in the contraction dtype; without grad, a and b are freed before step 3).
+``_trimul_out_bwd_kernel`` recomputes the gate and ``linear_z``'s output, writes dx
+(channel-major), dy and LayerNorm_out's output (for ``linear_z``'s weight gradient) and the
+gate-logit gradient; two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
+the projections, applies the gating/mask backward, writes the projection gradients and
+LayerNorm_in's output, accumulates d(zn) through all five projections and runs LayerNorm_in's
+backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
+projections together, ``dy^T @ LayerNorm_out(x)`` for ``linear_z``, split-K as one batched GEMM:
+``_weight_grad``); bias and LayerNorm gradients are fp32 per-program partial sums reduced in
+torch.
 
 Precision contract (matches OpenFold under autocast; ``cdt`` is the autocast dtype, or z's
 dtype without autocast):
@@ -193,7 +199,8 @@ def _ln_rows(x_ptr, rows, row_ok, cz, cz_ok, CZ, eps):
 @triton.jit
 def _ln_planes(x_ptr, x_row, row_ok, ch_off, ch_ok, CH, eps):
     """Load BLOCK_M pairs across the CH planes of a channel-major [Bt, CH, NN] tensor (x_row:
-    offset of channel 0 of each pair, ch_off: of each channel): (xhat, rstd) in fp32, normalised over the channels."""
+    offset of channel 0 of each pair, ch_off: of each channel): (xhat, rstd) in fp32,
+    normalised over the channels."""
     ok = row_ok[:, None] & ch_ok[None, :]
     x = tl.load(x_ptr + x_row[:, None] + ch_off[None, :], mask=ok, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / CH
@@ -205,7 +212,7 @@ def _ln_planes(x_ptr, x_row, row_ok, ch_off, ch_ok, CH, eps):
 @triton.jit
 def _trimul_proj_fwd_kernel(
     Z, MASK, LN_W, LN_B, W_IN, B_IN, A_OUT, B_OUT,
-    M, NN, CZ, CH, eps, M_BUCKET,
+    NN, CZ, CH, eps, M_BUCKET,
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -213,8 +220,10 @@ def _trimul_proj_fwd_kernel(
 
     W_IN [4 CH, CZ] = [a_p; a_g; b_p; b_g] (cdt), B_IN [4 CH] fp32.
     """
-    rows = _wide(tl.program_id(0), I64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
+    bt = _wide(tl.program_id(1), I64)
+    row_ok = r < NN
+    rows = bt * NN + r  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
@@ -225,8 +234,7 @@ def _trimul_proj_fwd_kernel(
         mk = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         mk = tl.where(row_ok, 1.0, 0.0)
-    bidx = rows // NN
-    out_row = bidx * CH * NN + (rows - bidx * NN)  # offset of channel 0
+    out_row = bt * CH * NN + r  # channel-major offset of channel 0
     hh = tl.arange(0, BLOCK_H)
     for h0 in range(0, CH, BLOCK_H):
         h = h0 + hh
@@ -252,20 +260,21 @@ def _trimul_proj_fwd_kernel(
 @triton.jit
 def _trimul_out_fwd_kernel(
     X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG, OUT,
-    M, NN, CZ, CH, eps, M_BUCKET,
+    NN, CZ, CH, eps, M_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """OUT [M, CZ] = (LN_out(x) @ WZ^T + BZ) * sigmoid(LN_in(z) @ WG^T + BG), x [Bt, CH, NN]."""
-    rows = _wide(tl.program_id(0), I64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
+    bt = _wide(tl.program_id(1), I64)
+    row_ok = r < NN
+    rows = bt * NN + r  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     ch = tl.arange(0, BLOCK_CH)
     ch_ok = ch < CH
     # LayerNorm_out over the channel planes of x
-    bidx = rows // NN
-    x_row = bidx * CH * NN + (rows - bidx * NN)
+    x_row = bt * CH * NN + r  # channel-major offset of channel 0
     ch_off = _wide(ch, I64) * NN
     xhat, _ = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
     ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
@@ -295,7 +304,7 @@ def _trimul_out_fwd_kernel(
 def _trimul_out_bwd_kernel(
     DOUT, X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG,
     DX, DY, XN, DP, PART,
-    M, NN, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
+    NN, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -306,15 +315,16 @@ def _trimul_out_bwd_kernel(
     LN_out(x) -> XN [M, CH];  dx (LayerNorm_out backward of dy @ WZ) -> DX [Bt, CH, NN];
     PART[pid] = [sum dy | sum dg | sum d(xn) * xhat | sum d(xn)] (fp32).
     """
-    pid = tl.program_id(0)
-    rows = _wide(pid, I64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
+    bt = _wide(tl.program_id(1), I64)
+    row_ok = r < NN
+    rows = bt * NN + r  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     ch = tl.arange(0, BLOCK_CH)
     ch_ok = ch < CH
-    bidx = rows // NN
-    x_row = bidx * CH * NN + (rows - bidx * NN)
+    x_row = bt * CH * NN + r  # channel-major offset of channel 0
     x_ok = row_ok[:, None] & ch_ok[None, :]
     ch_off = _wide(ch, I64) * NN
     x_offs = x_row[:, None] + ch_off[None, :]
@@ -346,7 +356,8 @@ def _trimul_out_bwd_kernel(
         dg = do * y * s * (1.0 - s)
         dy_c = _cast(dy, DY.dtype.element_ty, INTERP)
         tl.store(DY + rows[:, None] * CZ + n[None, :], dy_c, mask=o_ok)
-        tl.store(DP + rows[:, None] * DP_STRIDE + DP_OFF + n[None, :], _cast(dg, DP.dtype.element_ty, INTERP), mask=o_ok)
+        tl.store(DP + rows[:, None] * DP_STRIDE + DP_OFF + n[None, :], _cast(dg, DP.dtype.element_ty, INTERP),
+                 mask=o_ok)
         tl.store(part + n, tl.sum(dy, axis=0), mask=n_ok)
         tl.store(part + CZ + n, tl.sum(dg, axis=0), mask=n_ok)
         wz = tl.load(WZ + n[:, None] * CH + ch[None, :], mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
@@ -365,7 +376,7 @@ def _trimul_out_bwd_kernel(
 @triton.jit
 def _trimul_proj_bwd_kernel(
     Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
-    M, NN, CZ, CH, DP_STRIDE, eps, M_BUCKET,
+    NN, CZ, CH, DP_STRIDE, eps, M_BUCKET,
     HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -376,9 +387,11 @@ def _trimul_proj_bwd_kernel(
     LN_in(z) -> ZN_OUT [M, CZ]; dz (LayerNorm_in backward) -> DZ [M, CZ];
     PART[pid] = [sum over rows of DP[:, :4 CH] | sum d(zn) * zhat | sum d(zn)] (fp32).
     """
-    pid = tl.program_id(0)
-    rows = _wide(pid, I64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
+    bt = _wide(tl.program_id(1), I64)
+    row_ok = r < NN
+    rows = bt * NN + r  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     z_ok = row_ok[:, None] & cz_ok[None, :]
@@ -391,8 +404,7 @@ def _trimul_proj_bwd_kernel(
         mk = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
         mk = tl.where(row_ok, 1.0, 0.0)
-    bidx = rows // NN
-    g_row = bidx * CH * NN + (rows - bidx * NN)
+    g_row = bt * CH * NN + r  # channel-major offset of channel 0
     PART_W = 4 * CH + 2 * CZ
     part = PART + pid.to(tl.int64) * PART_W
     dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
@@ -452,7 +464,8 @@ def _trimul_proj_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 def _configs(inner_name, shapes):
     """Configs from (BLOCK_M, inner tile, num_warps) triples."""
-    return [triton.Config({"BLOCK_M": bm, inner_name: bi}, num_warps=nw, num_stages=2) for bm, bi, nw in shapes]
+    return [triton.Config({"BLOCK_M": bm, inner_name: bi}, num_warps=nw, num_stages=2)
+            for bm, bi, nw in shapes]
 
 
 def _prune_inner(inner_name: str, width_arg: str):
@@ -492,13 +505,24 @@ _MIN_BWD_BLOCK_M = min(bm for bm, _, _ in _BWD_SHAPES)
 _INTERP_BLOCK_M = 32  # interpreter: one fixed config, few programs
 
 
-def _launch(kernel, tuned, M: int, args, meta):
-    """Run `kernel` over cdiv(M, BLOCK_M) programs: autotuned on a GPU, `meta` in the interpreter."""
+def _launch(kernel, tuned, Bt: int, NN: int, args, meta):
+    """Run `kernel` on a (cdiv(NN, BLOCK_M), Bt) grid: programs tile the N*N pairs of one batch
+    entry, so channel-major offsets stay contiguous along a tile.  Autotuned on a GPU; `meta`
+    (one fixed config) in the interpreter."""
+    meta = {k: v for k, v in meta.items() if k in kernel.arg_names}
     if is_interpreter():
-        kernel[(triton.cdiv(M, meta["BLOCK_M"]),)](*args, **meta)
+        kernel[(triton.cdiv(NN, meta["BLOCK_M"]), Bt)](*args, **meta)
     else:
-        tuned[lambda m: (triton.cdiv(M, m["BLOCK_M"]),)](*args, **{k: v for k, v in meta.items()
-                                                                  if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
+        tuned[lambda m: (triton.cdiv(NN, m["BLOCK_M"]), Bt)](
+            *args, **{k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
+
+
+def _meta(cdt: torch.dtype, M: int, CZ: int, CH: int) -> dict:
+    """Launch constants shared by the four kernels (tile sizes: the interpreter's config)."""
+    bcz, bch = max(16, next_power_of_2(CZ)), max(16, next_power_of_2(CH))
+    return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), I64=_needs_i64(M, CZ, CH),
+                BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
+                BLOCK_H=min(32, bch), BLOCK_N=min(32, bcz))
 
 
 def _needs_i64(M: int, CZ: int, CH: int) -> bool:
@@ -538,28 +562,26 @@ class _TriMulFn(torch.autograd.Function):
             bg = w.g_b.to(torch.float32).contiguous()
             a = torch.empty((Bt, CH, N, N), device=z.device, dtype=xdt)
             b = torch.empty_like(a)
-            bcz = max(16, next_power_of_2(CZ))
-            bch = max(16, next_power_of_2(CH))
-            prec = dot_precision(cdt)
-            interp = is_interpreter()
-            i64 = _needs_i64(M, CZ, CH)
+            meta = _meta(cdt, M, CZ, CH)
             _launch(
-                _trimul_proj_fwd_kernel, _proj_fwd_tuned, M,
+                _trimul_proj_fwd_kernel, _proj_fwd_tuned, Bt, NN,
                 (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, a, b,
-                 M, NN, CZ, CH, eps, _m_bucket(M)),
-                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
-                     BLOCK_H=min(32, bch)),
+                 NN, CZ, CH, eps, _m_bucket(M)),
+                dict(meta, HAS_MASK=m2 is not None),
             )
             x = _contract(a, b, outgoing)
+            training = any(ctx.needs_input_grad)
+            if not training:  # inference: a and b are dead before the output stage
+                del a, b
             out = torch.empty((M, CZ), device=z.device, dtype=out_dtype)
             _launch(
-                _trimul_out_fwd_kernel, _out_fwd_tuned, M,
+                _trimul_out_fwd_kernel, _out_fwd_tuned, Bt, NN,
                 (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg, out,
-                 M, NN, CZ, CH, eps, _m_bucket(M)),
-                dict(DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
-                     BLOCK_N=min(32, bcz)),
+                 NN, CZ, CH, eps, _m_bucket(M)),
+                meta,
             )
-        ctx.save_for_backward(z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights)
+        if training:
+            ctx.save_for_backward(z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights)
         ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, (Bt, N, CZ, CH))
         return out.view(*batch, N, N, CZ)
 
@@ -570,25 +592,20 @@ class _TriMulFn(torch.autograd.Function):
         outgoing, eps, cdt, z_dtype, z_shape, (Bt, N, CZ, CH) = ctx.meta
         M, NN = Bt * N * N, N * N
         dev = z2.device
-        bcz = max(16, next_power_of_2(CZ))
-        bch = max(16, next_power_of_2(CH))
-        prec = dot_precision(cdt)
-        interp = is_interpreter()
-        i64 = _needs_i64(M, CZ, CH)
+        meta = _meta(cdt, M, CZ, CH)
         with torch.autocast(dev.type, enabled=False):
             dout2 = dout.reshape(M, CZ).contiguous()
             dx = torch.empty_like(x)
             dy = torch.empty((M, CZ), device=dev, dtype=cdt)
             xn = torch.empty((M, CH), device=dev, dtype=cdt)
             dp = torch.empty((M, 4 * CH + CZ), device=dev, dtype=cdt)
-            n_prog = triton.cdiv(M, _INTERP_BLOCK_M if is_interpreter() else _MIN_BWD_BLOCK_M)
+            n_prog = Bt * triton.cdiv(NN, _INTERP_BLOCK_M if is_interpreter() else _MIN_BWD_BLOCK_M)
             part_out = torch.zeros((n_prog, 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
             _launch(
-                _trimul_out_bwd_kernel, _out_bwd_tuned, M,
+                _trimul_out_bwd_kernel, _out_bwd_tuned, Bt, NN,
                 (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg,
-                 dx, dy, xn, dp, part_out, M, NN, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(M)),
-                dict(DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
-                     BLOCK_N=min(32, bcz)),
+                 dx, dy, xn, dp, part_out, NN, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(M)),
+                meta,
             )
             da, db = _contract_backward(dx, a, b, outgoing)
             del x, dx
@@ -596,15 +613,14 @@ class _TriMulFn(torch.autograd.Function):
             dz = torch.empty((M, CZ), device=dev, dtype=z_dtype)
             part_in = torch.zeros((n_prog, 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
             _launch(
-                _trimul_proj_bwd_kernel, _proj_bwd_tuned, M,
+                _trimul_proj_bwd_kernel, _proj_bwd_tuned, Bt, NN,
                 (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, wg, da, db, dp,
-                 zn, dz, part_in, M, NN, CZ, CH, 4 * CH + CZ, eps, _m_bucket(M)),
-                dict(HAS_MASK=m2 is not None, DOT_PREC=prec, INTERP=interp, I64=i64, BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz,
-                     BLOCK_H=min(32, bch)),
+                 zn, dz, part_in, NN, CZ, CH, 4 * CH + CZ, eps, _m_bucket(M)),
+                dict(meta, HAS_MASK=m2 is not None),
             )
             del da, db
-            dw_all = torch.mm(dp.t(), zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
-            dwz = torch.mm(dy.t(), xn)  # [CZ, CH]
+            dw_all = _weight_grad(dp, zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
+            dwz = _weight_grad(dy, xn)  # [CZ, CH]
             s_out = part_out.sum(0)
             s_in = part_in.sum(0)
         dws = dw_all.split([CH, CH, CH, CH, CZ])
@@ -641,6 +657,24 @@ def _contract_backward(dx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, outgo
     return da.view(Bt, C, N, N), db.view(Bt, C, N, N)
 
 
+def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy^T @ x in fp32 for long row counts: dy [M, O], x [M, I] -> [O, I].
+
+    The reduction over M (up to N_res^2 rows) is split into equal slices run as one batched GEMM
+    (a single [O, M] x [M, I] GEMM has only O*I/128^2 output tiles to spread over the GPU) and
+    the slices' partial sums, each rounded to the operands' dtype, are added in fp32.
+    """
+    M = dy.shape[0]
+    slices = max(1, min(32, M // 4096))
+    rows = M // slices
+    main = slices * rows
+    out = torch.bmm(dy[:main].view(slices, rows, -1).transpose(1, 2),
+                    x[:main].view(slices, rows, -1)).float().sum(0)
+    if main < M:
+        out += torch.mm(dy[main:].t(), x[main:]).float()
+    return out
+
+
 def triangle_multiplication(
     z: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -653,6 +687,7 @@ def triangle_multiplication(
     ``triangle_multiplication_reference``; see the module docstring for the design and the
     precision contract.  Gradients flow to z and to all 16 weights (not to the mask).
     """
+    w = TriMulWeights(*w)
     if z.dim() < 3 or z.shape[-2] != z.shape[-3]:
         raise ValueError(f"triangle_multiplication: z must be [*, N, N, C_z], got {tuple(z.shape)}")
     if w.a_p_w.shape[1] != z.shape[-1] or w.z_w.shape != (z.shape[-1], w.a_p_w.shape[0]):

@@ -68,7 +68,6 @@ from fastfold_plugin.kernels.dropout_add import keep_mask_shape
 
 from .forwards import UnsupportedOption
 
-
 # ----------------------------------------------------------------------------------------------
 # Per-forward state
 
@@ -353,18 +352,19 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
     zl = run.ops.layer_norm(z, W[f"{pfx}.layer_norm_in.weight"], W[f"{pfx}.layer_norm_in.bias"],
                             mod.layer_norm_in.eps)
 
-    def proj(name):
-        p = mask
-        p = p * torch.sigmoid(F.linear(zl, W[f"{pfx}.linear_{name}_g.weight"],
-                                       W[f"{pfx}.linear_{name}_g.bias"]))
-        return p * F.linear(zl, W[f"{pfx}.linear_{name}_p.weight"], W[f"{pfx}.linear_{name}_p.bias"])
+    def proj(x, name):
+        # OpenFold's order: mask * sigmoid(gate) * projection
+        p = mask * torch.sigmoid(F.linear(x, W[f"{pfx}.linear_{name}_g.weight"],
+                                          W[f"{pfx}.linear_{name}_g.bias"]))
+        return p * F.linear(x, W[f"{pfx}.linear_{name}_p.weight"], W[f"{pfx}.linear_{name}_p.bias"])
 
+    # the gathered operand first, so that its collective runs while the rest is computed
     if outgoing:
-        pend = run.all_gather(proj("b"), -3)
-        a = proj("a")
+        pend = run.all_gather(proj(zl, "b"), -3)
+        a = proj(zl, "a")
     else:
-        pend = run.all_gather(proj("a"), -2)
-        b = proj("b")
+        pend = run.all_gather(proj(zl, "a"), -2)
+        b = proj(zl, "b")
     g = torch.sigmoid(F.linear(zl, W[f"{pfx}.linear_g.weight"], W[f"{pfx}.linear_g.bias"]))
     del zl
     if outgoing:
@@ -523,8 +523,9 @@ def _leave_msa_cols(run: _Run, m: torch.Tensor) -> torch.Tensor:
 
 
 def _check_dropout_rng(run: _Run, modules, device) -> None:
-    if run.p > 1 and torch.is_grad_enabled() and any(
-            getattr(d, "training", False) and getattr(d, "r", 0.0) > 0.0 for d in modules):
+    """Once per training forward with dropout: the group's ranks must share one RNG stream."""
+    if run.p > 1 and any(getattr(d, "training", False) and getattr(d, "r", 0.0) > 0.0
+                         for d in modules):
         fd.check_rng_synced(run.ctx, device)
 
 
@@ -623,8 +624,7 @@ def template_pair_stack_forward(self: TemplatePairStack, t, mask, chunk_size, us
         mask = mask.expand(*expand_idx)
     run = _Run(_dap(self), _ops(self, t), t.shape[-2], None, chunk_size, inplace_safe,
                _mask_trans)
-    if self.training:
-        _check_dropout_rng(run, _dropouts(self.blocks), t.device)
+    _check_dropout_rng(run, _dropouts(self.blocks), t.device)
     run.set_pair_mask(mask)
     t = fd.scatter(fd.pad_to(t, {-3: run.np_res, -2: run.np_res}), -3, run.group)
     blocks = [partial(_template_block_sharded, b, run) for b in self.blocks]

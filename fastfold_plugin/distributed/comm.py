@@ -35,6 +35,7 @@ runs while autograd computes the gradients of the work that sat between start an
 
 A failed or timed-out collective raises :class:`DAPCommError` naming the collective and the group.
 """
+from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -125,7 +126,7 @@ def _launch_reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool):
     # [..., P * c, ...] -> [P, ..., c, ...]: block q of dim goes to rank q
     inp = x.unflatten(dim, (p, -1)).movedim(dim, 0).contiguous()
     out = inp.new_empty(inp.shape[1:])
-    flat_in = inp.flatten(0, 1) if inp.dim() > 1 else inp
+    flat_in = inp.flatten(0, 1)  # the concatenation form every backend accepts
     work = _guard("reduce-scatter", group, lambda: dist.reduce_scatter_tensor(
         out, flat_in, op=dist.ReduceOp.SUM, group=group, async_op=async_op))
     return out, work, inp
@@ -236,7 +237,7 @@ class _SumGrads(Function):
         for idx in buckets.values():
             flat = torch.cat([grads[i].reshape(-1) for i in idx])
             _guard("gradient all-reduce", ctx.group,
-                   lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group))
+                   partial(dist.all_reduce, flat, op=dist.ReduceOp.SUM, group=ctx.group))
             for i, part in zip(idx, flat.split([grads[i].numel() for i in idx])):
                 out[i] = part.view_as(grads[i])
         return (None,) + tuple(out)

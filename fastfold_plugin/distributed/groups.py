@@ -136,7 +136,9 @@ def init(dap_size: int, timeout: Union[float, datetime.timedelta] = DEFAULT_TIME
 
     Call once per process after a ``torchrun`` launch (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
     and MASTER_PORT in the environment), before building or enabling models with
-    ``config.globals.dap_size = dap_size``.
+    ``config.globals.dap_size = dap_size``. If torch.distributed is already initialised (e.g. by
+    ``colossalai.launch_from_torch``), its default group is used as it is (with whatever timeout it
+    was made with) and only the mesh's sub-groups get `timeout`.
 
     Args:
         dap_size: processes per protein; must divide the world size (data-parallel size =

@@ -11,11 +11,11 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import openfold
+import openfold.utils.kernel.attention_core as openfold_attention_core
 import pytest
 import torch
 
-import openfold
-import openfold.utils.kernel.attention_core as openfold_attention_core
 from fastfold_plugin.patches.openfold_install import install as installer
 from fastfold_plugin.patches.openfold_install.nvidia_cc import _parse_arch, get_nvidia_cc
 from fastfold_plugin.testing import assert_close, rel_err
@@ -75,10 +75,11 @@ SHAPES = {
     "cpu": [(1, 1, 1, 1, 4), (2, 3, 37, 37, 8), (2, 2, 5, 11, 16)],
     "cuda": [(1, 1, 1, 1, 4), (2, 3, 37, 37, 8), (1, 4, 129, 129, 32)],
 }
-# dtype -> (rtol, max_rel) against the float64 reference for float32; for bfloat16 the allowed
-# multiple of plain torch's own bfloat16 error (the CUDA kernel's backward sums in bfloat16).
-FP32_TOL = (1e-4, 2e-6)
-BF16_FACTOR = {"cpu": 2.0, "cuda": 4.0}
+# float32: (rtol, max_rel) against the float64 reference (the CUDA kernel uses fast-math exp).
+# bfloat16: the allowed multiple of plain torch's own bfloat16 error against float64 (the CUDA
+# kernel sums d_ov * v in bfloat16: about 1.5x plain torch's error when emulated on CPU).
+FP32_TOL = {"cpu": (1e-4, 2e-6), "cuda": (1e-3, 1e-5)}
+BF16_FACTOR = {"cpu": 2.0, "cuda": 3.0}
 CASES = [
     pytest.param(device, shape, dtype, id=f"{device}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}",
                  marks=[pytest.mark.gpu] if device == "cuda" else [])
@@ -95,7 +96,7 @@ def test_attention_core_matches_torch(device, shape, dtype):
     expected = _run(_torch_attention, [t.double() for t in inputs], grad_out)
     actual = _run(attention_core, inputs, grad_out)
     if dtype == torch.float32:
-        rtol, max_rel = FP32_TOL
+        rtol, max_rel = FP32_TOL[device]
         for name, a, e in zip(NAMES, actual, expected):
             assert_close(a, e, rtol=rtol, atol=1e-6 * e.abs().max().item(), max_rel=max_rel, name=name)
     else:
