@@ -1,0 +1,232 @@
+"""outer_product_mean: Triton op vs reference (forward and all 9 gradients), and the reference
+vs OpenFold's OuterProductMean module."""
+import contextlib
+
+import pytest
+import torch
+
+from fastfold_plugin.kernels.outer_product_mean import (
+    _outer_product_mean,
+    outer_product_mean,
+    outer_product_mean_reference,
+)
+from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
+
+PARAM_NAMES = ("ln_w", "ln_b", "w1", "b1", "w2", "b2", "w_out", "b_out")
+GRAD_NAMES = ("m",) + PARAM_NAMES
+
+# Precision cases: (input dtype, parameter dtype, autocast dtype or None), and the tolerance.
+# fp32: op vs reference elementwise.  Low precision: the op's error against an fp64 truth must
+# stay within `tol` x the reference's own error in that precision.
+CASES = [
+    pytest.param(torch.float32, torch.float32, None, 1e-4, id="fp32"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, 2.0, id="bf16-autocast"),
+    pytest.param(torch.float32, torch.float32, torch.float16, 2.0, id="fp16-autocast"),
+    pytest.param(torch.bfloat16, torch.bfloat16, None, 2.0, id="bf16-model"),
+]
+LOW_PRECISION_CASES = CASES[1:]
+
+# (batch dims, N_seq, N_res, c_m, c_hidden, c_z, masked, pair rows per outer-product chunk)
+SHAPES = [
+    pytest.param((), 1, 1, 8, 8, 8, True, None, id="S1-N1"),
+    pytest.param((2,), 5, 7, 16, 8, 16, True, None, id="B2-S5-N7"),
+    pytest.param((), 3, 13, 24, 12, 8, False, 5, id="S3-N13-nomask-chunked"),
+]
+
+
+def random_params(c_m, c_hidden, c_z, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def mat(o, i):
+        return torch.randn(o, i, generator=gen) / i ** 0.5
+
+    def vec(n, around=0.0):
+        return around + 0.1 * torch.randn(n, generator=gen)
+
+    ps = (vec(c_m, 1.0), vec(c_m), mat(c_hidden, c_m), vec(c_hidden), mat(c_hidden, c_m), vec(c_hidden),
+          mat(c_z, c_hidden * c_hidden), vec(c_z))
+    return [p.to(device=device, dtype=dtype) for p in ps]
+
+
+def random_inputs(batch, n_seq, n_res, c_m, masked, dtype=torch.float32, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    m = (torch.randn(*batch, n_seq, n_res, c_m, generator=gen) * 2.0 + 0.5).to(device=device, dtype=dtype)
+    mask = None
+    if masked:
+        mask = (torch.rand(*batch, n_seq, n_res, generator=gen) > 0.25).to(device=device, dtype=dtype)
+    return m, mask
+
+
+def run(fn, m, mask, params, autocast_dtype=None, g=None, **kwargs):
+    """(out, grads of m and the 8 parameters) for upstream gradient g (drawn when None)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (m, *params)]
+    ctx = (torch.autocast(m.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        out = fn(leaves[0], mask, *leaves[1:], **kwargs)
+    if g is None:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    grads = torch.autograd.grad(out, leaves, g.to(out.dtype))
+    return out, grads, g
+
+
+def check_fp32(actual, expected, name):
+    scale = expected.detach().abs().max().item()
+    assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, max_rel=1e-5, name=name)
+
+
+def check_against_truth(actual, expected, truth, tol, name):
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference's {expected.dtype}"
+    e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
+    assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
+
+
+def check_case(batch, n_seq, n_res, c_m, c_hidden, c_z, masked, chunk_rows, x_dtype, p_dtype, ac, tol,
+               device="cpu", truth_dtype=torch.float64):
+    m, mask = random_inputs(batch, n_seq, n_res, c_m, masked, x_dtype, device)
+    ps = random_params(c_m, c_hidden, c_z, p_dtype, device)
+    out, grads, g = run(_outer_product_mean, m, mask, ps, ac, chunk_rows=chunk_rows)
+    out_r, grads_r, _ = run(outer_product_mean_reference, m, mask, ps, ac, g)
+    assert out.shape == (*batch, n_res, n_res, c_z) and out.dtype == out_r.dtype
+    if x_dtype == torch.float32 and ac is None:
+        check_fp32(out, out_r, "out")
+        for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
+            assert a.dtype == e.dtype, name
+            check_fp32(a, e, "d" + name)
+        return
+    # truth: the reference in higher precision on the same (already rounded) inputs
+    mask_t = None if mask is None else mask.to(truth_dtype)
+    out_t, grads_t, _ = run(outer_product_mean_reference, m.to(truth_dtype), mask_t,
+                            [p.to(truth_dtype) for p in ps], None, g.to(truth_dtype))
+    check_against_truth(out, out_r, out_t, tol, "out")
+    for name, a, e, t in zip(GRAD_NAMES, grads, grads_r, grads_t, strict=True):
+        check_against_truth(a, e, t, tol, "d" + name)
+
+
+@pytest.mark.parametrize("batch,n_seq,n_res,c_m,c_hidden,c_z,masked,chunk_rows", SHAPES)
+def test_fp32_matches_reference(batch, n_seq, n_res, c_m, c_hidden, c_z, masked, chunk_rows):
+    check_case(batch, n_seq, n_res, c_m, c_hidden, c_z, masked, chunk_rows,
+               torch.float32, torch.float32, None, None)
+
+
+@pytest.mark.parametrize("batch,n_seq,n_res", [((2,), 5, 7), ((), 4, 13)], ids=["B2-S5-N7", "S4-N13"])
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", LOW_PRECISION_CASES)
+def test_low_precision_within_reference_error(batch, n_seq, n_res, x_dtype, p_dtype, ac, tol):
+    check_case(batch, n_seq, n_res, 16, 8, 16, True, None, x_dtype, p_dtype, ac, tol)
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", CASES)
+def test_output_dtype_contract(x_dtype, p_dtype, ac, tol):
+    m, mask = random_inputs((), 2, 3, 8, True, x_dtype)
+    ps = random_params(8, 8, 8, p_dtype)
+    ctx = torch.autocast("cpu", dtype=ac) if ac is not None else contextlib.nullcontext()
+    with ctx:
+        assert outer_product_mean(m, mask, *ps).dtype == outer_product_mean_reference(m, mask, *ps).dtype
+
+
+def test_chunking_does_not_change_the_result():
+    m, mask = random_inputs((2,), 3, 9, 8, True)
+    ps = random_params(8, 8, 8)
+    out, grads, g = run(_outer_product_mean, m, mask, ps, chunk_rows=None)
+    for rows in (1, 4):
+        out_c, grads_c, _ = run(_outer_product_mean, m, mask, ps, None, g, chunk_rows=rows)
+        check_fp32(out_c, out, f"out (chunk {rows})")
+        for name, a, e in zip(GRAD_NAMES, grads_c, grads, strict=True):
+            check_fp32(a, e, f"d{name} (chunk {rows})")
+
+
+def test_two_batch_dims_non_contiguous_input_and_eps():
+    m, mask = random_inputs((2, 1), 3, 5, 8, True)
+    m = m.transpose(-2, -3).contiguous().transpose(-2, -3)  # same values, non-contiguous view
+    ps = random_params(8, 8, 8)
+    kw = dict(eps=0.5, ln_eps=1e-3)
+    out, grads, g = run(outer_product_mean, m, mask, ps, **kw)
+    out_r, grads_r, _ = run(outer_product_mean_reference, m, mask, ps, None, g, **kw)
+    check_fp32(out, out_r, "out")
+    for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
+        check_fp32(a, e, "d" + name)
+
+
+def test_mask_none_equals_ones_and_empty_columns():
+    m, _ = random_inputs((), 3, 5, 8, False)
+    ps = random_params(8, 8, 8)
+    ones = torch.ones(m.shape[:-1])
+    assert torch.equal(outer_product_mean(m, None, *ps), outer_product_mean(m, ones, *ps))
+    mask = ones.clone()
+    mask[:, 2] = 0.0  # residue 2 in no sequence: its rows and columns are b_out / eps
+    check_fp32(outer_product_mean(m, mask, *ps), outer_product_mean_reference(m, mask, *ps), "out")
+
+
+# ---- the reference against OpenFold's own module (fp32, exact-ish) ----------------------------
+def test_reference_matches_openfold_module():
+    from openfold.model.outer_product_mean import OuterProductMean
+
+    mod = randomize_parameters_(OuterProductMean(c_m=16, c_z=8, c_hidden=6), seed=9)
+    m, mask = random_inputs((2,), 5, 7, 16, True)
+    m.requires_grad_()
+    params = [mod.layer_norm.weight, mod.layer_norm.bias, mod.linear_1.weight, mod.linear_1.bias,
+              mod.linear_2.weight, mod.linear_2.bias, mod.linear_out.weight, mod.linear_out.bias]
+    assert {id(p) for p in params} == {id(p) for p in mod.parameters()}
+    g = torch.randn(2, 7, 7, 8, generator=torch.Generator().manual_seed(3))
+    out_mod = mod(m, mask)
+    grads_mod = torch.autograd.grad(out_mod, [m] + params, g)
+    out_ref = outer_product_mean_reference(m, mask, *params, eps=mod.eps, ln_eps=mod.layer_norm.eps)
+    grads_ref = torch.autograd.grad(out_ref, [m] + params, g)
+    assert_close(out_ref, out_mod, rtol=1e-6, atol=1e-6, name="out")
+    for name, a, e in zip(GRAD_NAMES, grads_ref, grads_mod, strict=True):
+        assert_close(a, e, rtol=1e-6, atol=1e-6 * e.abs().max().item(), name="d" + name)
+
+
+# ---- GPU: real sizes (c_m 256, c_hidden 32, c_z 128), CUDA autocast ----------------------------
+GPU_CASES = [
+    pytest.param(torch.float32, torch.float32, None, 1e-4, id="fp32"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, 2.0, id="bf16-autocast"),
+    pytest.param(torch.bfloat16, torch.bfloat16, None, 2.0, id="bf16-model"),
+]
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_seq,n_res", [(128, 37), (64, 128), (31, 257)], ids=str)
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", GPU_CASES)
+def test_gpu(n_seq, n_res, x_dtype, p_dtype, ac, tol, no_tf32):
+    check_case((1,), n_seq, n_res, 256, 32, 128, True, None, x_dtype, p_dtype, ac, tol, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_chunked_matches_unchunked():
+    m, mask = random_inputs((1,), 32, 96, 256, True, device="cuda")
+    ps = random_params(256, 32, 128, device="cuda")
+    out, grads, g = run(_outer_product_mean, m, mask, ps, torch.bfloat16, chunk_rows=None)
+    out_c, grads_c, _ = run(_outer_product_mean, m, mask, ps, torch.bfloat16, g, chunk_rows=17)
+    assert_close(out_c.float(), out.float(), rtol=1e-2, atol=1e-2 * out.abs().max().item(), name="out")
+    for name, a, e in zip(GRAD_NAMES, grads_c, grads, strict=True):
+        assert rel_err(a, e) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_gpu_n1024_bf16(no_tf32):
+    """N_res 1024 (several outer-product chunks) under bf16 autocast; truth: fp32 reference."""
+    check_case((1,), 128, 1024, 256, 32, 128, True, None, torch.float32, torch.float32, torch.bfloat16, 2.0,
+               device="cuda", truth_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_reference_matches_openfold_under_autocast():
+    from openfold.model.outer_product_mean import OuterProductMean
+
+    mod = randomize_parameters_(OuterProductMean(256, 128, 32), seed=10).cuda()
+    m, mask = random_inputs((1,), 16, 48, 256, True, device="cuda")
+    params = [mod.layer_norm.weight, mod.layer_norm.bias, mod.linear_1.weight, mod.linear_1.bias,
+              mod.linear_2.weight, mod.linear_2.bias, mod.linear_out.weight, mod.linear_out.bias]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_mod = mod(m, mask)
+        out_ref = outer_product_mean_reference(m, mask, *params, eps=mod.eps)
+    assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref)

@@ -1,0 +1,291 @@
+"""triangle_multiplication: Triton op vs reference (forward and all 17 gradients), and the
+reference vs OpenFold's TriangleMultiplicationOutgoing / Incoming modules."""
+import contextlib
+
+import pytest
+import torch
+
+from fastfold_plugin.kernels.triangle_multiplication import (
+    TriMulWeights,
+    triangle_multiplication,
+    triangle_multiplication_reference,
+)
+from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
+
+GRAD_NAMES = ("z",) + TriMulWeights._fields
+
+# Precision cases: (input dtype, parameter dtype, autocast dtype or None), and the tolerance.
+# fp32: op vs reference elementwise (rtol; atol scaled by the tensor's max).  Low precision:
+# the op's error against an fp64 truth must stay within `tol` x the reference's own error in
+# that precision (the CPU interpreter rounds to nearest like a GPU: see _cast in the kernel).
+CASES = [
+    pytest.param(torch.float32, torch.float32, None, 1e-4, id="fp32"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, 2.0, id="bf16-autocast"),
+    pytest.param(torch.float32, torch.float32, torch.float16, 2.0, id="fp16-autocast"),
+    pytest.param(torch.bfloat16, torch.bfloat16, None, 2.0, id="bf16-model"),
+]
+LOW_PRECISION_CASES = CASES[1:]
+
+# (batch dims, N_res, c_z, c_hidden, masked): N 1, odd sizes, non-power-of-two channels.
+SHAPES = [
+    pytest.param((), 1, 8, 8, True, id="N1"),
+    pytest.param((2,), 5, 16, 8, True, id="B2-N5"),
+    pytest.param((), 17, 12, 16, False, id="N17-nomask"),
+]
+
+
+def random_weights(c_z, c_hidden, dtype=torch.float32, device="cpu", seed=0):
+    """Fresh TriMulWeights: unit-variance projections, LayerNorm scales near 1, small biases."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mat(o, i):
+        return torch.randn(o, i, generator=gen) / i ** 0.5
+
+    def vec(n, around=0.0):
+        return around + 0.1 * torch.randn(n, generator=gen)
+
+    w = TriMulWeights(
+        ln_in_w=vec(c_z, 1.0), ln_in_b=vec(c_z),
+        a_p_w=mat(c_hidden, c_z), a_p_b=vec(c_hidden), a_g_w=mat(c_hidden, c_z), a_g_b=vec(c_hidden),
+        b_p_w=mat(c_hidden, c_z), b_p_b=vec(c_hidden), b_g_w=mat(c_hidden, c_z), b_g_b=vec(c_hidden),
+        ln_out_w=vec(c_hidden, 1.0), ln_out_b=vec(c_hidden),
+        z_w=mat(c_z, c_hidden), z_b=vec(c_z), g_w=mat(c_z, c_z), g_b=vec(c_z),
+    )
+    return TriMulWeights(*[t.to(device=device, dtype=dtype) for t in w])
+
+
+def random_inputs(batch, n, c_z, masked, dtype=torch.float32, device="cpu", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    z = (torch.randn(*batch, n, n, c_z, generator=gen) * 2.0 + 0.5).to(device=device, dtype=dtype)
+    mask = None
+    if masked:
+        mask = (torch.rand(*batch, n, n, generator=gen) > 0.25).to(device=device, dtype=dtype)
+    return z, mask
+
+
+def weights_of(module) -> TriMulWeights:
+    """TriMulWeights from an OpenFold TriangleMultiplicativeUpdate (as the patch builds it)."""
+    return TriMulWeights(
+        module.layer_norm_in.weight, module.layer_norm_in.bias,
+        module.linear_a_p.weight, module.linear_a_p.bias, module.linear_a_g.weight, module.linear_a_g.bias,
+        module.linear_b_p.weight, module.linear_b_p.bias, module.linear_b_g.weight, module.linear_b_g.bias,
+        module.layer_norm_out.weight, module.layer_norm_out.bias,
+        module.linear_z.weight, module.linear_z.bias, module.linear_g.weight, module.linear_g.bias,
+    )
+
+
+def run(fn, z, mask, w, outgoing, autocast_dtype=None, g=None):
+    """(out, grads of z and the 16 weights) for upstream gradient g (drawn when None)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (z, *w)]
+    ctx = (torch.autocast(z.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        out = fn(leaves[0], mask, TriMulWeights(*leaves[1:]), outgoing)
+    if g is None:
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+    grads = torch.autograd.grad(out, leaves, g.to(out.dtype))
+    return out, grads, g
+
+
+def check_fp32(actual, expected, name):
+    scale = expected.detach().abs().max().item()
+    assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale, max_rel=1e-5, name=name)
+
+
+def check_against_truth(actual, expected, truth, tol, name):
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != reference's {expected.dtype}"
+    e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
+    assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
+
+
+def check_case(batch, n, c_z, c_hidden, masked, outgoing, x_dtype, p_dtype, ac, tol, device="cpu"):
+    z, mask = random_inputs(batch, n, c_z, masked, x_dtype, device)
+    w = random_weights(c_z, c_hidden, p_dtype, device)
+    out, grads, g = run(triangle_multiplication, z, mask, w, outgoing, ac)
+    out_r, grads_r, _ = run(triangle_multiplication_reference, z, mask, w, outgoing, ac, g)
+    assert out.shape == z.shape and out.dtype == out_r.dtype
+    if x_dtype == torch.float32 and ac is None:
+        check_fp32(out, out_r, "out")
+        for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
+            assert a.dtype == e.dtype, name
+            check_fp32(a, e, "d" + name)
+        return
+    # truth: fp64 maths on the same (already rounded) inputs and weights
+    mask64 = None if mask is None else mask.double()
+    out_t, grads_t, _ = run(triangle_multiplication_reference, z.double(), mask64,
+                            TriMulWeights(*[t.double() for t in w]), outgoing, None, g.double())
+    check_against_truth(out, out_r, out_t, tol, "out")
+    for name, a, e, t in zip(GRAD_NAMES, grads, grads_r, grads_t, strict=True):
+        check_against_truth(a, e, t, tol, "d" + name)
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("batch,n,c_z,c_hidden,masked", SHAPES)
+def test_fp32_matches_reference(batch, n, c_z, c_hidden, masked, outgoing):
+    check_case(batch, n, c_z, c_hidden, masked, outgoing, torch.float32, torch.float32, None, None)
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("batch,n", [((2,), 5), ((), 17)], ids=["B2-N5", "N17"])
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", LOW_PRECISION_CASES)
+def test_low_precision_within_reference_error(batch, n, x_dtype, p_dtype, ac, tol, outgoing):
+    check_case(batch, n, 16, 16, True, outgoing, x_dtype, p_dtype, ac, tol)
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", CASES)
+def test_output_dtype_contract(x_dtype, p_dtype, ac, tol):
+    z, mask = random_inputs((), 3, 8, True, x_dtype)
+    w = random_weights(8, 8, p_dtype)
+    ctx = torch.autocast("cpu", dtype=ac) if ac is not None else contextlib.nullcontext()
+    with ctx:
+        for outgoing in (True, False):
+            assert (triangle_multiplication(z, mask, w, outgoing).dtype
+                    == triangle_multiplication_reference(z, mask, w, outgoing).dtype)
+
+
+def test_two_batch_dims_and_non_contiguous_input():
+    """[B1, B2, N, N, C] with z a transposed (non-contiguous) view, as the Evoformer passes it."""
+    z, mask = random_inputs((2, 1), 6, 8, True)
+    z = z.transpose(-2, -3)
+    mask = mask.transpose(-1, -2)
+    w = random_weights(8, 16)
+    for outgoing in (True, False):
+        out, grads, g = run(triangle_multiplication, z, mask, w, outgoing)
+        out_r, grads_r, _ = run(triangle_multiplication_reference, z, mask, w, outgoing, None, g)
+        check_fp32(out, out_r, "out")
+        for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
+            check_fp32(a, e, "d" + name)
+
+
+def test_mask_none_equals_ones():
+    z, _ = random_inputs((), 5, 8, False)
+    w = random_weights(8, 8)
+    ones = torch.ones(z.shape[:-1])
+    for outgoing in (True, False):
+        assert torch.equal(triangle_multiplication(z, None, w, outgoing),
+                           triangle_multiplication(z, ones, w, outgoing))
+
+
+def test_masked_rows_and_columns_do_not_contribute():
+    """Zeroing the mask on residue 0 removes its contribution to every other pair's update."""
+    z, _ = random_inputs((), 5, 8, False)
+    w = random_weights(8, 8)
+    mask = torch.ones(z.shape[:-1])
+    mask[0, :] = 0.0
+    mask[:, 0] = 0.0
+    z2 = z.clone()
+    z2[0, :] += 3.0 * torch.randn_like(z2[0, :])
+    z2[:, 0] += 3.0 * torch.randn_like(z2[:, 0])
+    for outgoing in (True, False):
+        a = triangle_multiplication(z, mask, w, outgoing)[1:, 1:]
+        b = triangle_multiplication(z2, mask, w, outgoing)[1:, 1:]
+        assert_close(a, b, rtol=1e-5, atol=1e-6, name="pairs away from the masked residue")
+
+
+def test_weights_are_read_at_every_call():
+    """The concatenated projection is built per call: an in-place parameter update is seen."""
+    z, mask = random_inputs((), 4, 8, True)
+    w = random_weights(8, 8)
+    before = triangle_multiplication(z, mask, w, True)
+    with torch.no_grad():
+        w.a_p_w.mul_(-2.0)
+        w.g_w.add_(0.5)
+    after = triangle_multiplication(z, mask, w, True)
+    check_fp32(after, triangle_multiplication_reference(z, mask, w, True), "after update")
+    assert rel_err(after, before) > 1e-2
+
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)], ids=["fp32", "bf16"])
+def test_weight_grad_split_reduction(dtype, tol):
+    """The weight-gradient GEMM splits its long reduction: slices plus a remainder."""
+    from fastfold_plugin.kernels.triangle_multiplication import _weight_grad
+
+    gen = torch.Generator().manual_seed(4)
+    m = 3 * 4096 + 37
+    dy, x = torch.randn(m, 24, generator=gen).to(dtype), torch.randn(m, 8, generator=gen).to(dtype)
+    got = _weight_grad(dy, x)
+    assert got.dtype == torch.float32
+    assert rel_err(got, dy.double().t() @ x.double()) < tol
+
+# ---- the reference against OpenFold's own modules (fp32, exact-ish) ---------------------------
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_reference_matches_openfold_module(outgoing):
+    from openfold.model.triangular_multiplicative_update import (
+        TriangleMultiplicationIncoming,
+        TriangleMultiplicationOutgoing,
+    )
+
+    cls = TriangleMultiplicationOutgoing if outgoing else TriangleMultiplicationIncoming
+    mod = randomize_parameters_(cls(12, 16), seed=7)
+    z, mask = random_inputs((2,), 9, 12, True)
+    z.requires_grad_()
+    params = list(mod.parameters())
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    out_mod = mod(z, mask)
+    grads_mod = torch.autograd.grad(out_mod, [z] + params, g)
+    out_ref = triangle_multiplication_reference(z, mask, weights_of(mod), outgoing, mod.layer_norm_in.eps)
+    grads_ref = torch.autograd.grad(out_ref, [z] + params, g)
+    assert_close(out_ref, out_mod, rtol=1e-6, atol=1e-6, name="out")
+    names = ["z"] + [n for n, _ in mod.named_parameters()]
+    for name, a, e in zip(names, grads_ref, grads_mod, strict=True):
+        assert_close(a, e, rtol=1e-6, atol=1e-6 * e.abs().max().item(), name="d" + name)
+
+
+def test_weights_of_covers_every_parameter():
+    from openfold.model.triangular_multiplicative_update import TriangleMultiplicationOutgoing
+
+    mod = TriangleMultiplicationOutgoing(8, 4)
+    assert {id(p) for p in weights_of(mod)} == {id(p) for p in mod.parameters()}
+
+
+# ---- GPU: real sizes, CUDA autocast ------------------------------------------------------------
+GPU_CASES = [
+    pytest.param(torch.float32, torch.float32, None, 1e-4, id="fp32"),
+    pytest.param(torch.float32, torch.float32, torch.bfloat16, 2.0, id="bf16-autocast"),
+    pytest.param(torch.float32, torch.float32, torch.float16, 2.0, id="fp16-autocast"),
+    pytest.param(torch.bfloat16, torch.bfloat16, None, 2.0, id="bf16-model"),
+]
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("n", [37, 128, 257])
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", GPU_CASES)
+def test_gpu(n, x_dtype, p_dtype, ac, tol, outgoing, no_tf32):
+    check_case((1,), n, 128, 128, True, outgoing, x_dtype, p_dtype, ac, tol, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_gpu_n1024_bf16(outgoing, no_tf32):
+    """AF2's long-crop size under bf16 autocast; truth is the fp32 (IEEE) reference."""
+    z, mask = random_inputs((1,), 1024, 128, True, device="cuda")
+    w = random_weights(128, 128, device="cuda")
+    out, grads, g = run(triangle_multiplication, z, mask, w, outgoing, torch.bfloat16)
+    out_r, grads_r, _ = run(triangle_multiplication_reference, z, mask, w, outgoing, torch.bfloat16, g)
+    out_t, grads_t, _ = run(triangle_multiplication_reference, z, mask, w, outgoing, None, g.float())
+    check_against_truth(out, out_r, out_t, 2.0, "out")
+    for name, a, e, t in zip(GRAD_NAMES, grads, grads_r, grads_t, strict=True):
+        check_against_truth(a, e, t, 2.0, "d" + name)
+
+
+@pytest.mark.gpu
+def test_gpu_reference_matches_openfold_under_autocast():
+    from openfold.model.triangular_multiplicative_update import TriangleMultiplicationOutgoing
+
+    mod = randomize_parameters_(TriangleMultiplicationOutgoing(128, 128), seed=8).cuda()
+    z, mask = random_inputs((1,), 64, 128, True, device="cuda")
+    for ac in (torch.bfloat16, torch.float16):
+        with torch.autocast("cuda", dtype=ac):
+            out_mod = mod(z, mask)
+            out_ref = triangle_multiplication_reference(z, mask, weights_of(mod), True)
+        assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref), ac
