@@ -14,6 +14,7 @@ setup(
     description="Fused Triton kernels and Dynamic Axial Parallelism for OpenFold",
     packages=[
         "fastfold_plugin",
+        "fastfold_plugin.distributed",
         "fastfold_plugin.kernels",
         "fastfold_plugin.patches",
         "fastfold_plugin.patches.openfold_install",
