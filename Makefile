@@ -50,7 +50,7 @@ retry = for i in 1 2 3; do $(1) && break; if [ $$i = 3 ]; then exit 1; fi; \
 .PHONY: help install demo test test-gpu bench lint wheelhouse clean check-mode
 
 help:
-	@sed -n '3,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '4,14p' Makefile | sed 's/^# \{0,1\}//'
 
 install: $(VENV)/.stamp-plugin
 

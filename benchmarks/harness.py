@@ -101,7 +101,9 @@ def _git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        # changed or untracked source files (results files do not count)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "patches",
+                                "fastfold_plugin", "benchmarks/*.py"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

@@ -815,7 +815,6 @@ class _AttentionFunction(torch.autograd.Function):
 
         ctx.plan = plan
         ctx.shape = (H, NQ, NK, C, CP)
-        ctx.has = (mask_bias is not None, pair_bias is not None, gate is not None)
         ctx.save_for_backward(q, k, v, mask_bias, pair_bias, gate, o, stats)
         return out
 
