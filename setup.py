@@ -24,7 +24,7 @@ setup(
         "fastfold_plugin.kernels": "kernels",
         "fastfold_plugin.patches": "patches",
     },
-    package_data={"fastfold_plugin.patches.openfold_install": ["*.cpp"]},
+    package_data={"fastfold_plugin": ["data/*.fasta"], "fastfold_plugin.patches.openfold_install": ["*.cpp"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "dm-tree", "ml-collections", "tqdm"],
     entry_points={"console_scripts": ["fastfold-plugin=fastfold_plugin.cli:main"]},

@@ -230,11 +230,15 @@ def _check_shapes(sd: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.T
     bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
            for k, v in model_sd.items() if tuple(sd[k].shape) != tuple(v.shape)]
     if bad:
-        raise CheckpointError(
-            f"{path} has the model's keys but {len(bad)} tensors of another shape:\n  "
-            + "\n  ".join(bad[:_SHOW]) + (f"\n  ... ({len(bad) - _SHOW} more)" if len(bad) > _SHOW else "")
-            + "\n  It was saved from a model with another configuration (channel sizes, "
-              "number of bins or heads).\nNothing was loaded.")
+        raise _shape_error(path, f"has the model's keys but {len(bad)} tensors", bad,
+                           "It was saved from a model with another configuration (channel "
+                           "sizes, number of bins or heads).")
+
+
+def _shape_error(path: Path, what: str, bad: List[str], why: str = "") -> CheckpointError:
+    more = f"\n  ... ({len(bad) - _SHOW} more)" if len(bad) > _SHOW else ""
+    return CheckpointError(f"{path} {what} of another shape:\n  " + "\n  ".join(bad[:_SHOW]) + more
+                           + (f"\n  {why}" if why else "") + "\nNothing was loaded.")
 
 
 def _key_lines(missing: List[str], unexpected: List[str], in_file: str = "checkpoint") -> str:
@@ -315,29 +319,38 @@ def _load_npz_(model: torch.nn.Module, path: Path, preset: str) -> str:
     load it with OpenFold's ``import_jax_weights_``."""
     from openfold.utils import import_weights
 
+    flat = import_weights.process_translation_dict(
+        import_weights.generate_translation_dict(model, preset))
     try:
-        data = np.load(path, allow_pickle=False)
-        keys = set(data.files)
+        with np.load(path, allow_pickle=False) as data:
+            unexpected = _check_npz(data, flat, path, preset)
     except (ValueError, OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path} cannot be read as an AlphaFold .npz file: {e}") from None
+    import_weights.import_jax_weights_(model, str(path), version=preset)
+    note = f"; {len(unexpected)} unused arrays ({_few(unexpected, 3)})" if unexpected else ""
+    return f"AlphaFold parameters (.npz) for {preset}{note}"
+
+
+def _check_npz(data, flat, path: Path, preset: str) -> List[str]:
+    """Raise unless every array the translation table `flat` needs is in `data` with a shape
+    that transforms into its parameter's; returns the unused array names."""
+    keys = set(data.files)
     if not any(k.startswith(_NPZ_PREFIX) for k in keys):
         raise CheckpointError(f"{path} is an .npz file but not AlphaFold parameters: no key "
                               f"starts with '{_NPZ_PREFIX}' (it holds {_few(sorted(keys))})")
-    flat = import_weights.process_translation_dict(
-        import_weights.generate_translation_dict(model, preset))
     missing = sorted(set(flat) - keys)
     unexpected = sorted(keys - set(flat))
-    hint = _npz_hints(missing, unexpected, keys, path, preset)
-    if missing or (unexpected and hint):
+    hints = _npz_hints(missing, unexpected, keys, path, preset)
+    if missing or (unexpected and hints):
         raise CheckpointError(
             f"{path} does not fit the {preset} model:\n"
-            + _key_lines(missing, unexpected, "file") + "".join(f"\n  {h}" for h in hint)
+            + _key_lines(missing, unexpected, "file") + "".join(f"\n  {h}" for h in hints)
             + "\nNothing was loaded.")
     bad = []
     for k, p in flat.items():
-        arr = data[k]
+        arr = torch.from_numpy(data[k])
         params = p.param if p.stacked else [p.param]
-        slices = list(torch.unbind(torch.from_numpy(arr), 0)) if p.stacked else [torch.from_numpy(arr)]
+        slices = list(torch.unbind(arr, 0)) if p.stacked and arr.dim() else [arr]
         if len(slices) != len(params):
             bad.append(f"{k}: {len(slices)} stacked layers, model has {len(params)}")
             continue
@@ -351,13 +364,8 @@ def _load_npz_(model: torch.nn.Module, path: Path, preset: str) -> str:
                            f"{tuple(ref.shape)}")
                 break
     if bad:
-        raise CheckpointError(
-            f"{path} has the {preset} names but {len(bad)} arrays of another shape:\n  "
-            + "\n  ".join(bad[:_SHOW]) + (f"\n  ... ({len(bad) - _SHOW} more)" if len(bad) > _SHOW else "")
-            + "\nNothing was loaded.")
-    import_weights.import_jax_weights_(model, str(path), version=preset)
-    note = f"; {len(unexpected)} unused arrays ({_few(unexpected, 3)})" if unexpected else ""
-    return f"AlphaFold parameters (.npz) for {preset}{note}"
+        raise _shape_error(path, f"has the {preset} names but {len(bad)} arrays", bad)
+    return unexpected
 
 
 def _npz_hints(missing: List[str], unexpected: List[str], keys: set, path: Path,

@@ -6,6 +6,7 @@ between the predictions, and writes both structures as PDB files (see docs/predi
 """
 import argparse
 import sys
+import warnings
 from typing import List, Optional
 
 
@@ -73,6 +74,10 @@ def _predict(args) -> int:
     from fastfold_plugin.checkpoint import CheckpointError
     from fastfold_plugin.predict import PredictError, format_summary, predict
 
+    # OpenFold 0.0.1 triggers torch deprecation warnings (non-tuple indexing,
+    # torch.cuda.amp.autocast) on every run; they say nothing about this run.
+    for category in (UserWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"openfold(\.|$)")
     try:
         report = predict(
             fasta=args.fasta, alignments=args.alignments, checkpoint=args.checkpoint,

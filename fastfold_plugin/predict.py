@@ -16,6 +16,7 @@ for single-sequence input the cap changes only the run time, not the result.
 import contextlib
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -145,10 +146,14 @@ def predict(
     model = AlphaFold(config).eval()
     random_weights = checkpoint is None
     if random_weights:
-        path, created = random_checkpoint(model, preset, cache_dir)
-        echo(f"  weights   RANDOM (seeded; {'created' if created else 'cached'} at {path}): "
-             f"the predicted structure is meaningless. Pass --checkpoint for real weights.")
-        checkpoint = path
+        echo("  weights   RANDOM (seeded): the predicted structure is meaningless. Pass "
+             "--checkpoint for real weights.")
+        try:
+            checkpoint, created = random_checkpoint(model, preset, cache_dir)
+        except OSError as e:  # an unwritable cache: keep the file with the outputs instead
+            echo(f"            cannot write the cache ({e}); using {output_dir}")
+            checkpoint, created = random_checkpoint(model, preset, output_dir)
+        echo(f"            {'created' if created else 'cached'}: {checkpoint}")
     weights = load_checkpoint_(model, checkpoint, preset, trust_pickle=trust_checkpoint)
     if not random_weights:
         echo(f"  weights   {weights} from {checkpoint}")
@@ -194,14 +199,17 @@ def format_summary(r: Report) -> str:
         f"  {'stock OpenFold':<28}{r.stock.seconds:>10.2f} s{r.stock.plddt.mean():>12.2f}",
         f"  {'fastfold-plugin (' + r.backend + ')':<28}{r.plugin.seconds:>10.2f} s"
         f"{r.plugin.plddt.mean():>12.2f}   ({r.patched_modules} OpenFold modules patched)",
-        f"  wall times: the model call only{warm}",
+        f"  wall times: the model call only{warm}; stock / plugin = "
+        f"{r.stock.seconds / r.plugin.seconds:.2f}x",
         f"  largest deviation between the two predictions: {r.max_atom_deviation:.3g} Angstrom "
         f"(atom positions, {r.atoms_compared} atoms), {r.max_plddt_deviation:.3g} pLDDT points "
         f"(0-100 scale)",
         f"  structures: {r.stock.pdb_path}",
         f"              {r.plugin.pdb_path}",
     ]
-    if r.random_weights:
+    if not r.random_weights:
+        lines.append(f"  weights: {r.weights}")
+    else:
         lines.append("  WEIGHTS ARE RANDOM: both structures are meaningless; the run shows that "
                      "the plugin reproduces stock OpenFold. Pass --checkpoint for real weights.")
     return "\n".join(lines)
@@ -268,8 +276,6 @@ def _features(fasta: Path, sequence: str, alignments, config):
 
     with contextlib.ExitStack() as stack:
         if alignments is None:
-            import tempfile
-
             aln_dir = stack.enter_context(tempfile.TemporaryDirectory())
         else:
             aln_dir = Path(alignments)
@@ -289,7 +295,6 @@ def _features(fasta: Path, sequence: str, alignments, config):
         raise PredictError(f"the alignments in {alignments} are not for this query: their first "
                            f"row has {msa.shape[1]} columns and differs from the "
                            f"{len(sequence)}-residue sequence in {fasta}")
-    torch.manual_seed(0)  # MSA sampling and masking in the feature pipeline
     batch = FeaturePipeline(config.data).process_features(feats, "predict")
     return batch, int(msa.shape[0])
 
