@@ -22,8 +22,10 @@ and the 20 / 80 % quantiles over trials. (triton.testing.do_bench is not used he
 repetition count could differ between ranks and deadlock the collectives.) Peak memory is the
 largest ``max_memory_allocated`` over ranks.
 
-Results append to ``--out`` as JSON lines with the GPU name, torch / triton / CUDA / Colossal-AI
-versions, the commit and the date; rank 0 writes them and prints a table.
+Results append to ``<--out>/dap.jsonl`` (default ``benchmarks/results``; a dry run writes only
+with ``--out``) in the shared harness's format: a header record (GPU name, torch / triton / CUDA /
+Colossal-AI versions, commit, date, world size) then one result record per case, with ``ms``,
+``ms_p20``, ``ms_p80`` and ``peak_mib``. Rank 0 writes them and prints each row.
 """
 import argparse
 import copy
@@ -31,16 +33,15 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
+import harness
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
 SUITES = ("strong", "inference", "weak", "profile")
 
 
@@ -49,8 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true",
                    help="CPU + gloo, tiny sizes, fp32, reference ops: checks the script end to end")
     p.add_argument("--suites", default=",".join(SUITES), help=f"comma-separated subset of {SUITES}")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "dap.jsonl"))
-    p.add_argument("--profile-dir", default=str(REPO / "benchmarks" / "results" / "dap_traces"))
+    p.add_argument("--out", default=None,
+                   help=f"directory for dap.jsonl (default {harness.RESULTS_DIR}; dry runs write "
+                        f"only with --out)")
+    p.add_argument("--profile-dir", default=str(harness.RESULTS_DIR / "dap_traces"))
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast (default on GPU) or fp32 (default for --dry-run)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
@@ -78,24 +81,6 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Environment and output
 
-def _version(mod: str) -> Optional[str]:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
-
-
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha or "unknown") + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
-
-
 def environment(device: torch.device, args) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -103,35 +88,37 @@ def environment(device: torch.device, args) -> dict:
         colossalai_version = version("colossalai")
     except PackageNotFoundError:
         colossalai_version = None
-    return {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "backend_dist": dist.get_backend(),
-        "world": dist.get_world_size(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "cuda": torch.version.cuda,
-        "colossalai": colossalai_version,
-        "commit": _commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dtype": args.dtype,
-        "dry_run": args.dry_run,
-    }
+    return dict(harness.environment(device), colossalai=colossalai_version,
+                dist_backend=dist.get_backend(), world=dist.get_world_size(), dtype=args.dtype)
 
 
 class Output:
-    def __init__(self, path: str, env: dict, rank: int):
-        self.path, self.env, self.rank, self.rows = Path(path), env, rank, []
+    """Rank 0 appends a header and the result rows to <out>/dap.jsonl and prints each row."""
 
-    def add(self, **row) -> None:
-        row = {"bench": "dap", **row, **self.env}
-        self.rows.append(row)
-        if self.rank == 0:
+    def __init__(self, args, env: dict, rank: int):
+        out_dir = args.out if args.out is not None else (None if args.dry_run else harness.RESULTS_DIR)
+        self.path = None if out_dir is None else Path(out_dir) / "dap.jsonl"
+        self.rank, self.rows = rank, []
+        self._write(dict(record="header", benchmark="dap", dry_run=bool(args.dry_run), **env))
+
+    def _write(self, rec: dict) -> None:
+        if self.rank != 0:
+            return
+        if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            keys = ("suite", "case", "provider", "dap", "dp", "async", "ms_median", "ms_q20",
-                    "ms_q80", "peak_gib", "comm_ms", "overlap_ms", "overlap_frac_of_comm", "note")
-            print("  ".join(f"{k}={row[k]}" for k in keys if k in row), flush=True)
+                f.write(json.dumps(rec) + "\n")
+        if rec["record"] == "header":
+            print(json.dumps(rec), flush=True)
+            return
+        keys = ("suite", "case", "provider", "dap", "dp", "async", "ms", "ms_p20", "ms_p80",
+                "peak_mib", "comm_ms", "overlap_ms", "overlap_frac_of_comm", "note")
+        print("  ".join(f"{k}={rec[k]}" for k in keys if k in rec), flush=True)
+
+    def add(self, **row) -> None:
+        rec = dict(record="result", op=row.pop("op", "evoformer_block"), **row)
+        self.rows.append(rec)
+        self._write(rec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,10 +160,11 @@ def measure(step, args, device, active: bool = True) -> dict:
                 step()
         _sync(device)
         times.append(_all_max((time.perf_counter() - t0) * 1e3 / args.inner, device))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"ms_median": round(statistics.median(times), 4), "ms_q20": round(qs[0], 4),
-            "ms_q80": round(qs[3], 4), "peak_gib": round(_all_max(peak, device), 3)}
+    return {"ms": round(statistics.median(times), 4), "ms_p20": round(qs[0], 4),
+            "ms_p80": round(qs[3], 4),
+            "peak_mib": None if peak is None else round(_all_max(peak, device), 1)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,7 +356,8 @@ def suite_weak(out: Output, args, device):
             res = measure(step, args, device, active=active)
             if active:
                 hooks.remove()
-            out.add(suite="weak", case=f"{n_seq}x{n_res}", provider="dap+dp", dap=dap, dp=dp,
+            out.add(op="evoformer_stack", suite="weak", case=f"{n_seq}x{n_res}",
+                    provider="dap+dp", dap=dap, dp=dp,
                     n_seq=n_seq, n_res=n_res, mode="stack fwd+bwd (2 blocks)",
                     **{"async": use_async}, **res)
 
@@ -465,7 +454,7 @@ def main(argv=None) -> int:
     contexts: Dict[int, object] = {d: fd.make_context(d, timeout=args.timeout)
                                    for d in dap_sizes(world)}
     env = environment(device, args)
-    out = Output(args.out, env, dist.get_rank())
+    out = Output(args, env, dist.get_rank())
     if dist.get_rank() == 0:
         print(f"bench_dap: world {world}, DAP sizes {list(contexts) or [1]}, {env['gpu']}, "
               f"{args.dtype}, suites {args.suites}", flush=True)

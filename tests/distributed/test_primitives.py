@@ -1,0 +1,36 @@
+"""DAP communication primitives: values, adjointness of each pair, async == sync, padding."""
+import pytest
+import torch
+
+from fastfold_plugin.distributed import pad_to, pad_to_multiple, padded_length, unpad
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3])
+def test_primitives_are_exact_adjoints(run_workers, nprocs):
+    results = run_workers("primitives", nprocs, deadline=120)
+    assert all(r.records() == [{"ok": True, "size": nprocs}] for r in results)
+
+
+@pytest.mark.parametrize("n, multiple, expected", [(0, 3, 0), (1, 3, 3), (37, 2, 38), (37, 3, 39),
+                                                   (36, 3, 36), (5, 1, 5)])
+def test_padded_length(n, multiple, expected):
+    assert padded_length(n, multiple) == expected
+
+
+def test_pad_to_multiple_round_trip_and_gradient():
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64, requires_grad=True)
+    y = pad_to_multiple(x, [-3, -2], 3, value=0.0)
+    assert y.shape == (2, 6, 9, 3)
+    assert torch.equal(y[:, 5:], torch.zeros_like(y[:, 5:]))
+    assert torch.equal(y[:, :, 7:], torch.zeros_like(y[:, :, 7:]))
+    assert torch.equal(unpad(y, {-3: 5, -2: 7}), x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g[:, :5, :7])
+    # nothing to pad: the same tensor comes back
+    assert pad_to_multiple(x, -3, 5) is x
+    assert pad_to(x, {1: 5}) is x
+    with pytest.raises(ValueError):
+        pad_to(x, {1: 4})
+    with pytest.raises(ValueError):
+        padded_length(3, 0)

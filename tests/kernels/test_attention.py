@@ -1,0 +1,421 @@
+"""attention: Triton op vs reference (forward and every gradient), and reference vs OpenFold.
+
+CPU runs use Triton's interpreter at tiny sizes; the `gpu` tests use real AlphaFold sizes.
+"""
+import pytest
+import torch
+
+from fastfold_plugin.kernels.attention import attention, attention_reference
+from fastfold_plugin.testing import assert_close, rel_err
+
+# fp32: the op vs an fp64 truth must be as tight as fp32 arithmetic (relative norm error).
+# bf16/fp16: the op's error vs the fp64 truth <= factor x the reference's own error in that
+# dtype. (Under the CPU interpreter the kernels round to bf16 the way the GPU does: see
+# _triton_utils.cast_rne.)
+DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2.0, id="bf16"),
+    pytest.param(torch.float16, 2.0, id="fp16"),
+]
+GPU_DTYPES = [
+    pytest.param(torch.float32, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 2.0, id="bf16"),
+]
+INF = 1e9  # OpenFold's config inf: mask_bias = INF * (mask - 1)
+GRAD_NAMES = ("q", "k", "v", "mask_bias", "pair_bias", "gate")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _heads(shape_qhc, dtype, device, gen, scale=1.0):
+    """A [*, Q, H, C] Linear-output-like buffer seen as OpenFold's [*, H, Q, C] view."""
+    x = torch.randn(shape_qhc, generator=gen) * scale
+    return x.to(device=device, dtype=dtype).transpose(-2, -3)
+
+
+def _mask_bias(shape, gen, device, p_masked=0.3, key_dim=-1):
+    """INF * (mask - 1) in fp32 (OpenFold builds it from a fp32 mask); key 0 never masked."""
+    mask = (torch.rand(shape, generator=gen) > p_masked).float()
+    mask.select(key_dim, 0).fill_(1.0)
+    return (INF * (mask - 1)).to(device)
+
+
+def make_case(case, n, c, dtype, device="cpu", seed=0, h=2, b=2, s=3):
+    """Inputs laid out as OpenFold's modules produce them. Returns a dict of the op's args.
+
+    row:      MSA row attention, q/k/v [B, S, H, N, C], mask [B, S, 1, 1, N], pair bias
+              [B, 1, H, N, N] shared over S, gate [B, S, N, H, C]
+    column:   MSA column attention: the N_seq axis is attended over, no pair bias
+    triangle: triangle attention over I = N rows, pair bias [B, 1, H, N, N] shared over I
+    template: template pointwise attention: Q = 1, K = N_templ = s, mask bias only, no gate
+    plain:    contiguous [B, H, Q, C] with K != Q, no biases, no gate
+    """
+    g = _gen(seed)
+    sc = c ** -0.5
+    bias_dtype = dtype  # OpenFold's pair bias comes from a Linear: the activation dtype
+    if case == "row" or case == "triangle":
+        rows = s if case == "row" else n
+        q = _heads((b, rows, n, h, c), dtype, device, g, sc)
+        k = _heads((b, rows, n, h, c), dtype, device, g)
+        v = _heads((b, rows, n, h, c), dtype, device, g)
+        mb = _mask_bias((b, rows, 1, 1, n), g, device)
+        pb = torch.randn((b, 1, h, n, n), generator=g).to(device=device, dtype=bias_dtype)
+        gate = torch.randn((b, rows, n, h, c), generator=g).to(device=device, dtype=dtype)
+        return dict(q=q, k=k, v=v, mask_bias=mb, pair_bias=pb, gate=gate)
+    if case == "column":
+        q = _heads((b, n, s, h, c), dtype, device, g, sc)
+        k = _heads((b, n, s, h, c), dtype, device, g)
+        v = _heads((b, n, s, h, c), dtype, device, g)
+        mb = _mask_bias((b, n, 1, 1, s), g, device)
+        gate = torch.randn((b, n, s, h, c), generator=g).to(device=device, dtype=dtype)
+        return dict(q=q, k=k, v=v, mask_bias=mb, pair_bias=None, gate=gate)
+    if case == "template":
+        q = _heads((b, n, n, 1, h, c), dtype, device, g, sc)
+        k = _heads((b, n, n, s, h, c), dtype, device, g)
+        v = _heads((b, n, n, s, h, c), dtype, device, g)
+        mb = _mask_bias((b, 1, 1, 1, 1, s), g, device, p_masked=0.5)
+        return dict(q=q, k=k, v=v, mask_bias=mb, pair_bias=None, gate=None)
+    if case == "plain":
+        q = (torch.randn((b, h, n, c), generator=g) * sc).to(device=device, dtype=dtype)
+        k = torch.randn((b, h, n + 3, c), generator=g).to(device=device, dtype=dtype)
+        v = torch.randn((b, h, n + 3, c), generator=g).to(device=device, dtype=dtype)
+        return dict(q=q, k=k, v=v, mask_bias=None, pair_bias=None, gate=None)
+    raise ValueError(case)
+
+
+def _requires_grad(inputs, names=("q", "k", "v", "pair_bias", "gate")):
+    return {n: (t.detach().requires_grad_(n in names) if t is not None else None)
+            for n, t in inputs.items()}
+
+
+def run(fn, inputs, dout=None, seed=1):
+    """Output and the gradients of every input that requires grad (dict by name)."""
+    out = fn(**inputs)
+    if dout is None:
+        dout = torch.randn(out.shape, generator=_gen(seed)).to(out)
+    names = [n for n, t in inputs.items() if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, [inputs[n] for n in names], dout) if names else ()
+    return out, dict(zip(names, grads, strict=True)), dout
+
+
+def _double(inputs):
+    return {n: (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None)
+            for n, t in inputs.items()}
+
+
+def compare(actual, expected, truth, dtype, tol, name):
+    """fp32: op vs the fp64 truth; low precision: op error <= tol x the reference's error."""
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if dtype == torch.float32:
+        # atol: relative to the tensor's scale, or to the fp32 reference's own error, or 1e-6
+        # (inputs are O(1)) where the truth is zero: dq with a single key, the gradient of a
+        # bias constant along K
+        scale = truth.detach().abs().max().item()
+        ref_err = (expected.detach().double() - truth.detach().double()).abs().max().item()
+        atol = max(1e-5 * scale, 4 * ref_err, 1e-6)
+        assert_close(actual, truth, rtol=1e-4, atol=atol, max_rel=tol if scale > 1e-4 else None,
+                     name=name)
+        return
+    e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    assert e_op <= tol * e_ref + 1e-6, (
+        f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}")
+
+
+def check(inputs, dtype, tol, op=attention):
+    out, grads, dout = run(op, inputs)
+    out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
+    out_t, grads_t, _ = run(attention_reference, _double(inputs), dout.double())
+    compare(out, out_ref, out_t, dtype, tol, "out")
+    assert set(grads) == set(grads_ref)
+    for name in grads:
+        assert grads[name].dtype == inputs[name].dtype, name
+        compare(grads[name], grads_ref[name], grads_t[name], dtype, tol, "d" + name)
+
+
+# ---- OpenFold's layouts at awkward sizes ---------------------------------------------------
+# (N, C): N = 1, below / across / beyond one block; C = 8 (extra MSA: below tl.dot's 16), 16, 32
+SIZES = [(1, 8), (5, 16), (17, 32), (33, 8)]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("n,c", SIZES, ids=lambda x: str(x))
+@pytest.mark.parametrize("case", ["row", "column", "triangle", "plain"])
+def test_attention_matches_reference(case, n, c, dtype, tol):
+    if case == "triangle" and n > 17:
+        n = 17  # N rows of N x N: keep the interpreter run small
+    check(_requires_grad(make_case(case, n, c, dtype)), dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("n", [1, 3])
+def test_template_pointwise_query_length_one(n, dtype, tol):
+    """Q = 1 query per pair (template pointwise attention), K = 4 templates, C = 16."""
+    inputs = make_case("template", n, 16, dtype, s=4)
+    assert inputs["q"].shape[-2] == 1
+    check(_requires_grad(inputs, ("q", "k", "v")), dtype, tol)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_mixed_bias_dtypes_as_under_autocast(dtype, tol):
+    """Under autocast OpenFold's mask bias is fp32 while q/k/v, the pair bias and the gate are
+    low precision; each gradient keeps its input's dtype."""
+    inputs = make_case("row", 17, 32, dtype)
+    inputs["mask_bias"] = inputs["mask_bias"].float()
+    inputs["pair_bias"] = inputs["pair_bias"].float()
+    check(_requires_grad(inputs), dtype, tol)
+
+
+def test_autocast_casts_fp32_inputs_like_matmul():
+    """fp32 q/k/v under bf16 autocast: the op computes in bf16, as OpenFold's matmuls would."""
+    inputs = _requires_grad(make_case("row", 17, 16, torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads, dout = run(attention, inputs)
+        out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
+    assert out.dtype == out_ref.dtype  # bf16 attention, then * sigmoid(fp32 gate): fp32
+    bf = {n: (t.detach().to(torch.bfloat16).double().requires_grad_(t.requires_grad)
+              if t is not None and n in ("q", "k", "v") else
+              (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None))
+          for n, t in inputs.items()}
+    out_t, grads_t, _ = run(attention_reference, bf, dout.double())
+    compare(out, out_ref, out_t, torch.bfloat16, 2.0, "out")
+    for name in grads:
+        assert grads[name].dtype == grads_ref[name].dtype == torch.float32
+        compare(grads[name], grads_ref[name], grads_t[name], torch.bfloat16, 2.0, "d" + name)
+
+
+# ---- fully masked rows ---------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fully_masked_rows_are_uniform_and_finite(dtype):
+    """With OpenFold's finite -1e9 bias a fully masked row is a uniform average over all keys
+    (in fp32 and below, -1e9 + logit rounds to -1e9); outputs and gradients stay finite."""
+    inputs = make_case("row", 9, 16, dtype)
+    inputs["mask_bias"][0, 1] = -INF  # every key of batch row (0, 1)
+    inputs = _requires_grad(inputs)
+    out, grads, dout = run(attention, inputs)
+    v, gate = inputs["v"].double(), inputs["gate"].double()
+    uniform = v[0, 1].mean(dim=-2, keepdim=True).transpose(-2, -3) * torch.sigmoid(gate[0, 1])
+    assert_close(out[0, 1].double(), uniform.expand_as(out[0, 1]),
+                 rtol=1e-5 if dtype == torch.float32 else 2e-2, atol=1e-5 if dtype ==
+                 torch.float32 else 2e-2, name="masked rows")
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+    if dtype == torch.float32:  # same arithmetic as OpenFold's fp32 path: compare gradients
+        out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
+        assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+        for name in grads:
+            scale = grads_ref[name].abs().max().item()
+            assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5 * scale,
+                         max_rel=1e-5, name="d" + name)
+
+
+# ---- bias broadcast patterns and their reduced gradients -----------------------------------
+# bias shapes against q [B=2, S=3, H=2, Q, C]; each reduces its gradient over other dims
+BIAS_SHAPES = {
+    "per_batch_row[B,S,1,1,K]": (2, 3, 1, 1, "K"),
+    "shared[B,1,H,Q,K]": (2, 1, 2, "Q", "K"),
+    "all_batch[1,1,H,Q,K]": (1, 1, 2, "Q", "K"),
+    "no_batch_dims[H,Q,K]": (2, "Q", "K"),
+    "head_shared[B,S,1,Q,K]": (2, 3, 1, "Q", "K"),
+    "full[B,S,H,Q,K]": (2, 3, 2, "Q", "K"),
+    "key_only[K]": ("K",),
+    "const_along_K[B,S,H,Q,1]": (2, 3, 2, "Q", 1),
+}
+
+
+@pytest.mark.parametrize("slot", ["mask_bias", "pair_bias"])
+@pytest.mark.parametrize("pattern", list(BIAS_SHAPES))
+def test_bias_gradients_reduce_to_broadcast_shape(pattern, slot):
+    nq, nk = 17, 33
+    g = _gen(5)
+    q = torch.randn(2, 3, 2, nq, 16, generator=g) * 0.25
+    k = torch.randn(2, 3, 2, nk, 16, generator=g)
+    v = torch.randn(2, 3, 2, nk, 16, generator=g)
+    shape = tuple(nq if d == "Q" else nk if d == "K" else d for d in BIAS_SHAPES[pattern])
+    bias = torch.randn(shape, generator=g)
+    inputs = dict(q=q, k=k, v=v, mask_bias=None, pair_bias=None, gate=None)
+    inputs[slot] = bias
+    if slot == "pair_bias":  # a second, fixed bias in the other slot
+        inputs["mask_bias"] = _mask_bias((2, 3, 1, 1, nk), g, "cpu")
+    check(_requires_grad(inputs, ("q", "k", "v", slot)), torch.float32, 1e-5)
+
+
+def test_more_than_two_unfoldable_batch_dims():
+    """Batch dims no stride merge folds to two (the explicit loop over the first one)."""
+    g = _gen(7)
+    q = torch.randn(2, 3, 2, 2, 5, 16, generator=g) * 0.25
+    k = torch.randn(2, 3, 2, 2, 7, 16, generator=g)
+    v = torch.randn(2, 3, 2, 2, 7, 16, generator=g)
+    mb = torch.randn(1, 3, 2, 1, 1, 7, generator=g)   # stride 0 on dim 0 only
+    pb = torch.randn(2, 1, 2, 2, 5, 7, generator=g)   # stride 0 on dim 1 only
+    gate = torch.randn(2, 3, 2, 5, 2, 16, generator=g)
+    inputs = dict(q=q, k=k, v=v, mask_bias=mb, pair_bias=pb, gate=gate)
+    check(_requires_grad(inputs, GRAD_NAMES), torch.float32, 1e-5)
+
+
+def test_non_contiguous_and_broadcast_inputs():
+    """Channel-strided q (a slice), k/v expanded over a batch dim (stride 0): gradients of the
+    expanded tensors are summed by autograd; nothing is copied on the way in."""
+    g = _gen(8)
+    qbuf = torch.randn(2, 3, 9, 2, 32, generator=g) * 0.25
+    q = qbuf.transpose(-2, -3)[..., ::2]  # [2, 3, 2, 9, 16], channel stride 2
+    k = torch.randn(2, 1, 2, 11, 16, generator=g).expand(2, 3, 2, 11, 16)
+    v = torch.randn(2, 1, 11, 2, 16, generator=g).transpose(-2, -3).expand(2, 3, 2, 11, 16)
+    pb = torch.randn(2, 1, 2, 11, 9, generator=g).transpose(-1, -2)  # key dim not innermost
+    gate = torch.randn(2, 3, 9, 2, 16, generator=g)
+    inputs = dict(q=q, k=k, v=v, mask_bias=None, pair_bias=pb, gate=gate)
+    check(_requires_grad(inputs), torch.float32, 1e-5)
+
+
+def test_upstream_gradient_with_zero_strides():
+    """out.sum().backward() hands the backward an expanded (stride 0) gradient."""
+    inputs = _requires_grad(make_case("row", 5, 8, torch.float32))
+    out = attention(**inputs)
+    gq, gpb = torch.autograd.grad(out.sum(), [inputs["q"], inputs["pair_bias"]])
+    out_r = attention_reference(**inputs)
+    gq_r, gpb_r = torch.autograd.grad(out_r.sum(), [inputs["q"], inputs["pair_bias"]])
+    assert_close(gq, gq_r, rtol=1e-4, atol=1e-6, max_rel=1e-5, name="dq")
+    assert_close(gpb, gpb_r, rtol=1e-4, atol=1e-6, max_rel=1e-5, name="dpair_bias")
+
+
+def test_no_grad_forward_and_input_checks():
+    inputs = make_case("row", 5, 16, torch.float32)
+    with torch.no_grad():
+        out = attention(**inputs)
+    assert_close(out, attention_reference(**inputs), rtol=1e-4, atol=1e-6, max_rel=1e-5)
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention(inputs["q"], inputs["k"].double(), inputs["v"])
+    with pytest.raises(RuntimeError):
+        attention(inputs["q"], inputs["k"], inputs["v"], pair_bias=torch.randn(3, 3))
+
+
+# ---- the reference against OpenFold's own code (exact) -------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_matches_openfold_attention(dtype):
+    from openfold.model.primitives import _attention
+
+    inputs = _requires_grad(make_case("row", 7, 16, dtype))
+    biases = [inputs["mask_bias"], inputs["pair_bias"]]
+    ours = attention_reference(inputs["q"], inputs["k"], inputs["v"], *biases)
+    theirs = _attention(inputs["q"], inputs["k"], inputs["v"], biases).transpose(-2, -3)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    dout = torch.randn(ours.shape, generator=_gen(2)).to(dtype)
+    names = ("q", "k", "v", "pair_bias")
+    g_ours = torch.autograd.grad(ours, [inputs[n] for n in names], dout)
+    g_theirs = torch.autograd.grad(theirs, [inputs[n] for n in names], dout)
+    for n, a, b in zip(names, g_ours, g_theirs, strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_reference_matches_openfold_attention_module():
+    """Gating as in OpenFold's Attention._wrap_up: o * sigmoid(linear_g(q_x))."""
+    from openfold.model.primitives import Attention
+
+    from fastfold_plugin.testing import randomize_parameters_
+
+    mod = randomize_parameters_(Attention(24, 24, 24, 8, 2, gating=True), seed=3)
+    x = torch.randn(2, 3, 7, 24, generator=_gen(4))
+    mb = _mask_bias((2, 3, 1, 1, 7), _gen(5), "cpu")
+    pb = torch.randn(2, 1, 2, 7, 7, generator=_gen(6))
+    expected = mod(x, x, biases=[mb, pb])
+    q, k, v = mod._prep_qkv(x, x)
+    gate = mod.linear_g(x).view(2, 3, 7, 2, 8)
+    o = attention_reference(q, k, v, mb, pb, gate)
+    got = mod.linear_o(o.reshape(2, 3, 7, 16))
+    assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+# ---- GPU: real sizes -----------------------------------------------------------------------
+def _chunked_reference(inputs, dout, cast_to=None, chunk=64):
+    """attention_reference (inputs cast to `cast_to` if given) over chunks of the batch-row
+    dim (dim 1), so that one chunk's dense logits fit; the pair bias (shared over dim 1) gets
+    its gradient summed over the chunks."""
+    names = [n for n, t in inputs.items() if t is not None and t.requires_grad]
+    cast = {n: (t.detach().to(cast_to or t.dtype) if t is not None else None)
+            for n, t in inputs.items()}
+    outs, parts = [], {n: [] for n in names}
+    for start in range(0, cast["q"].shape[1], chunk):
+        part = {n: (t if t is None or n == "pair_bias" else t[:, start:start + chunk])
+                for n, t in cast.items()}
+        part = {n: (t.detach().requires_grad_(n in names) if t is not None else None)
+                for n, t in part.items()}
+        out = attention_reference(**part)
+        gs = torch.autograd.grad(out, [part[n] for n in names],
+                                 dout[:, start:start + chunk].to(out.dtype))
+        for n, g in zip(names, gs, strict=True):
+            parts[n].append(g.float() if n == "pair_bias" else g)
+        outs.append(out.detach())
+    grads = {n: (sum(g) if n == "pair_bias" else torch.cat(g, dim=1)) for n, g in parts.items()}
+    return torch.cat(outs, dim=1), grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", GPU_DTYPES)
+@pytest.mark.parametrize("case,n,h,c,rows", [
+    ("triangle", 37, 4, 32, 37),
+    ("triangle", 256, 4, 32, 256),
+    ("triangle", 1024, 4, 32, 1024),
+    ("row", 256, 8, 32, 128),
+    ("row", 384, 8, 8, 256),      # extra-MSA row attention: C = 8
+    ("column", 256, 8, 32, 128),
+], ids=str)
+def test_attention_gpu(case, n, h, c, rows, dtype, tol):
+    if dtype == torch.float32 and n > 256:
+        pytest.skip("fp32 at N_res > 256: covered in bf16 (the dense fp64 truth would not fit)")
+    torch.manual_seed(0)
+    inputs = _requires_grad(make_case(case, n, c, dtype, device="cuda", h=h, b=1, s=rows))
+    out, grads, dout = run(attention, inputs)
+    chunk = max(1, (1 << 30) // (h * n * n * 8))  # about 1 GiB of fp64 logits per chunk
+    truth_dtype = torch.float64 if n <= 256 else torch.float32
+    out_t, grads_t = _chunked_reference(inputs, dout, truth_dtype, chunk)
+    out_r, grads_r = _chunked_reference(inputs, dout, None, chunk)  # OpenFold's math in dtype
+    compare(out, out_r, out_t, dtype, tol, "out")
+    for name in grads:
+        compare(grads[name], grads_r[name].to(grads[name].dtype), grads_t[name], dtype, tol,
+                "d" + name)
+
+
+@pytest.mark.gpu
+def test_triangle_attention_memory_gpu():
+    """fwd+bwd at N_res 1024 (I = 1024 rows, H = 4, C = 32, bf16) never holds the logits:
+    the peak allocation growth stays a small multiple of the inputs."""
+    n, h, c = 1024, 4, 32
+    inputs = _requires_grad(make_case("triangle", n, c, torch.bfloat16, device="cuda", h=h, b=1))
+    dout = torch.randn_like(inputs["q"].transpose(-2, -3))
+    input_bytes = sum(t.numel() * t.element_size() for t in inputs.values() if t is not None)
+    input_bytes += dout.numel() * dout.element_size()
+    logits_bytes = n * h * n * n * 2
+    names = ("q", "k", "v", "pair_bias", "gate")
+    # compile + autotune every kernel outside the measurement
+    torch.autograd.grad(attention(**inputs), [inputs[n_] for n_ in names], dout)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = attention(**inputs)
+    grads = torch.autograd.grad(out, [inputs[n_] for n_ in names], dout)
+    torch.cuda.synchronize()
+    growth = torch.cuda.max_memory_allocated() - base
+    del out, grads
+    assert growth < 4 * input_bytes, f"peak growth {growth / 2**20:.0f} MiB vs inputs " \
+        f"{input_bytes / 2**20:.0f} MiB"
+    assert growth < logits_bytes / 2, f"peak growth {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_tf32_switch_gpu():
+    """fp32 is IEEE unless torch.backends.cuda.matmul.allow_tf32 is set."""
+    inputs = make_case("row", 128, 32, torch.float32, device="cuda", h=4, b=1, s=8)
+    truth = attention_reference(**_double(inputs))
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        e_ieee = rel_err(attention(**inputs), truth)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        e_tf32 = rel_err(attention(**inputs), truth)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    assert e_ieee < 1e-6, e_ieee
+    assert e_tf32 < 1e-2 and e_tf32 > e_ieee, (e_tf32, e_ieee)
