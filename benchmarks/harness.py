@@ -107,7 +107,8 @@ def _git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # a copy of the tree without .git (e.g. shipped to a GPU machine): the caller says
+        return os.environ.get("FASTFOLD_COMMIT", "unknown")
 
 
 class Recorder:

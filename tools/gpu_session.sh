@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# One GPU session: offline install, the GPU test suite, the quick benchmark sweep.
-# Usage (on a machine with a CUDA GPU and the wheelhouse in .whl):  bash tools/gpu_session.sh OUTDIR
-# Writes OUTDIR/env.txt, OUTDIR/test-gpu.log and the benchmarks' JSON lines under OUTDIR.
+# One GPU session: offline install, the GPU kernel tests, the quick benchmark sweep.
+# Usage (on a machine with a CUDA GPU and the wheelhouse in .whl):
+#   FASTFOLD_COMMIT=$(git rev-parse HEAD) bash tools/gpu_session.sh OUTDIR
+# Writes OUTDIR/env.txt, install.log, test-gpu.log and the benchmarks' <name>.jsonl files.
+# GPU_TESTS, GPU_BENCHES and the *_TIMEOUT variables select and bound the steps.
 set -uo pipefail
 out=${1:?usage: tools/gpu_session.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 {
   date -u +%FT%TZ
-  git rev-parse HEAD 2>/dev/null || echo "commit: unknown"
+  echo "commit ${FASTFOLD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } > "$out/env.txt" 2>&1
 cat "$out/env.txt"
 make install OFFLINE_WHEELHOUSE=.whl > "$out/install.log" 2>&1 || { tail -40 "$out/install.log"; exit 1; }
-tail -3 "$out/install.log"
-if [ -d .whl-cueq ]; then .venv/bin/python -m pip install -q --no-index --no-deps --find-links .whl-cueq .whl-cueq/*.whl >> "$out/install.log" 2>&1 || true; fi
-timeout "${GPU_TEST_TIMEOUT:-240}" .venv/bin/python -m pytest -m gpu -q -x --timeout 120 tests 2>&1 | tee "$out/test-gpu.log" | tail -25
-for b in ${GPU_BENCHES:-attention triangle_multiplication layer_norm transition outer_product_mean}; do
+tail -1 "$out/install.log"
+for b in ${GPU_BENCHES:-evoformer_block attention triangle_multiplication}; do
   [ -f benchmarks/bench_$b.py ] || continue
-  timeout "${GPU_BENCH_TIMEOUT:-90}" .venv/bin/python benchmarks/bench_$b.py --quick --out "$out" 2>&1 | tail -30
+  timeout "${GPU_BENCH_TIMEOUT:-120}" .venv/bin/python benchmarks/bench_$b.py --quick --out "$out" 2>&1 \
+    | grep -v -i warn | tail -40
 done
+timeout "${GPU_TEST_TIMEOUT:-240}" .venv/bin/python -m pytest -m gpu -q --timeout 120 ${GPU_TESTS:-tests/kernels} \
+  2>&1 | tee "$out/test-gpu.log" | tail -25
