@@ -184,6 +184,11 @@ def enable(module: nn.Module, backend: str = "auto", dap=None) -> FastFoldHandle
         if problem is not None:
             raise RuntimeError(f"backend='triton' cannot run here: {problem}")
     _check_model_globals(module)
+    if dap is not None:
+        from fastfold_plugin.distributed import check_context
+
+        g = getattr(module, "globals", None)
+        check_context(dap, None if g is None else (g.get("dap_size", None) or None))
     table = _forward_table(dap)
 
     plan = []

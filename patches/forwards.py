@@ -25,7 +25,6 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-
 from openfold.model.evoformer import (
     EvoformerBlock,
     EvoformerBlockCore,

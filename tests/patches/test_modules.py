@@ -5,7 +5,6 @@ Forward outputs and every gradient (inputs and parameters) must match stock with
 plugin that patched nothing could not pass.
 """
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
