@@ -30,23 +30,24 @@ to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttent
 
 1. ``_attention_bwd_preprocess_kernel``: gate gradient, gated dO, delta = rowsum(dO * O).
 2. ``_attention_bwd_dkdv_kernel``: one program per (batch, head, key block) loops over query
-   blocks, recomputing P = exp(S - max) / sum blockwise; dK and dV stay in registers.
-3. ``_attention_bwd_dq_kernel``: one program per (batch, head, query block) loops over key
-   blocks.
-4. ``_attention_bwd_dbias_kernel``: the bias gradient is dS summed over the dims the bias is
-   broadcast on (for the pair bias: N_seq, or the I rows of triangle attention). One program
-   owns one [BLOCK_M, BLOCK_N] tile of the bias gradient and loops over the broadcast dims,
-   recomputing dS = P * (dO v^T - delta) there; the tile is accumulated in fp32 registers and
-   stored once. No atomics, so the result is deterministic. Why this design: the alternatives
-   are (a) accumulating dS into a fp32 [H, Q, K] buffer with atomics from the dK/dV or dQ
-   kernels, one atomic per logit (H * Q * K * N_seq of them: at triangle attention N_res 1024
-   that is 4.3e9 atomics, far more than the card's atomic throughput hides), or (b) having the
-   dK/dV program own a whole bias column strip and read-modify-write it in global memory for
-   every batch row (about 32 bytes of L2 traffic per logit, and too few programs to fill the
-   card). The separate kernel costs two [BLOCK_M, C] x [C, BLOCK_N] dots and one exp per logit,
-   about one forward pass, with all reads served from L2. When the bias tiles are too few to
-   fill the card (N_res 256: 64 tiles), the broadcast loop is split over several programs that
-   write fp32 partial sums, added by one small torch reduction.
+   blocks, recomputing P = exp(S - max) / sum blockwise; dK and dV stay in registers. By
+   default (``_FUSE_DQ``, ``_FUSE_DB``) the same program also adds dS k to a fp32 dQ buffer
+   and dS to a fp32 pair-bias-gradient buffer (strides 0 on the bias's broadcast dims) with
+   atomics, so the whole backward is one pass with one exp per logit.
+3. Otherwise ``_attention_bwd_dq_kernel``: one program per (batch, head, query block) loops
+   over key blocks.
+4. Otherwise (and always for the mask bias) ``_attention_bwd_dbias_kernel``: one program owns
+   one [BLOCK_M, BLOCK_N] tile of the bias gradient and loops over the broadcast dims,
+   recomputing dS = P * (dO v^T - delta) there, accumulated in fp32 registers, no atomics
+   (deterministic). Measured on an H200 it is the slow part of a separate-kernel backward:
+   triangle attention N_res 1024, 23.6 ms of a 32.3 ms backward (dK/dV 5.5, dQ 3.4, forward
+   3.2): its loop over the 1024 I rows reads four fresh q/k/v/dO tiles per step, with none of
+   the reuse between neighbouring programs that the dK/dV and dQ kernels get. The atomics
+   (one fp32 add per logit for the bias, 0.25 per logit for dQ at BLOCK_N 128) cost less: the
+   fused backward measured 11.8 ms there (H200; fwd+bwd 14.8 ms, was 35.6), MSA row 512 x 384
+   2.0 ms (was 6.5). The price is a run-to-run nondeterminism of the bias and dQ gradients at
+   fp32 rounding level. When the bias tiles are too few to fill the card, the broadcast loop is
+   split over several programs that write fp32 partial sums, added by one torch reduction.
    The mask bias is OpenFold's constant ``inf * (mask - 1)`` and never needs a gradient there;
    it is still supported by the same kernel (broadcast over H and Q: the tile is then also
    summed over its rows). A bias constant along K shifts a softmax row by a constant: its
@@ -364,14 +365,16 @@ def _attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _attention_bwd_dkdv_block(dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc, offs_c,
-                              start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, NQ, STAT_STRIDE,
+def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, offs_n,
+                              offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn,
+                              sbm, sbn, NQ, NK, STAT_STRIDE,
                               C: tl.constexpr, CP: tl.constexpr,
                               HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
-                              PB_QB: tl.constexpr, MASK_M: tl.constexpr,
-                              DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-                              BLOCK_M: tl.constexpr):
-    """One query block's contribution to dK, dV (transposed tiles [BLOCK_N, BLOCK_M])."""
+                              PB_QB: tl.constexpr, MASK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
+                              FUSE_DB: tl.constexpr, DOT_PREC: tl.constexpr,
+                              INTERP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One query block's contribution to dK, dV (transposed tiles [BLOCK_N, BLOCK_M]); with
+    FUSE_DQ also its dQ contribution dS k, added atomically to the fp32 [NQ, CP] rows at DQA."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASK_M:
         offs_mc = tl.minimum(offs_m, NQ - 1)
@@ -390,13 +393,28 @@ def _attention_bwd_dkdv_block(dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc
     dpT = _mm(v, tl.trans(do), DOT_PREC, INTERP)
     delta = tl.load(DELTA + offs_mc)
     dsT = pT * (dpT - delta[None, :])
-    dk = _mma(cast_rne(dsT, qT.dtype, INTERP), tl.trans(qT), dk, DOT_PREC, INTERP)
+    if FUSE_DB:  # bias gradient: dS added atomically (fp32) into its broadcast-summed buffer
+        pb = DB + offs_n[:, None] * sbn + offs_m[None, :] * sbm
+        if MASK_M:
+            tl.atomic_add(pb, dsT, mask=(offs_n[:, None] < NK) & (offs_m[None, :] < NQ),
+                          sem="relaxed")
+        else:
+            tl.atomic_add(pb, dsT, mask=offs_n[:, None] < NK, sem="relaxed")
+    dsT = cast_rne(dsT, qT.dtype, INTERP)
+    dk = _mma(dsT, tl.trans(qT), dk, DOT_PREC, INTERP)
+    if FUSE_DQ:
+        dq = _mm(tl.trans(dsT), kq, DOT_PREC, INTERP)
+        pq = DQA + offs_m[:, None] * CP + offs_c[None, :]
+        if MASK_M:
+            tl.atomic_add(pq, dq, mask=offs_m[:, None] < NQ, sem="relaxed")
+        else:
+            tl.atomic_add(pq, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV,
+    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -405,12 +423,17 @@ def _attention_bwd_dkdv_kernel(
     sd0, sd1, sdh, sdm, sdc,
     sdk0, sdk1, sdkh, sdkn, sdkc,
     sdv0, sdv1, sdvh, sdvn, sdvc,
+    sb0, sb1, sbh, sbm, sbn,
     Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
+    FUSE_DQ: tl.constexpr, FUSE_DB: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV for one (batch, head, key block); loops over query blocks (transposed tiles)."""
+    """dK, dV for one (batch, head, key block); loops over query blocks (transposed tiles).
+    With FUSE_DQ, dQ too, accumulated with fp32 atomics in DQA [Z, H, NQ, CP]; with FUSE_DB,
+    the pair-bias gradient, accumulated with fp32 atomics in DB (strides 0 on the dims it is
+    broadcast on)."""
     pid = tl.program_id(0)
     n_kb = tl.cdiv(NK, BLOCK_N)
     kb = pid % n_kb
@@ -433,20 +456,26 @@ def _attention_bwd_dkdv_kernel(
         PB += z0 * sp0 + z1 * sp1 + h * sph
     STATS += zh.to(tl.int64) * NQ
     DELTA += zh.to(tl.int64) * NQ
+    DQA += zh.to(tl.int64) * NQ * CP
+    if FUSE_DB:
+        DB += z0 * sb0 + z1 * sb1 + h * sbh
+    kq = k
+    if FUSE_DQ:  # keys past NK are clamped duplicates: no dQ from them
+        kq = tl.where(offs_n[:, None] < NK, k, 0.0).to(k.dtype)
 
     dk = tl.zeros([BLOCK_N, CP], tl.float32)
     dv = tl.zeros([BLOCK_N, CP], tl.float32)
     m_full = (NQ // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc, offs_c, start_m,
-            sqm, sqc, sdm, sdc, smm, smn, spm, spn, NQ, STAT_STRIDE, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP, BLOCK_M)
+            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, offs_n, offs_nc, offs_c,
+            start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, NQ, NK, STAT_STRIDE, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, False, FUSE_DQ, FUSE_DB, DOT_PREC, INTERP, BLOCK_M)
     if m_full < NQ:
         dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, v, Q, DO, MB, PB, STATS, DELTA, offs_nc, offs_c, m_full,
-            sqm, sqc, sdm, sdc, smm, smn, spm, spn, NQ, STAT_STRIDE, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP, BLOCK_M)
+            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, offs_n, offs_nc, offs_c,
+            m_full, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, NQ, NK, STAT_STRIDE, C, CP,
+            HAS_MB, MB_QB, HAS_PB, PB_QB, True, FUSE_DQ, FUSE_DB, DOT_PREC, INTERP, BLOCK_M)
 
     st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
     tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
@@ -676,19 +705,25 @@ _TUNE_KEY = ["C", "Q_BUCKET", "K_BUCKET", "HAS_MB", "MB_QB", "HAS_PB", "PB_QB"]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M = query rows, BLOCK_N = key rows.
 _FWD_BLOCKS = [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
                (128, 32, 4, 3), (16, 64, 2, 2), (16, 16, 1, 2)]
-_DKDV_BLOCKS = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
-                (128, 128, 8, 2), (16, 64, 2, 2), (16, 16, 1, 2)]
-_DQ_BLOCKS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
+# measured on an H200 (tri-att N_res 256/1024, MSA row 128 x 256 / 512 x 384, C 32): the dK/dV
+# kernel is fastest at (64, 128, 4, 3) with dQ fused, at (64, 64, 4, 3) without; 8 warps lose
+_DKDV_BLOCKS = [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+                (128, 128, 8, 3), (16, 64, 2, 2), (16, 16, 1, 2)]
+_DQ_BLOCKS = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
               (16, 64, 2, 2), (16, 16, 1, 2)]
 _DBIAS_WARPS = [(4, 3), (8, 2), (4, 2)]
-_DBIAS_BLOCK = 64
+_DBIAS_BLOCK_M = _DBIAS_BLOCK_N = 64
+_FUSE_DQ = True  # dQ inside the dK/dV kernel with fp32 atomics (else its own kernel)
+_FUSE_DB = True  # pair-bias gradient inside the dK/dV kernel with fp32 atomics
+
 _INTERP_BLOCK_M, _INTERP_BLOCK_N = 16, 32  # under the interpreter: uneven, small tiles
 
 _fwd_tuned = triton.autotune(_configs(_FWD_BLOCKS), key=_TUNE_KEY + ["HAS_GATE", "STORE_O"],
                              prune_configs_by={"early_config_prune": _prune})(
     _attention_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(_DKDV_BLOCKS), key=_TUNE_KEY,
-                              prune_configs_by={"early_config_prune": _prune})(
+_dkdv_tuned = triton.autotune(_configs(_DKDV_BLOCKS), key=_TUNE_KEY + ["FUSE_DQ", "FUSE_DB"],
+                              prune_configs_by={"early_config_prune": _prune},
+                              reset_to_zero=["DQA", "DB"])(
     _attention_bwd_dkdv_kernel)
 _dq_tuned = triton.autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY,
                             prune_configs_by={"early_config_prune": _prune})(
@@ -873,15 +908,32 @@ class _AttentionFunction(torch.autograd.Function):
         kwargs = dict(C=C, CP=CP, **flags, DOT_PREC=prec, INTERP=is_interpreter())
         qb, kb = next_power_of_2(NQ), next_power_of_2(NK)
 
-        dq = dk = dv = None
+        dq = dk = dv = dpb = None
+        fuse_dq = need_q and (need_k or need_v) and _FUSE_DQ
+        # the pair-bias gradient with atomics inside the dK/dV kernel (unless constant along K:
+        # then it is zero, see _bias_grad)
+        fuse_db = (need_pb and (need_k or need_v) and _FUSE_DB
+                   and not (NK > 1 and (pair_bias.shape[-1] == 1 or pair_bias.stride(-1) == 0)))
         if need_k or need_v:
             dk, dv = _grad_like(k), _grad_like(v)
+            dqa = (torch.zeros((Z, H, NQ, CP), device=q.device, dtype=torch.float32)
+                   if fuse_dq else delta.new_empty(1))
+            if fuse_db:
+                dba, db_s = _bias_grad_buffer(plan, pair_bias, "pair_bias", (H, NQ, NK))
+            else:
+                dba, db_s = delta.new_empty(1), (0,) * 5
             _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned,
                     lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
-                    (*common, dk, dv, *common_strides,
+                    (*common, dk, dv, dqa, dba, *common_strides,
                      *_contig_strides(plan, dk, _QKV), *_contig_strides(plan, dv, _QKV),
-                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs)
-        if need_q:
+                     *db_s, plan.Z1, H, NQ, NK, stats.stride(0), qb, kb),
+                    dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db))
+            if fuse_db:
+                dpb = dba.reshape(pair_bias.shape).to(pair_bias.dtype)
+            if fuse_dq:
+                dq = _grad_like(q)
+                dq.copy_(dqa[..., :C].view(*batch, H, NQ, C))
+        if need_q and not fuse_dq:
             dq = _grad_like(q)
             _launch(_attention_bwd_dq_kernel, _dq_tuned,
                     lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
@@ -889,8 +941,9 @@ class _AttentionFunction(torch.autograd.Function):
                      plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs)
         dmb = _bias_grad(plan, mask_bias, "mask_bias", common, common_strides, kwargs,
                          (H, NQ, NK)) if need_mb else None
-        dpb = _bias_grad(plan, pair_bias, "pair_bias", common, common_strides, kwargs,
-                         (H, NQ, NK)) if need_pb else None
+        if need_pb and not fuse_db:
+            dpb = _bias_grad(plan, pair_bias, "pair_bias", common, common_strides, kwargs,
+                             (H, NQ, NK))
         return None, None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
 
 
@@ -919,6 +972,24 @@ def _grad_like(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(t.shape)
 
 
+def _bias_grad_buffer(plan, bias, name, full_tail):
+    """A zeroed fp32 buffer for a bias gradient, summed over the bias's broadcast dims, and
+    its (s_z0, s_z1, s_h, s_q, s_k) strides, 0 on those dims (atomics add there)."""
+    H, NQ, NK = full_tail
+    b = bias.expand(*bias.shape[:-3], *full_tail)
+    s0, s1 = plan.strides[name]
+    bs = b.stride()
+    flags = [plan.Z0 > 1 and s0 == 0, plan.Z1 > 1 and s1 == 0, H > 1 and bs[-3] == 0,
+             NQ > 1 and bs[-2] == 0]
+    dims = [1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags, strict=True)]
+    buf = torch.zeros((*dims, NK), device=bias.device, dtype=torch.float32)
+    st = list(buf.stride())
+    for i, f in enumerate(flags):
+        if f:
+            st[i] = 0
+    return buf, tuple(st)
+
+
 def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
     """Gradient of one bias, summed over its broadcast dims inside the kernel."""
     H, NQ, NK = full_tail
@@ -935,7 +1006,7 @@ def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
     if is_interpreter():
         bm, bn = _INTERP_BLOCK_M, _INTERP_BLOCK_N
     else:
-        bm = bn = _DBIAS_BLOCK
+        bm, bn = _DBIAS_BLOCK_M, _DBIAS_BLOCK_N
     n_qb, n_kb = triton.cdiv(NQ, bm), triton.cdiv(NK, bn)
     owned = [plan.Z0, plan.Z1, H, n_qb]
     flags = [red["RED_Z0"], red["RED_Z1"], red["RED_H"], red["RED_Q"]]
