@@ -128,3 +128,31 @@ def cast_rne(x, dtype: tl.constexpr, INTERP: tl.constexpr):
                 b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
                 x = b.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def dot_acc32(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation. Triton's CPU interpreter (``INTERP``) multiplies bf16
+    tiles as raw uint16 bits, so there bf16 tiles are widened to fp32 first (exact)."""
+    if INTERP and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+def weight_grad_fp32(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dy^T @ x in fp32 for long row counts: dy [M, O], x [M, I] -> [O, I].
+
+    The reduction over M (up to N_res^2 rows) is split into equal slices run as one batched GEMM
+    (a single [O, M] x [M, I] GEMM has only O*I/128^2 output tiles to spread over the GPU) and
+    the slices' partial sums, each rounded to the operands' dtype, are added in fp32.
+    """
+    M = dy.shape[0]
+    slices = max(1, min(32, M // 4096))
+    rows = M // slices
+    main = slices * rows
+    out = torch.bmm(dy[:main].view(slices, rows, -1).transpose(1, 2),
+                    x[:main].view(slices, rows, -1)).float().sum(0)
+    if main < M:
+        out += torch.mm(dy[main:].t(), x[main:]).float()
+    return out

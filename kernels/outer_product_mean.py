@@ -48,6 +48,9 @@ import triton
 import triton.language as tl
 
 from ._triton_utils import autocast_dtype, check_launchable, dot_precision, is_interpreter, next_power_of_2
+from ._triton_utils import cast_rne as _cast
+from ._triton_utils import dot_acc32 as _dot
+from ._triton_utils import weight_grad_fp32 as _weight_grad
 from .layer_norm import layer_norm_torch_reference
 
 # Largest outer-product chunk, in elements (512 MiB in bf16); backward holds two of them.
@@ -98,27 +101,6 @@ def outer_product_mean_reference(
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
-    """tl.dot with fp32 accumulation.  In Triton's CPU interpreter (INTERP), bf16 tiles are
-    widened to fp32 first (exact): the interpreter multiplies bf16 tiles as raw uint16 bits."""
-    if INTERP and a.dtype == tl.bfloat16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
-    """x.to(dtype), rounding to nearest even.  The interpreter truncates fp32 -> bf16, so there
-    the rounding is done on the bits first (finite values)."""
-    if INTERP and dtype == tl.bfloat16 and x.dtype == tl.float32:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
 @triton.jit
 def _opm_proj_fwd_kernel(
     M_IN, MASK, LN_W, LN_B, W12, B12, A_OUT, B_OUT,
@@ -526,24 +508,6 @@ class _OuterProductMeanFn(torch.autograd.Function):
         params = (ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         grads = [g.to(p.dtype) for g, p in zip(grads, params)]
         return (dm.view(m_shape), None, None, None, None, *grads)
-
-
-def _weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dy^T @ x in fp32 for long row counts: dy [M, O], x [M, I] -> [O, I].
-
-    The reduction over M (up to N_res^2 rows) is split into equal slices run as one batched GEMM
-    (a single [O, M] x [M, I] GEMM has only O*I/128^2 output tiles to spread over the GPU) and
-    the slices' partial sums, each rounded to the operands' dtype, are added in fp32.
-    """
-    M = dy.shape[0]
-    slices = max(1, min(32, M // 4096))
-    rows = M // slices
-    main = slices * rows
-    out = torch.bmm(dy[:main].view(slices, rows, -1).transpose(1, 2),
-                    x[:main].view(slices, rows, -1)).float().sum(0)
-    if main < M:
-        out += torch.mm(dy[main:].t(), x[main:]).float()
-    return out
 
 
 def _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps=1e-3, ln_eps=1e-5,
