@@ -82,17 +82,7 @@ def main(argv=None):
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     device = harness.setup_device(args)
     rec = harness.Recorder("layer_norm", args, device)
-    names = args.providers or list(PROVIDERS)
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
-    available = []
-    for name in names:
-        why = installed(name)
-        if why:
-            rec.note(why)
-        else:
-            available.append(name)
+    available = harness.available_providers(rec, args, PROVIDERS, lambda name: installed(name))
     for params in sweep(args):
         for dtype in INPUTS:
             for name in available:

@@ -141,17 +141,7 @@ def main(argv=None):
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     device = harness.setup_device(args)
     rec = harness.Recorder("triangle_multiplication", args, device)
-    names = args.providers or list(PROVIDERS)
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"unknown provider(s) {unknown}; choose from {PROVIDERS}")
-    available = []
-    for name in names:
-        why = installed(name, device, args.dry_run)
-        if why:
-            rec.note(why)
-        else:
-            available.append(name)
+    available = harness.available_providers(rec, args, PROVIDERS, lambda name: installed(name, device, args.dry_run))
     for direction, params in sweep(args):
         for name in available:
             row = dict(op=OP, provider=name, direction=direction, **params, dtype="bf16-autocast",

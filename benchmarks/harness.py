@@ -240,6 +240,24 @@ def measure(
     return results
 
 
+def available_providers(recorder: "Recorder", args: argparse.Namespace, providers: Sequence[str],
+                        why_not: Callable[[str], Optional[str]]) -> List[str]:
+    """The providers to run: those asked for (``--providers``, default all), minus those for
+    which ``why_not(name)`` gives a reason (printed as a note). Unknown names exit."""
+    names = args.providers or list(providers)
+    unknown = [n for n in names if n not in providers]
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; choose from {tuple(providers)}")
+    available = []
+    for name in names:
+        why = why_not(name)
+        if why:
+            recorder.note(why)
+        else:
+            available.append(name)
+    return available
+
+
 def run_provider(recorder: Recorder, row: dict, make: Callable[[], tuple], args,
                  device: torch.device) -> None:
     """Build a provider's inputs with `make()` -> (forward, grad_inputs), measure every mode,
