@@ -138,3 +138,27 @@ def grad_errors(grads: dict, ref_grads: dict, floor_frac: float = 1e-3) -> dict:
     floor = floor_frac * max(norms.values())
     return {k: torch.linalg.vector_norm((grads[k] - ref_grads[k]).double()).item()
             / max(norms[k], floor) for k in ref_grads}
+
+
+def assert_matches_truth(actual: torch.Tensor, expected: torch.Tensor, truth: torch.Tensor,
+                         dtype: torch.dtype, tol: float, name: str) -> None:
+    """An op's result vs its reference (`expected`, same dtype) and an fp64 `truth`.
+
+    fp32: the op is compared with the truth elementwise, atol from the tensor's scale, the fp32
+    reference's own error, or 1e-6 where the truth is zero (e.g. the gradient of a bias constant
+    along a softmax row), and the norm ratio is at most `tol` where the scale is not tiny.
+    Low precision: the op's relative error is at most `tol` times the reference's own error.
+    """
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    if dtype == torch.float32:
+        scale = truth.detach().abs().max().item()
+        ref_err = (expected.detach().double() - truth.detach().double()).abs().max().item()
+        atol = max(1e-5 * scale, 4 * ref_err, 1e-6)
+        assert_close(actual, truth, rtol=1e-4, atol=atol, max_rel=tol if scale > 1e-4 else None,
+                     name=name)
+        return
+    e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    assert e_op <= tol * e_ref + 1e-6, (
+        f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}")

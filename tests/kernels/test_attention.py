@@ -7,6 +7,7 @@ import torch
 
 from fastfold_plugin.kernels.attention import attention, attention_reference
 from fastfold_plugin.testing import assert_close, rel_err
+from fastfold_plugin.testing import assert_matches_truth as compare
 
 # fp32: the op vs an fp64 truth must be as tight as fp32 arithmetic (relative norm error).
 # bf16/fp16: the op's error vs the fp64 truth <= factor x the reference's own error in that
@@ -103,26 +104,6 @@ def run(fn, inputs, dout=None, seed=1):
 def _double(inputs):
     return {n: (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None)
             for n, t in inputs.items()}
-
-
-def compare(actual, expected, truth, dtype, tol, name):
-    """fp32: op vs the fp64 truth; low precision: op error <= tol x the reference's error."""
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    if dtype == torch.float32:
-        # atol: relative to the tensor's scale, or to the fp32 reference's own error, or 1e-6
-        # (inputs are O(1)) where the truth is zero: dq with a single key, the gradient of a
-        # bias constant along K
-        scale = truth.detach().abs().max().item()
-        ref_err = (expected.detach().double() - truth.detach().double()).abs().max().item()
-        atol = max(1e-5 * scale, 4 * ref_err, 1e-6)
-        assert_close(actual, truth, rtol=1e-4, atol=atol, max_rel=tol if scale > 1e-4 else None,
-                     name=name)
-        return
-    e_op, e_ref = rel_err(actual, truth), rel_err(expected, truth)
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    assert e_op <= tol * e_ref + 1e-6, (
-        f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}")
 
 
 def check(inputs, dtype, tol, op=attention):

@@ -10,6 +10,7 @@ from fastfold_plugin.kernels.triangle_multiplication import (
     triangle_multiplication,
     triangle_multiplication_reference,
 )
+from fastfold_plugin.patches.forwards import tri_mul_weights as weights_of
 from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
 
 GRAD_NAMES = ("z",) + TriMulWeights._fields
@@ -61,17 +62,6 @@ def random_inputs(batch, n, c_z, masked, dtype=torch.float32, device="cpu", seed
     if masked:
         mask = (torch.rand(*batch, n, n, generator=gen) > 0.25).to(device=device, dtype=dtype)
     return z, mask
-
-
-def weights_of(module) -> TriMulWeights:
-    """TriMulWeights from an OpenFold TriangleMultiplicativeUpdate (as the patch builds it)."""
-    return TriMulWeights(
-        module.layer_norm_in.weight, module.layer_norm_in.bias,
-        module.linear_a_p.weight, module.linear_a_p.bias, module.linear_a_g.weight, module.linear_a_g.bias,
-        module.linear_b_p.weight, module.linear_b_p.bias, module.linear_b_g.weight, module.linear_b_g.bias,
-        module.layer_norm_out.weight, module.layer_norm_out.bias,
-        module.linear_z.weight, module.linear_z.bias, module.linear_g.weight, module.linear_g.bias,
-    )
 
 
 def run(fn, z, mask, w, outgoing, autocast_dtype=None, g=None):
