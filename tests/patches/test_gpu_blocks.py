@@ -1,0 +1,112 @@
+"""Whole patched blocks at AlphaFold2 sizes on the GPU, Triton kernels vs stock OpenFold.
+
+The sizes are model_1_ptm's (Evoformer: c_m 256, c_z 128, 8 MSA heads of 32, 4 pair heads of 32;
+extra-MSA: c_m 64, 8 heads of 8; template pair stack: c_t 64, 4 heads of 16), N_res odd so that
+no kernel sees only whole tiles. Weights are randomised (non-zero) and shared; training mode
+draws OpenFold's dropout masks from torch's RNG in OpenFold's order on both sides.
+
+fp32 (TF32 off on both sides): outputs and every gradient within 2e-4 (norm ratio) of stock.
+bf16 autocast: the plugin's distance from stock fp32 is at most twice stock bf16's own distance
+from it (plus 1e-3), for outputs and every gradient.
+Run with `make test-gpu` on a machine with a CUDA GPU.
+"""
+import copy
+
+import pytest
+import torch
+from openfold.model.evoformer import EvoformerBlock, ExtraMSABlock
+from openfold.model.template import TemplatePairStackBlock
+
+import fastfold_plugin
+from fastfold_plugin.testing import grad_errors, randomize_parameters_, rel_err
+
+pytestmark = pytest.mark.gpu
+
+N_SEQ, N_RES = 24, 53
+
+
+def _evo_kw(c_m, c_hidden_msa, c_hidden_opm):
+    return dict(c_m=c_m, c_z=128, c_hidden_msa_att=c_hidden_msa, c_hidden_opm=c_hidden_opm,
+                c_hidden_mul=128, c_hidden_pair_att=32, no_heads_msa=8, no_heads_pair=4,
+                transition_n=4, msa_dropout=0.15, pair_dropout=0.25, inf=1e9, eps=1e-10)
+
+
+BLOCKS = {
+    "evoformer_block": (lambda: EvoformerBlock(**_evo_kw(256, 32, 32)), "msa", 256, 128),
+    "extra_msa_block": (lambda: ExtraMSABlock(**_evo_kw(64, 8, 32), ckpt=False), "msa", 64, 128),
+    "template_pair_stack_block": (
+        lambda: TemplatePairStackBlock(c_t=64, c_hidden_tri_att=16, c_hidden_tri_mul=64,
+                                       no_heads=4, pair_transition_n=2, dropout_rate=0.25,
+                                       inf=1e9), "pair", None, 64),
+}
+
+
+def _mask(*shape, device):
+    g = torch.Generator().manual_seed(11)
+    m = (torch.rand(*shape, generator=g) > 0.1).float()
+    m[..., 0] = 1.0
+    return m.to(device)
+
+
+def _inputs(kind, c_m, c_z, device):
+    g = torch.Generator().manual_seed(7)
+    if kind == "msa":
+        return dict(m=torch.randn(N_SEQ, N_RES, c_m, generator=g).to(device),
+                    z=torch.randn(N_RES, N_RES, c_z, generator=g).to(device),
+                    msa_mask=_mask(N_SEQ, N_RES, device=device),
+                    pair_mask=_mask(N_RES, N_RES, device=device))
+    return dict(z=torch.randn(2, N_RES, N_RES, c_z, generator=g).to(device),
+                mask=_mask(2, N_RES, N_RES, device=device))
+
+
+def _run(block, kind, inputs, bf16, seed=5):
+    x = {k: v.clone().requires_grad_("mask" not in k) for k, v in inputs.items()}
+    for p in block.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        if kind == "msa":
+            outs = block(x["m"], x["z"], x["msa_mask"], x["pair_mask"])
+        else:
+            outs = (block(x["z"], x["mask"]),)
+    gen = torch.Generator(device="cuda").manual_seed(seed + 1)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen, device="cuda")).sum() for o in outs)
+    loss.backward()
+    grads = {f"input {k}": v.grad.float() for k, v in x.items() if v.grad is not None}
+    grads.update({f"param {n}": p.grad.float() for n, p in block.named_parameters()})
+    return [o.detach().float() for o in outs], grads
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block_gpu_matches_stock(name, training, no_tf32):
+    make, kind, c_m, c_z = BLOCKS[name]
+    stock = randomize_parameters_(make(), seed=3).cuda().train(training)
+    patched = copy.deepcopy(stock)
+    assert fastfold_plugin.enable(patched, backend="triton").num_patched > 5
+    inputs = _inputs(kind, c_m, c_z, "cuda")
+
+    out_s, grad_s = _run(stock, kind, inputs, bf16=False)
+    out_p, grad_p = _run(patched, kind, inputs, bf16=False)
+    for a, b in zip(out_p, out_s):
+        assert rel_err(a, b) <= 2e-4, f"{name} fp32 output: rel err {rel_err(a, b):.2e}"
+    for k, r in grad_errors(grad_p, grad_s).items():
+        assert r <= 2e-4, f"{name} fp32: gradient of {k}: rel err {r:.2e}"
+
+    out_sb, grad_sb = _run(stock, kind, inputs, bf16=True)
+    out_pb, grad_pb = _run(patched, kind, inputs, bf16=True)
+    for a, b, t in zip(out_pb, out_sb, out_s):
+        assert torch.isfinite(a).all()
+        e_p, e_s = rel_err(a, t), rel_err(b, t)
+        assert e_p <= 2 * e_s + 1e-3, f"{name} bf16 output: plugin {e_p:.2e} vs stock {e_s:.2e}"
+    e_p, e_s = grad_errors(grad_pb, grad_s), grad_errors(grad_sb, grad_s)
+    bad = {k: (e_p[k], e_s[k]) for k in e_p if e_p[k] > 2 * e_s[k] + 1e-3}
+    assert not bad, f"{name} bf16 gradients (plugin, stock error vs fp32): {bad}"
