@@ -60,8 +60,10 @@ demo: install
 test: install
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS) tests
 
+# One tile configuration per kernel instead of autotuning (see kernels/_triton_utils.autotune):
+# FASTFOLD_PLUGIN_AUTOTUNE=1 make test-gpu tunes as a user's run does.
 test-gpu: install
-	$(PY) -m pytest -m gpu $(PYTEST_ARGS) tests
+	FASTFOLD_PLUGIN_AUTOTUNE=$${FASTFOLD_PLUGIN_AUTOTUNE:-0} $(PY) -m pytest -m gpu $(PYTEST_ARGS) tests
 
 bench: install
 	@if [ ! -f benchmarks/run_all.py ]; then \

@@ -3,7 +3,9 @@
 Builds the block, inputs and step exactly as bench_evoformer_block does (random weights, bf16
 autocast, train mode with dropout for training cases, eval + no_grad for inference), runs the step
 until the autotuners have settled, then records a few steps under ``torch.profiler`` and writes
-the kernels sorted by GPU time, with their share of the step, for each provider.
+the kernels sorted by GPU time, with their share of the step, for each provider (and, with
+``--cpu-rows N``, the N operators with the most host time: a step whose wall time is well above
+its GPU time is bound by the host, launching kernels).
 
     python benchmarks/profile_evoformer_block.py [--cases train128x256,infer128x1024]
         [--providers plugin,openfold] [--steps 3] [--out DIR]
@@ -53,6 +55,8 @@ def main(argv=None):
     p.add_argument("--cases", default="train128x256")
     p.add_argument("--providers", default="plugin,openfold")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cpu-rows", type=int, default=0,
+                   help="also print the N ops with the most host (CPU) time")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,8 +88,10 @@ def main(argv=None):
                 step()
             end.record()
             torch.cuda.synchronize()
+            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_rows)
             text = (f"== {case} {name}: wall {start.elapsed_time(end) / args.steps:.3f} ms/step\n"
-                    + kernel_table(prof, args.steps))
+                    + kernel_table(prof, args.steps)
+                    + (f"\nhost time by op ({args.steps} steps):\n{cpu}" if args.cpu_rows else ""))
             print(text, flush=True)
             report.append(text)
     if args.out is not None:

@@ -20,6 +20,25 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
+AUTOTUNE_ENV = "FASTFOLD_PLUGIN_AUTOTUNE"
+
+
+def autotune(configs, key, prune=None, **kwargs):
+    """``triton.autotune`` with one switch: ``FASTFOLD_PLUGIN_AUTOTUNE=0`` keeps only the first
+    configuration that `prune` (an ``early_config_prune`` function, optional) leaves, so nothing
+    is benchmarked. The GPU tests use it (``make test-gpu``): correctness does not depend on the
+    tile sizes, and tuning every kernel for every shape a test suite touches takes minutes.
+    Read when a kernel is first launched for a tuning key, never at import.
+    """
+    def early_prune(cfgs, named_args, **kw):
+        kept = list(prune(cfgs, named_args, **kw)) if prune is not None else list(cfgs)
+        if os.environ.get(AUTOTUNE_ENV, "1").strip() == "0":
+            return kept[:1]
+        return kept
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune},
+                           **kwargs)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (1 for n <= 1)."""
     n = int(n)

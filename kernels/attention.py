@@ -76,6 +76,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    autotune,
     cast_rne,
     check_launchable,
     collapse_dims,
@@ -718,17 +719,12 @@ _FUSE_DB = True  # pair-bias gradient inside the dK/dV kernel with fp32 atomics
 
 _INTERP_BLOCK_M, _INTERP_BLOCK_N = 16, 32  # under the interpreter: uneven, small tiles
 
-_fwd_tuned = triton.autotune(_configs(_FWD_BLOCKS), key=_TUNE_KEY + ["HAS_GATE", "STORE_O"],
-                             prune_configs_by={"early_config_prune": _prune})(
-    _attention_fwd_kernel)
-_dkdv_tuned = triton.autotune(_configs(_DKDV_BLOCKS), key=_TUNE_KEY + ["FUSE_DQ", "FUSE_DB"],
-                              prune_configs_by={"early_config_prune": _prune},
-                              reset_to_zero=["DQA", "DB"])(
-    _attention_bwd_dkdv_kernel)
-_dq_tuned = triton.autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY,
-                            prune_configs_by={"early_config_prune": _prune})(
-    _attention_bwd_dq_kernel)
-_dbias_tuned = triton.autotune(
+_fwd_tuned = autotune(_configs(_FWD_BLOCKS), key=_TUNE_KEY + ["HAS_GATE", "STORE_O"],
+                      prune=_prune)(_attention_fwd_kernel)
+_dkdv_tuned = autotune(_configs(_DKDV_BLOCKS), key=_TUNE_KEY + ["FUSE_DQ", "FUSE_DB"], prune=_prune,
+                       reset_to_zero=["DQA", "DB"])(_attention_bwd_dkdv_kernel)
+_dq_tuned = autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY, prune=_prune)(_attention_bwd_dq_kernel)
+_dbias_tuned = autotune(
     [triton.Config({}, num_warps=w, num_stages=s) for w, s in _DBIAS_WARPS],
     key=_TUNE_KEY + ["RED_Z0", "RED_Z1", "RED_H", "RED_Q"])(_attention_bwd_dbias_kernel)
 
@@ -787,10 +783,24 @@ def _make_plan(batch: Sequence[int], q_tail: Tuple[int, int, int], **tensors) ->
 
 
 def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """A bias with at least 3 dims ([..., H, Q, K]), as a view."""
-    if b is None or b.dim() >= 3:
+    """A bias with at least 3 dims ([..., H, Q, K]) whose key dim is contiguous.
+
+    The kernels read bias tiles along K: a key stride other than 1 (OpenFold's pair bias is a
+    permuted [*, Q, K, H] view) turns every tile load into a gather and made triangle attention
+    several times slower at N_res 1024. Such a bias is copied once into [..., H, Q, K] order;
+    broadcast (stride 0) dims stay broadcast, so the copy is never larger than the bias itself.
+    """
+    if b is None:
         return b
-    return b.view((1,) * (3 - b.dim()) + tuple(b.shape))
+    if b.dim() < 3:
+        b = b.view((1,) * (3 - b.dim()) + tuple(b.shape))
+    if b.shape[-1] > 1 and b.stride(-1) != 1:
+        base = b
+        for d in range(b.dim()):
+            if b.stride(d) == 0 and b.shape[d] > 1:
+                base = base.narrow(d, 0, 1)
+        b = base.contiguous().expand(b.shape)
+    return b
 
 
 def _strides5(plan: _Plan, name: str, t: Optional[torch.Tensor], dims: Tuple[int, int, int]):

@@ -47,7 +47,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import autocast_dtype, check_launchable, dot_precision, is_interpreter, next_power_of_2
+from ._triton_utils import (
+    autocast_dtype,
+    autotune,
+    check_launchable,
+    dot_precision,
+    is_interpreter,
+    next_power_of_2,
+)
 from ._triton_utils import cast_rne as _cast
 from ._triton_utils import dot_acc32 as _dot
 from ._triton_utils import weight_grad_fp32 as _weight_grad
@@ -351,16 +358,13 @@ _DW_SHAPES = [(32, 64, 4), (64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 256, 8)
 _ROW_KEY = ["CM", "C", "M_BUCKET"]
 _PAIR_KEY = ["C", "CZ", "R_BUCKET"]
 
-_proj_fwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY)(_opm_proj_fwd_kernel)
-_proj_bwd_tuned = triton.autotune(_row_configs(), key=_ROW_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
-_out_fwd_tuned = triton.autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
-                                 prune_configs_by={"early_config_prune": _prune_one_plane},
-                                 )(_opm_out_fwd_kernel)
-_out_bwd_tuned = triton.autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
-                                 prune_configs_by={"early_config_prune": _prune_one_plane},
-                                 reset_to_zero=["PART"])(_opm_out_bwd_kernel)
-_dw_tuned = triton.autotune(_pair_configs(_DW_SHAPES), key=_PAIR_KEY,
-                            prune_configs_by={"early_config_prune": _prune_planes})(_opm_dw_kernel)
+_proj_fwd_tuned = autotune(_row_configs(), key=_ROW_KEY)(_opm_proj_fwd_kernel)
+_proj_bwd_tuned = autotune(_row_configs(), key=_ROW_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
+_out_fwd_tuned = autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
+                          prune=_prune_one_plane)(_opm_out_fwd_kernel)
+_out_bwd_tuned = autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY, prune=_prune_one_plane,
+                          reset_to_zero=["PART"])(_opm_out_bwd_kernel)
+_dw_tuned = autotune(_pair_configs(_DW_SHAPES), key=_PAIR_KEY, prune=_prune_planes)(_opm_dw_kernel)
 
 _TUNED_META = ("BLOCK_M", "BLOCK_J", "BLOCK_K")
 _MIN_BLOCK_M = 32  # smallest BLOCK_M / BLOCK_J among the GPU configs: sizes partial-sum buffers

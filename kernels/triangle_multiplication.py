@@ -66,6 +66,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    autotune,
     check_launchable,
     dot_precision,
     fp16_autocast_enabled,
@@ -465,21 +466,21 @@ _FWD_SHAPES = [(32, 32, 4), (64, 32, 4), (64, 32, 8), (64, 64, 8), (128, 64, 8)]
 _BWD_SHAPES = [(32, 32, 8), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 16, 8)]
 _KEY = ["CZ", "CH", "M_BUCKET"]
 
-_proj_fwd_tuned = triton.autotune(
+_proj_fwd_tuned = autotune(
     _configs("BLOCK_H", _FWD_SHAPES), key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_H", "CH")},
+    prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_fwd_kernel)
-_out_fwd_tuned = triton.autotune(
+_out_fwd_tuned = autotune(
     _configs("BLOCK_N", _FWD_SHAPES), key=_KEY,
-    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_N", "CZ")},
+    prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_fwd_kernel)
-_out_bwd_tuned = triton.autotune(
+_out_bwd_tuned = autotune(
     _configs("BLOCK_N", _BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
-    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_N", "CZ")},
+    prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_bwd_kernel)
-_proj_bwd_tuned = triton.autotune(
+_proj_bwd_tuned = autotune(
     _configs("BLOCK_H", _BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
-    prune_configs_by={"early_config_prune": _prune_inner("BLOCK_H", "CH")},
+    prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_bwd_kernel)
 
 # the smallest backward BLOCK_M sizes the partial-sum buffers (one row per program)
