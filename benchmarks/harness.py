@@ -98,6 +98,10 @@ def environment(device: torch.device) -> Dict[str, object]:
 
 
 def _git_commit() -> str:
+    """The commit measured: $FASTFOLD_COMMIT when set (a copy of the tree shipped to a GPU
+    machine may carry stale git metadata, so the caller's word wins), else git's HEAD."""
+    if os.environ.get("FASTFOLD_COMMIT"):
+        return os.environ["FASTFOLD_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                               text=True, check=True).stdout.strip()
@@ -107,8 +111,7 @@ def _git_commit() -> str:
                                capture_output=True, text=True, check=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        # a copy of the tree without .git (e.g. shipped to a GPU machine): the caller says
-        return os.environ.get("FASTFOLD_COMMIT", "unknown")
+        return "unknown"
 
 
 class Recorder:

@@ -344,14 +344,11 @@ def _chunked_reference(inputs, dout, cast_to=None, chunk=64):
     ("column", 256, 8, 32, 128),
 ], ids=str)
 def test_attention_gpu(case, n, h, c, rows, dtype, tol):
-    if dtype == torch.float32 and n > 256:
-        pytest.skip("fp32 at N_res > 256: covered in bf16 (the dense fp64 truth would not fit)")
     torch.manual_seed(0)
     inputs = _requires_grad(make_case(case, n, c, dtype, device="cuda", h=h, b=1, s=rows))
     out, grads, dout = run(attention, inputs)
     chunk = max(1, (1 << 30) // (h * n * n * 8))  # about 1 GiB of fp64 logits per chunk
-    truth_dtype = torch.float64 if n <= 256 else torch.float32
-    out_t, grads_t = _chunked_reference(inputs, dout, truth_dtype, chunk)
+    out_t, grads_t = _chunked_reference(inputs, dout, torch.float64, chunk)
     out_r, grads_r = _chunked_reference(inputs, dout, None, chunk)  # OpenFold's math in dtype
     compare(out, out_r, out_t, dtype, tol, "out")
     for name in grads:
