@@ -55,11 +55,40 @@ dtype without autocast):
 
 OpenFold's fp16 check looks at CUDA autocast; here autocast is read for z's device, which is the
 same thing on a GPU and lets CPU-interpreter tests exercise the branch.
+
+Sharded path (DAP; ``triangle_multiplication_sharded``, P processes of a torch.distributed
+group, N a multiple of P).  Rank r holds rows block r of z, ``[*, R, N, C_z]`` with R = N / P
+(outgoing), or columns block r, ``[*, N, R, C_z]`` (incoming).  The kernels tile a logical grid
+of R x N pairs: the outgoing shard as it is; the incoming one as the rows of z^T, which the
+kernels read and write in z's own layout through the ``TRANS`` flag (``_pair_rows``: no
+transposed copy), since incoming on z is outgoing on z^T with a and b exchanged.  Then
+``x[p, q] = sum_k L[p, k] G[q, k]`` with L the local operand (outgoing a, incoming b) and G the
+operand needed for every row q (outgoing b, incoming a, i.e. a along z's columns):
+
+1. the projection kernel writes L ``[Bt, C_h, R, N]`` and this rank's rows of G in the gathered
+   layout ``[R, Bt, C_h, N]`` (row outermost, ``G_SIDE``), so that
+2. one ``all_gather_into_tensor`` of those rows gives G as ``[N, Bt * C_h, N]``, which the GEMMs
+   read through strides (a ``[Bt * C_h, N, N]`` view, row stride ``Bt * C_h * N``: no copy);
+3. the contraction writes x ``[Bt, C_h, R, N]`` in column blocks (``bmm(..., out=view)``): this
+   rank's block from its own rows of G while the all-gather runs, the others after it;
+4. the output kernel as on one device.
+
+Backward: the output kernel's backward gives dx; ``dG = dx^T @ L`` (every row of G: each rank's
+partial) is reduce-scattered (sum over ranks, the all-gather's adjoint: a rank's rows of G feed
+every rank's output) while ``dL = dx @ G`` runs; then the projection backward.  Communication
+per call: forward one all-gather of ``Bt * C_h * N * N`` elements in the contraction dtype,
+backward one reduce-scatter of the same size; the weight gradients are this rank's partial sums
+(the DAP forwards sum them over the group with ``sum_grads``, once per block), so the op itself
+never reduces them.  Padded pairs (mask 0) give a = b = 0, hence contribute exact zeros.
+``overlap=False`` makes both collectives synchronous (bit-identical results).
+``triangle_multiplication_sharded_reference`` is the same on OpenFold's decomposed maths (an
+autograd all-gather / reduce-scatter pair around the torch contraction, synchronous).
 """
 import math
 from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 import triton.language as tl
@@ -154,6 +183,76 @@ def triangle_multiplication_reference(
     return x * g
 
 
+class _AllGatherReference(torch.autograd.Function):
+    """Blocks along `dim` -> the whole tensor, read by sharded computation; backward: the
+    reduce-scatter (sum over ranks) of the gradient, its exact adjoint."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        p = dist.get_world_size(group)
+        x = x.contiguous()
+        full = x.new_empty((p * x.shape[0],) + x.shape[1:])  # concatenation along dim 0
+        dist.all_gather_into_tensor(full, x, group=group)
+        return full.unflatten(0, (p, -1)).movedim(0, dim).flatten(dim, dim + 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        p = dist.get_world_size(ctx.group)
+        blocks = g.unflatten(ctx.dim, (p, -1)).movedim(ctx.dim, 0).contiguous()
+        out = blocks.new_empty(blocks.shape[1:])
+        dist.reduce_scatter_tensor(out, blocks.flatten(0, 1), op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None, None
+
+
+def triangle_multiplication_sharded_reference(
+    z: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    w: TriMulWeights,
+    outgoing: bool,
+    eps: float = 1e-5,
+    group=None,
+    overlap: bool = True,
+) -> torch.Tensor:
+    """``triangle_multiplication_sharded`` in plain PyTorch: OpenFold's maths on the shard
+    (outgoing: rows z ``[*, N/P, N, C_z]``; incoming: columns z ``[*, N, N/P, C_z]``), with the
+    operand contracted over every row all-gathered (outgoing: b along rows; incoming: a along
+    columns; backward: reduce-scatter).  Synchronous (`overlap` is accepted and ignored); weight
+    gradients are this rank's partial sums.  At P = 1: ``triangle_multiplication_reference``.
+    """
+    w = TriMulWeights(*w)
+    if group is None or dist.get_world_size(group) == 1:
+        return triangle_multiplication_reference(z, mask, w, outgoing, eps)
+    _check_shard("triangle_multiplication_sharded_reference", z, w, outgoing,
+                 dist.get_world_size(group))
+    if mask is None:
+        mask = z.new_ones(z.shape[:-1])
+    mask = mask.unsqueeze(-1)
+    z = layer_norm_reference(z, w.ln_in_w, w.ln_in_b, eps)
+
+    def proj(p_w, p_b, g_w, g_b):
+        x = mask * torch.sigmoid(F.linear(z, g_w, g_b))
+        return x * F.linear(z, p_w, p_b)
+
+    # the gathered operand first (the order of the decomposed DAP path this replaces)
+    if outgoing:
+        b = _AllGatherReference.apply(proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b), z.dim() - 3, group)
+        a = proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b)
+    else:
+        a = _AllGatherReference.apply(proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b), z.dim() - 2, group)
+        b = proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b)
+    g = torch.sigmoid(F.linear(z, w.g_w, w.g_b))
+    if fp16_autocast_enabled(z.device.type):
+        with torch.autocast(z.device.type, enabled=False):
+            x = _combine_projections_reference(a.float(), b.float(), outgoing)
+    else:
+        x = _combine_projections_reference(a, b, outgoing)
+    del a, b
+    x = layer_norm_reference(x, w.ln_out_w, w.ln_out_b, eps)
+    x = F.linear(x, w.z_w, w.z_b)
+    return x * g
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +264,28 @@ def _wide(x, I64: tl.constexpr):
         return x.to(tl.int64)
     else:
         return x
+
+
+@triton.jit
+def _pair_rows(bt, r, NN, NJ, TRANS: tl.constexpr):
+    """Rows, in the row-major [M, *] tensors (z, mask, out and their gradients), of the pairs
+    r = i * NJ + j of batch entry bt: bt * NN + r, or, when the tensors hold the transposed grid
+    (TRANS: [NJ, NI] per entry, NI = NN / NJ), bt * NN + j * NI + i."""
+    rows = bt * NN + r
+    if TRANS:
+        i = r // NJ
+        rows = bt * NN + (r - i * NJ) * (NN // NJ) + i
+    return rows
+
+
+@triton.jit
+def _gathered_offsets(bt, r, NJ, CH, I64: tl.constexpr):
+    """Offsets of channel 0 of pairs r = i * NJ + k in the gathered-operand layout
+    [NI, Bt, CH, NJ] (row i outermost, so that blocks of rows of different ranks concatenate
+    into the whole operand)."""
+    i = r // NJ
+    k = r - i * NJ
+    return ((_wide(i, I64) * tl.num_programs(1) + bt) * CH) * NJ + k
 
 
 @triton.jit
@@ -195,18 +316,21 @@ def _ln_planes(x_ptr, x_row, row_ok, ch_off, ch_ok, CH, eps):
 @triton.jit
 def _trimul_proj_fwd_kernel(
     Z, MASK, LN_W, LN_B, W_IN, B_IN, A_OUT, B_OUT,
-    NN, CZ, CH, eps, M_BUCKET,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
+    NN, NJ, CZ, CH, eps, M_BUCKET,
+    HAS_MASK: tl.constexpr, TRANS: tl.constexpr, G_SIDE: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """a, b [Bt, CH, NN] for BLOCK_M rows of z [M, CZ] (M = Bt * NN).
+    """a, b [Bt, CH, NI, NJ] (NN = NI * NJ pairs per batch entry) for BLOCK_M rows of z [M, CZ]
+    (M = Bt * NN; TRANS: z holds the transposed [NJ, NI] grid, see _pair_rows).  The operand
+    G_SIDE (0: a, 1: b; -1: none) is stored in the gathered layout [NI, Bt, CH, NJ] instead.
 
     W_IN [4 CH, CZ] = [a_p; a_g; b_p; b_g] (cdt), B_IN [4 CH] fp32.
     """
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
     bt = _wide(tl.program_id(1), I64)
     row_ok = r < NN
-    rows = bt * NN + r  # rows of the row-major [M, *] tensors
+    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
@@ -218,6 +342,8 @@ def _trimul_proj_fwd_kernel(
     else:
         mk = tl.where(row_ok, 1.0, 0.0)
     out_row = bt * CH * NN + r  # channel-major offset of channel 0
+    if G_SIDE >= 0:
+        g_row = _gathered_offsets(bt, r, NJ, CH, I64)
     hh = tl.arange(0, BLOCK_H)
     for h0 in range(0, CH, BLOCK_H):
         h = h0 + hh
@@ -233,7 +359,10 @@ def _trimul_proj_fwd_kernel(
             p = _dot(zn, wp, DOT_PREC, INTERP) + bp[None, :]
             g = _dot(zn, wg, DOT_PREC, INTERP) + bg[None, :]
             val = (mk[:, None] * tl.sigmoid(g)) * p
-            offs = out_row[:, None] + _wide(h, I64)[None, :] * NN
+            if side == G_SIDE:
+                offs = g_row[:, None] + _wide(h, I64)[None, :] * NJ
+            else:
+                offs = out_row[:, None] + _wide(h, I64)[None, :] * NN
             if side == 0:
                 tl.store(A_OUT + offs, _cast(val, A_OUT.dtype.element_ty, INTERP), mask=o_ok)
             else:
@@ -243,15 +372,15 @@ def _trimul_proj_fwd_kernel(
 @triton.jit
 def _trimul_out_fwd_kernel(
     X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG, OUT,
-    NN, CZ, CH, eps, M_BUCKET,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
+    NN, NJ, CZ, CH, eps, M_BUCKET,
+    TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """OUT [M, CZ] = (LN_out(x) @ WZ^T + BZ) * sigmoid(LN_in(z) @ WG^T + BG), x [Bt, CH, NN]."""
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
     bt = _wide(tl.program_id(1), I64)
     row_ok = r < NN
-    rows = bt * NN + r  # rows of the row-major [M, *] tensors
+    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     ch = tl.arange(0, BLOCK_CH)
@@ -287,8 +416,8 @@ def _trimul_out_fwd_kernel(
 def _trimul_out_bwd_kernel(
     DOUT, X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG,
     DX, DY, XN, DP, PART,
-    NN, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
+    NN, NJ, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
+    TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Backward of the output stage for BLOCK_M pairs.
@@ -302,7 +431,7 @@ def _trimul_out_bwd_kernel(
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
     bt = _wide(tl.program_id(1), I64)
     row_ok = r < NN
-    rows = bt * NN + r  # rows of the row-major [M, *] tensors
+    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     ch = tl.arange(0, BLOCK_CH)
@@ -359,11 +488,13 @@ def _trimul_out_bwd_kernel(
 @triton.jit
 def _trimul_proj_bwd_kernel(
     Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
-    NN, CZ, CH, DP_STRIDE, eps, M_BUCKET,
-    HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
+    NN, NJ, CZ, CH, DP_STRIDE, eps, M_BUCKET,
+    HAS_MASK: tl.constexpr, TRANS: tl.constexpr, G_SIDE: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Backward of LayerNorm_in + the five input projections for BLOCK_M rows.
+    """Backward of LayerNorm_in + the five input projections for BLOCK_M rows (da, db in the
+    layouts _trimul_proj_fwd_kernel wrote a, b in).
 
     Recomputes p = zn @ W^T + b and gates; d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s)
     (same for b) -> DP[:, :4 CH]; reads d(g logits) from DP[:, 4 CH:]; d(zn) = DP @ [W_IN; WG];
@@ -374,7 +505,7 @@ def _trimul_proj_bwd_kernel(
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
     bt = _wide(tl.program_id(1), I64)
     row_ok = r < NN
-    rows = bt * NN + r  # rows of the row-major [M, *] tensors
+    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
     z_ok = row_ok[:, None] & cz_ok[None, :]
@@ -388,6 +519,8 @@ def _trimul_proj_bwd_kernel(
     else:
         mk = tl.where(row_ok, 1.0, 0.0)
     g_row = bt * CH * NN + r  # channel-major offset of channel 0
+    if G_SIDE >= 0:
+        gg_row = _gathered_offsets(bt, r, NJ, CH, I64)
     PART_W = 4 * CH + 2 * CZ
     part = PART + pid.to(tl.int64) * PART_W
     dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
@@ -406,10 +539,13 @@ def _trimul_proj_bwd_kernel(
             bg = tl.load(B_IN + (2 * side + 1) * CH + h, mask=h_ok, other=0.0)
             p = _dot(zn, tl.trans(wp), DOT_PREC, INTERP) + bp[None, :]
             s = tl.sigmoid(_dot(zn, tl.trans(wg), DOT_PREC, INTERP) + bg[None, :])
+            offs = g_offs
+            if side == G_SIDE:
+                offs = gg_row[:, None] + _wide(h, I64)[None, :] * NJ
             if side == 0:
-                d = tl.load(DA + g_offs, mask=o_ok, other=0.0).to(tl.float32)
+                d = tl.load(DA + offs, mask=o_ok, other=0.0).to(tl.float32)
             else:
-                d = tl.load(DB + g_offs, mask=o_ok, other=0.0).to(tl.float32)
+                d = tl.load(DB + offs, mask=o_ok, other=0.0).to(tl.float32)
             dm = d * mk[:, None]
             dp = dm * s
             dg = dm * p * s * (1.0 - s)
@@ -518,104 +654,198 @@ def _m_bucket(M: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd Function
+# stages shared by the single-GPU and the sharded Functions
+# ----------------------------------------------------------------------------------------------
+class _Grid(NamedTuple):
+    """The pairs the kernels tile: Bt batch entries of NI x NJ pairs (pair r = i * NJ + j).
+
+    trans: z, mask and out hold the grid transposed, [*, NJ, NI, C] (the incoming shard, run as
+    the outgoing update of z^T without a copy).  g_side: the operand (0: a, 1: b; -1: none)
+    stored in the gathered layout ``[NI, Bt, C_h, NJ]`` instead of ``[Bt, C_h, NI, NJ]``.
+    """
+
+    Bt: int
+    NI: int
+    NJ: int
+    trans: bool = False
+    g_side: int = -1
+
+    @property
+    def NN(self) -> int:
+        return self.NI * self.NJ
+
+    @property
+    def M(self) -> int:
+        return self.Bt * self.NI * self.NJ
+
+
+class _Packed(NamedTuple):
+    """The weights as the kernels read them: the concatenated input projection and the output
+    weights in the compute dtype, biases in fp32 (built per call: never stale)."""
+
+    w_in: torch.Tensor
+    b_in: torch.Tensor
+    wz: torch.Tensor
+    bz: torch.Tensor
+    wg: torch.Tensor
+    bg: torch.Tensor
+
+
+def _pack(w: TriMulWeights, cdt: torch.dtype) -> _Packed:
+    return _Packed(
+        w_in=torch.cat([w.a_p_w, w.a_g_w, w.b_p_w, w.b_g_w]).to(cdt).contiguous(),
+        b_in=torch.cat([w.a_p_b, w.a_g_b, w.b_p_b, w.b_g_b]).to(torch.float32).contiguous(),
+        wz=w.z_w.to(cdt).contiguous(), bz=w.z_b.to(torch.float32).contiguous(),
+        wg=w.g_w.to(cdt).contiguous(), bg=w.g_b.to(torch.float32).contiguous(),
+    )
+
+
+def _dtypes(z: torch.Tensor):
+    """(cdt, xdt, out dtype): the GEMM operand dtype, the a / b / x dtype (fp32 under fp16
+    autocast: OpenFold's rule) and the output dtype."""
+    ac = autocast_dtype(z.device.type)
+    cdt = ac if ac is not None else z.dtype
+    xdt = torch.float32 if ac == torch.float16 else cdt
+    return cdt, xdt, (ac if ac is not None else z.dtype)
+
+
+def _rows(z: torch.Tensor, mask: Optional[torch.Tensor], M: int, CZ: int):
+    """z as row-major [M, CZ] and the mask as fp32 [M] (None stays None), in z's own layout."""
+    z2 = z.reshape(M, CZ).contiguous()
+    m2 = None if mask is None else mask.expand(z.shape[:-1]).reshape(M).to(torch.float32).contiguous()
+    return z2, m2
+
+
+def _proj_fwd(z2, m2, w: TriMulWeights, pk: _Packed, a, b, g: _Grid, eps: float, meta) -> None:
+    CZ, CH = z2.shape[1], pk.wz.shape[1]
+    _launch(
+        _trimul_proj_fwd_kernel, _proj_fwd_tuned, g.Bt, g.NN,
+        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, a, b,
+         g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
+        dict(meta, HAS_MASK=m2 is not None, TRANS=g.trans, G_SIDE=g.g_side),
+    )
+
+
+def _out_fwd(x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, meta, out_dtype):
+    CZ, CH = z2.shape[1], pk.wz.shape[1]
+    out = torch.empty((g.M, CZ), device=z2.device, dtype=out_dtype)
+    _launch(
+        _trimul_out_fwd_kernel, _out_fwd_tuned, g.Bt, g.NN,
+        (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg, out,
+         g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
+        dict(meta, TRANS=g.trans),
+    )
+    return out
+
+
+def _n_partials(g: _Grid) -> int:
+    """Rows of the backward partial-sum buffers (one per program of the smallest BLOCK_M)."""
+    return g.Bt * triton.cdiv(g.NN, _INTERP_BLOCK_M if is_interpreter() else _MIN_BWD_BLOCK_M)
+
+
+def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, meta, cdt):
+    """(dx, dy, LayerNorm_out(x), dP with the gate-logit gradient in its last CZ columns, the
+    output stage's partial sums)."""
+    CZ, CH = z2.shape[1], pk.wz.shape[1]
+    dev = z2.device
+    dx = torch.empty_like(x)
+    dy = torch.empty((g.M, CZ), device=dev, dtype=cdt)
+    xn = torch.empty((g.M, CH), device=dev, dtype=cdt)
+    dp = torch.empty((g.M, 4 * CH + CZ), device=dev, dtype=cdt)
+    part = torch.zeros((_n_partials(g), 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
+    _launch(
+        _trimul_out_bwd_kernel, _out_bwd_tuned, g.Bt, g.NN,
+        (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg,
+         dx, dy, xn, dp, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
+        dict(meta, TRANS=g.trans),
+    )
+    return dx, dy, xn, dp, part
+
+
+def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, eps: float, meta,
+              cdt, z_dtype):
+    """(LayerNorm_in(z), dz, the input stage's partial sums); fills dP's first 4 CH columns."""
+    CZ, CH = z2.shape[1], pk.wz.shape[1]
+    dev = z2.device
+    zn = torch.empty((g.M, CZ), device=dev, dtype=cdt)
+    dz = torch.empty((g.M, CZ), device=dev, dtype=z_dtype)
+    part = torch.zeros((_n_partials(g), 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
+    _launch(
+        _trimul_proj_bwd_kernel, _proj_bwd_tuned, g.Bt, g.NN,
+        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, pk.wg, da, db,
+         dp, zn, dz, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
+        dict(meta, HAS_MASK=m2 is not None, TRANS=g.trans, G_SIDE=g.g_side),
+    )
+    return zn, dz, part
+
+
+def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
+    """The 16 parameter gradients (sums over this call's pairs), in the parameters' dtypes."""
+    CZ, CH = zn.shape[1], xn.shape[1]
+    dw_all = _weight_grad(dp, zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
+    dwz = _weight_grad(dy, xn)  # [CZ, CH]
+    s_out = part_out.sum(0)
+    s_in = part_in.sum(0)
+    dws = dw_all.split([CH, CH, CH, CH, CZ])
+    dbs = s_in[: 4 * CH].split([CH, CH, CH, CH])
+    grads = TriMulWeights(
+        ln_in_w=s_in[4 * CH: 4 * CH + CZ], ln_in_b=s_in[4 * CH + CZ:],
+        a_p_w=dws[0], a_p_b=dbs[0], a_g_w=dws[1], a_g_b=dbs[1],
+        b_p_w=dws[2], b_p_b=dbs[2], b_g_w=dws[3], b_g_b=dbs[3],
+        ln_out_w=s_out[2 * CZ: 2 * CZ + CH], ln_out_b=s_out[2 * CZ + CH:],
+        z_w=dwz, z_b=s_out[:CZ], g_w=dws[4], g_b=s_out[CZ: 2 * CZ],
+    )
+    return [gr.to(p.dtype) for gr, p in zip(grads, weights)]
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions
 # ----------------------------------------------------------------------------------------------
 class _TriMulFn(torch.autograd.Function):
+    """The whole update on one device: z [*, N, N, C_z]."""
+
     @staticmethod
     def forward(ctx, z, mask, outgoing, eps, *weights):
         w = TriMulWeights(*weights)
         dev = z.device.type
-        ac = autocast_dtype(dev)
-        cdt = ac if ac is not None else z.dtype
-        xdt = torch.float32 if ac == torch.float16 else cdt  # contraction dtype (OpenFold's fp16 rule)
-        out_dtype = ac if ac is not None else z.dtype
+        cdt, xdt, out_dtype = _dtypes(z)
         N, CZ = z.shape[-2], z.shape[-1]
         CH = w.a_p_w.shape[0]
         batch = z.shape[:-3]
-        Bt = math.prod(batch)
-        M, NN = Bt * N * N, N * N
+        g = _Grid(math.prod(batch), N, N)
         with torch.autocast(dev, enabled=False):
-            z2 = z.reshape(M, CZ).contiguous()
-            m2 = None if mask is None else mask.expand(z.shape[:-1]).reshape(M).to(torch.float32).contiguous()
-            w_in = torch.cat([w.a_p_w, w.a_g_w, w.b_p_w, w.b_g_w]).to(cdt).contiguous()
-            b_in = torch.cat([w.a_p_b, w.a_g_b, w.b_p_b, w.b_g_b]).to(torch.float32).contiguous()
-            wz = w.z_w.to(cdt).contiguous()
-            wg = w.g_w.to(cdt).contiguous()
-            bz = w.z_b.to(torch.float32).contiguous()
-            bg = w.g_b.to(torch.float32).contiguous()
-            a = torch.empty((Bt, CH, N, N), device=z.device, dtype=xdt)
+            z2, m2 = _rows(z, mask, g.M, CZ)
+            pk = _pack(w, cdt)
+            a = torch.empty((g.Bt, CH, N, N), device=z.device, dtype=xdt)
             b = torch.empty_like(a)
-            meta = _meta(cdt, M, CZ, CH)
-            _launch(
-                _trimul_proj_fwd_kernel, _proj_fwd_tuned, Bt, NN,
-                (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, a, b,
-                 NN, CZ, CH, eps, _m_bucket(M)),
-                dict(meta, HAS_MASK=m2 is not None),
-            )
+            meta = _meta(cdt, g.M, CZ, CH)
+            _proj_fwd(z2, m2, w, pk, a, b, g, eps, meta)
             x = _contract(a, b, outgoing)
             training = any(ctx.needs_input_grad)
             if not training:  # inference: a and b are dead before the output stage
                 del a, b
-            out = torch.empty((M, CZ), device=z.device, dtype=out_dtype)
-            _launch(
-                _trimul_out_fwd_kernel, _out_fwd_tuned, Bt, NN,
-                (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg, out,
-                 NN, CZ, CH, eps, _m_bucket(M)),
-                meta,
-            )
+            out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
         if training:
-            ctx.save_for_backward(z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights)
-        ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, (Bt, N, CZ, CH))
+            ctx.save_for_backward(z2, m2, a, b, x, *pk, *weights)
+        ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, g)
         return out.view(*batch, N, N, CZ)
 
     @staticmethod
     def backward(ctx, dout):
-        z2, m2, a, b, x, w_in, b_in, wz, bz, wg, bg, *weights = ctx.saved_tensors
+        z2, m2, a, b, x, *rest = ctx.saved_tensors
+        pk, weights = _Packed(*rest[:6]), rest[6:]
         w = TriMulWeights(*weights)
-        outgoing, eps, cdt, z_dtype, z_shape, (Bt, N, CZ, CH) = ctx.meta
-        M, NN = Bt * N * N, N * N
-        dev = z2.device
-        meta = _meta(cdt, M, CZ, CH)
-        with torch.autocast(dev.type, enabled=False):
-            dout2 = dout.reshape(M, CZ).contiguous()
-            dx = torch.empty_like(x)
-            dy = torch.empty((M, CZ), device=dev, dtype=cdt)
-            xn = torch.empty((M, CH), device=dev, dtype=cdt)
-            dp = torch.empty((M, 4 * CH + CZ), device=dev, dtype=cdt)
-            n_prog = Bt * triton.cdiv(NN, _INTERP_BLOCK_M if is_interpreter() else _MIN_BWD_BLOCK_M)
-            part_out = torch.zeros((n_prog, 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
-            _launch(
-                _trimul_out_bwd_kernel, _out_bwd_tuned, Bt, NN,
-                (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, wz, bz, wg, bg,
-                 dx, dy, xn, dp, part_out, NN, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(M)),
-                meta,
-            )
+        outgoing, eps, cdt, z_dtype, z_shape, g = ctx.meta
+        CZ, CH = z2.shape[1], w.a_p_w.shape[0]
+        meta = _meta(cdt, g.M, CZ, CH)
+        with torch.autocast(z2.device.type, enabled=False):
+            dout2 = dout.reshape(g.M, CZ).contiguous()
+            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, eps, meta, cdt)
             da, db = _contract_backward(dx, a, b, outgoing)
             del x, dx
-            zn = torch.empty((M, CZ), device=dev, dtype=cdt)
-            dz = torch.empty((M, CZ), device=dev, dtype=z_dtype)
-            part_in = torch.zeros((n_prog, 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
-            _launch(
-                _trimul_proj_bwd_kernel, _proj_bwd_tuned, Bt, NN,
-                (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, w_in, b_in, wg, da, db, dp,
-                 zn, dz, part_in, NN, CZ, CH, 4 * CH + CZ, eps, _m_bucket(M)),
-                dict(meta, HAS_MASK=m2 is not None),
-            )
+            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, eps, meta, cdt, z_dtype)
             del da, db
-            dw_all = _weight_grad(dp, zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
-            dwz = _weight_grad(dy, xn)  # [CZ, CH]
-            s_out = part_out.sum(0)
-            s_in = part_in.sum(0)
-        dws = dw_all.split([CH, CH, CH, CH, CZ])
-        dbs = s_in[: 4 * CH].split([CH, CH, CH, CH])
-        grads = TriMulWeights(
-            ln_in_w=s_in[4 * CH: 4 * CH + CZ], ln_in_b=s_in[4 * CH + CZ:],
-            a_p_w=dws[0], a_p_b=dbs[0], a_g_w=dws[1], a_g_b=dbs[1],
-            b_p_w=dws[2], b_p_b=dbs[2], b_g_w=dws[3], b_g_b=dbs[3],
-            ln_out_w=s_out[2 * CZ: 2 * CZ + CH], ln_out_b=s_out[2 * CZ + CH:],
-            z_w=dwz, z_b=s_out[:CZ], g_w=dws[4], g_b=s_out[CZ: 2 * CZ],
-        )
-        grads = [gr.to(p.dtype) for gr, p in zip(grads, weights)]
+            grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
         return (dz.view(z_shape), None, None, None, *grads)
 
 
@@ -640,6 +870,134 @@ def _contract_backward(dx: torch.Tensor, a: torch.Tensor, b: torch.Tensor, outgo
     return da.view(Bt, C, N, N), db.view(Bt, C, N, N)
 
 
+class _Work:
+    """An issued collective; ``wait()`` completes it (a no-op for a synchronous one)."""
+
+    def __init__(self, comm: "_DistComm", name: str, work):
+        self.comm, self.name, self.work = comm, name, work
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.comm.guard(self.name, self.work.wait)
+            self.work = None
+
+
+class _DistComm:
+    """The sharded Function's two collectives on a torch.distributed process group (None: one
+    process).  Buffers are concatenations along dim 0: rank q's block is rows [q R, (q+1) R).
+    (Also the seam the in-process kernel tests replace with emulated ranks.)"""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = 1 if group is None else dist.get_world_size(group)
+        self.rank = 0 if group is None else dist.get_rank(group)
+
+    def guard(self, name: str, fn):
+        try:
+            return fn()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"triangle_multiplication_sharded: the {name} on a group of {self.size} processes "
+                f"failed on group rank {self.rank}: {e}. (A peer process that exited, or did not "
+                f"reach this collective within the process group's timeout, makes the "
+                f"collectives of the other ranks fail this way.)") from e
+
+    def all_gather(self, full: torch.Tensor, local: torch.Tensor, async_op: bool) -> _Work:
+        """full [P R, ...] <- every rank's local [R, ...]."""
+        return _Work(self, "all-gather", self.guard("all-gather", lambda: dist.all_gather_into_tensor(
+            full, local, group=self.group, async_op=async_op)))
+
+    def reduce_scatter(self, local: torch.Tensor, full: torch.Tensor, async_op: bool) -> _Work:
+        """local [R, ...] <- block `rank` of the sum over ranks of full [P R, ...]."""
+        return _Work(self, "reduce-scatter", self.guard("reduce-scatter", lambda: dist.reduce_scatter_tensor(
+            local, full, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)))
+
+
+def _contract_rows(x3: torch.Tensor, l3: torch.Tensor, g_rows: torch.Tensor, q0: int) -> None:
+    """x[:, :, q0:q0 + Q] = L @ G_rows^T, G_rows = rows q0.. of the gathered operand, stored
+    [Q, Bt*C, N] (a strided [Bt*C, Q, N] view: no copy), written into x in place."""
+    q = g_rows.shape[0]
+    torch.bmm(l3, g_rows.permute(1, 2, 0), out=x3[:, :, q0:q0 + q])
+
+
+class _TriMulShardedFn(torch.autograd.Function):
+    """One rank's shard of the update.  Logical grid [R, N] (outgoing: z's local rows; incoming:
+    the local columns, i.e. the rows of z^T, read and written in z's layout by the kernels):
+    x[p, q] = sum_k L[p, k] G[q, k], L the local operand (outgoing a, incoming b), G the one
+    contracted over every row (outgoing b, incoming a), all-gathered."""
+
+    @staticmethod
+    def forward(ctx, z, mask, outgoing, eps, comm, overlap, *weights):
+        w = TriMulWeights(*weights)
+        dev = z.device.type
+        cdt, xdt, out_dtype = _dtypes(z)
+        P, rank = comm.size, comm.rank
+        CZ, CH = z.shape[-1], w.a_p_w.shape[0]
+        R, N = (z.shape[-3], z.shape[-2]) if outgoing else (z.shape[-2], z.shape[-3])
+        g = _Grid(math.prod(z.shape[:-3]), R, N, trans=not outgoing, g_side=1 if outgoing else 0)
+        BC = g.Bt * CH
+        with torch.autocast(dev, enabled=False):
+            z2, m2 = _rows(z, mask, g.M, CZ)
+            pk = _pack(w, cdt)
+            own = torch.empty((g.Bt, CH, R, N), device=z.device, dtype=xdt)  # L
+            mine = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # this rank's rows of G
+            meta = _meta(cdt, g.M, CZ, CH)
+            _proj_fwd(z2, m2, w, pk, *((own, mine) if outgoing else (mine, own)), g, eps, meta)
+            full = mine.new_empty((P * R, BC, N))  # G, gathered layout
+            work = comm.all_gather(full, mine, overlap)
+            x = torch.empty((g.Bt, CH, R, N), device=z.device, dtype=xdt)
+            x3, l3 = x.view(BC, R, N), own.view(BC, R, N)
+            lo, hi = rank * R, (rank + 1) * R
+            _contract_rows(x3, l3, mine, lo)  # this rank's block while the gather runs
+            work.wait()
+            del mine
+            if lo > 0:
+                _contract_rows(x3, l3, full[:lo], 0)
+            if hi < P * R:
+                _contract_rows(x3, l3, full[hi:], hi)
+            training = any(ctx.needs_input_grad)
+            if not training:
+                del own, full
+            out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
+        if training:
+            ctx.save_for_backward(z2, m2, own, full, x, *pk, *weights)
+        ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, g, comm, overlap)
+        return out.view(z.shape[:-1] + (CZ,))
+
+    @staticmethod
+    def backward(ctx, dout):
+        z2, m2, own, full, x, *rest = ctx.saved_tensors
+        pk, weights = _Packed(*rest[:6]), rest[6:]
+        w = TriMulWeights(*weights)
+        outgoing, eps, cdt, z_dtype, z_shape, g, comm, overlap = ctx.meta
+        CZ, CH = z2.shape[1], w.a_p_w.shape[0]
+        BC, R, N = g.Bt * CH, g.NI, g.NJ
+        meta = _meta(cdt, g.M, CZ, CH)
+        with torch.autocast(z2.device.type, enabled=False):
+            dout2 = dout.reshape(g.M, CZ).contiguous()
+            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, eps, meta, cdt)
+            del x
+            dx3 = dx.view(BC, R, N)
+            # every row of G gets gradient from this rank: dG = dx^T @ L, summed over ranks by
+            # the reduce-scatter (the adjoint of the all-gather), which runs during dL = dx @ G
+            d_full = torch.empty_like(full)
+            torch.bmm(dx3.transpose(1, 2), own.view(BC, R, N), out=d_full.permute(1, 0, 2))
+            d_mine = full.new_empty((R, BC, N))
+            work = comm.reduce_scatter(d_mine, d_full, overlap)
+            d_own = torch.bmm(dx3, full.permute(1, 0, 2)).view(g.Bt, CH, R, N)
+            del dx, dx3
+            work.wait()
+            del d_full
+            da, db = (d_own, d_mine) if outgoing else (d_mine, d_own)
+            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, eps, meta, cdt, z_dtype)
+            del da, db, d_own, d_mine
+            grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
+        return (dz.view(z_shape), None, None, None, None, None, *grads)
+
+
+# ----------------------------------------------------------------------------------------------
+# public ops
+# ----------------------------------------------------------------------------------------------
 def triangle_multiplication(
     z: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -659,3 +1017,54 @@ def triangle_multiplication(
         raise ValueError("triangle_multiplication: weight shapes do not match z's channel count")
     check_launchable(z, mask)
     return _TriMulFn.apply(z, mask, bool(outgoing), float(eps), *w)
+
+
+def _check_shard(op: str, z: torch.Tensor, w: TriMulWeights, outgoing: bool, p: int) -> None:
+    if z.dim() < 3:
+        raise ValueError(f"{op}: z must be a shard [*, R, N, C_z] or [*, N, R, C_z], got {tuple(z.shape)}")
+    r, n = (z.shape[-3], z.shape[-2]) if outgoing else (z.shape[-2], z.shape[-3])
+    if n != p * r:
+        kind = "rows [*, N/P, N, C_z]" if outgoing else "columns [*, N, N/P, C_z]"
+        raise ValueError(
+            f"{op}: z {tuple(z.shape)} is not a shard of {kind} for a group of {p} processes "
+            f"(pad N_res to a multiple of the group size first)")
+    if w.a_p_w.shape[1] != z.shape[-1] or w.z_w.shape != (z.shape[-1], w.a_p_w.shape[0]):
+        raise ValueError(f"{op}: weight shapes do not match z's channel count")
+
+
+def triangle_multiplication_sharded(
+    z: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    w: TriMulWeights,
+    outgoing: bool,
+    eps: float = 1e-5,
+    group=None,
+    overlap: bool = True,
+) -> torch.Tensor:
+    """This rank's shard of the fused triangle multiplicative update under DAP.
+
+    P = size of `group` (a torch.distributed process group; None: one process).  Outgoing: z
+    ``[*, N/P, N, C_z]`` holds rows block `rank` of the pair tensor (mask ``[*, N/P, N]``);
+    incoming: z ``[*, N, N/P, C_z]`` holds columns block `rank` (mask ``[*, N, N/P]``).  Returns
+    the same block of ``triangle_multiplication`` of the whole tensor, in z's layout.  N must be
+    a multiple of P (pad with mask 0: padded pairs then contribute exact zeros).
+
+    One autograd Function: the projection kernel on the shard, an all-gather of the operand the
+    contraction needs whole (outgoing: b along rows; incoming: a along columns), the contraction
+    for the local rows / columns, the output kernel.  Backward: the output kernel's backward, the
+    contraction's GEMMs, a reduce-scatter (sum over ranks) of the gathered operand's gradient,
+    the projection kernel's backward.  With `overlap`, the all-gather runs during the local
+    block's GEMM and the reduce-scatter during the local operand's gradient GEMM; without it
+    both are synchronous (same results, bit for bit).
+
+    Gradients: z's is its shard's; each weight's is this rank's partial sum (over its pairs),
+    to be summed over the group by the caller (the DAP forwards do, with ``sum_grads``).  At
+    P = 1 this is ``triangle_multiplication``.
+    """
+    w = TriMulWeights(*w)
+    comm = _DistComm(group)
+    if comm.size == 1:
+        return triangle_multiplication(z, mask, w, outgoing, eps)
+    _check_shard("triangle_multiplication_sharded", z, w, outgoing, comm.size)
+    check_launchable(z, mask)
+    return _TriMulShardedFn.apply(z, mask, bool(outgoing), float(eps), comm, bool(overlap), *w)

@@ -26,8 +26,10 @@ column -> row switch        -> MSA rows for the next block           async all-t
                                                                      during OPM + pair stack
 outer product mean          a local [*, S, N/P, c], b all-gathered   all-gather b (N_res)
                             -> [*, N/P, N, C_z] (pair rows)
-triangle mult. outgoing     pair rows [*, N/P, N, C_z]               all-gather b (rows)
-triangle mult. incoming     pair columns [*, N, N/P, C_z]            all-gather a (columns)
+triangle mult. outgoing     pair rows [*, N/P, N, C_z]               all-gather b (rows);
+                                                                     bwd: reduce-scatter db
+triangle mult. incoming     pair columns [*, N, N/P, C_z]            all-gather a (columns);
+                                                                     bwd: reduce-scatter da
 triangle att. starting      pair rows                                all-gather the H-channel
                                                                      triangle bias
 triangle att. ending        pair columns (rows of z^T)               all-gather the bias
@@ -45,10 +47,12 @@ training under DAP draws exactly the masks one process would.
 
 The single-process math on each shard is the op table's (``ops.attention``,
 ``ops.layer_norm``, ``ops.transition``, ``ops.global_attention``, ``ops.dropout_add``). The
-triangle multiplication and the outer product mean run decomposed (``ops.layer_norm`` +
-projections + a cuBLAS contraction against the all-gathered operand), because their fused ops
-take the whole pair/MSA tensor. OpenFold's chunk-size tuner is off under DAP: ``chunk_size`` (the
-config's value, the same on every rank) chunks the row-wise computations as given.
+triangle multiplication is the sharded op ``ops.triangle_multiplication_sharded`` (Triton: the
+fused kernels on the shard around the all-gather). The outer product mean runs decomposed
+(``ops.layer_norm`` + projections + a cuBLAS contraction against the all-gathered operand),
+because its fused op takes the whole MSA tensor. OpenFold's chunk-size tuner is off under DAP:
+``chunk_size`` (the config's value, the same on every rank) chunks the row-wise computations as
+given.
 """
 import math
 from functools import partial
@@ -65,6 +69,7 @@ from openfold.utils.tensor_utils import permute_final_dims
 
 import fastfold_plugin.distributed as fd
 from fastfold_plugin.kernels.dropout_add import keep_mask_shape
+from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights
 
 from .forwards import UnsupportedOption
 
@@ -331,56 +336,27 @@ def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tens
     return outer / norm
 
 
-def _combine(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
-    """OpenFold's _combine_projections on shards: outgoing a [*, I/P, K, c] x b [*, J, K, c]
-    -> [*, I/P, J, c]; incoming a [*, K, I, c] x b [*, K, J/P, c] -> [*, I, J/P, c]."""
-    if outgoing:
-        a = permute_final_dims(a, (2, 0, 1))
-        b = permute_final_dims(b, (2, 1, 0))
-    else:
-        a = permute_final_dims(a, (2, 1, 0))
-        b = permute_final_dims(b, (2, 0, 1))
-    return permute_final_dims(torch.matmul(a, b), (1, 2, 0))
+# the op's weight tuple (TriMulWeights' order) by parameter name
+_TRI_MUL_PARAMS = (
+    "layer_norm_in.weight", "layer_norm_in.bias", "linear_a_p.weight", "linear_a_p.bias",
+    "linear_a_g.weight", "linear_a_g.bias", "linear_b_p.weight", "linear_b_p.bias",
+    "linear_b_g.weight", "linear_b_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
+    "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias",
+)
 
 
 def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,
                              outgoing: bool) -> torch.Tensor:
-    """Outgoing: z [*, N/P, N, C] (rows), the other operand b all-gathered along rows.
-    Incoming: z [*, N, N/P, C] (columns), a all-gathered along columns. Returns the update in
-    z's layout."""
-    mask = mask.unsqueeze(-1)
-    zl = run.ops.layer_norm(z, W[f"{pfx}.layer_norm_in.weight"], W[f"{pfx}.layer_norm_in.bias"],
-                            mod.layer_norm_in.eps)
+    """Outgoing: z [*, N/P, N, C] (rows), b all-gathered along rows. Incoming: z [*, N, N/P, C]
+    (columns), a all-gathered along columns. Returns the update in z's layout.
 
-    def proj(x, name):
-        # OpenFold's order: mask * sigmoid(gate) * projection
-        p = mask * torch.sigmoid(F.linear(x, W[f"{pfx}.linear_{name}_g.weight"],
-                                          W[f"{pfx}.linear_{name}_g.bias"]))
-        return p * F.linear(x, W[f"{pfx}.linear_{name}_p.weight"], W[f"{pfx}.linear_{name}_p.bias"])
-
-    # the gathered operand first, so that its collective runs while the rest is computed
-    if outgoing:
-        pend = run.all_gather(proj(zl, "b"), -3)
-        a = proj(zl, "a")
-    else:
-        pend = run.all_gather(proj(zl, "a"), -2)
-        b = proj(zl, "b")
-    g = torch.sigmoid(F.linear(zl, W[f"{pfx}.linear_g.weight"], W[f"{pfx}.linear_g.bias"]))
-    del zl
-    if outgoing:
-        b = pend.wait()
-    else:
-        a = pend.wait()
-    if is_fp16_enabled():
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            x = _combine(a.float(), b.float(), outgoing)
-    else:
-        x = _combine(a, b, outgoing)
-    del a, b
-    x = run.ops.layer_norm(x, W[f"{pfx}.layer_norm_out.weight"], W[f"{pfx}.layer_norm_out.bias"],
-                           mod.layer_norm_out.eps)
-    x = F.linear(x, W[f"{pfx}.linear_z.weight"], W[f"{pfx}.linear_z.bias"])
-    return x * g
+    The op table's ``triangle_multiplication_sharded``: fused kernels on the shard (Triton; the
+    all-gather overlaps the local block's contraction, the backward reduce-scatter the local
+    operand's gradient, when the context is async) or OpenFold's decomposed maths (reference,
+    synchronous). The weights' per-rank partial gradients are summed by `W`'s ``sum_grads``."""
+    w = TriMulWeights(*(W[f"{pfx}.{name}"] for name in _TRI_MUL_PARAMS))
+    return run.ops.triangle_multiplication_sharded(z, mask, w, outgoing, mod.layer_norm_in.eps,
+                                                   run.group, overlap=run.async_comm)
 
 
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,

@@ -1,14 +1,20 @@
-"""triangle_multiplication: Triton op vs reference (forward and all 17 gradients), and the
-reference vs OpenFold's TriangleMultiplicationOutgoing / Incoming modules."""
+"""triangle_multiplication: Triton op vs reference (forward and all 17 gradients), the
+reference vs OpenFold's TriangleMultiplicationOutgoing / Incoming modules, and the sharded op's
+rectangular shards (P ranks emulated by threads of this process) vs the whole-tensor reference.
+The sharded op on real process groups: tests/distributed/test_dap_trimul.py."""
 import contextlib
+import threading
 
 import pytest
 import torch
 
+from fastfold_plugin.kernels import triangle_multiplication as trimul_module
 from fastfold_plugin.kernels.triangle_multiplication import (
     TriMulWeights,
     triangle_multiplication,
     triangle_multiplication_reference,
+    triangle_multiplication_sharded,
+    triangle_multiplication_sharded_reference,
 )
 from fastfold_plugin.patches.forwards import tri_mul_weights as weights_of
 from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
@@ -197,6 +203,201 @@ def test_weight_grad_split_reduction(dtype, tol):
     got = _weight_grad(dy, x)
     assert got.dtype == torch.float32
     assert rel_err(got, dy.double().t() @ x.double()) < tol
+
+# ---- the sharded op: rectangular shards, P ranks emulated in this process ---------------------
+class _Shared:
+    def __init__(self, p):
+        self.barrier = threading.Barrier(p, timeout=120)
+        self.slots = [None] * p
+
+
+class _Done:
+    def wait(self):
+        pass
+
+
+class _ThreadComm:
+    """The sharded Function's collectives (``_DistComm``'s interface) between P threads: rank q's
+    block is rows [q R, (q+1) R) of the dim-0 concatenation; the sum runs in rank order."""
+
+    def __init__(self, shared, rank, size):
+        self.shared, self.rank, self.size = shared, rank, size
+
+    def _exchange(self, t):
+        self.shared.slots[self.rank] = t.clone()
+        self.shared.barrier.wait()
+        slots = list(self.shared.slots)
+        self.shared.barrier.wait()  # everyone has read the slots before they are reused
+        return slots
+
+    def all_gather(self, full, local, async_op):
+        full.copy_(torch.cat(self._exchange(local)))
+        return _Done()
+
+    def reduce_scatter(self, local, full, async_op):
+        r = local.shape[0]
+        blocks = [s[self.rank * r:(self.rank + 1) * r] for s in self._exchange(full)]
+        total = blocks[0].clone()
+        for b in blocks[1:]:
+            total += b
+        local.copy_(total)
+        return _Done()
+
+
+def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True):
+    """The sharded Function on P threads (one per emulated rank) on z [*, N, N, C_z] padded to a
+    multiple of P (padding: random z, mask 0, zero upstream gradient, as DAP pads): the whole
+    output and dz (unpadded) and the weight gradients summed over ranks."""
+    n = z.shape[-2]
+    r = -(-n // p)
+    pad = p * r - n
+    zp = torch.nn.functional.pad(z, (0, 0, 0, pad, 0, pad))
+    if pad:  # padded pairs hold garbage: the mask must keep it out
+        zp[..., n:, :, :] = torch.randn_like(zp[..., n:, :, :])
+        zp[..., :, n:, :] = torch.randn_like(zp[..., :, n:, :])
+    mp = torch.nn.functional.pad(mask, (0, pad, 0, pad)) if mask is not None else None
+    gp = torch.nn.functional.pad(g, (0, 0, 0, pad, 0, pad))
+    dim = -3 if outgoing else -2
+
+    def shard(t, d, q):
+        return None if t is None else t.narrow(d, q * r, r).contiguous()
+
+    shared, results, errors = _Shared(p), [None] * p, []
+    launch_lock = threading.Lock()  # the interpreter is not thread-safe: one launch at a time
+    launch = trimul_module._launch
+
+    def locked_launch(*a, **k):
+        with launch_lock:
+            return launch(*a, **k)
+
+    def rank_main(q):
+        try:
+            leaves = [shard(zp, dim, q).requires_grad_()] + [t.detach().clone().requires_grad_() for t in w]
+            ctx = (torch.autocast(z.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx:
+                out = trimul_module._TriMulShardedFn.apply(
+                    leaves[0], shard(mp, dim + 1, q), outgoing, 1e-5, _ThreadComm(shared, q, p),
+                    overlap, *leaves[1:])
+            gq = shard(gp, dim, q).to(out.dtype)
+            results[q] = (out.detach(), torch.autograd.grad(out, leaves, gq))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+            shared.barrier.abort()
+
+    trimul_module._launch = locked_launch
+    try:
+        threads = [threading.Thread(target=rank_main, args=(q,)) for q in range(p)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        trimul_module._launch = launch
+    if errors:
+        raise errors[0]
+    out = torch.cat([res[0] for res in results], dim)[..., :n, :n, :]
+    dz = torch.cat([res[1][0] for res in results], dim)[..., :n, :n, :]
+    dws = [sum(res[1][i] for res in results[1:]) + results[0][1][i] if p > 1 else results[0][1][i]
+           for i in range(1, len(w) + 1)]
+    return out, (dz, *dws)
+
+
+def check_sharded_case(p, batch, n, c_z, c_hidden, masked, outgoing, x_dtype, p_dtype, ac, tol,
+                       overlap=True):
+    z, mask = random_inputs(batch, n, c_z, masked, x_dtype)
+    w = random_weights(c_z, c_hidden, p_dtype)
+    out_r, grads_r, g = run(triangle_multiplication_reference, z, mask, w, outgoing, ac)
+    out, grads = run_emulated_ranks(p, z, mask, w, outgoing, ac, g, overlap)
+    assert out.shape == z.shape and out.dtype == out_r.dtype
+    if x_dtype == torch.float32 and ac is None:
+        check_fp32(out, out_r, "out")
+        for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
+            assert a.dtype == e.dtype, name
+            check_fp32(a, e, "d" + name)
+        return
+    mask64 = None if mask is None else mask.double()
+    out_t, grads_t, _ = run(triangle_multiplication_reference, z.double(), mask64,
+                            TriMulWeights(*[t.double() for t in w]), outgoing, None, g.double())
+    check_against_truth(out, out_r, out_t, tol, "out")
+    for name, a, e, t in zip(GRAD_NAMES, grads, grads_r, grads_t, strict=True):
+        check_against_truth(a, e, t, tol, "d" + name)
+
+
+# (P, batch dims, N_res, c_z, c_hidden, masked): N_res not a multiple of P (padded), N_res 1 on
+# 3 ranks (two hold only padding), P = 1 through the sharded Function (square shard).
+SHARDED_SHAPES = [
+    pytest.param(2, (), 7, 8, 8, True, id="P2-N7"),
+    pytest.param(3, (2,), 5, 12, 16, True, id="P3-B2-N5"),
+    pytest.param(3, (), 1, 8, 8, True, id="P3-N1"),
+    pytest.param(2, (), 6, 8, 16, False, id="P2-N6-nomask"),
+    pytest.param(1, (), 5, 8, 8, True, id="P1-N5"),
+]
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("p,batch,n,c_z,c_hidden,masked", SHARDED_SHAPES)
+def test_sharded_fp32_matches_reference(p, batch, n, c_z, c_hidden, masked, outgoing):
+    check_sharded_case(p, batch, n, c_z, c_hidden, masked, outgoing, torch.float32, torch.float32,
+                       None, None)
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", LOW_PRECISION_CASES)
+def test_sharded_low_precision_within_reference_error(x_dtype, p_dtype, ac, tol, outgoing):
+    check_sharded_case(3, (2,), 7, 16, 16, True, outgoing, x_dtype, p_dtype, ac, tol)
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_sharded_without_overlap_is_bit_identical(outgoing):
+    z, mask = random_inputs((), 5, 8, True)
+    w = random_weights(8, 8)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(5))
+    on = run_emulated_ranks(2, z, mask, w, outgoing, None, g, overlap=True)
+    off = run_emulated_ranks(2, z, mask, w, outgoing, None, g, overlap=False)
+    assert torch.equal(on[0], off[0])
+    for a, b in zip(on[1], off[1], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_sharded_group_of_one_is_the_whole_op(outgoing):
+    z, mask = random_inputs((2,), 5, 8, True)
+    w = random_weights(8, 8)
+    assert torch.equal(triangle_multiplication_sharded(z, mask, w, outgoing, group=None),
+                       triangle_multiplication(z, mask, w, outgoing))
+    assert torch.equal(triangle_multiplication_sharded_reference(z, mask, w, outgoing, group=None),
+                       triangle_multiplication_reference(z, mask, w, outgoing))
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_64bit_offsets_give_the_same_results(outgoing, monkeypatch):
+    """The I64 variants (offsets past 2**31 at large N_res) compute what the 32-bit ones do,
+    whole-tensor and sharded (the gathered layout's and the transposed grid's offsets)."""
+    z, mask = random_inputs((2,), 5, 8, True)
+    w = random_weights(8, 8)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(6))
+    runs = []
+    for wide in (False, True):
+        monkeypatch.setattr(trimul_module, "_needs_i64", lambda *a, wide=wide: wide)
+        runs.append((run(triangle_multiplication, z, mask, w, outgoing, None, g)[:2],
+                     run_emulated_ranks(2, z, mask, w, outgoing, None, g)))
+    (whole32, shard32), (whole64, shard64) = runs
+    for a, b in zip([whole32[0], *whole32[1], shard32[0], *shard32[1]],
+                    [whole64[0], *whole64[1], shard64[0], *shard64[1]], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_sharded_rejects_a_shape_that_is_not_a_shard():
+    z, mask = random_inputs((), 4, 8, True)
+    w = random_weights(8, 8)
+    with pytest.raises(ValueError, match="pad N_res"):
+        trimul_module._check_shard("op", z[:3], w, True, 2)
+    with pytest.raises(ValueError, match="pad N_res"):
+        trimul_module._check_shard("op", z, w, False, 2)
+    trimul_module._check_shard("op", z[:2], w, True, 2)
+    trimul_module._check_shard("op", z[:, :2], w, False, 2)
+
 
 # ---- the reference against OpenFold's own modules (fp32, exact-ish) ---------------------------
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
