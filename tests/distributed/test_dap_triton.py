@@ -1,5 +1,9 @@
-"""DAP on GPUs with NCCL and the Triton ops (2 GPUs, one process each): the Evoformer and
-template pair stacks vs stock OpenFold on one GPU. Run with `pytest -m gpu` on a 2-GPU machine."""
+"""DAP with the Triton ops on every shard, vs stock OpenFold in one process.
+
+GPU (2 GPUs, NCCL, one process each; `make test-gpu` on a 2-GPU machine): AF2-like widths are
+not needed here, the point is NCCL + compiled kernels + the caching allocator. CPU (gloo,
+Triton's interpreter, tiny sizes, in CI): the same scenario with torch.empty poisoned (NaN), so
+that a kernel which reads memory it never wrote fails here as it would on a GPU."""
 import pytest
 import torch
 
@@ -9,6 +13,14 @@ def test_dap_on_two_gpus_matches_one_gpu(run_workers):
     if torch.cuda.device_count() < 2:
         pytest.fail(f"this test needs 2 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
                     f"2-GPU machine")
-    results = run_workers("gpu_stacks", 2, {"n_res": 37, "n_seq": 11}, deadline=600)
+    results = run_workers("triton_stacks", 2, {"n_res": 37, "n_seq": 11, "device": "cuda"},
+                          deadline=600)
+    for r in results:
+        assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
+
+
+def test_dap_triton_ops_on_cpu_with_poisoned_memory(run_workers):
+    results = run_workers("triton_stacks", 2, {"n_res": 7, "n_seq": 3, "device": "cpu",
+                                               "poison": True}, deadline=900)
     for r in results:
         assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]

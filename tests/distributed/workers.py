@@ -314,8 +314,17 @@ def compare_runs(tag, got, exp, exact=False, dtype=torch.float32):
     assert set(grads_g) == set(grads_e), (tag, set(grads_g) ^ set(grads_e))
     nonzero = sum(bool(g.abs().sum() > 0) for g in grads_e.values())
     assert nonzero >= len(grads_e) // 2, f"{tag}: only {nonzero}/{len(grads_e)} nonzero gradients"
-    for n in grads_e:
-        check(f"{tag} grad {n}", grads_g[n], grads_e[n], floor)
+    try:
+        for n in grads_e:
+            check(f"{tag} grad {n}", grads_g[n], grads_e[n], floor)
+    except AssertionError as e:
+        errs = {n: (grads_g[n] - grads_e[n]).double().norm().item()
+                / max(grads_e[n].double().norm().item(), floor) for n in grads_e}
+        worst = sorted(errs.items(), key=lambda kv: -kv[1] if kv[1] == kv[1] else -float("inf"))
+        nan = [n for n, v in errs.items() if v != v]
+        raise AssertionError(f"{e}\n{len([v for v in errs.values() if not v <= 2e-4])}/{len(errs)} "
+                             f"gradients off; NaN: {nan[:10]}; worst: "
+                             + "; ".join(f"{n} {v:.2e}" for n, v in worst[:25])) from None
     assert len(in_g) == len(in_e)
     for i, (a, b) in enumerate(zip(in_g, in_e)):
         check(f"{tag} input grad {i}", a, b)
@@ -594,11 +603,14 @@ def alphafold_eval(args):
 
 @scenario
 def dp_x_dap(args):
-    """World 4 = 2 data-parallel groups x DAP 2: the mesh layout, the sampler, and one training
-    step whose gradients equal the mean of the two samples' single-process gradients."""
+    """World = data-parallel groups x DAP args["dap_size"] (2 x 2 on 4 processes, 2 x 4 on 8): the
+    mesh layout, the sampler, and one training step whose outputs and input gradients equal the
+    group's sample in one process, whose parameter gradients equal the mean of the samples'
+    single-process gradients, and whose ops all ran on shards."""
     import copy
 
     import fastfold_plugin
+    from fastfold_plugin.kernels import get_ops
 
     ctx = fd.init(dap_size=args["dap_size"], timeout=60, seed=1000)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -644,19 +656,32 @@ def dp_x_dap(args):
     idx = [int(g[0][0]) for g in groups]
     inputs, ws = sample(idx[ctx.dp_rank])
     torch.manual_seed(1000 + ctx.dp_rank)
-    _, grads, _, loss = run_and_grads(model, call(model), inputs, ws)
+    outs, grads, in_grads, loss = run_and_grads(model, call(model), inputs, ws)
     # reference: each sample in one process with its group's seed, gradients averaged
     refs = []
     for g, i in enumerate(idx):
         torch.manual_seed(1000 + g)
         refs.append(run_and_grads(stock, call(stock), *sample(i)))
-    tol_check("dp x dap loss", loss, refs[ctx.dp_rank][3])
     mean = {n: sum(r[1][n] for r in refs) / dp for n in refs[0][1]}
-    compare_runs("dp x dap", ([], grads, [], torch.zeros(())), ([], mean, [], torch.zeros(())))
+    own = refs[ctx.dp_rank]
+    compare_runs("dp x dap", (outs, grads, in_grads, loss), (own[0], mean, own[2], own[3]))
+
+    # the same step with a recording op table (no data-parallel hooks): every op saw a shard
+    rec = RecordingOps(get_ops("reference"))
+    shaped = copy.deepcopy(stock)
+    bind_dap(shaped, ctx, ops=rec)
+    torch.manual_seed(1000 + ctx.dp_rank)
+    outs_rec = run_and_grads(shaped, call(shaped), inputs, ws)[0]
+    for j, (a, b) in enumerate(zip(outs_rec, outs)):
+        assert_close(a, b, rtol=0, atol=0, name=f"dp x dap recorded output {j}")
+    n_res = lengths[idx[ctx.dp_rank]]
+    assert_sharded_shapes(rec.calls, ctx.size, fd.padded_length(3, ctx.size),
+                          fd.padded_length(n_res, ctx.size), 16, 8)
     hooks.remove()
     handle.disable()
     fd.shutdown()
-    result(ok=True, rank=rank, dp_rank=ctx.dp_rank, dap_rank=ctx.rank)
+    result(ok=True, rank=rank, dp_rank=ctx.dp_rank, dap_rank=ctx.rank, n_res=n_res,
+           ops=len(rec.calls))
 
 
 @scenario
@@ -697,9 +722,14 @@ def peer_fails(args):
 
 
 @scenario
-def gpu_stacks(args):
-    """On GPUs (NCCL, one per rank), with the Triton ops: a DAP Evoformer stack and template pair
-    stack vs stock OpenFold on one GPU: fp32 eval and training gradients, bf16 autocast eval."""
+def triton_stacks(args):
+    """With the Triton ops on every shard: a DAP Evoformer stack and template pair stack vs stock
+    OpenFold in one process: fp32 eval and training gradients, bf16 autocast eval. On GPUs
+    (args["device"] == "cuda": NCCL, one GPU per rank) or on the CPU (gloo, Triton's
+    interpreter, tiny sizes). With args["poison"], torch.empty & co. return NaN-filled memory,
+    as a GPU's caching allocator returns stale data: a kernel that reads memory it never wrote
+    shows up on the CPU too. args "backend" (default "triton"), "async_comm" (default True) and
+    "blocks_per_ckpt" (default 1) narrow down a failure."""
     import copy
 
     from openfold.model.template import TemplatePairStack
@@ -707,14 +737,19 @@ def gpu_stacks(args):
     import fastfold_plugin
     from fastfold_plugin.testing import randomize_parameters_
 
+    on_gpu = args.get("device", "cuda") == "cuda"
+    if args.get("poison"):
+        poison_empty()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120)
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    assert dist.get_backend() == "nccl"
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120,
+                  backend="nccl" if on_gpu else "gloo", async_comm=args.get("async_comm", True))
+    ops_backend = args.get("backend", "triton")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if on_gpu else torch.device("cpu")
+    assert dist.get_backend() == ("nccl" if on_gpu else "gloo")
     n_seq, n_res = args["n_seq"], args["n_res"]
     models = {
-        "evoformer": (evoformer_stack(blocks_per_ckpt=1).to(device),
+        "evoformer": (evoformer_stack(blocks_per_ckpt=args.get("blocks_per_ckpt", 1)).to(device),
                       [x.to(device) for x in msa_inputs(n_seq, n_res, 16, 8, seed=1)],
                       [(n_seq, n_res, 16), (n_res, n_res, 8), (n_res, 12)], msa_stack_call(), 2),
     }
@@ -733,30 +768,49 @@ def gpu_stacks(args):
         ws = [randn(sh, 50 + i, torch.float32).to(device) for i, sh in enumerate(w_shapes)]
         stock.eval()
         dap = copy.deepcopy(stock)
-        fastfold_plugin.enable(dap, backend="triton", dap=ctx)
+        fastfold_plugin.enable(dap, backend=ops_backend, dap=ctx)
         assert_dap_bound(dap, ctx)
         with torch.no_grad():
             exp = call(stock)(*[x.clone() for x in ins])
             got = call(dap, inplace=True)(*[x.clone() for x in ins])
             exp, got = [e if isinstance(e, tuple) else (e,) for e in (exp, got)]
             for i, (a, b) in enumerate(zip(got, exp)):
-                tol_check(f"gpu {tag} eval output {i}", a, b)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+                tol_check(f"{device.type} {tag} eval output {i}", a, b)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 s16 = call(stock)(*[x.clone() for x in ins])
                 d16 = call(dap)(*[x.clone() for x in ins])
             s16, d16 = [e if isinstance(e, tuple) else (e,) for e in (s16, d16)]
             for i, (a, b, ref) in enumerate(zip(d16, s16, exp)):
                 e_dap, e_stock = rel_err(a, ref), rel_err(b, ref)
                 assert e_dap <= 2.0 * e_stock + 1e-6, \
-                    f"gpu {tag} bf16 output {i}: DAP {e_dap:.2e} vs stock bf16 {e_stock:.2e}"
+                    f"{device.type} {tag} bf16 output {i}: DAP {e_dap:.2e} vs stock bf16 {e_stock:.2e}"
         stock.train()
         dap.train()
         torch.manual_seed(7)
         exp = run_and_grads(stock, call(stock), ins, ws, n_grad)
         torch.manual_seed(7)
-        compare_runs(f"gpu {tag} train", run_and_grads(dap, call(dap), ins, ws, n_grad), exp)
+        compare_runs(f"{device.type} {tag} train", run_and_grads(dap, call(dap), ins, ws, n_grad), exp)
         result(ok=True, stack=tag, size=ctx.size)
     fd.shutdown()
+
+
+def poison_empty() -> None:
+    """Make torch.empty, empty_like, empty_strided and Tensor.new_empty return NaN-filled
+    floating-point tensors in this process."""
+    import functools
+
+    def poisoned(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            t = fn(*a, **k)
+            if t.is_floating_point() and t.numel():
+                t.fill_(float("nan"))
+            return t
+        return wrapper
+
+    for name in ("empty", "empty_like", "empty_strided"):
+        setattr(torch, name, poisoned(getattr(torch, name)))
+    torch.Tensor.new_empty = poisoned(torch.Tensor.new_empty)
 
 
 def dist_rank() -> int:
