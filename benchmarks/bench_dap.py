@@ -251,7 +251,12 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
     m, z, mm, pm = ins
-    run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], chunk_size,
+    backend = op_backend(args, device)
+    if train and device.type == "cuda" and backend == "triton":
+        # what enable() runs: DAP training on CUDA uses the reference ops (fastfold_plugin._api:
+        # DAP_TRAIN_TRITON_NOTE); time what users get
+        backend = "reference"
+    run = _Run(ctx, get_ops(backend), z.shape[-2], m.shape[-3], chunk_size,
                inplace_safe=not train, mask_trans=True)
     with torch.no_grad():
         m_s, z_s = _enter_msa(run, m, z, mm, pm)

@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 cat "$out/env.txt"
 make install OFFLINE_WHEELHOUSE=.whl > "$out/install.log" 2>&1 || { tail -40 "$out/install.log"; exit 1; }
 FASTFOLD_PLUGIN_AUTOTUNE=0 timeout "${DAP_TEST_TIMEOUT:-150}" .venv/bin/python -m pytest -m gpu -q \
-  --tb=short ${DAP_TESTS:-tests/distributed/test_dap_gpu.py} 2>&1 | tee "$out/test-dap-gpu.log" | tail -20
+  --tb=short ${DAP_TESTS:-tests/distributed/test_dap_triton.py} 2>&1 | tee "$out/test-dap-gpu.log" | tail -20
 timeout "${DAP_BENCH_TIMEOUT:-360}" .venv/bin/python -m torch.distributed.run --nproc-per-node 2 \
   benchmarks/bench_dap.py --out "$out" --suites "${DAP_SUITES:-strong,inference,profile,weak}" \
   --profile-dir "${DAP_TRACES:-/tmp/dap_traces}" 2>&1 | grep -v -i warn | tee "$out/bench-dap.log" | tail -45

@@ -32,7 +32,8 @@ def make_inputs(shape, n, x_dtype, p_dtype, device, mask_dtype=torch.float32, se
     """x, mask and the six weights. relu_margin: linear_1's pre-activations stay 0.5 away from 0
     (|b1| >= 0.5, small w1), so that no rounding can flip a ReLU. On a few hundred rows one
     flipped ReLU moves a bf16 gradient by percents, which would make the op-vs-reference error
-    ratio a coin toss; the fp32 tests and the GPU tests (many rows) use unconstrained weights."""
+    ratio a coin toss; the CPU fp32 tests and the GPU low-precision tests (many rows) use
+    unconstrained weights."""
     gen = torch.Generator().manual_seed(seed)
     c = shape[-1]
 
@@ -73,7 +74,12 @@ def truth(args, g):
 def check_transition(shape, n, x_dtype, p_dtype, ac_dtype, tol, device, args=None):
     if args is None:
         low = x_dtype != torch.float32 or ac_dtype is not None
-        args = make_inputs(shape, n, x_dtype, p_dtype, device, relu_margin=low and device == "cpu")
+        # the fp32 comparison is elementwise: on the GPU the op's fused linear_1 + ReLU epilogue
+        # (cuBLASLt) and the reference's separate GEMM round pre-activations near 0 differently,
+        # and each flipped ReLU moves a whole row of dx (measured on an H100: 252 of 8.4M
+        # elements at 128 x 256 x 256); keep pre-activations away from the kink there too
+        margin = (low and device == "cpu") or (not low and device == "cuda")
+        args = make_inputs(shape, n, x_dtype, p_dtype, device, relu_margin=margin)
     with _autocast(device, ac_dtype):
         out, grads, g = run(transition, args)
         out_ref, grads_ref, _ = run(transition_reference, args, g)
