@@ -386,7 +386,9 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
                    HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC, INTERP)
     m = tl.load(STATS + offs_mc)
     il = tl.load(STATS + STAT_STRIDE + offs_mc)
-    pT = tl.exp2(sT - m[None, :]) * il[None, :]
+    # s <= m in exact arithmetic; a recomputed logit can round one ulp above the forward's max
+    # where a -1e9 mask bias dominates (ulp 64 there), and exp2 of that ulp is ~2^64: clamp
+    pT = tl.exp2(tl.minimum(sT - m[None, :], 0.0)) * il[None, :]
     if MASK_M:  # clamped duplicate rows must not contribute
         pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)
     do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
@@ -500,7 +502,7 @@ def _attention_bwd_dq_block(dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs
     kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
     s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
                 HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC, INTERP)
-    p = tl.exp2(s - m[:, None]) * il[:, None]
+    p = tl.exp2(tl.minimum(s - m[:, None], 0.0)) * il[:, None]  # see the dK/dV block
     vT = _load_rows_t(V, offs_nc, offs_c, svn, svc, C, CP)
     dp = _mm(do, vT, DOT_PREC, INTERP)
     ds = p * (dp - delta[:, None])
@@ -663,7 +665,7 @@ def _attention_bwd_dbias_kernel(
                     HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP)
         m = tl.load(STATS + zh * NQ + offs_mc)
         il = tl.load(STATS + STAT_STRIDE + zh * NQ + offs_mc)
-        p = tl.exp2(s - m[:, None]) * il[:, None]
+        p = tl.exp2(tl.minimum(s - m[:, None], 0.0)) * il[:, None]  # see the dK/dV block
         do = _load_rows(DO + z0 * sd0 + z1 * sd1 + h * sdh, offs_mc, offs_c, sdm, sdc, C, CP)
         vT = _load_rows_t(V + z0 * sv0 + z1 * sv1 + h * svh, offs_nc, offs_c, svn, svc, C, CP)
         dp = _mm(do, vT, DOT_PREC, INTERP)
