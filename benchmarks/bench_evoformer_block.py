@@ -9,6 +9,9 @@ Providers:
     openfold          the stock block
     openfold_compile  ``torch.compile`` of the stock block (training cases only, ``--full``)
     plugin            the same block after ``fastfold_plugin.enable(block, backend="triton")``
+    *_cudagraph       training cases on a GPU: the block's fwd and bwd captured in CUDA graphs
+                      (``torch.cuda.make_graphed_callables``), i.e. without host launch overhead;
+                      a block that cannot be captured records the error
 
     python benchmarks/bench_evoformer_block.py [--quick | --full | --dry-run] [--out DIR]
 
@@ -48,6 +51,35 @@ def make_block(device, dry_run):
     return randomize_parameters_(EvoformerBlock(**kw), seed=0).to(device), kw
 
 
+class _Positional(torch.nn.Module):
+    """block(m, z, msa_mask, pair_mask) with positional tensors only, as
+    ``torch.cuda.make_graphed_callables`` needs."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, m, z, msa_mask, pair_mask):
+        return self.block(m, z, msa_mask, pair_mask)
+
+
+def graphed_step_fn(block, kw, p, device):
+    """The training step with the block's forward and backward captured in CUDA graphs
+    (``torch.cuda.make_graphed_callables``; dropout draws fresh masks on every replay): what the
+    step costs once the host no longer launches each kernel. Autotuning runs in its warm-up."""
+    inner = step_fn(block, kw, p, device)  # sets the mode, builds the inputs
+    m, z, mm, pm = inner.inputs
+    # autocast's weight-cast cache must be off around captured graphs (torch's documented rule)
+    with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(_Positional(block), (m, z, mm, pm))
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            mo, zo = graphed(m, z, mm, pm)
+        (mo.float().sum() + zo.float().sum()).backward()
+    return step
+
+
 def step_fn(block, kw, p, device, chunk_size=None):
     train = p["case"] == "train"
     block.train(train)
@@ -69,6 +101,7 @@ def step_fn(block, kw, p, device, chunk_size=None):
                 with torch.no_grad():
                     # the in-place path writes into its inputs: give it fresh copies
                     block(m.clone(), z.clone(), mm, pm, chunk_size=chunk_size)
+    step.inputs = (m, z, mm, pm)
     return step
 
 
@@ -108,11 +141,17 @@ def main(argv=None):
             providers.append(("openfold_compile", torch.compile(stock), None))
         if args.full and p["n_res"] >= 2048:
             providers.append(("openfold_chunk4", stock, 4))
+        if device.type == "cuda" and p["case"] == "train":
+            providers += [("openfold_cudagraph", stock, "graph"), ("plugin_cudagraph", plugin, "graph")]
         for name, block, chunk in providers:
+            if args.providers is not None and name not in args.providers:
+                continue
             row = dict(op="evoformer_block", provider=name, **p, dtype="bf16-autocast",
                        mode="fwd+bwd" if p["case"] == "train" else "fwd")
             try:
-                row.update(timed(step_fn(block, kw, p, device, chunk), device, args))
+                step = (graphed_step_fn(block, kw, p, device) if chunk == "graph"
+                        else step_fn(block, kw, p, device, chunk))
+                row.update(timed(step, device, args))
             except Exception as e:  # noqa: BLE001 - out of memory is a result
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rec.add(row)
