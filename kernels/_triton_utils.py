@@ -3,6 +3,7 @@
 Nothing here launches a kernel or reads the environment at import time; every helper is
 evaluated when an op is called. Kept deliberately small: kernel files import from it.
 """
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -37,6 +38,19 @@ def autotune(configs, key, prune=None, **kwargs):
         return kept
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune},
                            **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def max_programs(device: torch.device) -> int:
+    """How many programs a grid-stride reduction kernel launches at most: 4 per SM on a GPU,
+    4 under the interpreter (where every program costs Python time)."""
+    if device.type != "cuda":
+        return 4
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def next_power_of_2(n: int) -> int:

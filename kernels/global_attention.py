@@ -46,8 +46,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import autocast_dtype, check_launchable, dot_precision, is_interpreter, next_power_of_2
-from .layer_norm import _max_programs
+from ._triton_utils import (
+    autocast_dtype,
+    check_launchable,
+    dot_precision,
+    is_interpreter,
+    max_programs,
+    next_power_of_2,
+)
 from .softmax import softmax_reference
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -305,7 +311,7 @@ class _Geom:
         self.n_tiles = triton.cdiv(s, self.block_s)
         # programs per pass: about 4 per SM on a GPU; two N_seq splits per row in the interpreter
         # (so that the split combine runs at test sizes)
-        target = 2 * n_rows if interp else _max_programs(device)
+        target = 2 * n_rows if interp else max_programs(device)
         n_split = max(1, min(self.n_tiles, triton.cdiv(target, max(n_rows, 1))))
         self.s_per_split = triton.cdiv(self.n_tiles, n_split) * self.block_s
         self.n_split = triton.cdiv(s, self.s_per_split)

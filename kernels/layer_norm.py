@@ -13,7 +13,6 @@ rounding on store; backward in fp32 (dx rounded to x's dtype, dweight/dbias summ
 per-program partials and returned in the parameters' dtype). The references round where
 ``F.layer_norm`` rounds, so both agree to the output dtype's rounding.
 """
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -21,7 +20,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import autocast_dtype, check_launchable, is_interpreter, next_power_of_2
+from ._triton_utils import (
+    autocast_dtype,
+    check_launchable,
+    is_interpreter,
+    max_programs,
+    next_power_of_2,
+)
 
 MAX_C = 16384  # one row is one block of registers
 
@@ -96,18 +101,6 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers (2-D row views; also used by transition.py)
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _max_programs(device: torch.device) -> int:
-    """How many programs a grid-stride reduction kernel launches at most."""
-    if device.type != "cuda":  # interpreter: every program costs Python time
-        return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _block_m(block_c: int) -> int:
     # About 4K elements per program on a GPU (16 rows at C=256); bigger tiles in the interpreter,
     # where each program is a Python-level loop.
@@ -169,7 +162,7 @@ def layer_norm_bwd_rows(
     block_c = next_power_of_2(c)
     block_m = _block_m(block_c)
     n_tiles = triton.cdiv(m, block_m)
-    n_prog = min(n_tiles, _max_programs(x2.device))
+    n_prog = min(n_tiles, max_programs(x2.device))
     rows_per_program = triton.cdiv(n_tiles, n_prog) * block_m
     n_prog = triton.cdiv(m, rows_per_program)
     dw_part = torch.empty((n_prog, c), dtype=torch.float32, device=x2.device)

@@ -37,9 +37,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import autocast_dtype, check_launchable, is_interpreter, next_power_of_2
+from ._triton_utils import (
+    autocast_dtype,
+    check_launchable,
+    is_interpreter,
+    max_programs,
+    next_power_of_2,
+)
 from .layer_norm import (
-    _max_programs,
     _rows,
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
@@ -95,7 +100,7 @@ def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool)
     block_m = max(1, (32768 if is_interpreter() else 4096) // block_n)
     n_col = triton.cdiv(n, block_n)
     n_tiles = triton.cdiv(m, block_m)
-    n_row = min(n_tiles, max(1, _max_programs(g.device) // n_col))
+    n_row = min(n_tiles, max(1, max_programs(g.device) // n_col))
     rows_per_program = triton.cdiv(n_tiles, n_row) * block_m
     n_row = triton.cdiv(m, rows_per_program)
     part = torch.empty((n_row, n), dtype=torch.float32, device=g.device)
