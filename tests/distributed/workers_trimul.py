@@ -5,31 +5,29 @@ environment variables.
 Each scenario raises on the first mismatch and prints ``RESULT {json}`` lines. Without a GPU the
 Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before they are imported).
 """
-import json
 import os
-import sys
-import traceback
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the launcher, registry, result lines and stack helpers of the other DAP scenarios
+from workers import (  # noqa: E402
+    bind_dap,
+    compare_runs,
+    evoformer_stack,
+    main,
+    msa_inputs,
+    result,
+    run_and_grads,
+    scenario,
+)
+
 import fastfold_plugin.distributed as fd  # noqa: E402
 from fastfold_plugin.kernels import get_ops  # noqa: E402
 from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights  # noqa: E402
 from fastfold_plugin.testing import assert_close, rel_err  # noqa: E402
-
-SCENARIOS = {}
-
-
-def scenario(fn):
-    SCENARIOS[fn.__name__] = fn
-    return fn
-
-
-def result(**kw):
-    print("RESULT " + json.dumps(kw), flush=True)
 
 
 def inputs(batch, n, c_z, c_h, seed):
@@ -178,34 +176,6 @@ class TritonTriMulOps:
         return getattr(self._ref, name)
 
 
-def bind_dap(module, ctx, ops):
-    """DAP forwards with `ops` on `module`'s tree, as ``fastfold_plugin.enable(dap=ctx)`` binds
-    them."""
-    import types
-    from types import SimpleNamespace
-
-    from fastfold_plugin.patches.dap import DAP_FORWARDS
-
-    for m in module.modules():
-        for cls in type(m).__mro__:
-            if cls in DAP_FORWARDS:
-                m._fastfold_patch = SimpleNamespace(ops=ops, dap=ctx)
-                m.forward = types.MethodType(DAP_FORWARDS[cls], m)
-                break
-
-
-def loss_and_grads(module, call, ins, ws, n_grad):
-    """Outputs and the gradients of every parameter and of the first `n_grad` inputs of
-    sum_k <out_k, w_k>."""
-    module.zero_grad(set_to_none=True)
-    ins = [x.clone().requires_grad_(i < n_grad) for i, x in enumerate(ins)]
-    outs = call(module, *ins)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    sum((o * w).sum() for o, w in zip(outs, ws)).backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-    return [o.detach() for o in outs], grads, [x.grad for x in ins[:n_grad]]
-
-
 @scenario
 def stacks_triton_trimul(args):
     """An Evoformer stack and a template pair stack (2 blocks each, training mode, no dropout)
@@ -214,7 +184,6 @@ def stacks_triton_trimul(args):
     gradients (fp32)."""
     import copy
 
-    from openfold.model.evoformer import EvoformerStack
     from openfold.model.template import TemplatePairStack
 
     from fastfold_plugin.testing import randomize_parameters_
@@ -222,27 +191,18 @@ def stacks_triton_trimul(args):
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
     n_res, n_seq = args["n_res"], args["n_seq"]
     gen = torch.Generator().manual_seed(3)
-    m = torch.randn(n_seq, n_res, 16, generator=gen)
-    z = torch.randn(n_res, n_res, 8, generator=gen)
-    msa_mask = (torch.rand(n_seq, n_res, generator=gen) > 0.2).float()
-    seq_mask = torch.ones(n_res)
-    if n_res > 3:
-        seq_mask[2] = 0.0
-    pair_mask = seq_mask[:, None] * seq_mask[None, :]
-    evo = randomize_parameters_(EvoformerStack(
-        c_m=16, c_z=8, c_hidden_msa_att=4, c_hidden_opm=4, c_hidden_mul=8, c_hidden_pair_att=4,
-        c_s=12, no_heads_msa=2, no_heads_pair=2, no_blocks=2, transition_n=2, msa_dropout=0.0,
-        pair_dropout=0.0, blocks_per_ckpt=None, inf=1e9, eps=1e-10), seed=5)
+    m, z, msa_mask, pair_mask = msa_inputs(n_seq, n_res, 16, 8, seed=3)
+    evo = evoformer_stack(dropout=(0.0, 0.0), seed=5)
     templ = randomize_parameters_(TemplatePairStack(
         c_t=8, c_hidden_tri_att=4, c_hidden_tri_mul=8, no_blocks=2, no_heads=2,
         pair_transition_n=2, dropout_rate=0.0, blocks_per_ckpt=None, inf=1e9), seed=6)
     t = torch.randn(2, n_res, n_res, 8, generator=gen)
 
-    def evo_call(mod, m, z, mm, pm):
-        return mod(m, z, msa_mask=mm, pair_mask=pm, chunk_size=None)
+    def evo_call(mod):
+        return lambda m, z, mm, pm: mod(m, z, msa_mask=mm, pair_mask=pm, chunk_size=None)
 
-    def templ_call(mod, t, mask):
-        return mod(t, mask, chunk_size=None)
+    def templ_call(mod):
+        return lambda t, mask: mod(t, mask, chunk_size=None)
 
     cases = [("evoformer", evo, evo_call, [m, z, msa_mask, pair_mask], 2,
               [(n_seq, n_res, 16), (n_res, n_res, 8), (n_res, 12)]),
@@ -253,35 +213,13 @@ def stacks_triton_trimul(args):
         dap = copy.deepcopy(stock)
         ops = TritonTriMulOps()
         bind_dap(dap, ctx, ops)
-        exp = loss_and_grads(stock, call, ins, ws, n_grad)
-        got = loss_and_grads(dap, call, ins, ws, n_grad)
+        exp = run_and_grads(stock, call(stock), ins, ws, n_grad)
+        got = run_and_grads(dap, call(dap), ins, ws, n_grad)
         r = fd.padded_length(n_res, ctx.size) // ctx.size
         assert ops.shapes and all(r in sh[-3:-1] for sh in ops.shapes), ops.shapes
-        for i, (a, e) in enumerate(zip(got[0], exp[0], strict=True)):
-            check(f"{tag} output {i}", a, e)
-        assert set(got[1]) == set(exp[1])
-        g_max = max(g.abs().max().item() for g in exp[1].values())
-        for name, e in exp[1].items():
-            scale = e.abs().max().item()
-            assert_close(got[1][name], e, rtol=2e-4, atol=2e-4 * scale + 1e-5 * g_max,
-                         name=f"{tag} grad {name}")
-        for i, (a, e) in enumerate(zip(got[2], exp[2], strict=True)):
-            check(f"{tag} input grad {i}", a, e)
+        compare_runs(tag, got, exp)
         result(ok=True, size=ctx.size, stack=tag, trimul_calls=len(ops.shapes))
     fd.shutdown()
-
-
-def main():
-    name, args = sys.argv[1], json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    torch.set_num_threads(1)
-    try:
-        SCENARIOS[name](args)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    sys.stderr.flush()
 
 
 if __name__ == "__main__":
