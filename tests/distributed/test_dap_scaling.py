@@ -1,6 +1,7 @@
-"""DAP at the sizes of 4- and 8-GPU machines, on the CPU (gloo, 4 and 8 processes): the stacks
-at DAP 4 and 8, DP x DAP 2 x 4 on a world of 8, and the DAP benchmark's dry run on 4 and 8
-processes. Same contract and scenarios (workers.py) as the DAP 1 / 2 / 3 tests.
+"""DAP at the sizes of 4- and 8-GPU machines, on the CPU (gloo, 4 and 8 processes): DP x DAP
+2 x 4 on a world of 8 and the DAP benchmark's dry run on 4 and 8 processes (the stacks at DAP 4
+and 8 are cases of test_dap_stacks.py). Same contract and scenarios (workers.py) as the DAP
+1 / 2 / 3 tests.
 
 Every N_res and N_seq here is not a multiple of the DAP size, and at DAP 8 some are smaller than
 it (N_res 5: three of the eight ranks hold only padding residues; N_seq 3: five hold only padding
@@ -12,30 +13,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-
-CASES = {
-    # padded to 16 / 8; activation checkpointing of the blocks; single blocks
-    4: [dict(stack="evoformer", n_res=13, n_seq=6, blocks_per_ckpt=1),
-        dict(stack="extra_template", n_res=13, n_seq=5),
-        dict(stack="blocks", n_res=7, n_seq=3)],
-    # padded to 16 / 8, and N_res, N_seq smaller than the DAP size
-    8: [dict(stack="evoformer", n_res=13, n_seq=5),
-        dict(stack="evoformer", n_res=5, n_seq=3),
-        dict(stack="extra_template", n_res=13, n_seq=6),
-        dict(stack="extra_template", n_res=5, n_seq=3)],
-}
-
-
-@pytest.mark.parametrize("nprocs", sorted(CASES))
-def test_stacks_match_one_process(run_workers, nprocs):
-    results = run_workers("stacks", nprocs, {"cases": CASES[nprocs]}, deadline=400)
-    for r in results:
-        recs = r.records()
-        assert len(recs) == len(CASES[nprocs]), recs
-        for rec, case in zip(recs, CASES[nprocs]):
-            assert rec["ok"] and rec["size"] == nprocs and rec["ops"] > 0
-            assert rec["stack"] == case["stack"] and rec["n_res"] == case["n_res"]
-
 
 def test_dp_x_dap_2_x_4(run_workers):
     dap = 4

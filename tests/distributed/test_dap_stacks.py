@@ -1,5 +1,5 @@
-"""DAP forwards of whole OpenFold stacks vs one process (stock OpenFold), on 1, 2 and 3
-processes with lengths that are not multiples of the DAP size.
+"""DAP forwards of whole OpenFold stacks vs one process (stock OpenFold), on 1, 2, 3, 4 and 8
+processes with lengths that are not multiples of the DAP size (at 8 also smaller than it).
 
 Each case checks: eval forward (no grad, OpenFold's in-place path, unchunked and chunked); a
 training forward with dropout and every parameter and input gradient, in fp32 and in fp64 (the
@@ -19,6 +19,15 @@ CASES = {
     3: [dict(stack="evoformer", n_res=7, n_seq=5),
         dict(stack="evoformer", n_res=1, n_seq=1),
         dict(stack="extra_template", n_res=7, n_seq=4)],
+    # padded to 16 / 8; activation checkpointing of the blocks; single blocks
+    4: [dict(stack="evoformer", n_res=13, n_seq=6, blocks_per_ckpt=1),
+        dict(stack="extra_template", n_res=13, n_seq=5),
+        dict(stack="blocks", n_res=7, n_seq=3)],
+    # padded to 16 / 8, and N_res, N_seq smaller than the DAP size
+    8: [dict(stack="evoformer", n_res=13, n_seq=5),
+        dict(stack="evoformer", n_res=5, n_seq=3),
+        dict(stack="extra_template", n_res=13, n_seq=6),
+        dict(stack="extra_template", n_res=5, n_seq=3)],
 }
 
 

@@ -94,11 +94,10 @@ def check_against_truth(actual, expected, truth, tol, name):
     assert e_op <= tol * e_ref + 1e-6, f"{name}: op error {e_op:.3e} > {tol} x reference error {e_ref:.3e}"
 
 
-def check_case(batch, n, c_z, c_hidden, masked, outgoing, x_dtype, p_dtype, ac, tol, device="cpu"):
-    z, mask = random_inputs(batch, n, c_z, masked, x_dtype, device)
-    w = random_weights(c_z, c_hidden, p_dtype, device)
-    out, grads, g = run(triangle_multiplication, z, mask, w, outgoing, ac)
-    out_r, grads_r, _ = run(triangle_multiplication_reference, z, mask, w, outgoing, ac, g)
+def compare_with_reference(out, grads, out_r, grads_r, z, mask, w, outgoing, g, x_dtype, ac, tol):
+    """The op's output and gradients vs the reference's: elementwise in fp32; otherwise against
+    an fp64 truth on the same (already rounded) inputs and weights, within `tol` x the
+    reference's own error."""
     assert out.shape == z.shape and out.dtype == out_r.dtype
     if x_dtype == torch.float32 and ac is None:
         check_fp32(out, out_r, "out")
@@ -106,13 +105,20 @@ def check_case(batch, n, c_z, c_hidden, masked, outgoing, x_dtype, p_dtype, ac, 
             assert a.dtype == e.dtype, name
             check_fp32(a, e, "d" + name)
         return
-    # truth: fp64 maths on the same (already rounded) inputs and weights
     mask64 = None if mask is None else mask.double()
     out_t, grads_t, _ = run(triangle_multiplication_reference, z.double(), mask64,
                             TriMulWeights(*[t.double() for t in w]), outgoing, None, g.double())
     check_against_truth(out, out_r, out_t, tol, "out")
     for name, a, e, t in zip(GRAD_NAMES, grads, grads_r, grads_t, strict=True):
         check_against_truth(a, e, t, tol, "d" + name)
+
+
+def check_case(batch, n, c_z, c_hidden, masked, outgoing, x_dtype, p_dtype, ac, tol, device="cpu"):
+    z, mask = random_inputs(batch, n, c_z, masked, x_dtype, device)
+    w = random_weights(c_z, c_hidden, p_dtype, device)
+    out, grads, g = run(triangle_multiplication, z, mask, w, outgoing, ac)
+    out_r, grads_r, _ = run(triangle_multiplication_reference, z, mask, w, outgoing, ac, g)
+    compare_with_reference(out, grads, out_r, grads_r, z, mask, w, outgoing, g, x_dtype, ac, tol)
 
 
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
@@ -309,19 +315,7 @@ def check_sharded_case(p, batch, n, c_z, c_hidden, masked, outgoing, x_dtype, p_
     w = random_weights(c_z, c_hidden, p_dtype)
     out_r, grads_r, g = run(triangle_multiplication_reference, z, mask, w, outgoing, ac)
     out, grads = run_emulated_ranks(p, z, mask, w, outgoing, ac, g, overlap)
-    assert out.shape == z.shape and out.dtype == out_r.dtype
-    if x_dtype == torch.float32 and ac is None:
-        check_fp32(out, out_r, "out")
-        for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
-            assert a.dtype == e.dtype, name
-            check_fp32(a, e, "d" + name)
-        return
-    mask64 = None if mask is None else mask.double()
-    out_t, grads_t, _ = run(triangle_multiplication_reference, z.double(), mask64,
-                            TriMulWeights(*[t.double() for t in w]), outgoing, None, g.double())
-    check_against_truth(out, out_r, out_t, tol, "out")
-    for name, a, e, t in zip(GRAD_NAMES, grads, grads_r, grads_t, strict=True):
-        check_against_truth(a, e, t, tol, "d" + name)
+    compare_with_reference(out, grads, out_r, grads_r, z, mask, w, outgoing, g, x_dtype, ac, tol)
 
 
 # (P, batch dims, N_res, c_z, c_hidden, masked): N_res not a multiple of P (padded), N_res 1 on
