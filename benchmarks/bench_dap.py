@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast (default on GPU) or fp32 (default for --dry-run)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
+    p.add_argument("--dap-train-ops", choices=("enable", "triton"), default="enable",
+                   help="DAP training: the ops enable() picks (reference ops on CUDA while "
+                        "fastfold_plugin._api.DAP_TRAIN_FALLBACK stands) or the Triton ops")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--inner", type=int, default=None)
@@ -215,6 +218,18 @@ def autocast(args, device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+def dap_ops(args, device, train: bool) -> str:
+    """The op table a DAP block runs: what enable() picks (fastfold_plugin._api falls back to the
+    reference ops for DAP training on CUDA while DAP_TRAIN_FALLBACK stands), unless
+    --dap-train-ops triton."""
+    from fastfold_plugin import _api
+
+    backend = op_backend(args, device)
+    if train and device.type == "cuda" and backend == "triton" and _api.DAP_TRAIN_FALLBACK:
+        backend = "reference"
+    return backend
+
+
 def op_backend(args, device) -> str:
     if args.backend != "auto":
         return args.backend
@@ -251,11 +266,7 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
     m, z, mm, pm = ins
-    backend = op_backend(args, device)
-    if train and device.type == "cuda" and backend == "triton":
-        # what enable() runs: DAP training on CUDA uses the reference ops (fastfold_plugin._api:
-        # DAP_TRAIN_TRITON_NOTE); time what users get
-        backend = "reference"
+    backend = dap_ops(args, device, train)
     run = _Run(ctx, get_ops(backend), z.shape[-2], m.shape[-3], chunk_size,
                inplace_safe=not train, mask_trans=True)
     with torch.no_grad():
@@ -306,7 +317,7 @@ def suite_block(out: Output, contexts, args, device, train: bool):
                 res = measure(step, args, device)
                 out.add(suite=suite, case=case, provider="dap", dap=d, dp=1, n_seq=n_seq,
                         n_res=n_res, mode="fwd+bwd" if train else "inference", **{"async": use_async},
-                        **res)
+                        ops=dap_ops(args, device, train), **res)
         del ins
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -364,7 +375,7 @@ def suite_weak(out: Output, args, device):
             out.add(op="evoformer_stack", suite="weak", case=f"{n_seq}x{n_res}",
                     provider="dap+dp", dap=dap, dp=dp,
                     n_seq=n_seq, n_res=n_res, mode="stack fwd+bwd (2 blocks)",
-                    **{"async": use_async}, **res)
+                    **{"async": use_async}, ops=dap_ops(args, device, True), **res)
 
 
 def overlap_summary(prof, device) -> dict:
@@ -441,6 +452,10 @@ def main(argv=None) -> int:
     import fastfold_plugin.distributed as fd
 
     args = parse_args(argv)
+    if args.dap_train_ops == "triton":  # this process only: enable(..., dap=) and dap_ops() read it
+        from fastfold_plugin import _api
+
+        _api.DAP_TRAIN_FALLBACK = False
     if "RANK" not in os.environ:
         print("bench_dap.py: launch with torchrun, e.g. torchrun --nproc-per-node 2 "
               "benchmarks/bench_dap.py [--dry-run]", file=sys.stderr)

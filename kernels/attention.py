@@ -86,6 +86,17 @@ from ._triton_utils import (
 )
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+# Logits (in log2 units) are floored here. OpenFold masks with a finite -1e9 bias, where one fp32
+# ulp is 64: a fully masked row's logits are -1e9 plus rounding noise, and the same logit
+# computed twice (forward max vs exponent after FMA contraction, forward vs the backward's
+# recompute with another tile order) can differ by that ulp, i.e. a factor up to 2^64 after exp2
+# (measured on an H100 in bf16: outputs 6e4 times too large). Floored, every masked logit is
+# exactly this value, so a fully masked row is an exact uniform average over its keys (what
+# OpenFold's rounding gives for logits below 32 in size) and both passes agree bit for bit; in a
+# row with any key left, a floored logit contributes exp2(floor - max) = 0, as -1e9 did. The
+# gradient passes the floor unchanged (dS = P (dP - delta) with the uniform P), as OpenFold's
+# softmax backward does for such a row. Real logits are never near 2^20.
+_LOGIT_FLOOR = tl.constexpr(-1048576.0)
 _LN2 = 0.6931471805599453
 
 
@@ -197,13 +208,14 @@ def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
             HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
             PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
             INTERP: tl.constexpr):
-    """((q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N]; keys >= NK at -inf."""
+    """((q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N], floored at _LOGIT_FLOOR;
+    keys >= NK at -inf."""
     s = _mm(q, kT, DOT_PREC, INTERP)
     if HAS_MB:
         s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, False)
     if HAS_PB:
         s += _bias(PB, offs_mc, offs_nc, spm, spn, PB_QB, False)
-    s = s * _LOG2E
+    s = tl.maximum(s * _LOG2E, _LOGIT_FLOOR)
     if MASK_N:
         s = tl.where(offs_n[None, :] < NK, s, float("-inf"))
     return s
@@ -219,7 +231,7 @@ def _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
         s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, True)
     if HAS_PB:
         s += _bias(PB, offs_mc, offs_nc, spm, spn, PB_QB, True)
-    return s * _LOG2E
+    return tl.maximum(s * _LOG2E, _LOGIT_FLOOR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,8 +398,8 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
                    HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC, INTERP)
     m = tl.load(STATS + offs_mc)
     il = tl.load(STATS + STAT_STRIDE + offs_mc)
-    # s <= m in exact arithmetic; a recomputed logit can round one ulp above the forward's max
-    # where a -1e9 mask bias dominates (ulp 64 there), and exp2 of that ulp is ~2^64: clamp
+    # s <= m in exact arithmetic; a recomputed logit may still round above the forward's max
+    # (_LOGIT_FLOOR keeps that to real logits' ulps): p <= 1/l, whatever the rounding
     pT = tl.exp2(tl.minimum(sT - m[None, :], 0.0)) * il[None, :]
     if MASK_M:  # clamped duplicate rows must not contribute
         pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)

@@ -66,6 +66,17 @@ _MAX_TILE_DIM = 128  # C and H*D held whole in one tile
 # Every tile dot: operands rounded to DOT_DTYPE (the compute dtype), multiplied as OP_DTYPE
 # (DOT_DTYPE itself, except fp32 for bf16 under Triton's CPU interpreter, which mis-multiplies
 # bf16: products of bf16 values are exact in fp32, so the numbers are the GPU's), fp32 accumulation.
+# Logits are floored here, as in attention.py (its _LOGIT_FLOOR says why): with the -1e9 mask
+# bias a column whose every sequence is masked (padding) has logits where one fp32 ulp is 64,
+# and the forward and backward kernels' differently rounded copies would disagree by up to e^64.
+_LOGIT_FLOOR = tl.constexpr(-1048576.0)
+
+
+@triton.jit
+def _floored(lg):
+    return tl.maximum(lg, _LOGIT_FLOOR)
+
+
 @triton.jit
 def _ga_mean_kernel(
     M, MASK, SUM_PART, DEN_PART,
@@ -119,7 +130,7 @@ def _ga_attn_fwd_kernel(
         mt = tl.load(M + r * stride_mr + offs_s[:, None] * stride_ms + offs_c[None, :],
                      mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE).to(OP_DTYPE)
         mu = tl.load(MASK + r * stride_kr + offs_s, mask=s_ok, other=0.0).to(tl.float32)
-        lg = tl.dot(mt, qkT, input_precision=PREC) + (inf * (mu - 1.0))[:, None]
+        lg = _floored(tl.dot(mt, qkT, input_precision=PREC) + (inf * (mu - 1.0))[:, None])
         lg = tl.where(s_ok[:, None], lg, float("-inf"))  # [BLOCK_S, HP]
         m_new = tl.maximum(m_i, tl.max(lg, axis=0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile wholly past N_seq
@@ -239,7 +250,7 @@ def _ga_attn_bwd_kernel(
         mt = tl.load(M + r * stride_mr + offs_s[:, None] * stride_ms + offs_c[None, :],
                      mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE).to(OP_DTYPE)
         mu = tl.load(MASK + r * stride_kr + offs_s, mask=s_ok, other=0.0).to(tl.float32)
-        lg = tl.dot(mt, qkT, input_precision=PREC) + (inf * (mu - 1.0))[:, None]
+        lg = _floored(tl.dot(mt, qkT, input_precision=PREC) + (inf * (mu - 1.0))[:, None])
         lg = tl.where(s_ok[:, None], lg, float("-inf"))
         a = tl.exp(lg - mx[None, :]) * inv_l[None, :]
         dl = a * (tl.dot(mt, daT, input_precision=PREC) - delta[None, :])
@@ -276,7 +287,7 @@ def _ga_dm_kernel(
     mt = tl.load(M + r * stride_mr + offs_s[:, None] * stride_ms + offs_c[None, :],
                  mask=s_ok[:, None] & c_ok[None, :], other=0.0).to(DOT_DTYPE).to(OP_DTYPE)
     mu = tl.load(MASK + r * stride_kr + offs_s, mask=s_ok, other=0.0).to(tl.float32)
-    lg = tl.dot(mt, qkT, input_precision=PREC) + (inf * (mu - 1.0))[:, None]
+    lg = _floored(tl.dot(mt, qkT, input_precision=PREC) + (inf * (mu - 1.0))[:, None])
     lg = tl.where(s_ok[:, None], lg, float("-inf"))
     a = tl.exp(lg - mx[None, :]) * inv_l[None, :]
     dl = a * (tl.dot(mt, daT, input_precision=PREC) - delta[None, :])

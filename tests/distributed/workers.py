@@ -742,12 +742,11 @@ def triton_stacks(args):
     if args.get("poison"):
         poison_empty()
     if args.get("force_triton_train"):
-        # bypass enable()'s fallback to the reference ops for DAP training on CUDA (the known
-        # defect in docs/dap.md): run the Triton ops on the shards as before it
+        # lift enable()'s fallback to the reference ops for DAP training on CUDA (the known
+        # defect in docs/dap.md): run the Triton ops on the shards
         from fastfold_plugin import _api
-        from fastfold_plugin.kernels import get_ops
 
-        _api._PatchState.ops_for = lambda self, x: get_ops(self.backend)
+        _api.DAP_TRAIN_FALLBACK = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120,

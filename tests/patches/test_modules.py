@@ -263,6 +263,14 @@ def test_evoformer_stack_checkpointing_and_chunk_tuning():
         assert_close(a, b, rtol=1e-5, atol=1e-5, max_rel=1e-5, name="tuned stack output")
 
 
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 PAD_S, PAD_N = 1, 2  # padded MSA rows and residues, as DAP pads N_seq and N_res
 
 
@@ -294,12 +302,11 @@ def _device_cases():
 
 
 @pytest.mark.parametrize("device,name", _device_cases())
-def test_triton_module_with_padding_matches_stock(device, name, monkeypatch):
+def test_triton_module_with_padding_matches_stock(device, name, no_tf32):
     """backend="triton" on inputs padded as DAP pads them (fully masked rows) vs stock on the
     unpadded inputs: real positions' outputs and every gradient agree; padded rows stay finite.
     The loss sees only real positions, so no gradient enters a padded row from outside: one
     that appears comes from the kernels (DAP training on the GPU went wrong this way)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     make, make_inputs, call = CASES[name]
     torch.manual_seed(1)
     stock = randomize_parameters_(make(), seed=2).to(device).eval()
