@@ -848,8 +848,12 @@ class _AttentionFunction(torch.autograd.Function):
         CP = max(16, next_power_of_2(C))
         out_dtype = q.dtype if gate is None else torch.promote_types(q.dtype, gate.dtype)
         out = q.new_empty((*batch, NQ, H, C), dtype=out_dtype)
-        # the backward needs the ungated output too when there is a gate
-        o = q.new_empty((*batch, NQ, H, C)) if (gate is not None and needs_grad) else out
+        # the backward needs the ungated output too when there is a gate, kept in fp32: delta =
+        # rowsum(dO * O) from a bf16-rounded O no longer equals sum_j P dP, so every row's dS
+        # sums to a rounding residue instead of 0, and gradients that are zero by symmetry (the
+        # LayerNorm bias before a pair-bias projection) came out ~3x noisier than stock's
+        o = (q.new_empty((*batch, NQ, H, C), dtype=torch.float32)
+             if (gate is not None and needs_grad) else out)
         store_o = gate is not None and needs_grad
         Z = plan.Z0 * plan.Z1
         stats = torch.empty((2, Z, H, NQ), device=q.device, dtype=torch.float32)
