@@ -57,9 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast (default on GPU) or fp32 (default for --dry-run)")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
-    p.add_argument("--dap-train-ops", choices=("enable", "triton"), default="enable",
-                   help="DAP training: the ops enable() picks (reference ops on CUDA while "
-                        "fastfold_plugin._api.DAP_TRAIN_FALLBACK stands) or the Triton ops")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--inner", type=int, default=None)
@@ -218,18 +215,6 @@ def autocast(args, device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def dap_ops(args, device, train: bool) -> str:
-    """The op table a DAP block runs: what enable() picks (fastfold_plugin._api falls back to the
-    reference ops for DAP training on CUDA while DAP_TRAIN_FALLBACK stands), unless
-    --dap-train-ops triton."""
-    from fastfold_plugin import _api
-
-    backend = op_backend(args, device)
-    if train and device.type == "cuda" and backend == "triton" and _api.DAP_TRAIN_FALLBACK:
-        backend = "reference"
-    return backend
-
-
 def op_backend(args, device) -> str:
     if args.backend != "auto":
         return args.backend
@@ -266,7 +251,7 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
     m, z, mm, pm = ins
-    backend = dap_ops(args, device, train)
+    backend = op_backend(args, device)
     run = _Run(ctx, get_ops(backend), z.shape[-2], m.shape[-3], chunk_size,
                inplace_safe=not train, mask_trans=True)
     with torch.no_grad():
@@ -317,7 +302,7 @@ def suite_block(out: Output, contexts, args, device, train: bool):
                 res = measure(step, args, device)
                 out.add(suite=suite, case=case, provider="dap", dap=d, dp=1, n_seq=n_seq,
                         n_res=n_res, mode="fwd+bwd" if train else "inference", **{"async": use_async},
-                        ops=dap_ops(args, device, train), **res)
+                        ops=op_backend(args, device), **res)
         del ins
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -375,7 +360,7 @@ def suite_weak(out: Output, args, device):
             out.add(op="evoformer_stack", suite="weak", case=f"{n_seq}x{n_res}",
                     provider="dap+dp", dap=dap, dp=dp,
                     n_seq=n_seq, n_res=n_res, mode="stack fwd+bwd (2 blocks)",
-                    **{"async": use_async}, ops=dap_ops(args, device, True), **res)
+                    **{"async": use_async}, ops=op_backend(args, device), **res)
 
 
 def overlap_summary(prof, device) -> dict:
@@ -408,6 +393,7 @@ def overlap_summary(prof, device) -> dict:
         return merged
 
     cu, pu = union(comm), union(compute)
+    busy_us = sum(e - s for s, e in union(comm + compute))
     overlap = 0.0
     for s, e in cu:
         for ps, pe in pu:
@@ -416,46 +402,51 @@ def overlap_summary(prof, device) -> dict:
     return {"comm_ms": round(comm_us / 1e3, 4), "compute_ms": round(sum(e - s for s, e in pu) / 1e3, 4),
             "overlap_ms": round(overlap / 1e3, 4),
             "overlap_frac_of_comm": round(overlap / comm_us, 4) if comm_us else None,
-            "n_comm": len(comm)}
+            "n_comm": len(comm), "busy_ms": round(busy_us / 1e3, 4)}
 
 
 def suite_profile(out: Output, contexts, args, device):
+    """Per case and async setting: a Chrome trace, the collectives' overlap with compute, and
+    the step's wall time against the time the GPU is busy (kernels of any kind): where the wall
+    time is the larger, the step waits on the host (Python and kernel launches), not the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     if not contexts:
         return
     d = min(contexts)
-    n_seq, n_res = (6, 7) if args.dry_run else (128, 256)
-    block = make_block(args, device).train()
-    ins = inputs(n_seq, n_res, args, device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-    for use_async in (True, False):
-        step = dap_block_step(block, contexts[d].with_async(use_async), ins, args, device, True)
-        for _ in range(args.warmup):
-            step()
-        _sync(device)
-        dist.barrier()
-        with profile(activities=acts) as prof:
-            for _ in range(max(1, args.inner)):
+    block = make_block(args, device).train()
+    for n_seq, n_res in [(6, 7)] if args.dry_run else [(128, 256), (512, 384)]:
+        ins = inputs(n_seq, n_res, args, device)
+        for use_async in (True, False):
+            step = dap_block_step(block, contexts[d].with_async(use_async), ins, args, device, True)
+            for _ in range(args.warmup):
                 step()
             _sync(device)
-        trace = Path(args.profile_dir) / f"dap{d}_{'async' if use_async else 'sync'}_rank{dist.get_rank()}.json"
-        prof.export_chrome_trace(str(trace))
-        summ = overlap_summary(prof, device)
-        out.add(suite="profile", case=f"{n_seq}x{n_res}", provider="dap", dap=d, dp=1,
-                n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
-                trace=str(trace), **summ)
+            dist.barrier()
+            steps = max(1, args.inner)
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(device)
+                wall = time.perf_counter() - t0
+            trace = (Path(args.profile_dir) / f"dap{d}_{n_seq}x{n_res}_"
+                     f"{'async' if use_async else 'sync'}_rank{dist.get_rank()}.json")
+            prof.export_chrome_trace(str(trace))
+            summ = overlap_summary(prof, device)
+            out.add(suite="profile", case=f"{n_seq}x{n_res}", provider="dap", dap=d, dp=1,
+                    n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
+                    steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
+                    busy_ms_per_step=round(summ["busy_ms"] / steps, 3), trace=str(trace), **summ)
+        del ins
 
 
 def main(argv=None) -> int:
     import fastfold_plugin.distributed as fd
 
     args = parse_args(argv)
-    if args.dap_train_ops == "triton":  # this process only: enable(..., dap=) and dap_ops() read it
-        from fastfold_plugin import _api
-
-        _api.DAP_TRAIN_FALLBACK = False
     if "RANK" not in os.environ:
         print("bench_dap.py: launch with torchrun, e.g. torchrun --nproc-per-node 2 "
               "benchmarks/bench_dap.py [--dry-run]", file=sys.stderr)

@@ -48,19 +48,6 @@ def triton_problem() -> Optional[str]:
             "through Triton's interpreter (slow: for tests), or use backend='reference'")
 
 
-# Known defect (see docs/dap.md): on two GPUs, DAP training with the Triton ops gave wrong
-# gradients (the same scenario is exact with the reference ops on the GPUs, and exact with the
-# Triton ops on the CPU through Triton's interpreter). Until it is found, DAP training on CUDA
-# runs the reference ops on every shard; DAP inference keeps the Triton ops (verified on GPUs).
-# While True, DAP training on CUDA runs the reference ops (the note below says why); the 2-GPU
-# test tests/distributed/test_dap_triton.py says when it can go.
-DAP_TRAIN_FALLBACK = True
-DAP_TRAIN_TRITON_NOTE = (
-    "fastfold-plugin: DAP training on CUDA runs the reference ops on each shard: the Triton ops "
-    "under DAP gave wrong gradients on GPUs (docs/dap.md, 'Known defect'); DAP inference and "
-    "single-GPU training keep the Triton kernels")
-
-
 class _PatchState:
     """What a patched module needs at call time: its backend and its owner."""
 
@@ -73,10 +60,6 @@ class _PatchState:
         """The op table for a call whose main input is `x`."""
         from fastfold_plugin.kernels import get_ops
 
-        if DAP_TRAIN_FALLBACK and self.dap is not None and getattr(self.dap, "size", 1) > 1 \
-                and x.is_cuda and torch.is_grad_enabled() and self.backend in ("auto", "triton"):
-            _log_once("dap-train-cuda", DAP_TRAIN_TRITON_NOTE)
-            return get_ops("reference")
         if self.backend != "auto":
             return get_ops(self.backend)
         if x.is_cuda and triton_problem() is None:

@@ -729,8 +729,7 @@ def triton_stacks(args):
     interpreter, tiny sizes). With args["poison"], torch.empty & co. return NaN-filled memory,
     as a GPU's caching allocator returns stale data: a kernel that reads memory it never wrote
     shows up on the CPU too. args "backend" (default "triton"), "async_comm" (default True) and
-    "blocks_per_ckpt" (default 1) narrow down a failure; "force_triton_train" runs the Triton
-    ops in training on CUDA too (enable() falls back to the reference ops there, docs/dap.md)."""
+    "blocks_per_ckpt" (default 1) narrow down a failure."""
     import copy
 
     from openfold.model.template import TemplatePairStack
@@ -741,12 +740,6 @@ def triton_stacks(args):
     on_gpu = args.get("device", "cuda") == "cuda"
     if args.get("poison"):
         poison_empty()
-    if args.get("force_triton_train"):
-        # lift enable()'s fallback to the reference ops for DAP training on CUDA (the known
-        # defect in docs/dap.md): run the Triton ops on the shards
-        from fastfold_plugin import _api
-
-        _api.DAP_TRAIN_FALLBACK = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120,
