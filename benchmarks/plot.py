@@ -9,6 +9,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -28,8 +29,11 @@ def last_run_rows(path: Path):
     return header, rows
 
 
-def plot_file(path: Path, out_dir: Path) -> Path:
+def plot_file(path: Path, out_dir: Path) -> Optional[Path]:
+    """One PNG of the file's last run; None if that run timed nothing (e.g. a profile-only run)."""
     header, rows = last_run_rows(path)
+    if not rows:
+        return None
     panels = defaultdict(lambda: defaultdict(list))
     for r in rows:
         key = (r["op"], r.get("case") or r.get("direction") or r.get("kind") or "",
@@ -66,7 +70,8 @@ def main():
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     for path in sorted(args.results.glob("*.jsonl")):
-        print(plot_file(path, args.out))
+        out = plot_file(path, args.out)
+        print(out if out else f"{path.name}: its last run has no timed rows, no plot")
 
 
 if __name__ == "__main__":

@@ -188,20 +188,18 @@ class _AllGatherReference(torch.autograd.Function):
     reduce-scatter (sum over ranks) of the gradient, its exact adjoint."""
 
     @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        p = dist.get_world_size(group)
+    def forward(ctx, x, dim, comm):
+        ctx.dim, ctx.comm = dim, comm
         x = x.contiguous()
-        full = x.new_empty((p * x.shape[0],) + x.shape[1:])  # concatenation along dim 0
-        dist.all_gather_into_tensor(full, x, group=group)
-        return full.unflatten(0, (p, -1)).movedim(0, dim).flatten(dim, dim + 1)
+        full = x.new_empty((comm.size * x.shape[0],) + x.shape[1:])  # concatenation along dim 0
+        comm.all_gather(full, x, async_op=False).wait()
+        return full.unflatten(0, (comm.size, -1)).movedim(0, dim).flatten(dim, dim + 1)
 
     @staticmethod
     def backward(ctx, g):
-        p = dist.get_world_size(ctx.group)
-        blocks = g.unflatten(ctx.dim, (p, -1)).movedim(ctx.dim, 0).contiguous()
+        blocks = g.unflatten(ctx.dim, (ctx.comm.size, -1)).movedim(ctx.dim, 0).contiguous()
         out = blocks.new_empty(blocks.shape[1:])
-        dist.reduce_scatter_tensor(out, blocks.flatten(0, 1), op=dist.ReduceOp.SUM, group=ctx.group)
+        ctx.comm.reduce_scatter(out, blocks.flatten(0, 1), async_op=False).wait()
         return out, None, None
 
 
@@ -213,6 +211,7 @@ def triangle_multiplication_sharded_reference(
     eps: float = 1e-5,
     group=None,
     overlap: bool = True,
+    comm_error: type = RuntimeError,
 ) -> torch.Tensor:
     """``triangle_multiplication_sharded`` in plain PyTorch: OpenFold's maths on the shard
     (outgoing: rows z ``[*, N/P, N, C_z]``; incoming: columns z ``[*, N, N/P, C_z]``), with the
@@ -221,10 +220,10 @@ def triangle_multiplication_sharded_reference(
     gradients are this rank's partial sums.  At P = 1: ``triangle_multiplication_reference``.
     """
     w = TriMulWeights(*w)
-    if group is None or dist.get_world_size(group) == 1:
+    comm = _DistComm(group, comm_error)
+    if comm.size == 1:
         return triangle_multiplication_reference(z, mask, w, outgoing, eps)
-    _check_shard("triangle_multiplication_sharded_reference", z, w, outgoing,
-                 dist.get_world_size(group))
+    _check_shard("triangle_multiplication_sharded_reference", z, w, outgoing, comm.size)
     if mask is None:
         mask = z.new_ones(z.shape[:-1])
     mask = mask.unsqueeze(-1)
@@ -236,10 +235,10 @@ def triangle_multiplication_sharded_reference(
 
     # the gathered operand first (the order of the decomposed DAP path this replaces)
     if outgoing:
-        b = _AllGatherReference.apply(proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b), z.dim() - 3, group)
+        b = _AllGatherReference.apply(proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b), z.dim() - 3, comm)
         a = proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b)
     else:
-        a = _AllGatherReference.apply(proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b), z.dim() - 2, group)
+        a = _AllGatherReference.apply(proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b), z.dim() - 2, comm)
         b = proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b)
     g = torch.sigmoid(F.linear(z, w.g_w, w.g_b))
     if fp16_autocast_enabled(z.device.type):
@@ -600,10 +599,13 @@ def _prune_inner(inner_name: str, width_arg: str):
 # register spills, backward ones with none or few (the backward kernels keep d(zn) / d(xn) live).
 _FWD_SHAPES = [(32, 32, 4), (64, 32, 4), (64, 32, 8), (64, 64, 8), (128, 64, 8)]
 _BWD_SHAPES = [(32, 32, 8), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 16, 8)]
-_KEY = ["CZ", "CH", "M_BUCKET"]
+# the layout flags change the memory access pattern (TRANS: incoming, G_SIDE: the DAP-gathered
+# operand), so each combination gets its own tuned tile
+_KEY = ["CZ", "CH", "M_BUCKET", "TRANS"]
+_PROJ_KEY = _KEY + ["HAS_MASK", "G_SIDE"]
 
 _proj_fwd_tuned = autotune(
-    _configs("BLOCK_H", _FWD_SHAPES), key=_KEY,
+    _configs("BLOCK_H", _FWD_SHAPES), key=_PROJ_KEY,
     prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_fwd_kernel)
 _out_fwd_tuned = autotune(
@@ -615,7 +617,7 @@ _out_bwd_tuned = autotune(
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_bwd_kernel)
 _proj_bwd_tuned = autotune(
-    _configs("BLOCK_H", _BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_H", _BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_bwd_kernel)
 
@@ -885,10 +887,13 @@ class _Work:
 class _DistComm:
     """The sharded Function's two collectives on a torch.distributed process group (None: one
     process).  Buffers are concatenations along dim 0: rank q's block is rows [q R, (q+1) R).
+    A failed collective raises `error` (the caller's type: the DAP layer passes its
+    DAPCommError; kernels do not import the distributed layer).
     (Also the seam the in-process kernel tests replace with emulated ranks.)"""
 
-    def __init__(self, group):
+    def __init__(self, group, error: type = RuntimeError):
         self.group = group
+        self.error = error
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
 
@@ -896,7 +901,7 @@ class _DistComm:
         try:
             return fn()
         except RuntimeError as e:
-            raise RuntimeError(
+            raise self.error(
                 f"triangle_multiplication_sharded: the {name} on a group of {self.size} processes "
                 f"failed on group rank {self.rank}: {e}. (A peer process that exited, or did not "
                 f"reach this collective within the process group's timeout, makes the "
@@ -1040,6 +1045,7 @@ def triangle_multiplication_sharded(
     eps: float = 1e-5,
     group=None,
     overlap: bool = True,
+    comm_error: type = RuntimeError,
 ) -> torch.Tensor:
     """This rank's shard of the fused triangle multiplicative update under DAP.
 
@@ -1059,10 +1065,11 @@ def triangle_multiplication_sharded(
 
     Gradients: z's is its shard's; each weight's is this rank's partial sum (over its pairs),
     to be summed over the group by the caller (the DAP forwards do, with ``sum_grads``).  At
-    P = 1 this is ``triangle_multiplication``.
+    P = 1 this is ``triangle_multiplication``.  A failed collective (forward or backward) raises
+    `comm_error` naming it, the group size and this rank.
     """
     w = TriMulWeights(*w)
-    comm = _DistComm(group)
+    comm = _DistComm(group, comm_error)
     if comm.size == 1:
         return triangle_multiplication(z, mask, w, outgoing, eps)
     _check_shard("triangle_multiplication_sharded", z, w, outgoing, comm.size)

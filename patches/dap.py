@@ -356,7 +356,8 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
     synchronous). The weights' per-rank partial gradients are summed by `W`'s ``sum_grads``."""
     w = TriMulWeights(*(W[f"{pfx}.{name}"] for name in _TRI_MUL_PARAMS))
     return run.ops.triangle_multiplication_sharded(z, mask, w, outgoing, mod.layer_norm_in.eps,
-                                                   run.group, overlap=run.async_comm)
+                                                   run.group, overlap=run.async_comm,
+                                                   comm_error=fd.DAPCommError)
 
 
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,

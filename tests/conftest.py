@@ -28,3 +28,13 @@ def shared_data() -> Path:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def no_tf32():
+    """IEEE fp32 in torch's matmuls and convolutions for the test (stock OpenFold's side of an
+    fp32 comparison); the previous settings come back afterwards."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old

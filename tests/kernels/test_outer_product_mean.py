@@ -185,14 +185,6 @@ GPU_CASES = [
 ]
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("n_seq,n_res", [(128, 37), (64, 128), (31, 257)], ids=str)
 @pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", GPU_CASES)

@@ -433,14 +433,6 @@ GPU_CASES = [
 ]
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
 @pytest.mark.parametrize("n", [37, 128, 257])
@@ -474,3 +466,18 @@ def test_gpu_reference_matches_openfold_under_autocast():
             out_mod = mod(z, mask)
             out_ref = triangle_multiplication_reference(z, mask, weights_of(mod), True)
         assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref), ac
+
+
+def test_sharded_collective_failure_raises_the_callers_error_type():
+    """A failed collective inside the sharded op raises the type the caller passes (the DAP
+    layer: DAPCommError), naming the collective, the group size and the rank."""
+    from fastfold_plugin.distributed import DAPCommError
+    from fastfold_plugin.kernels.triangle_multiplication import _DistComm
+
+    def broken():
+        raise RuntimeError("connection closed by peer")
+
+    comm = _DistComm(None, DAPCommError)
+    with pytest.raises(DAPCommError, match="reduce-scatter on a group of 1 processes failed on "
+                                           "group rank 0: connection closed by peer"):
+        comm.guard("reduce-scatter", broken)

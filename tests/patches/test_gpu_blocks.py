@@ -99,14 +99,6 @@ def _run(block, kind, inputs, bf16, seed=5, dtype=torch.float32, **kw):
 
 
 @pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.fixture
 def dtype_free_dropout(monkeypatch):
     """F.dropout with keep-masks from fp32 uniforms whatever the input dtype (torch draws fp64
     and fp32 masks differently), so the fp64 truth sees the fp32 runs' masks. OpenFold's

@@ -263,14 +263,6 @@ def test_evoformer_stack_checkpointing_and_chunk_tuning():
         assert_close(a, b, rtol=1e-5, atol=1e-5, max_rel=1e-5, name="tuned stack output")
 
 
-@pytest.fixture
-def no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 PAD_S, PAD_N = 1, 2  # padded MSA rows and residues, as DAP pads N_seq and N_res
 
 
