@@ -33,3 +33,5 @@ def test_bench_dap_dry_run(tmp_path, tcp_port, nprocs):
     prof = [r for r in rows if r["suite"] == "profile"]
     assert {r["async"] for r in prof} == {True, False} and all(r["n_comm"] > 0 for r in prof)
     assert all(Path(r["trace"]).is_file() for r in prof)
+    # wall vs busy time per step: busy (kernels or collectives running) fits inside the wall
+    assert all(0 < r["busy_ms_per_step"] <= r["wall_ms_per_step"] for r in prof), prof

@@ -63,4 +63,4 @@ def test_bench_dap_dry_run(run_workers, tmp_path, nprocs):
     for r in prof:
         mode = "async" if r["async"] else "sync"
         for rank in range(nprocs):
-            assert (traces / f"dap{r['dap']}_{mode}_rank{rank}.json").is_file(), (r, rank)
+            assert (traces / f"dap{r['dap']}_{r['case']}_{mode}_rank{rank}.json").is_file(), (r, rank)
