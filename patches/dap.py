@@ -71,7 +71,7 @@ import fastfold_plugin.distributed as fd
 from fastfold_plugin.kernels.dropout_add import keep_mask_shape
 from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights
 
-from .forwards import UnsupportedOption
+from .forwards import TRI_MUL_PARAMS, UnsupportedOption
 
 # ----------------------------------------------------------------------------------------------
 # Per-forward state
@@ -336,15 +336,6 @@ def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tens
     return outer / norm
 
 
-# the op's weight tuple (TriMulWeights' order) by parameter name
-_TRI_MUL_PARAMS = (
-    "layer_norm_in.weight", "layer_norm_in.bias", "linear_a_p.weight", "linear_a_p.bias",
-    "linear_a_g.weight", "linear_a_g.bias", "linear_b_p.weight", "linear_b_p.bias",
-    "linear_b_g.weight", "linear_b_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
-    "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias",
-)
-
-
 def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,
                              outgoing: bool) -> torch.Tensor:
     """Outgoing: z [*, N/P, N, C] (rows), b all-gathered along rows. Incoming: z [*, N, N/P, C]
@@ -354,7 +345,7 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
     all-gather overlaps the local block's contraction, the backward reduce-scatter the local
     operand's gradient, when the context is async) or OpenFold's decomposed maths (reference,
     synchronous). The weights' per-rank partial gradients are summed by `W`'s ``sum_grads``."""
-    w = TriMulWeights(*(W[f"{pfx}.{name}"] for name in _TRI_MUL_PARAMS))
+    w = TriMulWeights(*(W[f"{pfx}.{name}"] for name in TRI_MUL_PARAMS))
     return run.ops.triangle_multiplication_sharded(z, mask, w, outgoing, mod.layer_norm_in.eps,
                                                    run.group, overlap=run.async_comm,
                                                    comm_error=fd.DAPCommError)

@@ -21,6 +21,7 @@ would split, so peak memory stays bounded the same way; under OpenFold's in-plac
 (``inplace_safe``) residual adds happen in place.
 """
 import math
+import operator
 from typing import Callable, Dict, Optional
 
 import torch
@@ -271,15 +272,19 @@ def pair_transition_forward(self: PairTransition, z, mask=None, chunk_size=None)
     return _transition(self, self._fastfold_patch.ops_for(z), z, mask, chunk_size)
 
 
+# the op's weight tuple (TriMulWeights' order) by parameter name in TriangleMultiplicativeUpdate
+TRI_MUL_PARAMS = (
+    "layer_norm_in.weight", "layer_norm_in.bias", "linear_a_p.weight", "linear_a_p.bias",
+    "linear_a_g.weight", "linear_a_g.bias", "linear_b_p.weight", "linear_b_p.bias",
+    "linear_b_g.weight", "linear_b_g.bias", "layer_norm_out.weight", "layer_norm_out.bias",
+    "linear_z.weight", "linear_z.bias", "linear_g.weight", "linear_g.bias",
+)
+_tri_mul_params = operator.attrgetter(*TRI_MUL_PARAMS)  # one C call on the hot path
+
+
 def tri_mul_weights(self: TriangleMultiplicativeUpdate) -> TriMulWeights:
     """The op's weight tuple, read from the OpenFold module at call time (never cached)."""
-    return TriMulWeights(
-        self.layer_norm_in.weight, self.layer_norm_in.bias,
-        self.linear_a_p.weight, self.linear_a_p.bias, self.linear_a_g.weight, self.linear_a_g.bias,
-        self.linear_b_p.weight, self.linear_b_p.bias, self.linear_b_g.weight, self.linear_b_g.bias,
-        self.layer_norm_out.weight, self.layer_norm_out.bias,
-        self.linear_z.weight, self.linear_z.bias, self.linear_g.weight, self.linear_g.bias,
-    )
+    return TriMulWeights(*_tri_mul_params(self))
 
 
 def triangle_multiplication_forward(self: TriangleMultiplicativeUpdate, z, mask=None,

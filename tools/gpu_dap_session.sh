@@ -7,16 +7,8 @@
 # the *_TIMEOUT variables select and bound the steps.
 set -uo pipefail
 out=${1:?usage: tools/gpu_dap_session.sh OUTDIR}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-{
-  date -u +%FT%TZ
-  echo "commit ${FASTFOLD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  nvidia-smi topo -m 2>/dev/null | head -4
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
-make install OFFLINE_WHEELHOUSE=.whl > "$out/install.log" 2>&1 || { tail -40 "$out/install.log"; exit 1; }
+source "$(dirname "$0")/gpu_setup.sh"
+gpu_setup "$out"
 FASTFOLD_PLUGIN_AUTOTUNE=0 timeout "${DAP_TEST_TIMEOUT:-150}" .venv/bin/python -m pytest -m gpu -q \
   --tb=short ${DAP_TESTS:-tests/distributed/test_dap_triton.py} 2>&1 | tee "$out/test-dap-gpu.log" | tail -20
 timeout "${DAP_BENCH_TIMEOUT:-360}" .venv/bin/python -m torch.distributed.run --nproc-per-node 2 \

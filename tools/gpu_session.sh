@@ -6,17 +6,8 @@
 # GPU_TESTS, GPU_BENCHES and the *_TIMEOUT variables select and bound the steps.
 set -uo pipefail
 out=${1:?usage: tools/gpu_session.sh OUTDIR}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-{
-  date -u +%FT%TZ
-  echo "commit ${FASTFOLD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
-} > "$out/env.txt" 2>&1
-cat "$out/env.txt"
-make install OFFLINE_WHEELHOUSE=.whl > "$out/install.log" 2>&1 || { tail -40 "$out/install.log"; exit 1; }
-tail -1 "$out/install.log"
+source "$(dirname "$0")/gpu_setup.sh"
+gpu_setup "$out"
 for b in ${GPU_BENCHES:-evoformer_block attention triangle_multiplication}; do
   [ -f benchmarks/bench_$b.py ] || continue
   timeout "${GPU_BENCH_TIMEOUT:-120}" .venv/bin/python benchmarks/bench_$b.py --quick --out "$out" 2>&1 \
