@@ -5,7 +5,7 @@ evaluated when an op is called. Kept deliberately small: kernel files import fro
 """
 import functools
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -25,19 +25,69 @@ AUTOTUNE_ENV = "FASTFOLD_PLUGIN_AUTOTUNE"
 
 
 def autotune(configs, key, prune=None, **kwargs):
-    """``triton.autotune`` with one switch: ``FASTFOLD_PLUGIN_AUTOTUNE=0`` keeps only the first
-    configuration that `prune` (an ``early_config_prune`` function, optional) leaves, so nothing
-    is benchmarked. The GPU tests use it (``make test-gpu``): correctness does not depend on the
-    tile sizes, and tuning every kernel for every shape a test suite touches takes minutes.
-    Read when a kernel is first launched for a tuning key, never at import.
+    """``triton.autotune`` with one switch and a lighter launch path.
+
+    ``FASTFOLD_PLUGIN_AUTOTUNE=0`` keeps only the first configuration that `prune` (an
+    ``early_config_prune`` function, optional) leaves, so nothing is benchmarked. The GPU tests
+    use it (``make test-gpu``): correctness does not depend on the tile sizes, and tuning every
+    kernel for every shape a test suite touches takes minutes. Read when a kernel is first
+    launched for a tuning key, never at import.
+
+    The result is a :class:`Tuned`: indexed by a grid and called like the autotuner, it lets the
+    autotuner choose a configuration once per key and afterwards launches the kernel with it
+    directly (see there).
     """
     def early_prune(cfgs, named_args, **kw):
         kept = list(prune(cfgs, named_args, **kw)) if prune is not None else list(cfgs)
         if os.environ.get(AUTOTUNE_ENV, "1").strip() == "0":
             return kept[:1]
         return kept
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": early_prune},
-                           **kwargs)
+
+    def wrap(fn):
+        return Tuned(triton.autotune(configs, key=key,
+                                     prune_configs_by={"early_config_prune": early_prune},
+                                     **kwargs)(fn), key)
+    return wrap
+
+
+class Tuned:
+    """An autotuned kernel whose tuned launches skip the autotuner's per-call bookkeeping.
+
+    ``triton.runtime.Autotuner.run`` rebuilds dicts of every argument and scans its argument
+    list per launch, about 0.1 ms of host time for kernels with ~70 arguments: a tenth of a
+    small attention call's wall time. Here the key (the tuning-key arguments and every tensor
+    argument's dtype, as the autotuner's own key) is read by position; the first launch for a
+    key goes through the autotuner (which benchmarks the configurations), later ones launch the
+    JIT kernel with the configuration it chose, exactly what the autotuner would launch.
+    Other attributes (``configs_timings``, ``cache``, ...) are the autotuner's.
+    """
+
+    def __init__(self, tuner, key):
+        self.tuner = tuner
+        self._key_pos = tuple((name, tuner.arg_names.index(name)) for name in key)
+        self._chosen = {}
+
+    def __getattr__(self, name):
+        return getattr(self.tuner, name)
+
+    def __getitem__(self, grid):
+        return functools.partial(self._run, grid)
+
+    def _run(self, grid, *args, **kwargs):
+        n = len(args)
+        key = tuple(kwargs[name] if i >= n else args[i] for name, i in self._key_pos)
+        key += tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        config = self._chosen.get(key)
+        if config is None:
+            out = self.tuner[grid](*args, **kwargs)
+            self._chosen[key] = self.tuner.best_config
+            return out
+        return self.tuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+    def reset(self) -> None:
+        """Forget every chosen configuration (the next launch per key tunes again)."""
+        self._chosen.clear()
+        self.tuner.cache.clear()
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,6 +172,23 @@ def broadcast_strides(t: torch.Tensor, shape) -> tuple:
     return tuple(t.expand(shape).stride())
 
 
+def broadcast_shapes(*shapes: Sequence[int]) -> Tuple[int, ...]:
+    """``torch.broadcast_shapes`` for plain int shapes, in a few microseconds (torch's goes
+    through its symbolic-shape reference implementation: ~40 us per call, several per attention
+    call). Raises ValueError naming the shapes when they do not broadcast."""
+    shapes = [tuple(s) for s in shapes]
+    if all(s == shapes[0] for s in shapes):
+        return shapes[0]
+    out = [1] * max(len(s) for s in shapes)
+    for s in shapes:
+        for i, n in enumerate(s, start=len(out) - len(s)):
+            if n != 1 and out[i] != n:
+                if out[i] != 1:
+                    raise ValueError(f"shapes {[tuple(t) for t in shapes]} do not broadcast")
+                out[i] = n
+    return tuple(out)
+
+
 def collapse_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]):
     """Merge the dims of `shape` that every stride list lets merge; drop size-1 dims.
 
@@ -177,11 +244,20 @@ def weight_grad_fp32(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dy^T @ x in fp32 for long row counts: dy [M, O], x [M, I] -> [O, I].
 
     The reduction over M (up to N_res^2 rows) is split into equal slices run as one batched GEMM
-    (a single [O, M] x [M, I] GEMM has only O*I/128^2 output tiles to spread over the GPU) and
-    the slices' partial sums, each rounded to the operands' dtype, are added in fp32.
+    (a single [O, M] x [M, I] GEMM has only O*I/128^2 output tiles to spread over the GPU), and
+    the slices' partial sums, each rounded to the operands' dtype, are added in fp32. The slice
+    count fills about two waves of 128 x 128 output tiles on the card (slices of at least 2048
+    rows): with a fixed 32 slices, linear_z's [128, 128] gradient in the triangle multiplication
+    kept 32 SMs busy.
     """
-    M = dy.shape[0]
-    slices = max(1, min(32, M // 4096))
+    M, O = dy.shape
+    tiles = triton.cdiv(O, 128) * triton.cdiv(x.shape[1], 128)
+    if dy.device.type == "cuda":
+        target = 2 * _sm_count(dy.device.index if dy.device.index is not None
+                               else torch.cuda.current_device())
+    else:
+        target = 32
+    slices = max(1, min(M // 2048, triton.cdiv(target, tiles)))
     rows = M // slices
     main = slices * rows
     out = torch.bmm(dy[:main].view(slices, rows, -1).transpose(1, 2),

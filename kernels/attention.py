@@ -77,6 +77,7 @@ import triton.language as tl
 from ._triton_utils import (
     autocast_dtype,
     autotune,
+    broadcast_shapes,
     cast_rne,
     check_launchable,
     collapse_dims,
@@ -893,11 +894,14 @@ class _AttentionFunction(torch.autograd.Function):
 
         # dout may come with any strides (e.g. expanded from a sum): fold it together with the
         # inputs; if that changes the fold, a contiguous copy folds like `out` always does.
-        tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
-        plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
-        if plan is None or (plan.Z0, plan.Z1) != (ctx.plan.Z0, ctx.plan.Z1):
-            dout = dout.contiguous()
+        if dout.is_contiguous():  # the usual case: it folds like `out`
+            plan = ctx.plan._replace(strides=dict(ctx.plan.strides, dout=ctx.plan.strides["out"]))
+        else:
+            tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
             plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
+            if plan is None or (plan.Z0, plan.Z1) != (ctx.plan.Z0, ctx.plan.Z1):
+                dout = dout.contiguous()
+                plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
         dout_s = _strides5(plan, "dout", dout, _QHC)
 
         # 1. preprocess: gate gradient, gated dO, delta
@@ -1102,15 +1106,19 @@ def attention(
     H, NQ, NK = q.shape[-3], q.shape[-2], k.shape[-2]
     lead = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
     lead += [b.shape[:-3] for b in (mask_bias, pair_bias, gate) if b is not None]
-    batch = tuple(torch.broadcast_shapes(*lead))
+    batch = broadcast_shapes(*lead)
     q = q.expand(*batch, H, NQ, C)
     k = k.expand(*batch, H, NK, C)
     v = v.expand(*batch, H, NK, C)
     if gate is not None:
         gate = gate.expand(*batch, NQ, H, C)
-    for b in (mask_bias, pair_bias):
+    for name, b in (("mask_bias", mask_bias), ("pair_bias", pair_bias)):
         if b is not None:
-            torch.broadcast_shapes(b.shape, (*batch, H, NQ, NK))  # raises on a bad shape
+            try:
+                broadcast_shapes(b.shape, (*batch, H, NQ, NK))
+            except ValueError:
+                raise ValueError(f"{name} {tuple(b.shape)} does not broadcast to the logits "
+                                 f"[*, H, Q, K] = {(*batch, H, NQ, NK)}") from None
     if q.numel() == 0 or NK == 0:
         return attention_reference(q, k, v, mask_bias, pair_bias, gate)
     plan = _make_plan(batch, (H, NQ, C), q=q, k=k, v=v, gate=gate,

@@ -33,9 +33,9 @@ Backward recomputes rather than stores: forward keeps z, the mask, a, b and x (e
 ``_trimul_out_bwd_kernel`` recomputes the gate and ``linear_z``'s output, writes dx
 (channel-major), dy and LayerNorm_out's output (for ``linear_z``'s weight gradient) and the
 gate-logit gradient; two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
-the projections, applies the gating/mask backward, writes the projection gradients and
-LayerNorm_in's output, accumulates d(zn) through all five projections and runs LayerNorm_in's
-backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
+the projections, applies the gating/mask backward and writes the projection gradients dP and
+LayerNorm_in's output; ``_trimul_zn_bwd_kernel`` accumulates d(zn) through all five projections
+as one GEMM over dP (K = 4 C_h + C_z) and runs LayerNorm_in's backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
 projections together, ``dy^T @ LayerNorm_out(x)`` for ``linear_z``, split-K as one batched GEMM:
 ``_weight_grad``); bias and LayerNorm gradients are fp32 per-program partial sums reduced in
 torch.
@@ -486,19 +486,18 @@ def _trimul_out_bwd_kernel(
 
 @triton.jit
 def _trimul_proj_bwd_kernel(
-    Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
+    Z, MASK, LN_W, LN_B, W_IN, B_IN, DA, DB, DP, ZN_OUT, PART,
     NN, NJ, CZ, CH, DP_STRIDE, eps, M_BUCKET,
     HAS_MASK: tl.constexpr, TRANS: tl.constexpr, G_SIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Backward of LayerNorm_in + the five input projections for BLOCK_M rows (da, db in the
-    layouts _trimul_proj_fwd_kernel wrote a, b in).
+    """Backward of the gating and masking of a and b for BLOCK_M rows (da, db in the layouts
+    _trimul_proj_fwd_kernel wrote a, b in).
 
-    Recomputes p = zn @ W^T + b and gates; d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s)
-    (same for b) -> DP[:, :4 CH]; reads d(g logits) from DP[:, 4 CH:]; d(zn) = DP @ [W_IN; WG];
-    LN_in(z) -> ZN_OUT [M, CZ]; dz (LayerNorm_in backward) -> DZ [M, CZ];
-    PART[pid] = [sum over rows of DP[:, :4 CH] | sum d(zn) * zhat | sum d(zn)] (fp32).
+    Recomputes zn = LN_in(z) (-> ZN_OUT [M, CZ]) and p = zn @ W^T + b with the gates;
+    d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s) (same for b) -> DP[:, :4 CH];
+    PART[pid] = sum over rows of DP[:, :4 CH] (fp32).  d(zn) is _trimul_zn_bwd_kernel's.
     """
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
@@ -507,12 +506,11 @@ def _trimul_proj_bwd_kernel(
     rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
-    z_ok = row_ok[:, None] & cz_ok[None, :]
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
     lb = tl.load(LN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
     zn = _cast((zhat * lw[None, :] + lb[None, :]), W_IN.dtype.element_ty, INTERP)
-    tl.store(ZN_OUT + rows[:, None] * CZ + cz[None, :], zn, mask=z_ok)
+    tl.store(ZN_OUT + rows[:, None] * CZ + cz[None, :], zn, mask=row_ok[:, None] & cz_ok[None, :])
     if HAS_MASK:
         mk = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
@@ -520,24 +518,22 @@ def _trimul_proj_bwd_kernel(
     g_row = bt * CH * NN + r  # channel-major offset of channel 0
     if G_SIDE >= 0:
         gg_row = _gathered_offsets(bt, r, NJ, CH, I64)
-    PART_W = 4 * CH + 2 * CZ
-    part = PART + pid.to(tl.int64) * PART_W
-    dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
+    part = PART + pid.to(tl.int64) * (4 * CH)
     hh = tl.arange(0, BLOCK_H)
     for h0 in range(0, CH, BLOCK_H):
         h = h0 + hh
         h_ok = h < CH
-        w_ok = h_ok[:, None] & cz_ok[None, :]
+        w_ok = cz_ok[:, None] & h_ok[None, :]
         o_ok = row_ok[:, None] & h_ok[None, :]
         g_offs = g_row[:, None] + _wide(h, I64)[None, :] * NN
         for side in tl.static_range(2):
-            # natural tiles [BLOCK_H, BLOCK_CZ] of the projection and gate weights
-            wp = tl.load(W_IN + ((2 * side) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
-            wg = tl.load(W_IN + ((2 * side + 1) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
+            # transposed tiles [BLOCK_CZ, BLOCK_H] of the projection and gate weights
+            wp = tl.load(W_IN + ((2 * side) * CH + h)[None, :] * CZ + cz[:, None], mask=w_ok, other=0.0)
+            wg = tl.load(W_IN + ((2 * side + 1) * CH + h)[None, :] * CZ + cz[:, None], mask=w_ok, other=0.0)
             bp = tl.load(B_IN + (2 * side) * CH + h, mask=h_ok, other=0.0)
             bg = tl.load(B_IN + (2 * side + 1) * CH + h, mask=h_ok, other=0.0)
-            p = _dot(zn, tl.trans(wp), DOT_PREC, INTERP) + bp[None, :]
-            s = tl.sigmoid(_dot(zn, tl.trans(wg), DOT_PREC, INTERP) + bg[None, :])
+            p = _dot(zn, wp, DOT_PREC, INTERP) + bp[None, :]
+            s = tl.sigmoid(_dot(zn, wg, DOT_PREC, INTERP) + bg[None, :])
             offs = g_offs
             if side == G_SIDE:
                 offs = gg_row[:, None] + _wide(h, I64)[None, :] * NJ
@@ -548,42 +544,69 @@ def _trimul_proj_bwd_kernel(
             dm = d * mk[:, None]
             dp = dm * s
             dg = dm * p * s * (1.0 - s)
-            dp_c = _cast(dp, DP.dtype.element_ty, INTERP)
-            dg_c = _cast(dg, DP.dtype.element_ty, INTERP)
             col_p = (2 * side) * CH + h
             col_g = (2 * side + 1) * CH + h
-            tl.store(DP + rows[:, None] * DP_STRIDE + col_p[None, :], dp_c, mask=o_ok)
-            tl.store(DP + rows[:, None] * DP_STRIDE + col_g[None, :], dg_c, mask=o_ok)
+            tl.store(DP + rows[:, None] * DP_STRIDE + col_p[None, :], _cast(dp, DP.dtype.element_ty, INTERP),
+                     mask=o_ok)
+            tl.store(DP + rows[:, None] * DP_STRIDE + col_g[None, :], _cast(dg, DP.dtype.element_ty, INTERP),
+                     mask=o_ok)
             tl.store(part + col_p, tl.sum(dp, axis=0), mask=h_ok)
             tl.store(part + col_g, tl.sum(dg, axis=0), mask=h_ok)
-            dzn += _dot(dp_c, wp, DOT_PREC, INTERP)
-            dzn += _dot(dg_c, wg, DOT_PREC, INTERP)
-    # the output gate's logits: d(zn) += d(g) @ WG
-    for n0 in range(0, CZ, BLOCK_H):
-        n = n0 + hh
-        n_ok = n < CZ
-        dgo = tl.load(DP + rows[:, None] * DP_STRIDE + 4 * CH + n[None, :],
-                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
-        wgo = tl.load(WG + n[:, None] * CZ + cz[None, :], mask=n_ok[:, None] & cz_ok[None, :], other=0.0)
-        dzn += _dot(dgo, wgo, DOT_PREC, INTERP)
-    # recompute zhat rather than keep it live through the loops (register pressure)
+
+
+@triton.jit
+def _trimul_zn_bwd_kernel(
+    Z, LN_W, W_IN, WG, DP, DZ, PART,
+    NN, NJ, CZ, CH, DP_STRIDE, eps, M_BUCKET,
+    TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d(zn) = DP @ [W_IN; WG] (the five input projections' gradients, DP [M, 4 CH + CZ], one
+    GEMM over K = 4 CH + CZ) and LayerNorm_in's backward for BLOCK_M rows: dz -> DZ [M, CZ];
+    PART[pid] = [sum d(zn) * zhat | sum d(zn)] (fp32)."""
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
+    bt = _wide(tl.program_id(1), I64)
+    row_ok = r < NN
+    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
+    cz = tl.arange(0, BLOCK_CZ)
+    cz_ok = cz < CZ
+    kk = tl.arange(0, BLOCK_K)
+    dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
+    for k0 in range(0, 4 * CH, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < 4 * CH
+        d = tl.load(DP + rows[:, None] * DP_STRIDE + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W_IN + k[:, None] * CZ + cz[None, :], mask=k_ok[:, None] & cz_ok[None, :], other=0.0)
+        dzn += _dot(d, w, DOT_PREC, INTERP)
+    for k0 in range(0, CZ, BLOCK_K):  # the output gate's logits
+        k = k0 + kk
+        k_ok = k < CZ
+        d = tl.load(DP + rows[:, None] * DP_STRIDE + 4 * CH + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(WG + k[:, None] * CZ + cz[None, :], mask=k_ok[:, None] & cz_ok[None, :], other=0.0)
+        dzn += _dot(d, w, DOT_PREC, INTERP)
     zhat, rstd = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
-    tl.store(part + 4 * CH + cz, tl.sum(dzn * zhat, axis=0), mask=cz_ok)
-    tl.store(part + 4 * CH + CZ + cz, tl.sum(dzn, axis=0), mask=cz_ok)
+    lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
+    part = PART + pid.to(tl.int64) * (2 * CZ)
+    tl.store(part + cz, tl.sum(dzn * zhat, axis=0), mask=cz_ok)
+    tl.store(part + CZ + cz, tl.sum(dzn, axis=0), mask=cz_ok)
     dzhat = dzn * lw[None, :]
     c1 = tl.sum(dzhat * zhat, axis=1) / CZ
     c2 = tl.sum(dzhat, axis=1) / CZ
     dz = (dzhat - zhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    tl.store(DZ + rows[:, None] * CZ + cz[None, :], _cast(dz, DZ.dtype.element_ty, INTERP), mask=z_ok)
+    tl.store(DZ + rows[:, None] * CZ + cz[None, :], _cast(dz, DZ.dtype.element_ty, INTERP),
+             mask=row_ok[:, None] & cz_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
 def _configs(inner_name, shapes):
-    """Configs from (BLOCK_M, inner tile, num_warps) triples."""
-    return [triton.Config({"BLOCK_M": bm, inner_name: bi}, num_warps=nw, num_stages=2)
-            for bm, bi, nw in shapes]
+    """Configs from (BLOCK_M, inner tile, num_warps[, num_stages = 2]) tuples."""
+    return [triton.Config({"BLOCK_M": sh[0], inner_name: sh[1]}, num_warps=sh[2],
+                          num_stages=sh[3] if len(sh) > 3 else 2)
+            for sh in shapes]
 
 
 def _prune_inner(inner_name: str, width_arg: str):
@@ -595,10 +618,18 @@ def _prune_inner(inner_name: str, width_arg: str):
     return prune
 
 
-# Candidate tiles for c_z = c_hidden = 128 on an H100 (bf16): forward tiles that compile without
-# register spills, backward ones with none or few (the backward kernels keep d(zn) / d(xn) live).
-_FWD_SHAPES = [(32, 32, 4), (64, 32, 4), (64, 32, 8), (64, 64, 8), (128, 64, 8)]
-_BWD_SHAPES = [(32, 32, 8), (32, 32, 4), (32, 64, 8), (64, 32, 8), (64, 16, 8)]
+# Candidate tiles for c_z = c_hidden = 128 (bf16), from benchmarks/sweep_trimul_tiles.py on an
+# H200 at N_res 384 and 1024: the fastest of each kernel is in its list (projection forward
+# (128, 32, 8): 0.69 ms at N_res 1024 where the best earlier candidate took 0.85), with the
+# runners-up; the first entry of each list is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs. The output
+# stage's backward keeps d(xn) live across its loop, so its tiles stay small; the projection
+# backward is split in two for the same reason: the gating backward (forward-like tiles, no
+# accumulator) and d(zn), one GEMM over K = 4 C_h + C_z (GEMM-like tiles).
+_FWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
+_BWD_SHAPES = [(32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 32, 8), (32, 32, 8)]
+_GATE_BWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
+_ZN_BWD_SHAPES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 128, 4, 2), (128, 64, 8, 4),
+                  (32, 64, 4, 3)]
 # the layout flags change the memory access pattern (TRANS: incoming, G_SIDE: the DAP-gathered
 # operand), so each combination gets its own tuned tile
 _KEY = ["CZ", "CH", "M_BUCKET", "TRANS"]
@@ -617,12 +648,15 @@ _out_bwd_tuned = autotune(
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_bwd_kernel)
 _proj_bwd_tuned = autotune(
-    _configs("BLOCK_H", _BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_H", _GATE_BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_bwd_kernel)
+_zn_bwd_tuned = autotune(
+    _configs("BLOCK_K", _ZN_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
+)(_trimul_zn_bwd_kernel)
 
 # the smallest backward BLOCK_M sizes the partial-sum buffers (one row per program)
-_MIN_BWD_BLOCK_M = min(bm for bm, _, _ in _BWD_SHAPES)
+_MIN_BWD_BLOCK_M = min(sh[0] for sh in _BWD_SHAPES + _GATE_BWD_SHAPES + _ZN_BWD_SHAPES)
 _INTERP_BLOCK_M = 32  # interpreter: one fixed config, few programs
 
 
@@ -635,15 +669,15 @@ def _launch(kernel, tuned, Bt: int, NN: int, args, meta):
         kernel[(triton.cdiv(NN, meta["BLOCK_M"]), Bt)](*args, **meta)
     else:
         tuned[lambda m: (triton.cdiv(NN, m["BLOCK_M"]), Bt)](
-            *args, **{k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
+            *args, **{k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_K")})
 
 
 def _meta(cdt: torch.dtype, M: int, CZ: int, CH: int) -> dict:
-    """Launch constants shared by the four kernels (tile sizes: the interpreter's config)."""
+    """Launch constants shared by the five kernels (tile sizes: the interpreter's config)."""
     bcz, bch = max(16, next_power_of_2(CZ)), max(16, next_power_of_2(CH))
     return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), I64=_needs_i64(M, CZ, CH),
                 BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
-                BLOCK_H=min(32, bch), BLOCK_N=min(32, bcz))
+                BLOCK_H=min(32, bch), BLOCK_N=min(32, bcz), BLOCK_K=32)
 
 
 def _needs_i64(M: int, CZ: int, CH: int) -> bool:
@@ -766,19 +800,27 @@ def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, 
 
 def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, eps: float, meta,
               cdt, z_dtype):
-    """(LayerNorm_in(z), dz, the input stage's partial sums); fills dP's first 4 CH columns."""
+    """(LayerNorm_in(z), dz, the input stage's partial sums: [projection biases], [LayerNorm_in]);
+    fills dP's first 4 CH columns, then d(zn) = dP @ [W_in; W_g] and LayerNorm_in's backward."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     dev = z2.device
     zn = torch.empty((g.M, CZ), device=dev, dtype=cdt)
     dz = torch.empty((g.M, CZ), device=dev, dtype=z_dtype)
-    part = torch.zeros((_n_partials(g), 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
+    part_gate = torch.zeros((_n_partials(g), 4 * CH), device=dev, dtype=torch.float32)
+    part_ln = torch.zeros((_n_partials(g), 2 * CZ), device=dev, dtype=torch.float32)
     _launch(
         _trimul_proj_bwd_kernel, _proj_bwd_tuned, g.Bt, g.NN,
-        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, pk.wg, da, db,
-         dp, zn, dz, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
+        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, da, db,
+         dp, zn, part_gate, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
         dict(meta, HAS_MASK=m2 is not None, TRANS=g.trans, G_SIDE=g.g_side),
     )
-    return zn, dz, part
+    _launch(
+        _trimul_zn_bwd_kernel, _zn_bwd_tuned, g.Bt, g.NN,
+        (z2, w.ln_in_w, pk.w_in, pk.wg, dp, dz, part_ln, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps,
+         _m_bucket(g.M)),
+        dict(meta, TRANS=g.trans),
+    )
+    return zn, dz, (part_gate, part_ln)
 
 
 def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
@@ -787,7 +829,7 @@ def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
     dw_all = _weight_grad(dp, zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
     dwz = _weight_grad(dy, xn)  # [CZ, CH]
     s_out = part_out.sum(0)
-    s_in = part_in.sum(0)
+    s_in = torch.cat([part.sum(0) for part in part_in])
     dws = dw_all.split([CH, CH, CH, CH, CZ])
     dbs = s_in[: 4 * CH].split([CH, CH, CH, CH])
     grads = TriMulWeights(

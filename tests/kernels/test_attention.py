@@ -269,7 +269,7 @@ def test_no_grad_forward_and_input_checks():
     assert_close(out, attention_reference(**inputs), rtol=1e-4, atol=1e-6, max_rel=1e-5)
     with pytest.raises(TypeError, match="share a dtype"):
         attention(inputs["q"], inputs["k"].double(), inputs["v"])
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="pair_bias .* does not broadcast"):
         attention(inputs["q"], inputs["k"], inputs["v"], pair_bias=torch.randn(3, 3))
 
 

@@ -1,0 +1,119 @@
+"""Where one op's fwd+bwd spends its time: wall vs GPU time and a per-kernel table (GPU only).
+
+Each case builds its inputs exactly as the op's benchmark does (bench_attention /
+bench_triangle_multiplication: bf16, the same shapes), runs forward + backward until the
+autotuners have settled, then records a few steps under ``torch.profiler``: the wall time per step
+(CUDA events around back-to-back steps, as the benchmarks time them), the GPU kernel time per step
+and the kernels sorted by GPU time. A wall time well above the kernel time means the step is
+bound by the host (Python, launches), not by the kernels.
+
+    python benchmarks/profile_ops.py [--cases tri256,trimul1024] [--providers plugin]
+        [--steps 5] [--out DIR]
+
+Writes DIR/profile_ops.txt (default: stdout only).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_attention  # noqa: E402
+import bench_triangle_multiplication as bench_trimul  # noqa: E402
+from profile_evoformer_block import kernel_table  # noqa: E402
+
+CASES = {
+    "tri256": ("attention", "tri_att", dict(n_res=256, heads=4, c=32)),
+    "tri1024": ("attention", "tri_att", dict(n_res=1024, heads=4, c=32)),
+    "msa512x384": ("attention", "msa_row", dict(n_seq=512, n_res=384, heads=8, c=32)),
+    "trimul1024": ("trimul", "outgoing", dict(n_res=1024, c_z=128, c_hidden=128)),
+    "trimul384": ("trimul", "outgoing", dict(n_res=384, c_z=128, c_hidden=128)),
+}
+
+
+def make_step(case: str, provider: str, device: torch.device):
+    """() -> one forward + backward of `provider` on the case's inputs (fixed upstream grad)."""
+    op, kind, p = CASES[case]
+    if op == "attention":
+        forward, grads = bench_attention.provider_fn(
+            provider, kind, bench_attention.make_inputs(kind, p, device), device)
+    else:
+        forward, grads = bench_trimul.provider_fn(provider, kind, p, device)
+    dout = torch.randn_like(forward())
+
+    def step():
+        return torch.autograd.grad(forward(), grads, dout)
+
+    return step
+
+
+def python_table(step, steps: int, rows: int) -> str:
+    """cProfile of `steps` steps (then one synchronize): functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return "\n".join(line for line in buf.getvalue().splitlines() if line.strip())
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default="tri256,trimul1024")
+    p.add_argument("--providers", default="plugin")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--cpu-rows", type=int, default=0,
+                   help="also print the N ops with the most host (CPU) time")
+    p.add_argument("--cprofile", type=int, default=0,
+                   help="also print the N Python functions with the most own time (cProfile)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: this profiler needs a GPU")
+    device = torch.device("cuda")
+    report = []
+    for case in args.cases.split(","):
+        for name in args.providers.split(","):
+            step = make_step(case, name, device)
+            for _ in range(3):  # autotune, then warm
+                step()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(args.steps):
+                step()
+            end.record()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CPU,
+                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+            if args.cprofile:
+                text_py = python_table(step, args.steps, args.cprofile)
+            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_rows)
+            text = (f"== {case} {name} fwd+bwd: wall {start.elapsed_time(end) / args.steps:.3f} ms/step\n"
+                    + kernel_table(prof, args.steps, limit=20)
+                    + (f"\nhost time by op ({args.steps} steps):\n{cpu}" if args.cpu_rows else "")
+                    + (f"\nPython time ({args.steps} steps):\n{text_py}" if args.cprofile else ""))
+            print(text, flush=True)
+            report.append(text)
+            del step
+            torch.cuda.empty_cache()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile_ops.txt").write_text("\n\n".join(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()
