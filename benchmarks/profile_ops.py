@@ -66,6 +66,22 @@ def python_table(step, steps: int, rows: int) -> str:
     return "\n".join(line for line in buf.getvalue().splitlines() if line.strip())
 
 
+def chosen_configs() -> str:
+    """The configuration each autotuned kernel runs, per tuning key (after the steps above)."""
+    import importlib
+
+    from fastfold_plugin.kernels._triton_utils import Tuned
+
+    lines = []
+    for mod_name in ("attention", "triangle_multiplication", "outer_product_mean"):
+        mod = importlib.import_module(f"fastfold_plugin.kernels.{mod_name}")
+        for name, obj in sorted(vars(mod).items()):
+            if isinstance(obj, Tuned):
+                for key, config in obj._chosen.items():
+                    lines.append(f"  {mod_name}.{name} {key[:7]}: {config}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="tri256,trimul1024")
@@ -110,6 +126,8 @@ def main(argv=None):
             report.append(text)
             del step
             torch.cuda.empty_cache()
+    report.append("autotuned configurations:\n" + chosen_configs())
+    print(report[-1], flush=True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile_ops.txt").write_text("\n\n".join(report) + "\n")

@@ -1107,10 +1107,9 @@ def attention(
     lead = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
     lead += [b.shape[:-3] for b in (mask_bias, pair_bias, gate) if b is not None]
     batch = broadcast_shapes(*lead)
-    q = q.expand(*batch, H, NQ, C)
-    k = k.expand(*batch, H, NK, C)
-    v = v.expand(*batch, H, NK, C)
-    if gate is not None:
+    # (an expand that changes nothing would still add a node to the autograd graph)
+    q, k, v = (t if t.shape[:-3] == batch else t.expand(*batch, *t.shape[-3:]) for t in (q, k, v))
+    if gate is not None and gate.shape[:-3] != batch:
         gate = gate.expand(*batch, NQ, H, C)
     for name, b in (("mask_bias", mask_bias), ("pair_bias", pair_bias)):
         if b is not None:

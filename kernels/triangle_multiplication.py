@@ -30,9 +30,10 @@ unless a buffer passes 2**31 elements (halves the registers the offset tiles tak
 
 Backward recomputes rather than stores: forward keeps z, the mask, a, b and x (each of a, b, x is
 ``[*, C_h, N, N]`` in the contraction dtype; without grad, a and b are freed before step 3).
-``_trimul_out_bwd_kernel`` recomputes the gate and ``linear_z``'s output, writes dx
-(channel-major), dy and LayerNorm_out's output (for ``linear_z``'s weight gradient) and the
-gate-logit gradient; two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
+``_trimul_out_bwd_kernel`` recomputes the gate and ``linear_z``'s output, writes dy,
+LayerNorm_out's output (for ``linear_z``'s weight gradient) and the gate-logit gradient;
+``_trimul_x_bwd_kernel`` computes d(xn) = dy @ W_z and LayerNorm_out's backward, writing dx
+(channel-major); two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
 the projections, applies the gating/mask backward and writes the projection gradients dP and
 LayerNorm_in's output; ``_trimul_zn_bwd_kernel`` accumulates d(zn) through all five projections
 as one GEMM over dP (K = 4 C_h + C_z) and runs LayerNorm_in's backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
@@ -414,17 +415,16 @@ def _trimul_out_fwd_kernel(
 @triton.jit
 def _trimul_out_bwd_kernel(
     DOUT, X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG,
-    DX, DY, XN, DP, PART,
+    DY, XN, DP, PART,
     NN, NJ, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
     TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Backward of the output stage for BLOCK_M pairs.
+    """Backward of the output gate for BLOCK_M pairs.
 
     y = LN_out(x) @ WZ^T + BZ, s = sigmoid(LN_in(z) @ WG^T + BG), out = y * s:
     dy = dout * s -> DY [M, CZ];  dg = dout * y * s (1 - s) -> DP[:, DP_OFF:DP_OFF + CZ];
-    LN_out(x) -> XN [M, CH];  dx (LayerNorm_out backward of dy @ WZ) -> DX [Bt, CH, NN];
-    PART[pid] = [sum dy | sum dg | sum d(xn) * xhat | sum d(xn)] (fp32).
+    LN_out(x) -> XN [M, CH];  PART[pid] = [sum dy | sum dg] (fp32).  dx is _trimul_x_bwd_kernel's.
     """
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
@@ -436,21 +436,17 @@ def _trimul_out_bwd_kernel(
     ch = tl.arange(0, BLOCK_CH)
     ch_ok = ch < CH
     x_row = bt * CH * NN + r  # channel-major offset of channel 0
-    x_ok = row_ok[:, None] & ch_ok[None, :]
     ch_off = _wide(ch, I64) * NN
-    x_offs = x_row[:, None] + ch_off[None, :]
     xhat, _ = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
     ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
     ob = tl.load(LN_OUT_B + ch, mask=ch_ok, other=0.0).to(tl.float32)
     xn = _cast((xhat * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
-    tl.store(XN + rows[:, None] * CH + ch[None, :], xn, mask=x_ok)
+    tl.store(XN + rows[:, None] * CH + ch[None, :], xn, mask=row_ok[:, None] & ch_ok[None, :])
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     iw = tl.load(LN_IN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
     ib = tl.load(LN_IN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
     zn = _cast((zhat * iw[None, :] + ib[None, :]), WG.dtype.element_ty, INTERP)
-    PART_W = 2 * CZ + 2 * CH
-    part = PART + pid.to(tl.int64) * PART_W
-    dxn = tl.zeros((BLOCK_M, BLOCK_CH), dtype=tl.float32)
+    part = PART + pid.to(tl.int64) * (2 * CZ)
     nn_ = tl.arange(0, BLOCK_N)
     for n0 in range(0, CZ, BLOCK_N):
         n = n0 + nn_
@@ -465,23 +461,50 @@ def _trimul_out_bwd_kernel(
         do = tl.load(DOUT + rows[:, None] * CZ + n[None, :], mask=o_ok, other=0.0).to(tl.float32)
         dy = do * s
         dg = do * y * s * (1.0 - s)
-        dy_c = _cast(dy, DY.dtype.element_ty, INTERP)
-        tl.store(DY + rows[:, None] * CZ + n[None, :], dy_c, mask=o_ok)
+        tl.store(DY + rows[:, None] * CZ + n[None, :], _cast(dy, DY.dtype.element_ty, INTERP), mask=o_ok)
         tl.store(DP + rows[:, None] * DP_STRIDE + DP_OFF + n[None, :], _cast(dg, DP.dtype.element_ty, INTERP),
                  mask=o_ok)
         tl.store(part + n, tl.sum(dy, axis=0), mask=n_ok)
         tl.store(part + CZ + n, tl.sum(dg, axis=0), mask=n_ok)
-        wz = tl.load(WZ + n[:, None] * CH + ch[None, :], mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
-        dxn += _dot(dy_c, wz, DOT_PREC, INTERP)
-    # recompute xhat rather than keep it live through the loop (register pressure)
+
+
+@triton.jit
+def _trimul_x_bwd_kernel(
+    DY, X, LN_OUT_W, WZ, DX, PART,
+    NN, NJ, CZ, CH, eps, M_BUCKET,
+    TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """d(xn) = DY @ WZ (one GEMM over K = CZ) and LayerNorm_out's backward for BLOCK_M pairs:
+    dx -> DX [Bt, CH, NN] (channel-major, as x); PART[pid] = [sum d(xn) * xhat | sum d(xn)]."""
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
+    bt = _wide(tl.program_id(1), I64)
+    row_ok = r < NN
+    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
+    ch = tl.arange(0, BLOCK_CH)
+    ch_ok = ch < CH
+    kk = tl.arange(0, BLOCK_K)
+    dxn = tl.zeros((BLOCK_M, BLOCK_CH), dtype=tl.float32)
+    for k0 in range(0, CZ, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < CZ
+        d = tl.load(DY + rows[:, None] * CZ + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(WZ + k[:, None] * CH + ch[None, :], mask=k_ok[:, None] & ch_ok[None, :], other=0.0)
+        dxn += _dot(d, w, DOT_PREC, INTERP)
+    x_row = bt * CH * NN + r  # channel-major offset of channel 0
+    ch_off = _wide(ch, I64) * NN
     xhat, rstd_x = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
-    tl.store(part + 2 * CZ + ch, tl.sum(dxn * xhat, axis=0), mask=ch_ok)
-    tl.store(part + 2 * CZ + CH + ch, tl.sum(dxn, axis=0), mask=ch_ok)
+    ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
+    part = PART + pid.to(tl.int64) * (2 * CH)
+    tl.store(part + ch, tl.sum(dxn * xhat, axis=0), mask=ch_ok)
+    tl.store(part + CH + ch, tl.sum(dxn, axis=0), mask=ch_ok)
     dxhat = dxn * ow[None, :]
     c1 = tl.sum(dxhat * xhat, axis=1) / CH
     c2 = tl.sum(dxhat, axis=1) / CH
     dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd_x[:, None]
-    tl.store(DX + x_offs, _cast(dx, DX.dtype.element_ty, INTERP), mask=x_ok)
+    tl.store(DX + x_row[:, None] + ch_off[None, :], _cast(dx, DX.dtype.element_ty, INTERP),
+             mask=row_ok[:, None] & ch_ok[None, :])
 
 
 @triton.jit
@@ -621,15 +644,17 @@ def _prune_inner(inner_name: str, width_arg: str):
 # Candidate tiles for c_z = c_hidden = 128 (bf16), from benchmarks/sweep_trimul_tiles.py on an
 # H200 at N_res 384 and 1024: the fastest of each kernel is in its list (projection forward
 # (128, 32, 8): 0.69 ms at N_res 1024 where the best earlier candidate took 0.85), with the
-# runners-up; the first entry of each list is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs. The output
-# stage's backward keeps d(xn) live across its loop, so its tiles stay small; the projection
-# backward is split in two for the same reason: the gating backward (forward-like tiles, no
-# accumulator) and d(zn), one GEMM over K = 4 C_h + C_z (GEMM-like tiles).
+# runners-up; the first entry of each list is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs. Each backward
+# stage is two kernels, so that no kernel keeps a [BLOCK_M, C] accumulator live across a loop
+# of other work (that forced BLOCK_M 32, and every program re-read all the weights): the gating
+# backward (forward-like tiles) and the LayerNorm-input gradient, one GEMM over K with the
+# LayerNorm backward as its epilogue (GEMM-like tiles).
 _FWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
-_BWD_SHAPES = [(32, 32, 4), (32, 64, 4), (64, 32, 4), (64, 32, 8), (32, 32, 8)]
+_GATE_OUT_BWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
 _GATE_BWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
-_ZN_BWD_SHAPES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 128, 4, 2), (128, 64, 8, 4),
-                  (32, 64, 4, 3)]
+# (BLOCK_M, BLOCK_K, warps, stages) of the two backward GEMM kernels (d(zn), d(xn))
+_GEMM_BWD_SHAPES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 128, 4, 2), (128, 64, 8, 4),
+                    (32, 64, 4, 3)]
 # the layout flags change the memory access pattern (TRANS: incoming, G_SIDE: the DAP-gathered
 # operand), so each combination gets its own tuned tile
 _KEY = ["CZ", "CH", "M_BUCKET", "TRANS"]
@@ -644,19 +669,22 @@ _out_fwd_tuned = autotune(
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_fwd_kernel)
 _out_bwd_tuned = autotune(
-    _configs("BLOCK_N", _BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_N", _GATE_OUT_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_bwd_kernel)
+_x_bwd_tuned = autotune(
+    _configs("BLOCK_K", _GEMM_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
+)(_trimul_x_bwd_kernel)
 _proj_bwd_tuned = autotune(
     _configs("BLOCK_H", _GATE_BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_bwd_kernel)
 _zn_bwd_tuned = autotune(
-    _configs("BLOCK_K", _ZN_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_K", _GEMM_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
 )(_trimul_zn_bwd_kernel)
 
 # the smallest backward BLOCK_M sizes the partial-sum buffers (one row per program)
-_MIN_BWD_BLOCK_M = min(sh[0] for sh in _BWD_SHAPES + _GATE_BWD_SHAPES + _ZN_BWD_SHAPES)
+_MIN_BWD_BLOCK_M = min(sh[0] for sh in _GATE_OUT_BWD_SHAPES + _GATE_BWD_SHAPES + _GEMM_BWD_SHAPES)
 _INTERP_BLOCK_M = 32  # interpreter: one fixed config, few programs
 
 
@@ -673,7 +701,7 @@ def _launch(kernel, tuned, Bt: int, NN: int, args, meta):
 
 
 def _meta(cdt: torch.dtype, M: int, CZ: int, CH: int) -> dict:
-    """Launch constants shared by the five kernels (tile sizes: the interpreter's config)."""
+    """Launch constants shared by the kernels (tile sizes: the interpreter's config)."""
     bcz, bch = max(16, next_power_of_2(CZ)), max(16, next_power_of_2(CH))
     return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), I64=_needs_i64(M, CZ, CH),
                 BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
@@ -781,21 +809,27 @@ def _n_partials(g: _Grid) -> int:
 
 def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, meta, cdt):
     """(dx, dy, LayerNorm_out(x), dP with the gate-logit gradient in its last CZ columns, the
-    output stage's partial sums)."""
+    output stage's partial sums: [linear_z and linear_g biases], [LayerNorm_out])."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     dev = z2.device
     dx = torch.empty_like(x)
     dy = torch.empty((g.M, CZ), device=dev, dtype=cdt)
     xn = torch.empty((g.M, CH), device=dev, dtype=cdt)
     dp = torch.empty((g.M, 4 * CH + CZ), device=dev, dtype=cdt)
-    part = torch.zeros((_n_partials(g), 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
+    part_gate = torch.zeros((_n_partials(g), 2 * CZ), device=dev, dtype=torch.float32)
+    part_ln = torch.zeros((_n_partials(g), 2 * CH), device=dev, dtype=torch.float32)
     _launch(
         _trimul_out_bwd_kernel, _out_bwd_tuned, g.Bt, g.NN,
         (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg,
-         dx, dy, xn, dp, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
+         dy, xn, dp, part_gate, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
         dict(meta, TRANS=g.trans),
     )
-    return dx, dy, xn, dp, part
+    _launch(
+        _trimul_x_bwd_kernel, _x_bwd_tuned, g.Bt, g.NN,
+        (dy, x, w.ln_out_w, pk.wz, dx, part_ln, g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
+        dict(meta, TRANS=g.trans),
+    )
+    return dx, dy, xn, dp, (part_gate, part_ln)
 
 
 def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, eps: float, meta,
@@ -828,7 +862,7 @@ def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
     CZ, CH = zn.shape[1], xn.shape[1]
     dw_all = _weight_grad(dp, zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
     dwz = _weight_grad(dy, xn)  # [CZ, CH]
-    s_out = part_out.sum(0)
+    s_out = torch.cat([part.sum(0) for part in part_out])
     s_in = torch.cat([part.sum(0) for part in part_in])
     dws = dw_all.split([CH, CH, CH, CH, CZ])
     dbs = s_in[: 4 * CH].split([CH, CH, CH, CH])
