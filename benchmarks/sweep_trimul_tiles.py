@@ -1,4 +1,4 @@
-"""Per-tile timings of the triangle multiplication's six kernels (GPU only).
+"""Per-tile timings of the triangle multiplication's four kernels (GPU only).
 
 Replaces each kernel's autotuner with one over a wide candidate list (BLOCK_M x inner tile x
 warps x stages), runs the op's forward and backward once at each N_res (bench_triangle_multiplication's
@@ -28,21 +28,18 @@ KERNELS = [
     ("_proj_fwd_tuned", T._trimul_proj_fwd_kernel, "BLOCK_H", "CH", T._PROJ_KEY, {}),
     ("_out_fwd_tuned", T._trimul_out_fwd_kernel, "BLOCK_N", "CZ", T._KEY, {}),
     ("_out_bwd_tuned", T._trimul_out_bwd_kernel, "BLOCK_N", "CZ", T._KEY, {"reset_to_zero": ["PART"]}),
-    ("_x_bwd_tuned", T._trimul_x_bwd_kernel, "BLOCK_K", None, T._KEY, {"reset_to_zero": ["PART"]}),
     ("_proj_bwd_tuned", T._trimul_proj_bwd_kernel, "BLOCK_H", "CH", T._PROJ_KEY, {"reset_to_zero": ["PART"]}),
-    ("_zn_bwd_tuned", T._trimul_zn_bwd_kernel, "BLOCK_K", None, T._KEY, {"reset_to_zero": ["PART"]}),
 ]
 SHIPPED = {"_proj_fwd_tuned": T._FWD_SHAPES, "_out_fwd_tuned": T._FWD_SHAPES,
-           "_out_bwd_tuned": T._GATE_OUT_BWD_SHAPES, "_x_bwd_tuned": T._GEMM_BWD_SHAPES,
-           "_proj_bwd_tuned": T._GATE_BWD_SHAPES, "_zn_bwd_tuned": T._GEMM_BWD_SHAPES}
-# BLOCK_M >= the partial buffers' minimum (T._MIN_BWD_BLOCK_M) in the kernels that write them
-ROW_M, ROW_INNER = (64, 128, 256), (32, 64, 128)
-GEMM_M, GEMM_INNER = (64, 128), (32, 64, 128)
-WARPS_STAGES = ((4, 2), (8, 2), (8, 3), (4, 3))
+           "_out_bwd_tuned": T._BWD_SHAPES, "_proj_bwd_tuned": T._BWD_SHAPES}
+# backward BLOCK_M >= the partial buffers' minimum (T._MIN_BWD_BLOCK_M)
+FWD_M, FWD_INNER = (64, 128, 256), (32, 64, 128)
+BWD_M, BWD_INNER = (32, 64, 128), (16, 32, 64)
+WARPS_STAGES = ((4, 2), (8, 2), (8, 3))
 
 
-def candidates(gemm: bool):
-    m, inner = (GEMM_M, GEMM_INNER) if gemm else (ROW_M, ROW_INNER)
+def candidates(backward: bool):
+    m, inner = (BWD_M, BWD_INNER) if backward else (FWD_M, FWD_INNER)
     return [(bm, bi, w, s) for bm, bi, (w, s) in itertools.product(m, inner, WARPS_STAGES)]
 
 
@@ -56,11 +53,10 @@ def main(argv=None):
     device = torch.device("cuda")
     tuners = {}
     for attr, fn, inner, width, key, kw in KERNELS:
-        cands = candidates(width is None)
+        cands = candidates("bwd" in attr)
         configs = [triton.Config({"BLOCK_M": bm, inner: bi}, num_warps=w, num_stages=s)
                    for bm, bi, w, s in cands]
-        prune = T._prune_inner(inner, width) if width else None
-        tuners[attr] = T.autotune(configs, key=key, prune=prune, **kw)(fn)
+        tuners[attr] = T.autotune(configs, key=key, prune=T._prune_inner(inner, width), **kw)(fn)
         setattr(T, attr, tuners[attr])
     lines = []
     for n in (int(x) for x in args.n_res.split(",")):
@@ -74,7 +70,7 @@ def main(argv=None):
             rows = sorted((float(ms if not isinstance(ms, (list, tuple)) else ms[0]),
                            (c.kwargs["BLOCK_M"], c.kwargs[inner], c.num_warps, c.num_stages))
                           for c, ms in t.configs_timings.items())
-            shipped = {sh if len(sh) > 3 else (*sh, 2) for sh in SHIPPED[attr]}
+            shipped = {(*sh, 2) for sh in SHIPPED[attr]}
             best_shipped = min((r for r in rows if r[1] in shipped), default=None)
             lines.append(f"== N_res {n} {attr[1:-6]}: best {rows[0][1]} {rows[0][0]:.3f} ms; "
                          f"best of the shipped list {best_shipped}")

@@ -30,13 +30,12 @@ unless a buffer passes 2**31 elements (halves the registers the offset tiles tak
 
 Backward recomputes rather than stores: forward keeps z, the mask, a, b and x (each of a, b, x is
 ``[*, C_h, N, N]`` in the contraction dtype; without grad, a and b are freed before step 3).
-``_trimul_out_bwd_kernel`` recomputes the gate and ``linear_z``'s output, writes dy,
-LayerNorm_out's output (for ``linear_z``'s weight gradient) and the gate-logit gradient;
-``_trimul_x_bwd_kernel`` computes d(xn) = dy @ W_z and LayerNorm_out's backward, writing dx
-(channel-major); two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
-the projections, applies the gating/mask backward and writes the projection gradients dP and
-LayerNorm_in's output; ``_trimul_zn_bwd_kernel`` accumulates d(zn) through all five projections
-as one GEMM over dP (K = 4 C_h + C_z) and runs LayerNorm_in's backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
+``_trimul_out_bwd_kernel`` recomputes the gate and ``linear_z``'s output, writes dx
+(channel-major), dy and LayerNorm_out's output (for ``linear_z``'s weight gradient) and the
+gate-logit gradient; two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
+the projections, applies the gating/mask backward, writes the projection gradients and
+LayerNorm_in's output, accumulates d(zn) through all five projections and runs LayerNorm_in's
+backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
 projections together, ``dy^T @ LayerNorm_out(x)`` for ``linear_z``, split-K as one batched GEMM:
 ``_weight_grad``); bias and LayerNorm gradients are fp32 per-program partial sums reduced in
 torch.
@@ -415,16 +414,17 @@ def _trimul_out_fwd_kernel(
 @triton.jit
 def _trimul_out_bwd_kernel(
     DOUT, X, Z, LN_IN_W, LN_IN_B, LN_OUT_W, LN_OUT_B, WZ, BZ, WG, BG,
-    DY, XN, DP, PART,
+    DX, DY, XN, DP, PART,
     NN, NJ, CZ, CH, DP_STRIDE, DP_OFF, eps, M_BUCKET,
     TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Backward of the output gate for BLOCK_M pairs.
+    """Backward of the output stage for BLOCK_M pairs.
 
     y = LN_out(x) @ WZ^T + BZ, s = sigmoid(LN_in(z) @ WG^T + BG), out = y * s:
     dy = dout * s -> DY [M, CZ];  dg = dout * y * s (1 - s) -> DP[:, DP_OFF:DP_OFF + CZ];
-    LN_out(x) -> XN [M, CH];  PART[pid] = [sum dy | sum dg] (fp32).  dx is _trimul_x_bwd_kernel's.
+    LN_out(x) -> XN [M, CH];  dx (LayerNorm_out backward of dy @ WZ) -> DX [Bt, CH, NN];
+    PART[pid] = [sum dy | sum dg | sum d(xn) * xhat | sum d(xn)] (fp32).
     """
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
@@ -436,17 +436,21 @@ def _trimul_out_bwd_kernel(
     ch = tl.arange(0, BLOCK_CH)
     ch_ok = ch < CH
     x_row = bt * CH * NN + r  # channel-major offset of channel 0
+    x_ok = row_ok[:, None] & ch_ok[None, :]
     ch_off = _wide(ch, I64) * NN
+    x_offs = x_row[:, None] + ch_off[None, :]
     xhat, _ = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
     ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
     ob = tl.load(LN_OUT_B + ch, mask=ch_ok, other=0.0).to(tl.float32)
     xn = _cast((xhat * ow[None, :] + ob[None, :]), WZ.dtype.element_ty, INTERP)
-    tl.store(XN + rows[:, None] * CH + ch[None, :], xn, mask=row_ok[:, None] & ch_ok[None, :])
+    tl.store(XN + rows[:, None] * CH + ch[None, :], xn, mask=x_ok)
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     iw = tl.load(LN_IN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
     ib = tl.load(LN_IN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
     zn = _cast((zhat * iw[None, :] + ib[None, :]), WG.dtype.element_ty, INTERP)
-    part = PART + pid.to(tl.int64) * (2 * CZ)
+    PART_W = 2 * CZ + 2 * CH
+    part = PART + pid.to(tl.int64) * PART_W
+    dxn = tl.zeros((BLOCK_M, BLOCK_CH), dtype=tl.float32)
     nn_ = tl.arange(0, BLOCK_N)
     for n0 in range(0, CZ, BLOCK_N):
         n = n0 + nn_
@@ -461,66 +465,40 @@ def _trimul_out_bwd_kernel(
         do = tl.load(DOUT + rows[:, None] * CZ + n[None, :], mask=o_ok, other=0.0).to(tl.float32)
         dy = do * s
         dg = do * y * s * (1.0 - s)
-        tl.store(DY + rows[:, None] * CZ + n[None, :], _cast(dy, DY.dtype.element_ty, INTERP), mask=o_ok)
+        dy_c = _cast(dy, DY.dtype.element_ty, INTERP)
+        tl.store(DY + rows[:, None] * CZ + n[None, :], dy_c, mask=o_ok)
         tl.store(DP + rows[:, None] * DP_STRIDE + DP_OFF + n[None, :], _cast(dg, DP.dtype.element_ty, INTERP),
                  mask=o_ok)
         tl.store(part + n, tl.sum(dy, axis=0), mask=n_ok)
         tl.store(part + CZ + n, tl.sum(dg, axis=0), mask=n_ok)
-
-
-@triton.jit
-def _trimul_x_bwd_kernel(
-    DY, X, LN_OUT_W, WZ, DX, PART,
-    NN, NJ, CZ, CH, eps, M_BUCKET,
-    TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """d(xn) = DY @ WZ (one GEMM over K = CZ) and LayerNorm_out's backward for BLOCK_M pairs:
-    dx -> DX [Bt, CH, NN] (channel-major, as x); PART[pid] = [sum d(xn) * xhat | sum d(xn)]."""
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
-    bt = _wide(tl.program_id(1), I64)
-    row_ok = r < NN
-    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
-    ch = tl.arange(0, BLOCK_CH)
-    ch_ok = ch < CH
-    kk = tl.arange(0, BLOCK_K)
-    dxn = tl.zeros((BLOCK_M, BLOCK_CH), dtype=tl.float32)
-    for k0 in range(0, CZ, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < CZ
-        d = tl.load(DY + rows[:, None] * CZ + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(WZ + k[:, None] * CH + ch[None, :], mask=k_ok[:, None] & ch_ok[None, :], other=0.0)
-        dxn += _dot(d, w, DOT_PREC, INTERP)
-    x_row = bt * CH * NN + r  # channel-major offset of channel 0
-    ch_off = _wide(ch, I64) * NN
+        wz = tl.load(WZ + n[:, None] * CH + ch[None, :], mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
+        dxn += _dot(dy_c, wz, DOT_PREC, INTERP)
+    # recompute xhat rather than keep it live through the loop (register pressure)
     xhat, rstd_x = _ln_planes(X, x_row, row_ok, ch_off, ch_ok, CH, eps)
-    ow = tl.load(LN_OUT_W + ch, mask=ch_ok, other=0.0).to(tl.float32)
-    part = PART + pid.to(tl.int64) * (2 * CH)
-    tl.store(part + ch, tl.sum(dxn * xhat, axis=0), mask=ch_ok)
-    tl.store(part + CH + ch, tl.sum(dxn, axis=0), mask=ch_ok)
+    tl.store(part + 2 * CZ + ch, tl.sum(dxn * xhat, axis=0), mask=ch_ok)
+    tl.store(part + 2 * CZ + CH + ch, tl.sum(dxn, axis=0), mask=ch_ok)
     dxhat = dxn * ow[None, :]
     c1 = tl.sum(dxhat * xhat, axis=1) / CH
     c2 = tl.sum(dxhat, axis=1) / CH
     dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd_x[:, None]
-    tl.store(DX + x_row[:, None] + ch_off[None, :], _cast(dx, DX.dtype.element_ty, INTERP),
-             mask=row_ok[:, None] & ch_ok[None, :])
+    tl.store(DX + x_offs, _cast(dx, DX.dtype.element_ty, INTERP), mask=x_ok)
 
 
 @triton.jit
 def _trimul_proj_bwd_kernel(
-    Z, MASK, LN_W, LN_B, W_IN, B_IN, DA, DB, DP, ZN_OUT, PART,
+    Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
     NN, NJ, CZ, CH, DP_STRIDE, eps, M_BUCKET,
     HAS_MASK: tl.constexpr, TRANS: tl.constexpr, G_SIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """Backward of the gating and masking of a and b for BLOCK_M rows (da, db in the layouts
-    _trimul_proj_fwd_kernel wrote a, b in).
+    """Backward of LayerNorm_in + the five input projections for BLOCK_M rows (da, db in the
+    layouts _trimul_proj_fwd_kernel wrote a, b in).
 
-    Recomputes zn = LN_in(z) (-> ZN_OUT [M, CZ]) and p = zn @ W^T + b with the gates;
-    d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s) (same for b) -> DP[:, :4 CH];
-    PART[pid] = sum over rows of DP[:, :4 CH] (fp32).  d(zn) is _trimul_zn_bwd_kernel's.
+    Recomputes p = zn @ W^T + b and gates; d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s)
+    (same for b) -> DP[:, :4 CH]; reads d(g logits) from DP[:, 4 CH:]; d(zn) = DP @ [W_IN; WG];
+    LN_in(z) -> ZN_OUT [M, CZ]; dz (LayerNorm_in backward) -> DZ [M, CZ];
+    PART[pid] = [sum over rows of DP[:, :4 CH] | sum d(zn) * zhat | sum d(zn)] (fp32).
     """
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
@@ -529,11 +507,12 @@ def _trimul_proj_bwd_kernel(
     rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
     cz = tl.arange(0, BLOCK_CZ)
     cz_ok = cz < CZ
+    z_ok = row_ok[:, None] & cz_ok[None, :]
     zhat, _ = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
     lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
     lb = tl.load(LN_B + cz, mask=cz_ok, other=0.0).to(tl.float32)
     zn = _cast((zhat * lw[None, :] + lb[None, :]), W_IN.dtype.element_ty, INTERP)
-    tl.store(ZN_OUT + rows[:, None] * CZ + cz[None, :], zn, mask=row_ok[:, None] & cz_ok[None, :])
+    tl.store(ZN_OUT + rows[:, None] * CZ + cz[None, :], zn, mask=z_ok)
     if HAS_MASK:
         mk = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
     else:
@@ -541,22 +520,24 @@ def _trimul_proj_bwd_kernel(
     g_row = bt * CH * NN + r  # channel-major offset of channel 0
     if G_SIDE >= 0:
         gg_row = _gathered_offsets(bt, r, NJ, CH, I64)
-    part = PART + pid.to(tl.int64) * (4 * CH)
+    PART_W = 4 * CH + 2 * CZ
+    part = PART + pid.to(tl.int64) * PART_W
+    dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
     hh = tl.arange(0, BLOCK_H)
     for h0 in range(0, CH, BLOCK_H):
         h = h0 + hh
         h_ok = h < CH
-        w_ok = cz_ok[:, None] & h_ok[None, :]
+        w_ok = h_ok[:, None] & cz_ok[None, :]
         o_ok = row_ok[:, None] & h_ok[None, :]
         g_offs = g_row[:, None] + _wide(h, I64)[None, :] * NN
         for side in tl.static_range(2):
-            # transposed tiles [BLOCK_CZ, BLOCK_H] of the projection and gate weights
-            wp = tl.load(W_IN + ((2 * side) * CH + h)[None, :] * CZ + cz[:, None], mask=w_ok, other=0.0)
-            wg = tl.load(W_IN + ((2 * side + 1) * CH + h)[None, :] * CZ + cz[:, None], mask=w_ok, other=0.0)
+            # natural tiles [BLOCK_H, BLOCK_CZ] of the projection and gate weights
+            wp = tl.load(W_IN + ((2 * side) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
+            wg = tl.load(W_IN + ((2 * side + 1) * CH + h)[:, None] * CZ + cz[None, :], mask=w_ok, other=0.0)
             bp = tl.load(B_IN + (2 * side) * CH + h, mask=h_ok, other=0.0)
             bg = tl.load(B_IN + (2 * side + 1) * CH + h, mask=h_ok, other=0.0)
-            p = _dot(zn, wp, DOT_PREC, INTERP) + bp[None, :]
-            s = tl.sigmoid(_dot(zn, wg, DOT_PREC, INTERP) + bg[None, :])
+            p = _dot(zn, tl.trans(wp), DOT_PREC, INTERP) + bp[None, :]
+            s = tl.sigmoid(_dot(zn, tl.trans(wg), DOT_PREC, INTERP) + bg[None, :])
             offs = g_offs
             if side == G_SIDE:
                 offs = gg_row[:, None] + _wide(h, I64)[None, :] * NJ
@@ -567,69 +548,42 @@ def _trimul_proj_bwd_kernel(
             dm = d * mk[:, None]
             dp = dm * s
             dg = dm * p * s * (1.0 - s)
+            dp_c = _cast(dp, DP.dtype.element_ty, INTERP)
+            dg_c = _cast(dg, DP.dtype.element_ty, INTERP)
             col_p = (2 * side) * CH + h
             col_g = (2 * side + 1) * CH + h
-            tl.store(DP + rows[:, None] * DP_STRIDE + col_p[None, :], _cast(dp, DP.dtype.element_ty, INTERP),
-                     mask=o_ok)
-            tl.store(DP + rows[:, None] * DP_STRIDE + col_g[None, :], _cast(dg, DP.dtype.element_ty, INTERP),
-                     mask=o_ok)
+            tl.store(DP + rows[:, None] * DP_STRIDE + col_p[None, :], dp_c, mask=o_ok)
+            tl.store(DP + rows[:, None] * DP_STRIDE + col_g[None, :], dg_c, mask=o_ok)
             tl.store(part + col_p, tl.sum(dp, axis=0), mask=h_ok)
             tl.store(part + col_g, tl.sum(dg, axis=0), mask=h_ok)
-
-
-@triton.jit
-def _trimul_zn_bwd_kernel(
-    Z, LN_W, W_IN, WG, DP, DZ, PART,
-    NN, NJ, CZ, CH, DP_STRIDE, eps, M_BUCKET,
-    TRANS: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """d(zn) = DP @ [W_IN; WG] (the five input projections' gradients, DP [M, 4 CH + CZ], one
-    GEMM over K = 4 CH + CZ) and LayerNorm_in's backward for BLOCK_M rows: dz -> DZ [M, CZ];
-    PART[pid] = [sum d(zn) * zhat | sum d(zn)] (fp32)."""
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
-    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # pair index within batch entry bt
-    bt = _wide(tl.program_id(1), I64)
-    row_ok = r < NN
-    rows = _pair_rows(bt, r, NN, NJ, TRANS)  # rows of the row-major [M, *] tensors
-    cz = tl.arange(0, BLOCK_CZ)
-    cz_ok = cz < CZ
-    kk = tl.arange(0, BLOCK_K)
-    dzn = tl.zeros((BLOCK_M, BLOCK_CZ), dtype=tl.float32)
-    for k0 in range(0, 4 * CH, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < 4 * CH
-        d = tl.load(DP + rows[:, None] * DP_STRIDE + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(W_IN + k[:, None] * CZ + cz[None, :], mask=k_ok[:, None] & cz_ok[None, :], other=0.0)
-        dzn += _dot(d, w, DOT_PREC, INTERP)
-    for k0 in range(0, CZ, BLOCK_K):  # the output gate's logits
-        k = k0 + kk
-        k_ok = k < CZ
-        d = tl.load(DP + rows[:, None] * DP_STRIDE + 4 * CH + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        w = tl.load(WG + k[:, None] * CZ + cz[None, :], mask=k_ok[:, None] & cz_ok[None, :], other=0.0)
-        dzn += _dot(d, w, DOT_PREC, INTERP)
+            dzn += _dot(dp_c, wp, DOT_PREC, INTERP)
+            dzn += _dot(dg_c, wg, DOT_PREC, INTERP)
+    # the output gate's logits: d(zn) += d(g) @ WG
+    for n0 in range(0, CZ, BLOCK_H):
+        n = n0 + hh
+        n_ok = n < CZ
+        dgo = tl.load(DP + rows[:, None] * DP_STRIDE + 4 * CH + n[None, :],
+                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        wgo = tl.load(WG + n[:, None] * CZ + cz[None, :], mask=n_ok[:, None] & cz_ok[None, :], other=0.0)
+        dzn += _dot(dgo, wgo, DOT_PREC, INTERP)
+    # recompute zhat rather than keep it live through the loops (register pressure)
     zhat, rstd = _ln_rows(Z, rows, row_ok, cz, cz_ok, CZ, eps)
-    lw = tl.load(LN_W + cz, mask=cz_ok, other=0.0).to(tl.float32)
-    part = PART + pid.to(tl.int64) * (2 * CZ)
-    tl.store(part + cz, tl.sum(dzn * zhat, axis=0), mask=cz_ok)
-    tl.store(part + CZ + cz, tl.sum(dzn, axis=0), mask=cz_ok)
+    tl.store(part + 4 * CH + cz, tl.sum(dzn * zhat, axis=0), mask=cz_ok)
+    tl.store(part + 4 * CH + CZ + cz, tl.sum(dzn, axis=0), mask=cz_ok)
     dzhat = dzn * lw[None, :]
     c1 = tl.sum(dzhat * zhat, axis=1) / CZ
     c2 = tl.sum(dzhat, axis=1) / CZ
     dz = (dzhat - zhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-    tl.store(DZ + rows[:, None] * CZ + cz[None, :], _cast(dz, DZ.dtype.element_ty, INTERP),
-             mask=row_ok[:, None] & cz_ok[None, :])
+    tl.store(DZ + rows[:, None] * CZ + cz[None, :], _cast(dz, DZ.dtype.element_ty, INTERP), mask=z_ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------
 def _configs(inner_name, shapes):
-    """Configs from (BLOCK_M, inner tile, num_warps[, num_stages = 2]) tuples."""
-    return [triton.Config({"BLOCK_M": sh[0], inner_name: sh[1]}, num_warps=sh[2],
-                          num_stages=sh[3] if len(sh) > 3 else 2)
-            for sh in shapes]
+    """Configs from (BLOCK_M, inner tile, num_warps) triples (num_stages 2)."""
+    return [triton.Config({"BLOCK_M": bm, inner_name: bi}, num_warps=nw, num_stages=2)
+            for bm, bi, nw in shapes]
 
 
 def _prune_inner(inner_name: str, width_arg: str):
@@ -641,20 +595,17 @@ def _prune_inner(inner_name: str, width_arg: str):
     return prune
 
 
-# Candidate tiles for c_z = c_hidden = 128 (bf16), from benchmarks/sweep_trimul_tiles.py on an
-# H200 at N_res 384 and 1024: the fastest of each kernel is in its list (projection forward
-# (128, 32, 8): 0.69 ms at N_res 1024 where the best earlier candidate took 0.85), with the
-# runners-up; the first entry of each list is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs. Each backward
-# stage is two kernels, so that no kernel keeps a [BLOCK_M, C] accumulator live across a loop
-# of other work (that forced BLOCK_M 32, and every program re-read all the weights): the gating
-# backward (forward-like tiles) and the LayerNorm-input gradient, one GEMM over K with the
-# LayerNorm backward as its epilogue (GEMM-like tiles).
+# Candidate tiles for c_z = c_hidden = 128 (bf16), from benchmarks/sweep_trimul_tiles.py (an
+# H200, N_res 384 and 1024, num_stages 2): each kernel's fastest tile is in its list with the
+# runners-up (at N_res 1024: projection forward (128, 32, 8) 0.69 ms, where the best earlier
+# candidate took 0.85; projection backward (64, 32, 4) 2.43 ms vs 3.21; output backward
+# (32, 32, 4) 1.67 ms). The backward kernels keep d(zn) / d(xn) live across their loops, so their
+# tiles stay small. (Splitting each backward in two, the gating part and a GEMM over dP with the
+# LayerNorm backward as its epilogue, measured 2.63 ms for the projection backward and 1.73 for
+# the output backward on an H100: no faster, two more launches.) The first entry of each list
+# is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs.
 _FWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
-_GATE_OUT_BWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
-_GATE_BWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
-# (BLOCK_M, BLOCK_K, warps, stages) of the two backward GEMM kernels (d(zn), d(xn))
-_GEMM_BWD_SHAPES = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 128, 4, 2), (128, 64, 8, 4),
-                    (32, 64, 4, 3)]
+_BWD_SHAPES = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 32, 8), (32, 32, 8)]
 # the layout flags change the memory access pattern (TRANS: incoming, G_SIDE: the DAP-gathered
 # operand), so each combination gets its own tuned tile
 _KEY = ["CZ", "CH", "M_BUCKET", "TRANS"]
@@ -669,22 +620,16 @@ _out_fwd_tuned = autotune(
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_fwd_kernel)
 _out_bwd_tuned = autotune(
-    _configs("BLOCK_N", _GATE_OUT_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_N", _BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_bwd_kernel)
-_x_bwd_tuned = autotune(
-    _configs("BLOCK_K", _GEMM_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
-)(_trimul_x_bwd_kernel)
 _proj_bwd_tuned = autotune(
-    _configs("BLOCK_H", _GATE_BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_H", _BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_bwd_kernel)
-_zn_bwd_tuned = autotune(
-    _configs("BLOCK_K", _GEMM_BWD_SHAPES), key=_KEY, reset_to_zero=["PART"],
-)(_trimul_zn_bwd_kernel)
 
 # the smallest backward BLOCK_M sizes the partial-sum buffers (one row per program)
-_MIN_BWD_BLOCK_M = min(sh[0] for sh in _GATE_OUT_BWD_SHAPES + _GATE_BWD_SHAPES + _GEMM_BWD_SHAPES)
+_MIN_BWD_BLOCK_M = min(bm for bm, _, _ in _BWD_SHAPES)
 _INTERP_BLOCK_M = 32  # interpreter: one fixed config, few programs
 
 
@@ -697,15 +642,15 @@ def _launch(kernel, tuned, Bt: int, NN: int, args, meta):
         kernel[(triton.cdiv(NN, meta["BLOCK_M"]), Bt)](*args, **meta)
     else:
         tuned[lambda m: (triton.cdiv(NN, m["BLOCK_M"]), Bt)](
-            *args, **{k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_K")})
+            *args, **{k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
 
 
 def _meta(cdt: torch.dtype, M: int, CZ: int, CH: int) -> dict:
-    """Launch constants shared by the kernels (tile sizes: the interpreter's config)."""
+    """Launch constants shared by the four kernels (tile sizes: the interpreter's config)."""
     bcz, bch = max(16, next_power_of_2(CZ)), max(16, next_power_of_2(CH))
     return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), I64=_needs_i64(M, CZ, CH),
                 BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
-                BLOCK_H=min(32, bch), BLOCK_N=min(32, bcz), BLOCK_K=32)
+                BLOCK_H=min(32, bch), BLOCK_N=min(32, bcz))
 
 
 def _needs_i64(M: int, CZ: int, CH: int) -> bool:
@@ -809,52 +754,38 @@ def _n_partials(g: _Grid) -> int:
 
 def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, meta, cdt):
     """(dx, dy, LayerNorm_out(x), dP with the gate-logit gradient in its last CZ columns, the
-    output stage's partial sums: [linear_z and linear_g biases], [LayerNorm_out])."""
+    output stage's partial sums)."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     dev = z2.device
     dx = torch.empty_like(x)
     dy = torch.empty((g.M, CZ), device=dev, dtype=cdt)
     xn = torch.empty((g.M, CH), device=dev, dtype=cdt)
     dp = torch.empty((g.M, 4 * CH + CZ), device=dev, dtype=cdt)
-    part_gate = torch.zeros((_n_partials(g), 2 * CZ), device=dev, dtype=torch.float32)
-    part_ln = torch.zeros((_n_partials(g), 2 * CH), device=dev, dtype=torch.float32)
+    part = torch.zeros((_n_partials(g), 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
     _launch(
         _trimul_out_bwd_kernel, _out_bwd_tuned, g.Bt, g.NN,
         (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg,
-         dy, xn, dp, part_gate, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
+         dx, dy, xn, dp, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
         dict(meta, TRANS=g.trans),
     )
-    _launch(
-        _trimul_x_bwd_kernel, _x_bwd_tuned, g.Bt, g.NN,
-        (dy, x, w.ln_out_w, pk.wz, dx, part_ln, g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
-        dict(meta, TRANS=g.trans),
-    )
-    return dx, dy, xn, dp, (part_gate, part_ln)
+    return dx, dy, xn, dp, part
 
 
 def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, eps: float, meta,
               cdt, z_dtype):
-    """(LayerNorm_in(z), dz, the input stage's partial sums: [projection biases], [LayerNorm_in]);
-    fills dP's first 4 CH columns, then d(zn) = dP @ [W_in; W_g] and LayerNorm_in's backward."""
+    """(LayerNorm_in(z), dz, the input stage's partial sums); fills dP's first 4 CH columns."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     dev = z2.device
     zn = torch.empty((g.M, CZ), device=dev, dtype=cdt)
     dz = torch.empty((g.M, CZ), device=dev, dtype=z_dtype)
-    part_gate = torch.zeros((_n_partials(g), 4 * CH), device=dev, dtype=torch.float32)
-    part_ln = torch.zeros((_n_partials(g), 2 * CZ), device=dev, dtype=torch.float32)
+    part = torch.zeros((_n_partials(g), 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
     _launch(
         _trimul_proj_bwd_kernel, _proj_bwd_tuned, g.Bt, g.NN,
-        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, da, db,
-         dp, zn, part_gate, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
+        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, pk.wg, da, db,
+         dp, zn, dz, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
         dict(meta, HAS_MASK=m2 is not None, TRANS=g.trans, G_SIDE=g.g_side),
     )
-    _launch(
-        _trimul_zn_bwd_kernel, _zn_bwd_tuned, g.Bt, g.NN,
-        (z2, w.ln_in_w, pk.w_in, pk.wg, dp, dz, part_ln, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps,
-         _m_bucket(g.M)),
-        dict(meta, TRANS=g.trans),
-    )
-    return zn, dz, (part_gate, part_ln)
+    return zn, dz, part
 
 
 def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
@@ -862,8 +793,8 @@ def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
     CZ, CH = zn.shape[1], xn.shape[1]
     dw_all = _weight_grad(dp, zn)  # [4 CH + CZ, CZ]: a_p, a_g, b_p, b_g, g
     dwz = _weight_grad(dy, xn)  # [CZ, CH]
-    s_out = torch.cat([part.sum(0) for part in part_out])
-    s_in = torch.cat([part.sum(0) for part in part_in])
+    s_out = part_out.sum(0)
+    s_in = part_in.sum(0)
     dws = dw_all.split([CH, CH, CH, CH, CZ])
     dbs = s_in[: 4 * CH].split([CH, CH, CH, CH])
     grads = TriMulWeights(
