@@ -75,7 +75,7 @@ class Tuned:
 
     def _run(self, grid, *args, **kwargs):
         n = len(args)
-        key = tuple(kwargs[name] if i >= n else args[i] for name, i in self._key_pos)
+        key = tuple(kwargs.get(name) if i >= n else args[i] for name, i in self._key_pos)
         key += tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
         config = self._chosen.get(key)
         if config is None:
