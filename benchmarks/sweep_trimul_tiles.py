@@ -50,6 +50,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this sweep needs a GPU")
+    if os.environ.get("FASTFOLD_PLUGIN_AUTOTUNE", "1").strip() == "0":
+        sys.exit("FASTFOLD_PLUGIN_AUTOTUNE=0 keeps one candidate per kernel: unset it to sweep")
     device = torch.device("cuda")
     tuners = {}
     for attr, fn, inner, width, key, kw in KERNELS:

@@ -68,6 +68,8 @@ class Tuned:
         self._chosen = {}
 
     def __getattr__(self, name):
+        if name == "tuner":  # not set yet (e.g. a copy under construction)
+            raise AttributeError(name)
         return getattr(self.tuner, name)
 
     def __getitem__(self, grid):
@@ -76,12 +78,14 @@ class Tuned:
     def _run(self, grid, *args, **kwargs):
         n = len(args)
         key = tuple(kwargs.get(name) if i >= n else args[i] for name, i in self._key_pos)
-        key += tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+        key += tuple(str(a.dtype) for a in (*args, *kwargs.values()) if hasattr(a, "dtype"))
         config = self._chosen.get(key)
         if config is None:
             out = self.tuner[grid](*args, **kwargs)
             self._chosen[key] = self.tuner.best_config
             return out
+        if config.pre_hook is not None:  # as Autotuner.run does on every launch
+            config.pre_hook({**dict(zip(self.tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
         return self.tuner.fn[grid](*args, **kwargs, **config.all_kwargs())
 
     def reset(self) -> None:
@@ -177,6 +181,8 @@ def broadcast_shapes(*shapes: Sequence[int]) -> Tuple[int, ...]:
     through its symbolic-shape reference implementation: 80 us per call under cProfile, three per
     attention call). Raises ValueError naming the shapes when they do not broadcast."""
     shapes = [tuple(s) for s in shapes]
+    if not shapes:
+        return ()
     if all(s == shapes[0] for s in shapes):
         return shapes[0]
     out = [1] * max(len(s) for s in shapes)

@@ -1106,11 +1106,16 @@ def attention(
     H, NQ, NK = q.shape[-3], q.shape[-2], k.shape[-2]
     lead = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
     lead += [b.shape[:-3] for b in (mask_bias, pair_bias, gate) if b is not None]
-    batch = broadcast_shapes(*lead)
-    # (an expand that changes nothing would still add a node to the autograd graph)
-    q, k, v = (t if t.shape[:-3] == batch else t.expand(*batch, *t.shape[-3:]) for t in (q, k, v))
-    if gate is not None and gate.shape[:-3] != batch:
-        gate = gate.expand(*batch, NQ, H, C)
+    try:
+        batch = broadcast_shapes(*lead)
+    except ValueError:
+        raise ValueError(f"the batch dims of q, k, v and the biases / gate, {[tuple(t) for t in lead]}, "
+                         f"do not broadcast (q {tuple(q.shape)}, k {tuple(k.shape)})") from None
+    # expand also checks the head and channel dims (or broadcasts size-1 ones); one that changes
+    # nothing would still add a node to the autograd graph, so it is skipped
+    q, k, v = (_expand(t, (*batch, H, n, C)) for t, n in ((q, NQ), (k, NK), (v, NK)))
+    if gate is not None:
+        gate = _expand(gate, (*batch, NQ, H, C))
     for name, b in (("mask_bias", mask_bias), ("pair_bias", pair_bias)):
         if b is not None:
             try:
@@ -1132,6 +1137,11 @@ def attention(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, mask_bias, pair_bias, gate))
     return _AttentionFunction.apply(plan, needs_grad, q, k, v, mask_bias, pair_bias, gate)
+
+
+def _expand(t: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """``t.expand(shape)``, or `t` itself when it has that shape already."""
+    return t if t.shape == shape else t.expand(shape)
 
 
 def _select(t: Optional[torch.Tensor], i: int, n_batch: int) -> Optional[torch.Tensor]:

@@ -602,8 +602,9 @@ def _prune_inner(inner_name: str, width_arg: str):
 # (32, 32, 4) 1.67 ms). The backward kernels keep d(zn) / d(xn) live across their loops, so their
 # tiles stay small. (Splitting each backward in two, the gating part and a GEMM over dP with the
 # LayerNorm backward as its epilogue, measured 2.63 ms for the projection backward and 1.73 for
-# the output backward on an H100: no faster, two more launches.) The first entry of each list
-# is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs.
+# the output backward on an H100: no faster, two more launches.) (32, 32, 4) in the forward
+# list is the earlier default, kept for small N_res (the sweep starts at BLOCK_M 64). The first
+# entry of each list is what FASTFOLD_PLUGIN_AUTOTUNE=0 runs.
 _FWD_SHAPES = [(64, 32, 4), (128, 32, 8), (128, 32, 4), (64, 64, 8), (32, 32, 4)]
 _BWD_SHAPES = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 32, 8), (32, 32, 8)]
 # the layout flags change the memory access pattern (TRANS: incoming, G_SIDE: the DAP-gathered

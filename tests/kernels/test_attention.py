@@ -273,6 +273,24 @@ def test_no_grad_forward_and_input_checks():
         attention(inputs["q"], inputs["k"], inputs["v"], pair_bias=torch.randn(3, 3))
 
 
+def test_size_one_head_and_gate_dims_broadcast_and_mismatches_raise():
+    """k / v shared over heads ([*, 1, K, C]) and a gate shared over heads broadcast as in the
+    reference; a head count that does not broadcast is an error, never a silent misread."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 8, 16, generator=g) * 0.25
+    k, v = torch.randn(2, 1, 8, 16, generator=g), torch.randn(2, 1, 8, 16, generator=g)
+    gate = torch.randn(2, 8, 1, 16, generator=g)
+    for kw in (dict(), dict(gate=gate)):
+        out = attention(q, k, v, **kw)
+        ref = attention_reference(q, k.expand(2, 4, 8, 16), v.expand(2, 4, 8, 16),
+                                  gate=None if not kw else gate.expand(2, 8, 4, 16))
+        assert_close(out, ref, rtol=1e-4, atol=1e-6, max_rel=1e-5)
+    with pytest.raises(RuntimeError):
+        attention(q, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16))
+    with pytest.raises(RuntimeError):
+        attention(q, k, v, gate=torch.randn(2, 8, 3, 16))
+
+
 # ---- the reference against OpenFold's own code (exact) -------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_matches_openfold_attention(dtype):

@@ -1,4 +1,5 @@
 """The launch helpers in kernels/_triton_utils.py: broadcast_shapes and the Tuned launch path."""
+import copy
 import random
 
 import pytest
@@ -26,6 +27,8 @@ def test_broadcast_shapes_matches_torch():
 
 
 class _Config:
+    pre_hook = None
+
     def __init__(self, block):
         self.block = block
 
@@ -75,6 +78,7 @@ def test_tuned_asks_the_autotuner_once_per_key_then_launches_its_choice():
     tuned["g"](x32, 8, FLAG=True)
     assert len(fake.calls) == 5
     assert tuned.arg_names == fake.arg_names  # other attributes are the autotuner's
+    assert copy.copy(tuned).tuner is fake
 
 
 @pytest.mark.parametrize("m", [1, 3000, 9000])
