@@ -50,6 +50,33 @@ def kernel_table(prof, steps: int, limit: int = 30) -> str:
     return "\n".join(lines)
 
 
+def profile_report(label: str, step, steps: int, cpu_rows: int = 0, limit: int = 30) -> str:
+    """Warm `step` up (autotuning included), then: wall time per step (CUDA events around `steps`
+    back-to-back steps), and under torch.profiler the kernel table (``kernel_table``) and, with
+    `cpu_rows`, the ops with the most host time. A wall time well above the kernel time means
+    the step is bound by the host."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    text = (f"== {label}: wall {start.elapsed_time(end) / steps:.3f} ms/step\n"
+            + kernel_table(prof, steps, limit=limit))
+    if cpu_rows:
+        cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=cpu_rows)
+        text += f"\nhost time by op ({steps} steps):\n{cpu}"
+    return text
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="train128x256")
@@ -73,25 +100,7 @@ def main(argv=None):
     for case in args.cases.split(","):
         for name in args.providers.split(","):
             step = bench.step_fn(blocks[name], kw, CASES[case], device)
-            for _ in range(3):  # autotune, then warm
-                step()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU,
-                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.steps):
-                    step()
-                torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.steps):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_rows)
-            text = (f"== {case} {name}: wall {start.elapsed_time(end) / args.steps:.3f} ms/step\n"
-                    + kernel_table(prof, args.steps)
-                    + (f"\nhost time by op ({args.steps} steps):\n{cpu}" if args.cpu_rows else ""))
+            text = profile_report(f"{case} {name}", step, args.steps, args.cpu_rows)
             print(text, flush=True)
             report.append(text)
     if args.out is not None:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_attention  # noqa: E402
 import bench_triangle_multiplication as bench_trimul  # noqa: E402
-from profile_evoformer_block import kernel_table  # noqa: E402
+from profile_evoformer_block import profile_report  # noqa: E402
 
 CASES = {
     "tri256": ("attention", "tri_att", dict(n_res=256, heads=4, c=32)),
@@ -100,28 +100,9 @@ def main(argv=None):
     for case in args.cases.split(","):
         for name in args.providers.split(","):
             step = make_step(case, name, device)
-            for _ in range(3):  # autotune, then warm
-                step()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(args.steps):
-                step()
-            end.record()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(
-                    activities=[torch.profiler.ProfilerActivity.CPU,
-                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(args.steps):
-                    step()
-                torch.cuda.synchronize()
+            text = profile_report(f"{case} {name} fwd+bwd", step, args.steps, args.cpu_rows, limit=20)
             if args.cprofile:
-                text_py = python_table(step, args.steps, args.cprofile)
-            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.cpu_rows)
-            text = (f"== {case} {name} fwd+bwd: wall {start.elapsed_time(end) / args.steps:.3f} ms/step\n"
-                    + kernel_table(prof, args.steps, limit=20)
-                    + (f"\nhost time by op ({args.steps} steps):\n{cpu}" if args.cpu_rows else "")
-                    + (f"\nPython time ({args.steps} steps):\n{text_py}" if args.cprofile else ""))
+                text += f"\nPython time ({args.steps} steps):\n" + python_table(step, args.steps, args.cprofile)
             print(text, flush=True)
             report.append(text)
             del step
