@@ -9,12 +9,19 @@ Suites (``--suites``, default all):
   DAP size 1 (one process: stock OpenFold and the plugin) vs every DAP size that divides the world
   (the sharded block as it runs inside a stack), async overlap on and off: strong scaling.
 - ``inference``: one Evoformer block, inference (no grad, in place, chunked), N_res 2048 and 4096
-  (N_seq 128): speed-up and peak memory per GPU.
+  (N_seq 128): speed-up and peak memory per GPU. As in OpenFold's in-place inference stack, the
+  block works on the caller's m and z (the values drift from step to step; the work does not):
+  at DAP 1 the block itself, at DAP P the stack's way in (``_enter_msa``: pad, this rank's
+  shards as views of the inputs) and the sharded block. Peak memory includes the full inputs,
+  which every rank holds (the contract).
 - ``weak``: DP x DAP weak scaling: a 2-block Evoformer stack training step (fwd+bwd, data-parallel
   gradient averaging) per DAP group of 2, with 1, 2, ... data-parallel groups.
 - ``profile``: a torch.profiler trace of a DAP block step (async and sync), with a summary of the
   time collectives spend running concurrently with compute kernels (the overlap of NCCL kernels
   with compute kernels on other streams); Chrome traces go to ``--profile-dir``.
+- ``profile-inference``: the inference block at N_res 2048, DAP 1 and the smallest DAP size
+  (async): wall and busy time per step and the per-kernel GPU time table of each, written to
+  ``<--profile-dir>/inference_kernels.txt`` (where DAP's time goes beside halved compute).
 
 Timing: each case runs ``--warmup`` steps, then ``--trials`` timed trials of ``--inner`` steps
 between barriers (CUDA-synchronised); a trial's time is the slowest rank's; results are the median
@@ -42,7 +49,7 @@ import harness
 import torch
 import torch.distributed as dist
 
-SUITES = ("strong", "inference", "weak", "profile")
+SUITES = ("strong", "inference", "weak", "profile", "profile-inference")
 
 
 def parse_args(argv=None):
@@ -239,14 +246,16 @@ def single_process_step(block, ins, args, device, train: bool, chunk_size=None):
                 mo, zo = block(mi, zi, msa_mask=mm, pair_mask=pm, chunk_size=None)
                 (mo.float().sum() + zo.float().sum()).backward()
             else:
-                with torch.no_grad():
-                    block(m.clone(), z.clone(), msa_mask=mm, pair_mask=pm, chunk_size=chunk_size,
+                with torch.no_grad():  # in place on the inputs, as inside the stack
+                    block(m, z, msa_mask=mm, pair_mask=pm, chunk_size=chunk_size,
                           inplace_safe=True)
     return step
 
 
 def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
-    """The sharded block as it runs inside a DAP stack (inputs already split)."""
+    """The sharded block as it runs inside a DAP stack. Training: on shards split once
+    (as the stack's blocks get them). Inference: the stack's way in each step (pad, this rank's
+    shards as views of the full inputs, which the block then updates in place), then the block."""
     from fastfold_plugin.kernels import get_ops
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
@@ -254,8 +263,9 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
     backend = op_backend(args, device)
     run = _Run(ctx, get_ops(backend), z.shape[-2], m.shape[-3], chunk_size,
                inplace_safe=not train, mask_trans=True)
-    with torch.no_grad():
-        m_s, z_s = _enter_msa(run, m, z, mm, pm)
+    if train:
+        with torch.no_grad():
+            m_s, z_s = _enter_msa(run, m, z, mm, pm)
 
     def step():
         with autocast(args, device):
@@ -265,7 +275,7 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
                 (mo.float().sum() + zo.float().sum()).backward()
             else:
                 with torch.no_grad():
-                    _msa_block_sharded(block, run, m_s.clone(), z_s.clone())
+                    _msa_block_sharded(block, run, *_enter_msa(run, m, z, mm, pm))
     return step
 
 
@@ -443,6 +453,57 @@ def suite_profile(out: Output, contexts, args, device):
         del ins
 
 
+def suite_profile_inference(out: Output, contexts, args, device):
+    """The inference block at N_res 2048 (N_seq 128), DAP 1 and the smallest DAP size (async):
+    wall vs busy time per step and the kernels by GPU time (rank 0's), to
+    <profile-dir>/inference_kernels.txt."""
+    from profile_evoformer_block import kernel_table
+    from torch.profiler import ProfilerActivity, profile
+
+    import fastfold_plugin
+
+    if not contexts:
+        return
+    d = min(contexts)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    n_seq, n_res = (4, 11) if args.dry_run else (128, 2048)
+    block = make_block(args, device).eval()
+    plugin = copy.deepcopy(block)
+    fastfold_plugin.enable(plugin, backend=args.backend)
+    ins = inputs(n_seq, n_res, args, device)
+    chunk = args.inference_chunk_size
+    report = []
+    with torch.no_grad():
+        for dap, step in ((1, single_process_step(plugin, ins, args, device, False, chunk)),
+                          (d, dap_block_step(block, contexts[d].with_async(True), ins, args,
+                                             device, False, chunk))):
+            for _ in range(args.warmup):
+                step()
+            _sync(device)
+            dist.barrier()
+            steps = max(1, args.inner)
+            with profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                _sync(device)
+                wall = time.perf_counter() - t0
+            summ = overlap_summary(prof, device)
+            out.add(suite="profile-inference", case=f"{n_seq}x{n_res}", provider="dap", dap=dap,
+                    dp=1, n_seq=n_seq, n_res=n_res, mode="inference", **{"async": dap > 1},
+                    steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
+                    busy_ms_per_step=round(summ["busy_ms"] / steps, 3), **summ)
+            report.append(f"== inference {n_seq}x{n_res} DAP {dap}: wall {wall * 1e3 / steps:.2f} "
+                          f"ms/step, busy {summ['busy_ms'] / steps:.2f} ms/step (rank "
+                          f"{dist.get_rank()})\n" + kernel_table(prof, steps, limit=40))
+            dist.barrier()
+    if dist.get_rank() == 0:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+        text = "\n\n".join(report) + "\n"
+        (Path(args.profile_dir) / "inference_kernels.txt").write_text(text)
+        print(text, flush=True)
+
+
 def main(argv=None) -> int:
     import fastfold_plugin.distributed as fd
 
@@ -478,6 +539,8 @@ def main(argv=None) -> int:
         suite_weak(out, args, device)
     if "profile" in args.suites:
         suite_profile(out, contexts, args, device)
+    if "profile-inference" in args.suites:
+        suite_profile_inference(out, contexts, args, device)
     dist.barrier()
     del world_ctx
     fd.shutdown()

@@ -81,6 +81,9 @@ backward one reduce-scatter of the same size; the weight gradients are this rank
 (the DAP forwards sum them over the group with ``sum_grads``, once per block), so the op itself
 never reduces them.  Padded pairs (mask 0) give a = b = 0, hence contribute exact zeros.
 ``overlap=False`` makes both collectives synchronous (bit-identical results).
+Inference (nothing needs a gradient: ``_sharded_inference``): G is all-gathered one channel
+chunk at a time into two alternating buffers (its whole ``[N, Bt * C_h, N]`` is the largest
+buffer of the update), the next chunk's all-gather running during the current chunk's GEMMs.
 ``triangle_multiplication_sharded_reference`` is the same on OpenFold's decomposed maths (an
 autograd all-gather / reduce-scatter pair around the torch contraction, synchronous).
 """
@@ -815,7 +818,7 @@ class _TriMulFn(torch.autograd.Function):
     """The whole update on one device: z [*, N, N, C_z]."""
 
     @staticmethod
-    def forward(ctx, z, mask, outgoing, eps, *weights):
+    def forward(ctx, z, mask, outgoing, eps, training, *weights):
         w = TriMulWeights(*weights)
         dev = z.device.type
         cdt, xdt, out_dtype = _dtypes(z)
@@ -831,7 +834,6 @@ class _TriMulFn(torch.autograd.Function):
             meta = _meta(cdt, g.M, CZ, CH)
             _proj_fwd(z2, m2, w, pk, a, b, g, eps, meta)
             x = _contract(a, b, outgoing)
-            training = any(ctx.needs_input_grad)
             if not training:  # inference: a and b are dead before the output stage
                 del a, b
             out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
@@ -856,7 +858,7 @@ class _TriMulFn(torch.autograd.Function):
             zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, eps, meta, cdt, z_dtype)
             del da, db
             grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
-        return (dz.view(z_shape), None, None, None, *grads)
+        return (dz.view(z_shape), None, None, None, None, *grads)
 
 
 def _contract(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
@@ -940,13 +942,15 @@ class _TriMulShardedFn(torch.autograd.Function):
     contracted over every row (outgoing b, incoming a), all-gathered."""
 
     @staticmethod
-    def forward(ctx, z, mask, outgoing, eps, comm, overlap, *weights):
+    def forward(ctx, z, mask, outgoing, eps, comm, overlap, training, *weights):
         w = TriMulWeights(*weights)
         dev = z.device.type
         cdt, xdt, out_dtype = _dtypes(z)
         P, rank = comm.size, comm.rank
         CZ, CH = z.shape[-1], w.a_p_w.shape[0]
         R, N = (z.shape[-3], z.shape[-2]) if outgoing else (z.shape[-2], z.shape[-3])
+        if not training:
+            return _sharded_inference(z, mask, w, outgoing, eps, comm, overlap)
         g = _Grid(math.prod(z.shape[:-3]), R, N, trans=not outgoing, g_side=1 if outgoing else 0)
         BC = g.Bt * CH
         with torch.autocast(dev, enabled=False):
@@ -968,12 +972,8 @@ class _TriMulShardedFn(torch.autograd.Function):
                 _contract_rows(x3, l3, full[:lo], 0)
             if hi < P * R:
                 _contract_rows(x3, l3, full[hi:], hi)
-            training = any(ctx.needs_input_grad)
-            if not training:
-                del own, full
             out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
-        if training:
-            ctx.save_for_backward(z2, m2, own, full, x, *pk, *weights)
+        ctx.save_for_backward(z2, m2, own, full, x, *pk, *weights)
         ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, g, comm, overlap)
         return out.view(z.shape[:-1] + (CZ,))
 
@@ -1005,7 +1005,69 @@ class _TriMulShardedFn(torch.autograd.Function):
             zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, eps, meta, cdt, z_dtype)
             del da, db, d_own, d_mine
             grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
-        return (dz.view(z_shape), None, None, None, None, None, *grads)
+        return (dz.view(z_shape), None, None, None, None, None, None, *grads)
+
+
+# Inference: the largest buffer of a rank's update is the gathered operand, [N, Bt * C_h, N]
+# (at N_res 4096, C_h 128, bf16: 4 GiB, as much as the rank's fp32 z shard).  Without a backward
+# to feed, it is all-gathered a channel chunk of at most this many bytes at a time.
+_GATHER_CHUNK_BYTES = 256 * 2**20
+
+
+def _needs_grad(z: torch.Tensor, w: TriMulWeights) -> bool:
+    """Whether autograd will call the Function's backward.  Decided by the caller: inside
+    ``Function.forward`` grad mode is always off, and ``ctx.needs_input_grad`` ignores
+    ``torch.no_grad()`` (a Parameter reports True), so the forward cannot tell inference."""
+    return torch.is_grad_enabled() and (z.requires_grad or any(t.requires_grad for t in w))
+
+
+def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, comm, overlap: bool):
+    """``_TriMulShardedFn``'s forward when nothing needs a gradient, in less memory: both
+    operands channel-major ``[Bt * C_h, R, N]`` (G as this rank's rows), G all-gathered one
+    channel chunk at a time (``_GATHER_CHUNK_BYTES``) into two alternating buffers.  This rank's
+    own column block is contracted first, from its own rows of G, while the first two chunks
+    arrive; each later chunk's all-gather is issued once the GEMMs reading its buffer are
+    queued, so with `overlap` it runs during the previous chunk's GEMMs.  Peak: L, G's rows,
+    x and the two chunks, instead of L, G's rows, x and the whole G."""
+    cdt, xdt, out_dtype = _dtypes(z)
+    P, rank = comm.size, comm.rank
+    CZ, CH = z.shape[-1], w.a_p_w.shape[0]
+    R, N = (z.shape[-3], z.shape[-2]) if outgoing else (z.shape[-2], z.shape[-3])
+    g = _Grid(math.prod(z.shape[:-3]), R, N, trans=not outgoing)
+    BC = g.Bt * CH
+    with torch.autocast(z.device.type, enabled=False):
+        z2, m2 = _rows(z, mask, g.M, CZ)
+        pk = _pack(w, cdt)
+        meta = _meta(cdt, g.M, CZ, CH)
+        own = torch.empty((BC, R, N), device=z.device, dtype=xdt)  # L
+        mine = torch.empty_like(own)  # this rank's rows of G, channel-major
+        _proj_fwd(z2, m2, w, pk, *((own, mine) if outgoing else (mine, own)), g, eps, meta)
+        x = torch.empty_like(own)
+        cc = max(1, min(BC, _GATHER_CHUNK_BYTES // (P * R * N * own.element_size())))
+        chunks = [(c0, min(c0 + cc, BC)) for c0 in range(0, BC, cc)]
+        bufs = [own.new_empty((P * cc * R * N,)) for _ in range(min(2, len(chunks)))]
+
+        def start(i):
+            c0, c1 = chunks[i]
+            got = bufs[i % 2][:P * (c1 - c0) * R * N].view(P * (c1 - c0), R, N)
+            return got, comm.all_gather(got, mine[c0:c1], overlap)
+
+        pending = [start(i) for i in range(len(bufs))]
+        lo = rank * R
+        torch.bmm(own, mine.transpose(1, 2), out=x[:, :, lo:lo + R])
+        for i, (c0, c1) in enumerate(chunks):
+            got, work = pending[i]
+            work.wait()
+            got = got.view(P, c1 - c0, R, N)  # got[q] = rank q's rows of G, channels c0..c1
+            for q in range(P):
+                if q != rank:
+                    torch.bmm(own[c0:c1], got[q].transpose(1, 2),
+                              out=x[c0:c1, :, q * R:(q + 1) * R])
+            if i + 2 < len(chunks):
+                pending.append(start(i + 2))
+        own = mine = bufs = pending = got = None  # freed before the output stage
+        out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
+    return out.view(z.shape[:-1] + (CZ,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1029,7 +1091,7 @@ def triangle_multiplication(
     if w.a_p_w.shape[1] != z.shape[-1] or w.z_w.shape != (z.shape[-1], w.a_p_w.shape[0]):
         raise ValueError("triangle_multiplication: weight shapes do not match z's channel count")
     check_launchable(z, mask)
-    return _TriMulFn.apply(z, mask, bool(outgoing), float(eps), *w)
+    return _TriMulFn.apply(z, mask, bool(outgoing), float(eps), _needs_grad(z, w), *w)
 
 
 def _check_shard(op: str, z: torch.Tensor, w: TriMulWeights, outgoing: bool, p: int) -> None:
@@ -1082,4 +1144,5 @@ def triangle_multiplication_sharded(
         return triangle_multiplication(z, mask, w, outgoing, eps)
     _check_shard("triangle_multiplication_sharded", z, w, outgoing, comm.size)
     check_launchable(z, mask)
-    return _TriMulShardedFn.apply(z, mask, bool(outgoing), float(eps), comm, bool(overlap), *w)
+    return _TriMulShardedFn.apply(z, mask, bool(outgoing), float(eps), comm, bool(overlap),
+                                  _needs_grad(z, w), *w)

@@ -128,6 +128,39 @@ class _Run:
             return x
         return x + update
 
+    # OpenFold's in-place inference (inplace_safe, no gradients) gives its inputs up: shards are
+    # views of them, axis switches write into the tensor they switch, outputs are gathered into
+    # the caller's tensors (see docs/dap.md, "Memory in inference")
+    @property
+    def consume(self) -> bool:
+        return self.inplace_safe and self.p > 1 and not torch.is_grad_enabled()
+
+    def to_cols(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows -> columns of a pair tensor (or the MSA), synchronously."""
+        return fd.row_to_col_(x, self.group) if self.consume else fd.row_to_col(x, self.group)
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Columns -> rows, synchronously."""
+        return fd.col_to_row_(x, self.group) if self.consume else fd.col_to_row(x, self.group)
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's block along `dim` of a replicated (padded) input: a view of it when
+        consuming and the block is contiguous, else a copy (``fd.scatter``)."""
+        if self.consume:
+            blk = self.block(x, dim)
+            return blk if blk.is_contiguous() else blk.clone(memory_format=torch.contiguous_format)
+        return fd.scatter(x, dim, self.group)
+
+    def leave(self, x: torch.Tensor, dim: int, unpad: Dict[int, int],
+              dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The full tensor of blocks `x` along `dim`, unpadded: into `dest` (the caller's input)
+        when consuming and nothing was padded, else a new tensor."""
+        full = list(x.shape)
+        full[dim] *= self.p
+        if self.consume and dest is not None and list(dest.shape) == full and dest.dtype == x.dtype:
+            return fd.gather_into_(dest, x, dim, self.group)  # nothing was padded
+        return fd.unpad(fd.gather(x, dim, self.group), unpad)
+
 
 def _ops(module: nn.Module, x: torch.Tensor):
     state = module._fastfold_patch
@@ -391,7 +424,7 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
     drop = core.ps_dropout_row_layer
 
     m = _msa_row_attention(block, W, run, m, z)
-    m = fd.row_to_col(m, run.group)  # [*, S, N/P, C_m]
+    m = run.to_cols(m)  # [*, S, N/P, C_m]
     if isinstance(block, ExtraMSABlock):
         m = _msa_column_global_attention(block, W, run, m)
     else:
@@ -407,15 +440,15 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
     upd = _triangle_multiplication(core.tri_mul_out, W, "core.tri_mul_out", run, z,
                                    run.pair_mask_row, True)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
-    z = fd.row_to_col(z, run.group)
+    z = run.to_cols(z)
     upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
                                    run.pair_mask_col, False)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead, col_shard=True))
-    z = fd.col_to_row(z, run.group)
+    z = run.to_rows(z)
     upd = _triangle_attention_rows(core.tri_att_start, W, "core.tri_att_start", run, z,
                                    run.pair_mask_row)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
-    z = fd.row_to_col(z, run.group)
+    z = run.to_cols(z)
     # ending node: OpenFold transposes z and runs a starting-node attention (and its dropout)
     # on z^T, whose rows are the local columns of z
     zt = z.transpose(-2, -3)
@@ -424,7 +457,7 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
     z = _residual(run, drop, zt, upd, _pair_keep(run, drop, z, lead)).transpose(-2, -3)
     z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
                                run.pair_mask_col if run.mask_trans else None))
-    z = fd.col_to_row(z, run.group)
+    z = run.to_rows(z)
     return (m if final else m_next.wait()), z
 
 
@@ -449,21 +482,21 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
     upd = _triangle_attention_rows(block.tri_att_start, W, "tri_att_start", run, t,
                                    run.pair_mask_row)
     t = _residual(run, block.dropout_row, t, upd, keep["start"])
-    t = fd.row_to_col(t, run.group)
+    t = run.to_cols(t)
     upd = _triangle_attention_rows(block.tri_att_end, W, "tri_att_end", run, t.transpose(-2, -3),
                                    run.pair_mask_col.transpose(-1, -2))
     t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep["end"])
-    t = fd.col_to_row(t, run.group)
+    t = run.to_rows(t)
     upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
                                    run.pair_mask_row, True)
     t = _residual(run, block.dropout_row, t, upd, keep["out"])
-    t = fd.row_to_col(t, run.group)
+    t = run.to_cols(t)
     upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t, run.pair_mask_col,
                                    False)
     t = _residual(run, block.dropout_row, t, upd, keep["in"])
     t = run.add(t, _transition(run, W, "pair_transition", block.pair_transition, t,
                                run.pair_mask_col if run.mask_trans else None))
-    return fd.col_to_row(t, run.group)
+    return run.to_rows(t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,17 +510,17 @@ def _enter_msa(run: _Run, m, z, msa_mask, pair_mask):
         pair_mask = z.new_ones(z.shape[:-1])
     run.set_msa_mask(msa_mask)
     run.set_pair_mask(pair_mask)
-    m = fd.scatter(fd.pad_to(m, {-3: run.np_seq, -2: run.np_res}), -3, run.group)
-    z = fd.scatter(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3, run.group)
+    m = run.shard(fd.pad_to(m, {-3: run.np_seq, -2: run.np_res}), -3)
+    z = run.shard(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3)
     return m, z
 
 
-def _leave_pair(run: _Run, z: torch.Tensor) -> torch.Tensor:
-    return fd.unpad(fd.gather(z, -3, run.group), {-3: run.n_res, -2: run.n_res})
+def _leave_pair(run: _Run, z: torch.Tensor, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return run.leave(z, -3, {-3: run.n_res, -2: run.n_res}, dest)
 
 
-def _leave_msa_cols(run: _Run, m: torch.Tensor) -> torch.Tensor:
-    return fd.unpad(fd.gather(m, -2, run.group), {-3: run.n_seq, -2: run.n_res})
+def _leave_msa_cols(run: _Run, m: torch.Tensor, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return run.leave(m, -2, {-3: run.n_seq, -2: run.n_res}, dest)
 
 
 def _check_dropout_rng(run: _Run, modules, device) -> None:
@@ -552,18 +585,19 @@ def evoformer_stack_forward(self: EvoformerStack, m, z, msa_mask, pair_mask, chu
     run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), m.device)
+    m_in, z_in = m, z
     m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
     last = len(self.blocks) - 1
     blocks = [partial(_msa_block_sharded, b, run, final=(i == last))
               for i, b in enumerate(self.blocks)]
     m, z = _run_blocks(blocks, (m, z), self.blocks_per_ckpt)
     if last < 0:  # no blocks: m is still split by rows
-        m = fd.row_to_col(m, run.group)
+        m = run.to_cols(m)
     # single representation from the local residues of the first row
     W = _weights(self.linear, run)
     s = F.linear(m[..., 0, :, :], W["weight"], W["bias"])
     s = fd.unpad(fd.gather(s, -2, run.group), {-2: run.n_res})
-    return _leave_msa_cols(run, m), _leave_pair(run, z), s
+    return _leave_msa_cols(run, m, m_in), _leave_pair(run, z, z_in), s
 
 
 def extra_msa_stack_forward(self: ExtraMSAStack, m, z, msa_mask, pair_mask, chunk_size,
@@ -572,6 +606,7 @@ def extra_msa_stack_forward(self: ExtraMSAStack, m, z, msa_mask, pair_mask, chun
     run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), m.device)
+    z_in = z
     m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
     last = len(self.blocks) - 1
     for i, b in enumerate(self.blocks):
@@ -580,7 +615,7 @@ def extra_msa_stack_forward(self: ExtraMSAStack, m, z, msa_mask, pair_mask, chun
             m, z = _checkpoint(fn, m, z)
         else:
             m, z = fn(m, z)
-    return _leave_pair(run, z)
+    return _leave_pair(run, z, z_in)
 
 
 def template_pair_stack_forward(self: TemplatePairStack, t, mask, chunk_size, use_lma=False,
@@ -594,13 +629,14 @@ def template_pair_stack_forward(self: TemplatePairStack, t, mask, chunk_size, us
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), t.device)
     run.set_pair_mask(mask)
-    t = fd.scatter(fd.pad_to(t, {-3: run.np_res, -2: run.np_res}), -3, run.group)
+    t_in = t
+    t = run.shard(fd.pad_to(t, {-3: run.np_res, -2: run.np_res}), -3)
     blocks = [partial(_template_block_sharded, b, run) for b in self.blocks]
     (t,) = _run_blocks([lambda x, f=f: (f(x),) for f in blocks], (t,),
                        self.blocks_per_ckpt if self.training else None)
     W = _weights(self.layer_norm, run)
     t = run.ops.layer_norm(t, W["weight"], W["bias"], self.layer_norm.eps)
-    return _leave_pair(run, t)
+    return _leave_pair(run, t, t_in)
 
 
 def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chunk_size=None,
@@ -612,9 +648,10 @@ def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chu
     run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
                _mask_trans)
     _check_dropout_rng(run, _dropouts([self]), m.device)
+    m_in, z_in = m, z
     m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
     m, z = _msa_block_sharded(self, run, m, z, final=True)
-    return _leave_msa_cols(run, m), _leave_pair(run, z)
+    return _leave_msa_cols(run, m, m_in), _leave_pair(run, z, z_in)
 
 
 def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chunk_size=None,
@@ -626,13 +663,14 @@ def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chun
     run = _Run(_dap(self), _ops(self, m), z.shape[-2], m.shape[-3], chunk_size, inplace_safe,
                _mask_trans)
     _check_dropout_rng(run, _dropouts([self]), m.device)
+    m_in, z_in = m, z
     m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
     fn = partial(_msa_block_sharded, self, run, final=True)
     if self.ckpt and torch.is_grad_enabled():
         m, z = _checkpoint(fn, m, z)
     else:
         m, z = fn(m, z)
-    return _leave_msa_cols(run, m), _leave_pair(run, z)
+    return _leave_msa_cols(run, m, m_in), _leave_pair(run, z, z_in)
 
 
 def template_pair_stack_block_forward(self: TemplatePairStackBlock, z, mask, chunk_size=None,
@@ -643,8 +681,9 @@ def template_pair_stack_block_forward(self: TemplatePairStackBlock, z, mask, chu
                _mask_trans)
     _check_dropout_rng(run, _dropouts([self]), z.device)
     run.set_pair_mask(mask)
-    z = fd.scatter(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3, run.group)
-    return _leave_pair(run, _template_block_sharded(self, run, z))
+    z_in = z
+    z = run.shard(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3)
+    return _leave_pair(run, _template_block_sharded(self, run, z), z_in)
 
 
 # OpenFold class -> DAP replacement forward (used instead of the single-process ones when

@@ -35,6 +35,7 @@ runs while autograd computes the gradients of the work that sat between start an
 
 A failed or timed-out collective raises :class:`DAPCommError` naming the collective and the group.
 """
+import math
 from functools import partial
 from typing import List, Optional, Sequence, Tuple
 
@@ -440,3 +441,90 @@ def row_to_col_start(x: torch.Tensor, group) -> Pending:
 def col_to_row_start(x: torch.Tensor, group) -> Pending:
     """Async :func:`col_to_row`."""
     return all_to_all_start(x, -3, -2, group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference variants (no autograd) that reuse memory the caller gives up
+
+def _check_no_grad(op: str, *tensors: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"DAP {op}: this variant reuses memory and has no backward; call it under "
+            f"torch.no_grad() (with gradients, use the variant without the trailing underscore)")
+
+
+def _byte_range(t: torch.Tensor) -> Tuple[int, int]:
+    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+
+
+def all_to_all_(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+    """:func:`all_to_all` for inference that consumes `x`: the result is written into x's memory
+    (x's values are lost), so a switch of the split axis holds two buffers of x's size (x and
+    the packed send or the receive buffer) instead of three. A non-contiguous `x` falls back to
+    :func:`all_to_all`. No backward: raises if `x` needs a gradient."""
+    _check_no_grad("all-to-all", x)
+    p = group_size(group)
+    if p == 1:
+        return x
+    nd = x.dim()
+    s, g = _norm(scatter_dim, nd), _norm(gather_dim, nd)
+    if s == g:
+        raise ValueError("all_to_all_: scatter_dim and gather_dim must differ")
+    _check_divisible(x, s, p, "all-to-all")
+    if not x.is_contiguous():
+        return _all_to_all(x, s, g, group)
+    blocks = x.unflatten(s, (p, -1)).movedim(s, 0)  # block q goes to rank q
+    if blocks.is_contiguous():
+        # x already holds the blocks in send order: receive elsewhere, unpack into x
+        recv = torch.empty_like(blocks)
+        _guard("all-to-all", group, lambda: dist.all_to_all_single(recv, blocks, group=group))
+        res = recv.movedim(0, g)
+        return x.view(res.shape).copy_(res).flatten(g, g + 1)
+    send = blocks.contiguous()
+    recv = x.view(send.shape)
+    _guard("all-to-all", group, lambda: dist.all_to_all_single(recv, send, group=group))
+    send = None  # noqa: F841 - freed before the result is formed
+    return _finish_all_to_all(recv, g)
+
+
+def row_to_col_(x: torch.Tensor, group) -> torch.Tensor:
+    """:func:`row_to_col` consuming `x` (inference; see :func:`all_to_all_`)."""
+    return all_to_all_(x, -2, -3, group)
+
+
+def col_to_row_(x: torch.Tensor, group) -> torch.Tensor:
+    """:func:`col_to_row` consuming `x` (inference; see :func:`all_to_all_`)."""
+    return all_to_all_(x, -3, -2, group)
+
+
+def gather_into_(out: torch.Tensor, x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    """:func:`gather` for inference, into `out` (the full tensor; e.g. the caller's input, which
+    OpenFold's in-place inference returns updated). When the blocks along `dim` are contiguous
+    pieces of `out` (`out` contiguous, every dim before `dim` of size 1) they are gathered
+    straight into it, in place if `x` already is this rank's block of `out`; otherwise through
+    one temporary full-size buffer. Returns `out`. No backward."""
+    p = group_size(group)
+    d = _norm(dim, x.dim())
+    full = list(x.shape)
+    full[d] *= p
+    if list(out.shape) != full or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"gather_into_: out {tuple(out.shape)} {out.dtype} cannot hold the "
+                         f"blocks of {tuple(x.shape)} {x.dtype} along dim {dim} on {p} processes")
+    _check_no_grad("gather", x, out)
+    if p == 1:
+        return out if x.data_ptr() == out.data_ptr() and x.is_contiguous() else out.copy_(x)
+    if not out.is_contiguous():
+        return out.copy_(_all_gather(x, d, group))
+    if math.prod(out.shape[:d]) != 1:
+        buf, _, _ = _launch_all_gather(x, group, False)  # [P, *x.shape]
+        out.view(x.shape[:d] + (p,) + x.shape[d:]).copy_(buf.movedim(0, d))
+        return out
+    flat = out.view((p * x.shape[d],) + tuple(x.shape[d + 1:]))
+    inp = x.reshape(x.shape[d:])
+    x0, x1 = _byte_range(inp)
+    o0, o1 = _byte_range(out)
+    own_block = o0 + group_rank(group) * (x1 - x0)
+    if not inp.is_contiguous() or (x0 < o1 and o0 < x1 and x0 != own_block):
+        inp = inp.clone(memory_format=torch.contiguous_format)  # misplaced inside out
+    _guard("all-gather", group, lambda: dist.all_gather_into_tensor(flat, inp, group=group))
+    return out

@@ -22,10 +22,11 @@ def test_bench_dap_dry_run(tmp_path, tcp_port, nprocs):
     for key in ("gpu", "torch", "triton", "commit", "date", "colossalai"):
         assert header[key], (key, header)
     assert header["world"] == nprocs and header["dist_backend"] == "gloo"
-    assert {r["suite"] for r in rows} == {"strong", "inference", "weak", "profile"}
+    assert {r["suite"] for r in rows} == {"strong", "inference", "weak", "profile",
+                                      "profile-inference"}
     for r in rows:
         assert r["record"] == "result"
-        if r["suite"] != "profile":
+        if not r["suite"].startswith("profile"):
             assert r["ms"] > 0 and r["ms_p20"] <= r["ms_p80"], r
     dap_rows = [r for r in rows if r["suite"] == "strong" and r["provider"] == "dap"]
     assert {r["dap"] for r in dap_rows} == {nprocs} and {r["async"] for r in dap_rows} == {True, False}
@@ -35,3 +36,9 @@ def test_bench_dap_dry_run(tmp_path, tcp_port, nprocs):
     assert all(Path(r["trace"]).is_file() for r in prof)
     # wall vs busy time per step: busy (kernels or collectives running) fits inside the wall
     assert all(0 < r["busy_ms_per_step"] <= r["wall_ms_per_step"] for r in prof), prof
+    # the inference profile: DAP 1 and DAP P, and its kernel-table report
+    inf = [r for r in rows if r["suite"] == "profile-inference"]
+    assert sorted(r["dap"] for r in inf) == [1, nprocs], inf
+    assert all(0 < r["busy_ms_per_step"] <= r["wall_ms_per_step"] for r in inf), inf
+    report = (tmp_path / "traces" / "inference_kernels.txt").read_text()
+    assert "DAP 1" in report and f"DAP {nprocs}" in report and "kernel" in report

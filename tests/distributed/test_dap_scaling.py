@@ -44,10 +44,11 @@ def test_bench_dap_dry_run(run_workers, tmp_path, nprocs):
     header, *rows = [json.loads(line) for line in (tmp_path / "dap.jsonl").read_text().splitlines()]
     assert header["record"] == "header" and header["dry_run"] and header["world"] == nprocs
     assert header["dist_backend"] == "gloo"
-    assert {r["suite"] for r in rows} == {"strong", "inference", "weak", "profile"}
+    assert {r["suite"] for r in rows} == {"strong", "inference", "weak", "profile",
+                                      "profile-inference"}
     for r in rows:
         assert r["record"] == "result" and "note" not in r, r
-        if r["suite"] != "profile":
+        if not r["suite"].startswith("profile"):
             assert r["ms"] > 0 and r["ms_p20"] <= r["ms_p80"], r
     for suite in ("strong", "inference"):
         dap_rows = [r for r in rows if r["suite"] == suite and r["provider"] == "dap"]

@@ -135,6 +135,68 @@ def _check_all_to_all(ctx, shape, sdim, gdim, use_async):
     assert_close(lhs, rhs, rtol=1e-12, name=f"all_to_all adjoint {tag}")
 
 
+def _check_consuming(ctx):
+    """The inference variants: all_to_all_ equals all_to_all and, for the pair / MSA switches,
+    returns its input's memory; gather_into_ equals gather, in place when the input is this
+    rank's block of `out`, right when the input sits elsewhere inside `out`; both refuse a
+    tensor that needs a gradient."""
+    g, p, r = ctx.group, ctx.size, ctx.rank
+    # (shape, scatter dim, gather dim, result in x's memory when p > 1)
+    cases = [((2 * p, 3 * p, 4), -2, -3, True), ((2 * p, 3 * p, 4), -3, -2, True),
+             ((2, 3, 2 * p, p, 5), -2, -3, False), ((3 * p, 2, 2 * p), 0, 2, True),
+             ((2, 2 * p, 3 * p, 4), -3, -2, False), ((1, 2 * p, 3 * p, 4), -2, -3, True)]
+    for shape, sdim, gdim, reuses in cases:
+        x = randn(shape, 21).chunk(p, gdim)[r].contiguous()
+        exp = fd.all_to_all(x, sdim, gdim, g)
+        with torch.no_grad():
+            y = x.clone()
+            got = fd.all_to_all_(y, sdim, gdim, g)
+            assert torch.equal(got, exp), (shape, sdim, gdim)
+            if reuses:
+                assert got.data_ptr() == y.data_ptr(), f"all_to_all_ {shape} did not reuse x"
+            t = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous: falls back
+            assert torch.equal(fd.all_to_all_(t, sdim, gdim, g), exp)
+    full = randn((2 * p, 3 * p, 4), 22)
+    with torch.no_grad():
+        assert torch.equal(fd.row_to_col_(full.chunk(p, -3)[r].clone(), g), full.chunk(p, -2)[r])
+        assert torch.equal(fd.col_to_row_(full.chunk(p, -2)[r].clone(), g), full.chunk(p, -3)[r])
+    for dim, shape in [(0, (2 * p, 3, 4)), (-3, (1, 2 * p, 3, 4)), (1, (2, 3 * p, 4)),
+                       (-1, (3, 2 * p))]:
+        full = randn(shape, 23)
+        blk = full.chunk(p, dim)[r].contiguous()
+        with torch.no_grad():
+            out = torch.full_like(full, float("nan"))
+            assert fd.gather_into_(out, blk, dim, g) is out and torch.equal(out, full), (shape, dim)
+            out = torch.full_like(full, float("nan"))
+            view = out.chunk(p, dim)[r]  # in place: the block already sits at its place
+            view.copy_(blk)
+            assert torch.equal(fd.gather_into_(out, view, dim, g), full), (shape, dim)
+            if p > 1:
+                out = torch.full_like(full, float("nan"))
+                wrong = out.view(-1)[1:1 + blk.numel()].view(blk.shape)  # misplaced inside out
+                wrong.copy_(blk)
+                assert torch.equal(fd.gather_into_(out, wrong, dim, g), full), (shape, dim)
+            out_t = torch.full_like(full.transpose(0, -1).contiguous(), float("nan")).transpose(0, -1)
+            assert torch.equal(fd.gather_into_(out_t, blk, dim, g), full), (shape, dim)
+    with torch.no_grad():
+        try:
+            fd.gather_into_(torch.empty(p + 1, 3), torch.zeros(1, 3), 0, g)
+        except ValueError as e:
+            assert "cannot hold" in str(e), e
+        else:
+            raise AssertionError("gather_into_ accepted a wrong out shape")
+    needs = randn((2 * p, 3 * p, 4), 24).chunk(p, -3)[r].contiguous().requires_grad_()
+    for name, call in (("row_to_col_", lambda: fd.row_to_col_(needs, g)),
+                       ("gather_into_", lambda: fd.gather_into_(torch.empty(2 * p, 3 * p, 4, dtype=needs.dtype),
+                                                                needs, 0, g))):
+        try:
+            call()
+        except RuntimeError as e:
+            assert "no_grad" in str(e), e
+        else:
+            raise AssertionError(f"{name} accepted a tensor that needs a gradient")
+
+
 @scenario
 def primitives(args):
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
@@ -156,6 +218,7 @@ def primitives(args):
     assert torch.equal(fd.col_to_row(cols, ctx.group), rows)
     assert torch.equal(fd.col_to_row_start(cols, ctx.group).wait(), rows)
     assert torch.equal(fd.row_to_col_start(rows, ctx.group).wait(), cols)
+    _check_consuming(ctx)
 
     # sum_grads: identity forward, gradient summed over the group
     w = randn((3, 4), 11).requires_grad_()
@@ -345,10 +408,15 @@ def assert_sharded_shapes(calls, p, n_seq_p, n_res_p, c_m, c_z):
             assert numel <= max(full_m, full_z) // p, (name, shape, full_m, full_z)
 
 
-def check_stack(ctx, stock, inputs, ws, call_stock, call_dap, n_grad, shape_check, tag):
+def check_stack(ctx, stock, inputs, ws, call_stock, call_dap, n_grad, shape_check, tag,
+                in_place=()):
     """Stock `stock` (one process) vs its DAP copy: eval forward (no grad, in place), chunked eval,
     training forward + every gradient in fp32 and fp64 with dropout, async == sync, and the shapes
-    every op saw. Returns the number of recorded op calls."""
+    every op saw. Returns the number of recorded op calls.
+
+    `in_place`: (output index, input index) pairs: in the in-place eval, when that input's two
+    split dims (-3, -2) need no padding, the output comes back in the input's memory (gathered
+    into it, as OpenFold's in-place inference returns its inputs updated)."""
     import copy
 
     from fastfold_plugin.kernels import get_ops
@@ -361,10 +429,15 @@ def check_stack(ctx, stock, inputs, ws, call_stock, call_dap, n_grad, shape_chec
         exp = call_stock(stock)(*[x.clone() for x in inputs])
         exp = exp if isinstance(exp, tuple) else (exp,)
         for chunk in (None, 2):
-            got = call_dap(dap, inplace=True, chunk_size=chunk)(*[x.clone() for x in inputs])
+            ins = [x.clone() for x in inputs]
+            got = call_dap(dap, inplace=True, chunk_size=chunk)(*ins)
             got = got if isinstance(got, tuple) else (got,)
             for i, (a, b) in enumerate(zip(got, exp)):
                 tol_check(f"{tag} eval (chunk {chunk}) output {i}", a, b)
+            for o, i in in_place:
+                if ctx.size > 1 and all(n % ctx.size == 0 for n in ins[i].shape[-3:-1]):
+                    assert got[o].data_ptr() == ins[i].data_ptr(), \
+                        f"{tag} eval: output {o} is not in input {i}'s memory"
         # bf16 autocast: DAP's error against the fp32 result stays at stock bf16's own level
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s16 = call_stock(stock)(*[x.clone() for x in inputs])
@@ -426,7 +499,8 @@ def evoformer_case(ctx, args):
     calls = check_stack(
         ctx, stock, inputs, ws, msa_stack_call(), msa_stack_call(), 2,
         lambda c: assert_sharded_shapes(c, p, fd.padded_length(n_seq, p),
-                                        fd.padded_length(n_res, p), 16, 8), "evoformer")
+                                        fd.padded_length(n_res, p), 16, 8), "evoformer",
+        in_place=[(0, 0), (1, 1)])
     return calls
 
 
@@ -452,7 +526,8 @@ def extra_template_case(ctx, args):
     # math, chunked); the DAP forward ignores use_lma
     calls = check_stack(
         ctx, extra, inputs, ws, msa_stack_call(use_lma=True), msa_stack_call(), 2,
-        lambda c: assert_sharded_shapes(c, p, n_seq_p, n_res_p, 8, 8), "extra MSA")
+        lambda c: assert_sharded_shapes(c, p, n_seq_p, n_res_p, 8, 8), "extra MSA",
+        in_place=[(0, 1)])
     # the global column attention ran on the local columns, over the real sequences only
     assert calls > 0
 
@@ -476,7 +551,7 @@ def extra_template_case(ctx, args):
                 assert shape[-3] * shape[-2] <= n_res_p * n_res_p // p, (name, shape)
 
     calls += check_stack(ctx, templ, [t, pair_mask.unsqueeze(-3)], ws, templ_call, templ_call, 1,
-                         templ_shapes, "template")
+                         templ_shapes, "template", in_place=[(0, 0)])
     return calls
 
 
@@ -497,7 +572,7 @@ def blocks_case(ctx, args):
     calls = check_stack(ctx, evoformer_stack(no_blocks=1).blocks[0], inputs, ws, msa_stack_call(),
                         msa_stack_call(), 2,
                         lambda c: assert_sharded_shapes(c, p, n_seq_p, n_res_p, 16, 8),
-                        "evoformer block")
+                        "evoformer block", in_place=[(0, 0), (1, 1)])
     extra = randomize_parameters_(ExtraMSABlock(
         c_m=16, c_z=8, c_hidden_msa_att=4, c_hidden_opm=4, c_hidden_mul=8, c_hidden_pair_att=4,
         no_heads_msa=2, no_heads_pair=2, transition_n=2, msa_dropout=0.15, pair_dropout=0.25,

@@ -250,10 +250,11 @@ class _ThreadComm:
         return _Done()
 
 
-def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True):
+def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True, grad=True):
     """The sharded Function on P threads (one per emulated rank) on z [*, N, N, C_z] padded to a
     multiple of P (padding: random z, mask 0, zero upstream gradient, as DAP pads): the whole
-    output and dz (unpadded) and the weight gradients summed over ranks."""
+    output and dz (unpadded) and the weight gradients summed over ranks.  `grad` False: the
+    inference forward (the Function told that nothing needs a gradient); returns (output, ())."""
     n = z.shape[-2]
     r = -(-n // p)
     pad = p * r - n
@@ -284,7 +285,10 @@ def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True)
             with ctx:
                 out = trimul_module._TriMulShardedFn.apply(
                     leaves[0], shard(mp, dim + 1, q), outgoing, 1e-5, _ThreadComm(shared, q, p),
-                    overlap, *leaves[1:])
+                    overlap, grad, *leaves[1:])
+            if not grad:
+                results[q] = (out, ())
+                return
             gq = shard(gp, dim, q).to(out.dtype)
             results[q] = (out.detach(), torch.autograd.grad(out, leaves, gq))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -303,6 +307,8 @@ def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True)
     if errors:
         raise errors[0]
     out = torch.cat([res[0] for res in results], dim)[..., :n, :n, :]
+    if not grad:
+        return out, ()
     dz = torch.cat([res[1][0] for res in results], dim)[..., :n, :n, :]
     dws = [sum(res[1][i] for res in results[1:]) + results[0][1][i] if p > 1 else results[0][1][i]
            for i in range(1, len(w) + 1)]
@@ -352,6 +358,38 @@ def test_sharded_without_overlap_is_bit_identical(outgoing):
     assert torch.equal(on[0], off[0])
     for a, b in zip(on[1], off[1], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunk_channels", [1, 3, 100], ids=["chunk1", "chunk3", "whole"])
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("p,batch,n", [(2, (), 7), (3, (2,), 5)], ids=["P2-N7", "P3-B2-N5"])
+def test_sharded_inference_chunks_match_reference(p, batch, n, outgoing, chunk_channels, monkeypatch):
+    """Inference: G all-gathered in channel chunks (1 and 3 channels: a last partial chunk,
+    more chunks than the two buffers; and whole) equals the reference, overlap on and off bit
+    for bit; with a batch dim the chunks cut across batch entries."""
+    c_z, c_h = 8, 8
+    z, mask = random_inputs(batch, n, c_z, True)
+    w = random_weights(c_z, c_h)
+    r = -(-n // p)
+    monkeypatch.setattr(trimul_module, "_GATHER_CHUNK_BYTES", chunk_channels * p * r * p * r * 4)
+    exp = triangle_multiplication_reference(z, mask, w, outgoing)
+    g = torch.zeros_like(z)  # no backward runs
+    with torch.no_grad():
+        on, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=True, grad=False)
+        off, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=False, grad=False)
+    check_fp32(on, exp, "inference out")
+    assert torch.equal(on, off)
+
+
+def test_inference_is_decided_at_the_call_site():
+    """ctx.needs_input_grad says True for Parameters even under torch.no_grad, so the ops decide
+    before entering their Function: no_grad (or nothing requiring grad) -> the inference path."""
+    z, _ = random_inputs((), 6, 8, True)
+    w = TriMulWeights(*[torch.nn.Parameter(t) for t in random_weights(8, 8)])
+    assert trimul_module._needs_grad(z, w)
+    with torch.no_grad():
+        assert not trimul_module._needs_grad(z, w)
+    assert not trimul_module._needs_grad(z, TriMulWeights(*[t.detach() for t in w]))
 
 
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
