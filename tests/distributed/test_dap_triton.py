@@ -1,6 +1,6 @@
 """DAP with the Triton ops on every shard, vs stock OpenFold in one process.
 
-GPU (2 GPUs, NCCL, one process each; `make test-gpu` on a 2-GPU machine): AF2-like widths are
+GPU (2 and 4 GPUs, NCCL, one process each; `make test-gpu` on a 4-GPU machine): AF2-like widths are
 not needed here, the point is NCCL + compiled kernels + the caching allocator, and the padding
 rows DAP adds (N_res 37 and N_seq 11 on 2 ranks), which are fully masked attention rows: before
 the attention kernels floored their logits, those made DAP training gradients ~1e19 on GPUs. CPU (gloo,
@@ -16,6 +16,18 @@ def test_dap_on_two_gpus_matches_one_gpu(run_workers):
         pytest.fail(f"this test needs 2 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
                     f"2-GPU machine")
     results = run_workers("triton_stacks", 2, {"n_res": 37, "n_seq": 11, "device": "cuda"},
+                          deadline=600)
+    for r in results:
+        assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
+
+
+@pytest.mark.gpu
+def test_dap_on_four_gpus_matches_one_gpu(run_workers):
+    """The same at DAP 4 (N_res 37 padded to 40, N_seq 11 to 12)."""
+    if torch.cuda.device_count() < 4:
+        pytest.fail(f"this test needs 4 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
+                    f"4-GPU machine")
+    results = run_workers("triton_stacks", 4, {"n_res": 37, "n_seq": 11, "device": "cuda"},
                           deadline=600)
     for r in results:
         assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]

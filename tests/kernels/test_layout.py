@@ -1,0 +1,71 @@
+"""kernels/layout.py: the run-by-run strided copy equals torch's copy exactly, for the packs and
+unpacks of DAP's collectives and for layouts it must leave to torch."""
+import pytest
+import torch
+
+from fastfold_plugin.kernels import layout
+
+
+def _views(p, r, n, c, dtype, seed):
+    """The views an axis switch copies: the row->column pack [P, R, N/P, C] of a row shard, the
+    column->row unpack of a received [P, R, R, C], and both with a leading batch dim."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(r, n, c, generator=g).to(dtype)
+    recv = torch.randn(p, r, r, c, generator=g).to(dtype)
+    batched = torch.randn(2, r, n, c, generator=g).to(dtype)
+    return {
+        "pack": rows.unflatten(1, (p, -1)).movedim(1, 0),
+        "unpack": recv.movedim(0, 1),
+        "batched pack": batched.unflatten(2, (p, -1)).movedim(2, 0),
+        "transposed inner": rows.transpose(0, 1),  # runs of C only
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_copy_matches_torch(dtype, monkeypatch):
+    monkeypatch.setattr(layout, "_BLOCK", 64)  # several programs per run at tiny sizes
+    monkeypatch.setattr(layout, "_MIN_RUN", 8)
+    for name, v in _views(2, 3, 10, 8, dtype, seed=0).items():
+        assert not v.is_contiguous(), name
+        got = layout.contiguous(v)
+        assert got.is_contiguous() and torch.equal(got, v.contiguous()), name
+        out = torch.full(v.shape, float("nan"), dtype=dtype)
+        assert layout.copy_(out, v) is out and torch.equal(out, v), name
+        # into a strided destination: the unpack writes a permuted view of a buffer
+        buf = torch.full(v.movedim(0, -2).shape, float("nan"), dtype=dtype)
+        dst = buf.movedim(-2, 0)
+        layout.copy_(dst, v)
+        assert torch.equal(dst, v), name
+
+
+def test_launches_only_where_it_pays(monkeypatch):
+    """Short runs, more than three outer dims, a shared storage and mixed dtypes go to torch;
+    the pack of a switch goes to the kernel."""
+    launched = []
+    real = layout._copy_runs_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(layout, "_copy_runs_kernel", Spy())
+    monkeypatch.setattr(layout, "_MIN_RUN", 16)
+    x = torch.randn(4, 6, 40)
+    pack = x.unflatten(1, (2, -1)).movedim(1, 0)  # runs of 3 * 40 elements
+    layout.contiguous(pack)
+    assert len(launched) == 1
+    short = torch.randn(4, 6, 2).transpose(0, 1)  # runs of 2
+    assert torch.equal(layout.contiguous(short), short.contiguous())
+    five = torch.randn(2, 2, 2, 2, 2, 40).transpose(0, 1).transpose(2, 3)  # 4 outer dims
+    assert torch.equal(layout.contiguous(five), five.contiguous())
+    same = torch.randn(2, 64)
+    layout.copy_(same[:1], same[1:])  # shares storage with its source
+    assert torch.equal(same[0], same[1])
+    mixed = torch.empty(pack.shape, dtype=torch.float64)
+    assert torch.equal(layout.copy_(mixed, pack), pack.double())
+    assert len(launched) == 1
+    c = torch.randn(3, 4)
+    assert layout.contiguous(c) is c
+    with pytest.raises(ValueError):
+        layout.copy_(torch.empty(2, 3), torch.empty(3, 2))
