@@ -29,11 +29,18 @@ OpenFold's finite -1e9 mask a fully masked row has |max| ~ 1e9, where max + log(
 to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttention-2 order):
 
 1. ``_attention_bwd_preprocess_kernel``: gate gradient, gated dO, delta = rowsum(dO * O).
+   Small problems (up to ``_FOLD_PRE_MAX_LOGITS`` logits, where the op is bound by host time)
+   whose dO and delta only the dK/dV kernel reads fold this step into it (``FOLD_PRE``): each
+   program redoes it, with the same arithmetic, for every query block it visits, and the
+   programs of the first key block store the gate gradient.
 2. ``_attention_bwd_dkdv_kernel``: one program per (batch, head, key block) loops over query
    blocks, recomputing P = exp(S - max) / sum blockwise; dK and dV stay in registers. By
    default (``_FUSE_DQ``, ``_FUSE_DB``) the same program also adds dS k to a fp32 dQ buffer
    and dS to a fp32 pair-bias-gradient buffer (strides 0 on the bias's broadcast dims) with
-   atomics, so the whole backward is one pass with one exp per logit.
+   atomics, so the whole backward is one pass with one exp per logit. The two buffers are one
+   zeroed allocation, dQ's laid out like dq, and are converted to the inputs' dtypes by one
+   copy when those agree. A small fwd+bwd is thus 4 launches (forward, zero fill, dK/dV,
+   conversion; 3 in fp32).
 3. Otherwise ``_attention_bwd_dq_kernel``: one program per (batch, head, query block) loops
    over key blocks.
 4. Otherwise (and always for the mask bias) ``_attention_bwd_dbias_kernel``: one program owns
@@ -56,10 +63,11 @@ to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttent
 Layout. Inputs are taken through explicit strides, with no copies: q/k/v as OpenFold's
 transposed views of a Linear output, biases with stride 0 on broadcast dims. Leading batch dims
 are folded into at most two (size, stride) pairs per tensor (``collapse_dims``); the rare layout
-that needs more is handled by an explicit loop over the first batch dim. Offsets of batch and
-head are 64-bit. Head dims that are not a power of two or below tl.dot's 16 (extra-MSA: 8) are
-padded with masked loads. Key and query tails are handled by clamped loads (no masks in the
-main loop) and a masked last block.
+that needs more is handled by an explicit loop over the first batch dim. The fold, the
+broadcasts and every stride argument are worked out once per input layout (``_layout``, keyed
+on shapes and strides). Offsets of batch and head are 64-bit. Head dims that are not a power of
+two or below tl.dot's 16 (extra-MSA: 8) are padded with masked loads. Key and query tails are
+handled by clamped loads (no masks in the main loop) and a masked last block.
 
 Kernels are autotuned on the GPU over a few block configurations keyed on (C, Q, K buckets, bias
 and gate flags); under Triton's CPU interpreter one small configuration is used, and the kernels
@@ -67,6 +75,7 @@ and gate flags); under Triton's CPU interpreter one small configuration is used,
 and round to bf16 to nearest even (the interpreter truncates), so that they compute what the GPU
 computes.
 """
+import functools
 import math
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -334,6 +343,22 @@ def _attention_fwd_kernel(
 # Backward
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _gate_bwd(dout, o, gl, DO_TY: tl.constexpr, HAS_GATE: tl.constexpr, INTERP: tl.constexpr):
+    """From tiles of the upstream gradient, the ungated output O and the gate logits: the gated
+    dO rounded to DO_TY, the gate gradient dout * O * g (1 - g) [fp32] (with HAS_GATE) and
+    delta = rowsum(dO * O) [fp32] of the rounded dO (the dO the dS formula sees)."""
+    dout = dout.to(tl.float32)
+    o = o.to(tl.float32)
+    dg = dout
+    if HAS_GATE:
+        g = tl.sigmoid(gl.to(tl.float32))
+        dg = dout * o * g * (1.0 - g)
+        dout = dout * g
+    do = cast_rne(dout, DO_TY, INTERP)
+    return do, dg, tl.sum(do.to(tl.float32) * o, 1)
+
+
+@triton.jit
 def _attention_bwd_preprocess_kernel(
     DOUT, ORAW, G, DO, DG, DELTA,
     sd0, sd1, sdh, sdm, sdc,
@@ -360,35 +385,37 @@ def _attention_bwd_preprocess_kernel(
     row = offs_m[:, None]
     col = offs_c[None, :]
     dout = tl.load(DOUT + z0 * sd0 + z1 * sd1 + h * sdh + row * sdm + col * sdc,
-                   mask=mask, other=0.0).to(tl.float32)
+                   mask=mask, other=0.0)
     o = tl.load(ORAW + z0 * so0 + z1 * so1 + h * soh + row * som + col * soc,
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0)
+    gl = o
     if HAS_GATE:
-        g = tl.sigmoid(tl.load(G + z0 * sg0 + z1 * sg1 + h * sgh + row * sgm + col * sgc,
-                               mask=mask, other=0.0).to(tl.float32))
-        dg = dout * o * g * (1.0 - g)
+        gl = tl.load(G + z0 * sg0 + z1 * sg1 + h * sgh + row * sgm + col * sgc,
+                     mask=mask, other=0.0)
+    do, dg, delta = _gate_bwd(dout, o, gl, DO.dtype.element_ty, HAS_GATE, INTERP)
+    if HAS_GATE:
         tl.store(DG + z0 * sx0 + z1 * sx1 + h * sxh + row * sxm + col * sxc,
                  cast_rne(dg, DG.dtype.element_ty, INTERP), mask=mask)
-        do = cast_rne(dout * g, DO.dtype.element_ty, INTERP)
         tl.store(DO + z0 * sp0 + z1 * sp1 + h * sph + row * spm + col * spc, do, mask=mask)
-        dout = do.to(tl.float32)
-    else:
-        dout = cast_rne(dout, DO.dtype.element_ty, INTERP).to(tl.float32)
-    delta = tl.sum(dout * o, 1)
     tl.store(DELTA + zh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
 
 
 @triton.jit
-def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, offs_n,
-                              offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn,
-                              sbm, sbn, NQ, NK, STAT_STRIDE,
+def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG,
+                              offs_n, offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn,
+                              spm, spn, sbm, sbn, sdqm, sdqc, som, soc, sgm, sgc, NQ, NK,
+                              STAT_STRIDE, first_kb,
                               C: tl.constexpr, CP: tl.constexpr,
                               HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
                               PB_QB: tl.constexpr, MASK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
-                              FUSE_DB: tl.constexpr, DOT_PREC: tl.constexpr,
+                              FUSE_DB: tl.constexpr, FOLD_PRE: tl.constexpr,
+                              HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr,
                               INTERP: tl.constexpr, BLOCK_M: tl.constexpr):
     """One query block's contribution to dK, dV (transposed tiles [BLOCK_N, BLOCK_M]); with
-    FUSE_DQ also its dQ contribution dS k, added atomically to the fp32 [NQ, CP] rows at DQA."""
+    FUSE_DQ also its dQ contribution dS k, added atomically to the fp32 rows at DQA. With
+    FOLD_PRE, dO and delta come from the upstream gradient at DO, ORAW and the gate here (the
+    preprocess kernel's math, redone per key block); the first key block stores the gate
+    gradient."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASK_M:
         offs_mc = tl.minimum(offs_m, NQ - 1)
@@ -404,10 +431,22 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
     pT = tl.exp2(tl.minimum(sT - m[None, :], 0.0)) * il[None, :]
     if MASK_M:  # clamped duplicate rows must not contribute
         pT = tl.where(offs_m[None, :] < NQ, pT, 0.0)
-    do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
+    if FOLD_PRE:
+        dout = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
+        o = _load_rows(ORAW, offs_mc, offs_c, som, soc, C, CP)
+        gl = o
+        if HAS_GATE:
+            gl = _load_rows(G, offs_mc, offs_c, sgm, sgc, C, CP)
+        do, dg, delta = _gate_bwd(dout, o, gl, Q.dtype.element_ty, HAS_GATE, INTERP)
+        if HAS_GATE:
+            tl.store(DG + offs_m[:, None] * som + offs_c[None, :] * soc,
+                     cast_rne(dg, DG.dtype.element_ty, INTERP),
+                     mask=(offs_m[:, None] < NQ) & (offs_c[None, :] < C) & first_kb)
+    else:
+        do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
+        delta = tl.load(DELTA + offs_mc)
     dv = _mma(cast_rne(pT, do.dtype, INTERP), do, dv, DOT_PREC, INTERP)
     dpT = _mm(v, tl.trans(do), DOT_PREC, INTERP)
-    delta = tl.load(DELTA + offs_mc)
     dsT = pT * (dpT - delta[None, :])
     if FUSE_DB:  # bias gradient: dS added atomically (fp32) into its broadcast-summed buffer
         pb = DB + offs_n[:, None] * sbn + offs_m[None, :] * sbm
@@ -420,17 +459,20 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
     dk = _mma(dsT, tl.trans(qT), dk, DOT_PREC, INTERP)
     if FUSE_DQ:
         dq = _mm(tl.trans(dsT), kq, DOT_PREC, INTERP)
-        pq = DQA + offs_m[:, None] * CP + offs_c[None, :]
+        pq = DQA + offs_m[:, None] * sdqm + offs_c[None, :] * sdqc
         if MASK_M:
-            tl.atomic_add(pq, dq, mask=offs_m[:, None] < NQ, sem="relaxed")
-        else:
+            tl.atomic_add(pq, dq, mask=(offs_m[:, None] < NQ) & (offs_c[None, :] < C),
+                          sem="relaxed")
+        elif C == CP:
             tl.atomic_add(pq, dq, sem="relaxed")
+        else:
+            tl.atomic_add(pq, dq, mask=offs_c[None, :] < C, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB,
+    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB, ORAW, G, DG,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -440,16 +482,22 @@ def _attention_bwd_dkdv_kernel(
     sdk0, sdk1, sdkh, sdkn, sdkc,
     sdv0, sdv1, sdvh, sdvn, sdvc,
     sb0, sb1, sbh, sbm, sbn,
+    sdq0, sdq1, sdqh, sdqm, sdqc,
+    so0, so1, soh, som, soc,
+    sg0, sg1, sgh, sgm, sgc,
     Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
-    FUSE_DQ: tl.constexpr, FUSE_DB: tl.constexpr,
+    FUSE_DQ: tl.constexpr, FUSE_DB: tl.constexpr, FOLD_PRE: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV for one (batch, head, key block); loops over query blocks (transposed tiles).
-    With FUSE_DQ, dQ too, accumulated with fp32 atomics in DQA [Z, H, NQ, CP]; with FUSE_DB,
-    the pair-bias gradient, accumulated with fp32 atomics in DB (strides 0 on the dims it is
-    broadcast on)."""
+    With FUSE_DQ, dQ too, accumulated with fp32 atomics in DQA (a zeroed fp32 [*, H, Q, C]
+    buffer laid out like dq); with FUSE_DB, the pair-bias gradient, accumulated with fp32 atomics
+    in DB (strides 0 on the dims it is broadcast on). DO is the gated dO and DELTA its row sums
+    (from the preprocess kernel), or with FOLD_PRE the upstream gradient, from which dO, delta
+    and the gate gradient DG are computed here (ORAW: the ungated output; ORAW and DG share strides)."""
     pid = tl.program_id(0)
     n_kb = tl.cdiv(NK, BLOCK_N)
     kb = pid % n_kb
@@ -471,27 +519,37 @@ def _attention_bwd_dkdv_kernel(
     if HAS_PB:
         PB += z0 * sp0 + z1 * sp1 + h * sph
     STATS += zh.to(tl.int64) * NQ
-    DELTA += zh.to(tl.int64) * NQ
-    DQA += zh.to(tl.int64) * NQ * CP
+    if FOLD_PRE:
+        ORAW += z0 * so0 + z1 * so1 + h * soh
+        if HAS_GATE:
+            G += z0 * sg0 + z1 * sg1 + h * sgh
+            DG += z0 * so0 + z1 * so1 + h * soh
+    else:
+        DELTA += zh.to(tl.int64) * NQ
+    if FUSE_DQ:
+        DQA += z0 * sdq0 + z1 * sdq1 + h * sdqh
     if FUSE_DB:
         DB += z0 * sb0 + z1 * sb1 + h * sbh
     kq = k
     if FUSE_DQ:  # keys past NK are clamped duplicates: no dQ from them
         kq = tl.where(offs_n[:, None] < NK, k, 0.0).to(k.dtype)
+    first_kb = kb == 0
 
     dk = tl.zeros([BLOCK_N, CP], tl.float32)
     dv = tl.zeros([BLOCK_N, CP], tl.float32)
     m_full = (NQ // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, offs_n, offs_nc, offs_c,
-            start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, NQ, NK, STAT_STRIDE, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, False, FUSE_DQ, FUSE_DB, DOT_PREC, INTERP, BLOCK_M)
+            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, offs_n, offs_nc,
+            offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc,
+            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, C, CP, HAS_MB, MB_QB, HAS_PB,
+            PB_QB, False, FUSE_DQ, FUSE_DB, FOLD_PRE, HAS_GATE, DOT_PREC, INTERP, BLOCK_M)
     if m_full < NQ:
         dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, offs_n, offs_nc, offs_c,
-            m_full, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, NQ, NK, STAT_STRIDE, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, True, FUSE_DQ, FUSE_DB, DOT_PREC, INTERP, BLOCK_M)
+            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, offs_n, offs_nc,
+            offs_c, m_full, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc,
+            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, C, CP, HAS_MB, MB_QB, HAS_PB,
+            PB_QB, True, FUSE_DQ, FUSE_DB, FOLD_PRE, HAS_GATE, DOT_PREC, INTERP, BLOCK_M)
 
     st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
     tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
@@ -731,12 +789,23 @@ _DBIAS_WARPS = [(4, 3), (8, 2), (4, 2)]
 _DBIAS_BLOCK_M = _DBIAS_BLOCK_N = 64
 _FUSE_DQ = True  # dQ inside the dK/dV kernel with fp32 atomics (else its own kernel)
 _FUSE_DB = True  # pair-bias gradient inside the dK/dV kernel with fp32 atomics
+# Up to this many logits (Z * H * Q * K) the backward's preprocess (gate gradient, gated dO,
+# delta) is redone inside the dK/dV kernel for every key block (FOLD_PRE) instead of run once
+# by its own kernel. The fold saves a launch, 60-80 us of host time per fwd+bwd, which counts
+# while the op is host-bound (about 0.6 ms of host time per fwd+bwd on an H100); it costs GPU
+# time in proportion to the dK/dV kernel's (a dO, O and gate tile more per step), which counts
+# once it is GPU-bound. Measured on an H100 (bf16, untuned first configuration): ungated, the
+# kernels take the same time either way at 2^26-2^28 logits and 3% longer folded at 2^32
+# (triangle N_res 1024); gated, 0.40 -> 0.46 ms at 2^26 (MSA row 128 x 256, still host-bound)
+# and 0.75 -> 0.87 ms at 2^27 (256 x 256, GPU-bound: the fold loses), 2.8 -> 3.4 ms at 2^29.
+_FOLD_PRE_MAX_LOGITS = 1 << 26
 
 _INTERP_BLOCK_M, _INTERP_BLOCK_N = 16, 32  # under the interpreter: uneven, small tiles
 
 _fwd_tuned = autotune(_configs(_FWD_BLOCKS), key=_TUNE_KEY + ["HAS_GATE", "STORE_O"],
                       prune=_prune)(_attention_fwd_kernel)
-_dkdv_tuned = autotune(_configs(_DKDV_BLOCKS), key=_TUNE_KEY + ["FUSE_DQ", "FUSE_DB"], prune=_prune,
+_dkdv_tuned = autotune(_configs(_DKDV_BLOCKS),
+                       key=_TUNE_KEY + ["FUSE_DQ", "FUSE_DB", "FOLD_PRE", "HAS_GATE"], prune=_prune,
                        reset_to_zero=["DQA", "DB"])(_attention_bwd_dkdv_kernel)
 _dq_tuned = autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY, prune=_prune)(_attention_bwd_dq_kernel)
 _dbias_tuned = autotune(
@@ -744,9 +813,10 @@ _dbias_tuned = autotune(
     key=_TUNE_KEY + ["RED_Z0", "RED_Z1", "RED_H", "RED_Q"])(_attention_bwd_dbias_kernel)
 
 
-def _launch(jit_fn, tuned, grid, args, kwargs):
-    """The autotuned kernel on the GPU; one fixed small configuration under the interpreter."""
-    if is_interpreter():
+def _launch(jit_fn, tuned, grid, args, kwargs, interp):
+    """The autotuned kernel on the GPU; one fixed small configuration under the interpreter
+    (`interp`: ``is_interpreter()``, read once per forward / backward)."""
+    if interp:
         kw = dict(kwargs)
         if "BLOCK_M" not in kw:
             kw.update(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N)
@@ -766,7 +836,10 @@ def _target_programs(device: torch.device) -> int:
 # Layout planning
 # --------------------------------------------------------------------------------------------
 class _Plan(NamedTuple):
-    """Batch dims folded to (Z0, Z1); `strides[name]` = (s_z0, s_z1) for each tensor."""
+    """Batch dims folded to (Z0, Z1); `strides[name]` = (s_z0, s_z1, s_a, s_b, s_c) for each
+    tensor: its folded batch strides, then its last three dims' strides in the kernels' order
+    (q / k / v: head, row, channel; gate / out / dout, [*, Q, H, C]: the same; a bias broadcast
+    to [*, H, Q, K]: head, query, key, 0 on broadcast dims). An absent tensor has all zeros."""
     Z0: int
     Z1: int
     strides: dict
@@ -780,20 +853,35 @@ def _contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _make_plan(batch: Sequence[int], q_tail: Tuple[int, int, int], **tensors) -> Optional[_Plan]:
-    """Fold the batch dims for all `tensors` (each [*', a, b, c], broadcast to `batch`) and a
-    batch-contiguous [*, Q, H, C] output at once; None if more than two dims remain."""
+_BIASES = ("mask_bias", "pair_bias")
+
+
+def _make_plan(batch: Sequence[int], tail: Tuple[int, int, int, int], **tensors) -> Optional[_Plan]:
+    """Fold the batch dims for all `tensors` and a batch-contiguous [*, Q, H, C] output at once;
+    None if more than two dims remain. tail = (H, NQ, NK, C); q / k / v / gate / dout already
+    have the full batch dims, the biases broadcast to [*batch, H, NQ, NK]."""
     nb = len(batch)
-    H, NQ, C = q_tail
-    named = {n: tuple(t.expand(*batch, *t.shape[-3:]).stride()[:nb])
-             for n, t in tensors.items() if t is not None}
-    named["out"] = _contiguous_strides((*batch, NQ, H, C))[:nb]
-    sizes, folded = collapse_dims(batch, list(named.values()))
+    H, NQ, NK, C = tail
+    full = {}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if name in _BIASES:
+            st = t.expand(*batch, H, NQ, NK).stride()
+            full[name] = (st[:nb], st[nb:])
+        else:
+            st = t.stride()
+            full[name] = (st[:nb], tuple(st[nb + d] for d in _DIMS[name]))
+    st = _contiguous_strides((*batch, NQ, H, C))
+    full["out"] = (st[:nb], tuple(st[nb + d] for d in _QHC))
+    sizes, folded = collapse_dims(batch, [z for z, _ in full.values()])
     if len(sizes) > 2:
         return None
-    pad = 2 - len(sizes)
-    sizes = [1] * pad + sizes
-    strides = {n: (0,) * pad + tuple(s) for n, s in zip(named, folded, strict=True)}
+    pad = (0,) * (2 - len(sizes))
+    sizes = [1] * len(pad) + sizes
+    strides = dict.fromkeys(("q", "k", "v", "gate", *_BIASES), (0,) * 5)
+    for (name, (_, inner)), z in zip(full.items(), folded, strict=True):
+        strides[name] = pad + tuple(z) + inner
     return _Plan(sizes[0], sizes[1], strides)
 
 
@@ -818,24 +906,9 @@ def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return b
 
 
-def _strides5(plan: _Plan, name: str, t: Optional[torch.Tensor], dims: Tuple[int, int, int]):
-    """(s_z0, s_z1, s_a, s_b, s_c) for `t`, its last three dims picked in order `dims`."""
-    if t is None:
-        return (0, 0, 0, 0, 0)
-    s = t.stride()
-    return plan.strides[name] + tuple(s[t.dim() - 3 + d] for d in dims)
-
-
-def _bias_strides(plan: _Plan, name: str, b: Optional[torch.Tensor], full_tail):
-    """(s_z0, s_z1, s_h, s_q, s_k) of a bias broadcast to [*, H, Q, K] (0 on broadcast dims)."""
-    if b is None:
-        return (0, 0, 0, 0, 0)
-    s = b.expand(*b.shape[:-3], *full_tail).stride()
-    return plan.strides[name] + tuple(s[-3:])
-
-
 _QKV = (0, 1, 2)   # [*, H, Q, C]: (h, row, c)
 _QHC = (1, 0, 2)   # [*, Q, H, C]: (h, row, c)
+_DIMS = dict(q=_QKV, k=_QKV, v=_QKV, gate=_QHC, dout=_QHC)
 
 
 # --------------------------------------------------------------------------------------------
@@ -859,23 +932,22 @@ class _AttentionFunction(torch.autograd.Function):
         Z = plan.Z0 * plan.Z1
         stats = torch.empty((2, Z, H, NQ), device=q.device, dtype=torch.float32)
         flags = _bias_flags(mask_bias, pair_bias)
+        st = plan.strides
         args = (
             q, k, v,
             mask_bias if mask_bias is not None else q,
             pair_bias if pair_bias is not None else q,
             gate if gate is not None else q,
             out, o, stats,
-            *_strides5(plan, "q", q, _QKV), *_strides5(plan, "k", k, _QKV),
-            *_strides5(plan, "v", v, _QKV),
-            *_bias_strides(plan, "mask_bias", mask_bias, (H, NQ, NK)),
-            *_bias_strides(plan, "pair_bias", pair_bias, (H, NQ, NK)),
-            *_strides5(plan, "gate", gate, _QHC), *_strides5(plan, "out", out, _QHC),
+            *st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"], *st["gate"],
+            *st["out"],
             plan.Z1, H, NQ, NK, stats.stride(0), next_power_of_2(NQ), next_power_of_2(NK),
         )
+        interp = is_interpreter()
         kwargs = dict(C=C, CP=CP, **flags, HAS_GATE=gate is not None, STORE_O=store_o,
-                      DOT_PREC=dot_precision(q.dtype), INTERP=is_interpreter())
+                      DOT_PREC=dot_precision(q.dtype), INTERP=interp)
         _launch(_attention_fwd_kernel, _fwd_tuned,
-                lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,), args, kwargs)
+                lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,), args, kwargs, interp)
 
         ctx.plan = plan
         ctx.shape = (H, NQ, NK, C, CP)
@@ -889,40 +961,56 @@ class _AttentionFunction(torch.autograd.Function):
         batch = q.shape[:-3]
         Z = ctx.plan.Z0 * ctx.plan.Z1
         need_q, need_k, need_v, need_mb, need_pb, need_g = ctx.needs_input_grad[2:]
-        flags = _bias_flags(mask_bias, pair_bias)
-        prec = dot_precision(q.dtype)
+        interp = is_interpreter()
 
         # dout may come with any strides (e.g. expanded from a sum): fold it together with the
         # inputs; if that changes the fold, a contiguous copy folds like `out` always does.
         if dout.is_contiguous():  # the usual case: it folds like `out`
-            plan = ctx.plan._replace(strides=dict(ctx.plan.strides, dout=ctx.plan.strides["out"]))
+            plan = ctx.plan
+            dout_s = plan.strides["out"]
         else:
             tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
-            plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
+            plan = _make_plan(batch, (H, NQ, NK, C), dout=dout, **tensors)
             if plan is None or (plan.Z0, plan.Z1) != (ctx.plan.Z0, ctx.plan.Z1):
                 dout = dout.contiguous()
-                plan = _make_plan(batch, (H, NQ, C), dout=dout, **tensors)
-        dout_s = _strides5(plan, "dout", dout, _QHC)
+                plan = _make_plan(batch, (H, NQ, NK, C), dout=dout, **tensors)
+            dout_s = plan.strides["dout"]
+        st = plan.strides
 
-        # 1. preprocess: gate gradient, gated dO, delta
-        delta = torch.empty((Z, H, NQ), device=q.device, dtype=torch.float32)
+        run_dkdv = need_k or need_v
+        fuse_dq = need_q and run_dkdv and _FUSE_DQ
+        # the pair-bias gradient with atomics inside the dK/dV kernel (unless constant along K:
+        # then it is zero, see _bias_grad)
+        fuse_db = need_pb and run_dkdv and _FUSE_DB and not _const_along_k(pair_bias, NK)
+        # the preprocess is folded into the dK/dV kernel when no other kernel needs dO / delta
+        fold = (run_dkdv and not (need_q and not fuse_dq)
+                and not (need_mb and not _const_along_k(mask_bias, NK))
+                and not (need_pb and not fuse_db and not _const_along_k(pair_bias, NK))
+                and Z * H * NQ * NK <= _FOLD_PRE_MAX_LOGITS)
+
         dgate = None
+        o_s = st["out"]  # o and dgate: batch-contiguous [*, Q, H, C], as out
+        g_s = st["gate"]
         if gate is not None:
-            do = q.new_empty((*batch, NQ, H, C))
             dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
-            do_s = _contig_strides(plan, do, _QHC)
-            dg_s = _contig_strides(plan, dgate, _QHC)
+        if fold:
+            do, do_s, delta = dout, dout_s, stats  # delta: not read
         else:
-            do, do_s, dg_s = dout, dout_s, (0,) * 5
-        o_s = _contig_strides(plan, o, _QHC)
-        g_s = _strides5(plan, "gate", gate, _QHC)
-        block = 32 if is_interpreter() else 64
-        _attention_bwd_preprocess_kernel[(triton.cdiv(NQ, block) * Z * H,)](
-            dout, o, gate if gate is not None else o, do,
-            dgate if dgate is not None else o, delta,
-            *dout_s, *o_s, *g_s, *do_s, *dg_s, plan.Z1, H, NQ,
-            C=C, CP=CP, HAS_GATE=gate is not None, INTERP=is_interpreter(), BLOCK_M=block,
-            num_warps=4)
+            # 1. preprocess: gate gradient, gated dO, delta
+            delta = torch.empty((Z, H, NQ), device=q.device, dtype=torch.float32)
+            if gate is not None:
+                do = q.new_empty((*batch, NQ, H, C))
+                do_s = st["out"]
+            else:
+                do, do_s = dout, dout_s
+            block = 32 if interp else 64
+            _attention_bwd_preprocess_kernel[(triton.cdiv(NQ, block) * Z * H,)](
+                dout, o, gate if gate is not None else o, do,
+                dgate if dgate is not None else o, delta,
+                *dout_s, *o_s, *g_s, *do_s, *(o_s if gate is not None else (0,) * 5),
+                plan.Z1, H, NQ,
+                C=C, CP=CP, HAS_GATE=gate is not None, INTERP=interp, BLOCK_M=block,
+                num_warps=4)
 
         common = (
             q, k, v,
@@ -930,47 +1018,34 @@ class _AttentionFunction(torch.autograd.Function):
             pair_bias if pair_bias is not None else q,
             do, stats, delta,
         )
-        common_strides = (
-            *_strides5(plan, "q", q, _QKV), *_strides5(plan, "k", k, _QKV),
-            *_strides5(plan, "v", v, _QKV),
-            *_bias_strides(plan, "mask_bias", mask_bias, (H, NQ, NK)),
-            *_bias_strides(plan, "pair_bias", pair_bias, (H, NQ, NK)),
-            *do_s,
-        )
-        kwargs = dict(C=C, CP=CP, **flags, DOT_PREC=prec, INTERP=is_interpreter())
+        common_strides = (*st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"],
+                          *do_s)
+        kwargs = dict(C=C, CP=CP, **_bias_flags(mask_bias, pair_bias),
+                      DOT_PREC=dot_precision(q.dtype), INTERP=interp)
         qb, kb = next_power_of_2(NQ), next_power_of_2(NK)
 
         dq = dk = dv = dpb = None
-        fuse_dq = need_q and (need_k or need_v) and _FUSE_DQ
-        # the pair-bias gradient with atomics inside the dK/dV kernel (unless constant along K:
-        # then it is zero, see _bias_grad)
-        fuse_db = (need_pb and (need_k or need_v) and _FUSE_DB
-                   and not (NK > 1 and (pair_bias.shape[-1] == 1 or pair_bias.stride(-1) == 0)))
-        if need_k or need_v:
+        if run_dkdv:
             dk, dv = _grad_like(k), _grad_like(v)
-            dqa = (torch.zeros((Z, H, NQ, CP), device=q.device, dtype=torch.float32)
-                   if fuse_dq else delta.new_empty(1))
-            if fuse_db:
-                dba, db_s = _bias_grad_buffer(plan, pair_bias, "pair_bias", (H, NQ, NK))
-            else:
-                dba, db_s = delta.new_empty(1), (0,) * 5
+            buf, dqa, dba, db_s = _grad_accumulators(plan, q, pair_bias, fuse_dq, fuse_db,
+                                                     (H, NQ, NK))
             _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned,
                     lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
-                    (*common, dk, dv, dqa, dba, *common_strides,
-                     *_contig_strides(plan, dk, _QKV), *_contig_strides(plan, dv, _QKV),
-                     *db_s, plan.Z1, H, NQ, NK, stats.stride(0), qb, kb),
-                    dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db))
-            if fuse_db:
-                dpb = dba.reshape(pair_bias.shape).to(pair_bias.dtype)
-            if fuse_dq:
-                dq = _grad_like(q)
-                dq.copy_(dqa[..., :C].view(*batch, H, NQ, C))
+                    (*common, dk, dv, dqa, dba, o, gate if gate is not None else o,
+                     dgate if dgate is not None else o, *common_strides,
+                     *_contig_strides(plan, dk, _QKV), *_contig_strides(plan, dv, _QKV), *db_s,
+                     *(_contig_strides(plan, dqa, _QKV) if fuse_dq else (0,) * 5), *o_s, *g_s,
+                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb),
+                    dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db, FOLD_PRE=fold,
+                         HAS_GATE=fold and gate is not None),  # read only with FOLD_PRE
+                    interp)
+            dq, dpb = _accumulated_grads(buf, dqa, dba, q, pair_bias, fuse_dq, fuse_db)
         if need_q and not fuse_dq:
             dq = _grad_like(q)
             _launch(_attention_bwd_dq_kernel, _dq_tuned,
                     lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
                     (*common, dq, *common_strides, *_contig_strides(plan, dq, _QKV),
-                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs)
+                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs, interp)
         dmb = _bias_grad(plan, mask_bias, "mask_bias", common, common_strides, kwargs,
                          (H, NQ, NK)) if need_mb else None
         if need_pb and not fuse_db:
@@ -995,60 +1070,90 @@ def _contig_strides(plan: _Plan, t: torch.Tensor, dims) -> Tuple[int, ...]:
     return (per_batch * plan.Z1, per_batch) + tuple(inner[t.dim() - 3 + d] for d in dims)
 
 
-def _grad_like(t: torch.Tensor) -> torch.Tensor:
-    """Gradient buffer for q/k/v: batch dims contiguous; the [H, Q, C] block laid out like `t`
-    (OpenFold's q/k/v are [*, Q, H, C] buffers seen as [*, H, Q, C], and so is the gradient,
-    so the Linear backward that follows needs no copy)."""
-    if t.stride(-3) < t.stride(-2):
-        return t.new_empty((*t.shape[:-3], t.shape[-2], t.shape[-3], t.shape[-1])).transpose(-2, -3)
-    return t.new_empty(t.shape)
+def _grad_like(t: torch.Tensor, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient buffer for q/k/v (or a view of the flat `buf`, in its dtype): batch dims
+    contiguous; the [H, Q, C] block laid out like `t` (OpenFold's q/k/v are [*, Q, H, C] buffers
+    seen as [*, H, Q, C], and so is the gradient, so the Linear backward that follows needs no
+    copy)."""
+    shape = t.shape
+    transposed = t.stride(-3) < t.stride(-2)
+    if transposed:
+        shape = (*shape[:-3], shape[-2], shape[-3], shape[-1])
+    g = t.new_empty(shape) if buf is None else buf.view(shape)
+    return g.transpose(-2, -3) if transposed else g
 
 
-def _bias_grad_buffer(plan, bias, name, full_tail):
-    """A zeroed fp32 buffer for a bias gradient, summed over the bias's broadcast dims, and
-    its (s_z0, s_z1, s_h, s_q, s_k) strides, 0 on those dims (atomics add there)."""
+def _const_along_k(bias: Optional[torch.Tensor], NK: int) -> bool:
+    """A bias constant along K shifts each softmax row by a constant: its gradient is zero."""
+    return bias is not None and NK > 1 and (bias.shape[-1] == 1 or bias.stride(-1) == 0)
+
+
+def _grad_accumulators(plan, q, bias, fuse_dq, fuse_db, full_tail):
+    """The dK/dV kernel's fp32 atomic accumulators, zeroed by one fill: dQ laid out like q's
+    gradient (``_grad_like``), so that the conversion to q's dtype is a plain copy, then the
+    pair-bias gradient summed over the bias's broadcast dims. Returns (the buffer, dqa, dba, dba's
+    (s_z0, s_z1, s_h, s_q, s_k) strides, 0 on those dims: atomics add there); a tiny
+    placeholder stands in for an accumulator not asked for."""
     H, NQ, NK = full_tail
-    b = bias.expand(*bias.shape[:-3], *full_tail)
-    s0, s1 = plan.strides[name]
-    bs = b.stride()
-    flags = [plan.Z0 > 1 and s0 == 0, plan.Z1 > 1 and s1 == 0, H > 1 and bs[-3] == 0,
-             NQ > 1 and bs[-2] == 0]
-    dims = [1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags, strict=True)]
-    buf = torch.zeros((*dims, NK), device=bias.device, dtype=torch.float32)
-    st = list(buf.stride())
-    for i, f in enumerate(flags):
-        if f:
-            st[i] = 0
-    return buf, tuple(st)
+    n_dq = q.numel() if fuse_dq else 0
+    db_dims, db_flags = _bias_grad_dims(plan, "pair_bias", full_tail) if fuse_db else ((), ())
+    n_db = math.prod(db_dims) if fuse_db else 0
+    if n_dq + n_db == 0:
+        dummy = q.new_empty(1, dtype=torch.float32)
+        return dummy, dummy, dummy, (0,) * 5
+    buf = torch.zeros(n_dq + n_db, device=q.device, dtype=torch.float32)
+    dqa = _grad_like(q, buf[:n_dq]) if fuse_dq else buf
+    if not fuse_db:
+        return buf, dqa, buf, (0,) * 5
+    dba = buf[n_dq:].view(db_dims)
+    st = tuple(0 if f else s for s, f in zip(dba.stride(), (*db_flags, False), strict=True))
+    return buf, dqa, dba, st
+
+
+def _accumulated_grads(buf, dqa, dba, q, bias, fuse_dq, fuse_db):
+    """dq and the pair-bias gradient from ``_grad_accumulators``' fp32 sums, in their inputs'
+    dtypes: no conversion in fp32, one for both when they share a low-precision dtype (views of
+    the converted buffer keep the accumulators' layouts), else one each."""
+    if fuse_dq and fuse_db and q.dtype == bias.dtype != torch.float32:
+        buf, n_dq = buf.to(q.dtype), dqa.numel()
+        return _grad_like(q, buf[:n_dq]), buf[n_dq:].view(bias.shape)
+    dq = dqa.to(q.dtype) if fuse_dq else None
+    dpb = dba.reshape(bias.shape).to(bias.dtype) if fuse_db else None
+    return dq, dpb
+
+
+def _bias_grad_dims(plan, name, full_tail):
+    """The dims of a bias gradient summed over the bias's broadcast dims, [Z0, Z1, H, Q, K] with
+    1 on those dims, and the flags (z0, z1, h, q) of the summed dims."""
+    H, NQ, NK = full_tail
+    s0, s1, sh, sq, _ = plan.strides[name]
+    flags = (plan.Z0 > 1 and s0 == 0, plan.Z1 > 1 and s1 == 0, H > 1 and sh == 0,
+             NQ > 1 and sq == 0)
+    dims = tuple(1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags, strict=True))
+    return (*dims, NK), flags
 
 
 def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
     """Gradient of one bias, summed over its broadcast dims inside the kernel."""
     H, NQ, NK = full_tail
-    b = bias.expand(*bias.shape[:-3], *full_tail)
-    s0, s1 = plan.strides[name]
-    bs = b.stride()
-    if NK > 1 and (bias.shape[-1] == 1 or bs[-1] == 0):
+    if _const_along_k(bias, NK):
         # constant along K: a per-row shift of the logits, which the softmax ignores
         return torch.zeros_like(bias)
-    red = dict(
-        RED_Z0=plan.Z0 > 1 and s0 == 0, RED_Z1=plan.Z1 > 1 and s1 == 0,
-        RED_H=H > 1 and bs[-3] == 0, RED_Q=NQ > 1 and bs[-2] == 0,
-    )
-    if is_interpreter():
+    dims, flags = _bias_grad_dims(plan, name, full_tail)
+    red = dict(zip(("RED_Z0", "RED_Z1", "RED_H", "RED_Q"), flags, strict=True))
+    interp = kwargs["INTERP"]
+    if interp:
         bm, bn = _INTERP_BLOCK_M, _INTERP_BLOCK_N
     else:
         bm, bn = _DBIAS_BLOCK_M, _DBIAS_BLOCK_N
     n_qb, n_kb = triton.cdiv(NQ, bm), triton.cdiv(NK, bn)
     owned = [plan.Z0, plan.Z1, H, n_qb]
-    flags = [red["RED_Z0"], red["RED_Z1"], red["RED_H"], red["RED_Q"]]
     tiles = n_kb * math.prod(n for n, f in zip(owned, flags, strict=True) if not f)
     reduce_len = math.prod(n for n, f in zip(owned, flags, strict=True) if f)
     split = max(1, min(reduce_len, triton.cdiv(_target_programs(bias.device), tiles)))
     r_per = triton.cdiv(reduce_len, split)
     split = triton.cdiv(reduce_len, r_per)
-    dims = [1 if f else n for n, f in zip((plan.Z0, plan.Z1, H, NQ), flags, strict=True)]
-    buf = torch.empty((split, *dims, NK), device=bias.device, dtype=torch.float32)
+    buf = torch.empty((split, *dims), device=bias.device, dtype=torch.float32)
     sb = list(buf.stride())
     for i, f in enumerate(flags):
         if f:
@@ -1058,7 +1163,7 @@ def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
     args = (*common, buf, *common_strides, *sb, plan.Z0, plan.Z1, H, NQ, NK, stats.stride(0),
             next_power_of_2(NQ), next_power_of_2(NK), r_per)
     kw = dict(kwargs, **red)
-    if is_interpreter():
+    if interp:
         _attention_bwd_dbias_kernel[grid](*args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
     else:
         _dbias_tuned[grid](*args, **kw, BLOCK_M=bm, BLOCK_N=bn)
@@ -1103,7 +1208,45 @@ def attention(
         raise ValueError(f"head dim {C} > 128 is not supported by the Triton attention")
     check_launchable(q, k, v, mask_bias, pair_bias, gate)
     mask_bias, pair_bias = _bias_view(mask_bias), _bias_view(pair_bias)
-    H, NQ, NK = q.shape[-3], q.shape[-2], k.shape[-2]
+    lay = _layout(tuple(None if t is None else (t.shape, t.stride())
+                        for t in (q, k, v, mask_bias, pair_bias, gate)))
+    # an expand that changes nothing would still add a node to the autograd graph: skipped
+    q, k, v, gate = (t if shape is None else t.expand(shape)
+                     for t, shape in zip((q, k, v, gate), lay.expand, strict=True))
+    if lay.empty:
+        return attention_reference(q, k, v, mask_bias, pair_bias, gate)
+    if lay.plan is None:
+        # More than two batch dims that no stride merge folds: loop over the first one.
+        n_batch = len(lay.batch)
+        return torch.stack([
+            attention(*(_select(t, i, n_batch) for t in (q, k, v, mask_bias, pair_bias, gate)))
+            for i in range(lay.batch[0])
+        ])
+    # the ungated output is kept for the backward only when one will run
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, mask_bias, pair_bias, gate))
+    return _AttentionFunction.apply(lay.plan, needs_grad, q, k, v, mask_bias, pair_bias, gate)
+
+
+class _Layout(NamedTuple):
+    """What a call needs that depends only on its inputs' shapes and strides (see ``_layout``)."""
+    batch: Tuple[int, ...]   # the broadcast batch dims
+    expand: tuple            # per q, k, v, gate: the shape to expand it to, or None
+    empty: bool              # no query, key, head or channel: the reference computes it
+    plan: Optional[_Plan]    # None: more than two batch dims that no stride merge folds
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(key) -> _Layout:
+    """The ``_Layout`` of inputs with `key` = ((shape, strides) or None per q, k, v, mask_bias,
+    pair_bias, gate), worked out on meta tensors of that layout once per layout: the broadcasts,
+    expands, batch fold and stride arguments cost about 40 us of Python per fwd+bwd, and a model
+    calls the same few layouts every step. Keyed on shapes and strides only, never on data (each
+    launch reads the data pointers afresh). Raises on inputs that do not broadcast (nothing is
+    cached then)."""
+    q, k, v, mask_bias, pair_bias, gate = (
+        None if ss is None else torch.empty_strided(*ss, device="meta") for ss in key)
+    H, NQ, NK, C = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
     lead = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
     lead += [b.shape[:-3] for b in (mask_bias, pair_bias, gate) if b is not None]
     try:
@@ -1111,11 +1254,12 @@ def attention(
     except ValueError:
         raise ValueError(f"the batch dims of q, k, v and the biases / gate, {[tuple(t) for t in lead]}, "
                          f"do not broadcast (q {tuple(q.shape)}, k {tuple(k.shape)})") from None
-    # expand also checks the head and channel dims (or broadcasts size-1 ones); one that changes
-    # nothing would still add a node to the autograd graph, so it is skipped
-    q, k, v = (_expand(t, (*batch, H, n, C)) for t, n in ((q, NQ), (k, NK), (v, NK)))
-    if gate is not None:
-        gate = _expand(gate, (*batch, NQ, H, C))
+    # expand also checks the head and channel dims (or broadcasts size-1 ones)
+    targets = [(*batch, H, NQ, C), (*batch, H, NK, C), (*batch, H, NK, C), (*batch, NQ, H, C)]
+    expand = tuple(None if t is None or t.shape == shape else shape
+                   for t, shape in zip((q, k, v, gate), targets, strict=True))
+    q, k, v, gate = (t if shape is None else t.expand(shape)
+                     for t, shape in zip((q, k, v, gate), expand, strict=True))
     for name, b in (("mask_bias", mask_bias), ("pair_bias", pair_bias)):
         if b is not None:
             try:
@@ -1124,24 +1268,10 @@ def attention(
                 raise ValueError(f"{name} {tuple(b.shape)} does not broadcast to the logits "
                                  f"[*, H, Q, K] = {(*batch, H, NQ, NK)}") from None
     if q.numel() == 0 or NK == 0:
-        return attention_reference(q, k, v, mask_bias, pair_bias, gate)
-    plan = _make_plan(batch, (H, NQ, C), q=q, k=k, v=v, gate=gate,
+        return _Layout(batch, expand, True, None)
+    plan = _make_plan(batch, (H, NQ, NK, C), q=q, k=k, v=v, gate=gate,
                       mask_bias=mask_bias, pair_bias=pair_bias)
-    if plan is None:
-        # More than two batch dims that no stride merge folds: loop over the first one.
-        return torch.stack([
-            attention(*(_select(t, i, len(batch)) for t in (q, k, v, mask_bias, pair_bias, gate)))
-            for i in range(batch[0])
-        ])
-    # the ungated output is kept for the backward only when one will run
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mask_bias, pair_bias, gate))
-    return _AttentionFunction.apply(plan, needs_grad, q, k, v, mask_bias, pair_bias, gate)
-
-
-def _expand(t: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """``t.expand(shape)``, or `t` itself when it has that shape already."""
-    return t if t.shape == shape else t.expand(shape)
+    return _Layout(batch, expand, False, plan)
 
 
 def _select(t: Optional[torch.Tensor], i: int, n_batch: int) -> Optional[torch.Tensor]:

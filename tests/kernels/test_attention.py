@@ -2,6 +2,8 @@
 
 CPU runs use Triton's interpreter at tiny sizes; the `gpu` tests use real AlphaFold sizes.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -289,6 +291,138 @@ def test_size_one_head_and_gate_dims_broadcast_and_mismatches_raise():
         attention(q, torch.randn(2, 3, 8, 16), torch.randn(2, 3, 8, 16))
     with pytest.raises(RuntimeError):
         attention(q, k, v, gate=torch.randn(2, 8, 3, 16))
+
+
+# ---- backward paths: preprocess folded into the dK/dV kernel or its own launch --------------
+ATTN = importlib.import_module("fastfold_plugin.kernels.attention")
+
+
+class _CountLaunches:
+    """Stands in for a kernel and counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _force_fold(monkeypatch, fold):
+    """Fold the preprocess whenever it may (True) or never (False); returns its launch counter."""
+    monkeypatch.setattr(ATTN, "_FOLD_PRE_MAX_LOGITS", 1 << 62 if fold else -1)
+    counter = _CountLaunches(ATTN._attention_bwd_preprocess_kernel)
+    monkeypatch.setattr(ATTN, "_attention_bwd_preprocess_kernel", counter)
+    return counter
+
+
+# the preprocess folds when the dK/dV kernel runs and no other kernel reads dO / delta: the mask
+# bias gradient (its own kernel) and dQ without dK/dV (its own kernel) keep the separate launch
+GRAD_SETS = [
+    pytest.param(("q", "k", "v", "pair_bias", "gate"), True, id="all-fused"),
+    pytest.param(("k", "v", "pair_bias"), True, id="no-dq"),
+    pytest.param(("q", "k", "gate"), True, id="no-dbias"),
+    pytest.param(("v", "mask_bias"), False, id="mask-grad"),
+    pytest.param(("q", "pair_bias"), False, id="dq-kernel"),
+    pytest.param(("gate",), False, id="gate-only"),
+]
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "separate"])
+@pytest.mark.parametrize("names,foldable", GRAD_SETS)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_backward_preprocess_folded_or_separate(monkeypatch, gated, names, foldable, fold):
+    """Both backward paths against the reference, every gradient asked for; K = 33 spans two key
+    blocks under the interpreter (the gate gradient is stored by the first one only) and Q = 33
+    ends in a partial query block."""
+    counter = _force_fold(monkeypatch, fold)
+    inputs = make_case("row", 33, 16, torch.float32, b=1, s=2)
+    if not gated:
+        inputs["gate"] = None
+    check(_requires_grad(inputs, names), torch.float32, 1e-5)
+    no_backward = names == ("gate",) and not gated
+    assert counter.launches == (0 if (fold and foldable) or no_backward else 1)
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("case", ["row", "plain"])
+def test_folded_preprocess_matches_separate(monkeypatch, case, dtype, tol):
+    """The folded preprocess computes what the preprocess kernel computes (same dO rounding,
+    delta from the rounded dO, fp32 ungated output when gated): both paths match the reference
+    and each other; q/k/v gradients keep their inputs' layouts (row: gated, two key blocks;
+    plain: ungated, contiguous [B, H, Q, C])."""
+    inputs = _requires_grad(make_case(case, 33, 16, dtype, b=1, s=2))
+    results = {}
+    for fold in (True, False):
+        counter = _force_fold(monkeypatch, fold)
+        results[fold] = run(attention, inputs)
+        assert counter.launches == (0 if fold else 1)
+    check(inputs, dtype, tol)
+    (out_f, grads_f, _), (out_s, grads_s, _) = results[True], results[False]
+    assert_close(out_f, out_s, rtol=0, atol=0, name="out")
+    for name in grads_f:
+        exact = name != "pair_bias"  # its fp32 atomics may add in another order
+        assert_close(grads_f[name], grads_s[name], rtol=0 if exact else 1e-5,
+                     atol=0 if exact else 1e-6 * grads_s[name].abs().max().item(), name="d" + name)
+    for name in ("q", "k", "v"):
+        assert grads_f[name].stride() == inputs[name].stride(), name
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_folded_preprocess_fully_masked_rows(monkeypatch, dtype, gated):
+    """Fully masked rows through the folded backward: uniform, finite, and (fp32) the
+    reference's gradients."""
+    counter = _force_fold(monkeypatch, True)
+    inputs = make_case("row", 33, 16, dtype)
+    inputs["mask_bias"][0, 1] = -INF
+    if not gated:
+        inputs["gate"] = None
+    inputs = _requires_grad(inputs)
+    out, grads, dout = run(attention, inputs)
+    assert counter.launches == 0
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+    uniform = inputs["v"][0, 1].double().mean(dim=-2, keepdim=True).transpose(-2, -3)
+    if gated:
+        uniform = uniform * torch.sigmoid(inputs["gate"][0, 1].double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close(out[0, 1].double(), uniform.expand_as(out[0, 1]), rtol=tol, atol=tol,
+                 name="masked rows")
+    if dtype == torch.float32:
+        out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
+        for name in grads:
+            scale = grads_ref[name].abs().max().item()
+            assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5 * scale,
+                         max_rel=1e-5, name="d" + name)
+
+
+def test_layouts_with_equal_shapes_are_not_confused():
+    """The per-layout cache keys on strides as well as shapes: the same shapes with transposed,
+    contiguous or expanded (stride 0) inputs, called in turn, each match the reference."""
+    g = _gen(11)
+    q_t = (torch.randn(2, 9, 2, 16, generator=g) * 0.25).transpose(-2, -3)  # [2, 2, 9, 16]
+    k_t = torch.randn(2, 11, 2, 16, generator=g).transpose(-2, -3)
+    v = torch.randn(2, 2, 11, 16, generator=g)
+    pb = torch.randn(2, 9, 11, generator=g)
+    variants = [
+        (q_t, k_t),
+        (q_t.contiguous(), k_t.contiguous()),
+        (q_t, k_t[:1].expand(2, 2, 11, 16)),
+        (q_t, k_t),
+    ]
+    for q, k in variants:
+        inputs = dict(q=q, k=k, v=v, mask_bias=None, pair_bias=pb, gate=None)
+        check(_requires_grad(inputs, ("q", "k", "v", "pair_bias")), torch.float32, 1e-5)
+
+
+def test_layout_errors_are_raised_every_call():
+    """A layout that fails to broadcast raises on every call (errors are not cached)."""
+    q = torch.randn(2, 2, 5, 16)
+    k = torch.randn(2, 2, 7, 16)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="pair_bias .* does not broadcast"):
+            attention(q, k, k, pair_bias=torch.randn(3, 5, 7))
 
 
 # ---- the reference against OpenFold's own code (exact) -------------------------------------
