@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--trials", type=int, default=None)
     p.add_argument("--inner", type=int, default=None)
+    p.add_argument("--inference-n-res", default="2048,4096",
+                   help="comma-separated N_res of the inference suite (N_seq 128)")
     p.add_argument("--inference-chunk-size", type=int, default=128,
                    help="chunk_size for the inference suite (rows per chunk)")
     p.add_argument("--timeout", type=float, default=600.0, help="process-group timeout, seconds")
@@ -290,7 +292,7 @@ def suite_block(out: Output, contexts, args, device, train: bool):
         sizes = [(5, 9)] if args.dry_run else [(128, 256), (512, 384)]
         chunk = None
     else:
-        sizes = [(4, 11)] if args.dry_run else [(128, 2048), (128, 4096)]
+        sizes = [(4, 11)] if args.dry_run else [(128, int(n)) for n in args.inference_n_res.split(",")]
         chunk = args.inference_chunk_size
     stock = make_block(args, device).train(train)
     plugin = copy.deepcopy(stock)

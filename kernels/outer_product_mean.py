@@ -199,36 +199,37 @@ def _opm_proj_bwd_kernel(
 @triton.jit
 def _opm_out_fwd_kernel(
     OUTER, WO, BO, NORM, OUT,
-    RB, R0, R, C, CZ, eps, R_BUCKET,
+    RB, R0, R, NJ, C, CZ, eps, R_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
     """OUT[bt, R0 + il, j] = (sum_{c,e} O[bt, il, c, j, e] WO[:, c C + e] + BO) / (NORM + eps).
 
-    O is one chunk [Bt, RB, C, R, C] of the outer product; program (bt * RB + il, j block).
+    O is one chunk [Bt, RB, C, NJ, C] of the outer product of R pair rows by NJ columns (NORM
+    [Bt, R, NJ], OUT [Bt, R, NJ, CZ]); program (bt * RB + il, j block).
     BLOCK_K = (c values per step) * BLOCK_C.
     """
     pid_i = tl.program_id(0)
     bt = pid_i // RB
     i = R0 + pid_i % RB
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = j < R
+    j_ok = j < NJ
     z = tl.arange(0, BLOCK_CZ)
     z_ok = z < CZ
     k = tl.arange(0, BLOCK_K)
-    o_base = OUTER + pid_i.to(tl.int64) * C * R * C
+    o_base = OUTER + pid_i.to(tl.int64) * C * NJ * C
     acc = tl.zeros((BLOCK_J, BLOCK_CZ), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_K // BLOCK_C):
         ck = c0 + k // BLOCK_C
         ek = k % BLOCK_C
         k_ok = (ck < C) & (ek < C)
-        o = tl.load(o_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
+        o = tl.load(o_base + ck[None, :] * NJ * C + j[:, None] * C + ek[None, :],
                     mask=j_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(WO + z[None, :] * (C * C) + (ck * C + ek)[:, None], mask=k_ok[:, None] & z_ok[None, :],
                     other=0.0)
         acc += _dot(o, w, DOT_PREC, INTERP)
     bo = tl.load(BO + z, mask=z_ok, other=0.0)
-    pair0 = (bt.to(tl.int64) * R + i) * R  # pair (bt, i, 0); 64-bit scalar, 32-bit tile offsets
+    pair0 = (bt.to(tl.int64) * R + i) * NJ  # pair (bt, i, 0); 64-bit scalar, 32-bit tile offsets
     nrm = tl.load(NORM + pair0 + j, mask=j_ok, other=1.0)
     out = (acc + bo[None, :]) / (nrm + eps)[:, None]
     tl.store(OUT + pair0 * CZ + j[:, None] * CZ + z[None, :], _cast(out, OUT.dtype.element_ty, INTERP),
@@ -438,7 +439,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
                 o = _outer_chunk(a, b, r0, nr)
                 _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
                         lambda mt, nr=nr: (Bt * nr, triton.cdiv(R, mt["BLOCK_J"])),
-                        (o, wo, bo, norm, out, nr, r0, R, C, CZ, eps, _bucket(R)), pair_meta)
+                        (o, wo, bo, norm, out, nr, r0, R, R, C, CZ, eps, _bucket(R)), pair_meta)
                 del o
         ctx.save_for_backward(m2, mk, a, b, norm, w12, wo, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         ctx.meta = (eps, ln_eps, rb, cdt, m.dtype, m.shape)
@@ -546,3 +547,79 @@ def outer_product_mean(
     and the eight parameters (not to the mask).
     """
     return _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps, ln_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# rows of the output from projected operands (DAP: this rank's pair rows)
+# ----------------------------------------------------------------------------------------------
+def outer_product_mean_rows_reference(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    norm: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    eps: float = 1e-3,
+    chunk_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """Pair rows of the outer product mean from its projected, masked operands: a
+    ``[*, N_seq, R, C]`` (the rows' residues), b ``[*, N_seq, N, C]`` (every residue), norm
+    ``[*, R, N]`` (the pair counts ``sum_s mask[s, i] mask[s, j]``) -> ``[*, R, N, C_z]`` =
+    ``(outer(a_i, b_j).flatten() @ w_out^T + b_out) / (norm + eps)``. OpenFold's maths (einsum,
+    linear), in chunks of `chunk_rows` rows (None: all)."""
+    at = a.transpose(-2, -3)  # [*, R, N_seq, C]
+    bt = b.transpose(-2, -3)
+
+    def rows(ac):
+        outer = torch.einsum("...bac,...dae->...bdce", ac, bt)
+        return F.linear(outer.reshape(outer.shape[:-2] + (-1,)), w_out, b_out)
+
+    n = at.shape[-3]
+    step = n if not chunk_rows else chunk_rows
+    parts = [rows(at[..., r0:r0 + step, :, :]) for r0 in range(0, n, step)]
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+    return out / (norm.unsqueeze(-1) + eps)
+
+
+def outer_product_mean_rows(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    norm: torch.Tensor,
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    eps: float = 1e-3,
+    chunk_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """``outer_product_mean_rows_reference`` for inference: the outer product as a cuBLAS GEMM
+    per chunk of rows and ``_opm_out_fwd_kernel`` (linear_out, bias and the division by the
+    norm fused), as the whole op's forward does, without the ``[R, N, C * C]`` intermediate's
+    permute copy. Output in the compute dtype. Forward only: when anything needs a gradient it
+    runs the reference (DAP training does)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, norm, w_out, b_out)):
+        return outer_product_mean_rows_reference(a, b, norm, w_out, b_out, eps, chunk_rows)
+    if a.dim() < 3 or b.shape[:-2] != a.shape[:-2] or b.shape[-1] != a.shape[-1]:
+        raise ValueError(f"outer_product_mean_rows: a {tuple(a.shape)} and b {tuple(b.shape)} "
+                         f"must be [*, N_seq, R, C] and [*, N_seq, N, C]")
+    check_launchable(a, b, norm)
+    ac = autocast_dtype(a.device.type)
+    cdt = ac if ac is not None else a.dtype
+    batch = a.shape[:-3]
+    S, R, C = a.shape[-3:]
+    N, CZ = b.shape[-2], w_out.shape[0]
+    Bt = math.prod(batch)
+    rb = min(R, chunk_rows if chunk_rows else max(1, _CHUNK_ELEMENTS // max(1, Bt * C * N * C)))
+    with torch.autocast(a.device.type, enabled=False):
+        a3 = a.reshape(Bt, S, R * C).to(cdt).contiguous()
+        b3 = b.reshape(Bt, S, N * C).to(cdt).contiguous()
+        nrm = norm.expand(*batch, R, N).reshape(Bt, R, N).to(torch.float32).contiguous()
+        wo = w_out.to(cdt).contiguous()
+        bo = b_out.to(torch.float32).contiguous()
+        out = torch.empty((Bt, R, N, CZ), device=a.device, dtype=cdt)
+        pair_meta = _pair_meta(C, CZ, cdt)
+        for r0 in range(0, R, rb):
+            nr = min(rb, R - r0)
+            o = torch.bmm(a3[:, :, r0 * C:(r0 + nr) * C].transpose(1, 2), b3)  # [Bt, nr C, N C]
+            _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
+                    lambda mt, nr=nr: (Bt * nr, triton.cdiv(N, mt["BLOCK_J"])),
+                    (o, wo, bo, nrm, out, nr, r0, R, N, C, CZ, eps, _bucket(N)), pair_meta)
+            del o
+    return out.view(*batch, R, N, CZ)

@@ -48,9 +48,10 @@ training under DAP draws exactly the masks one process would.
 The single-process math on each shard is the op table's (``ops.attention``,
 ``ops.layer_norm``, ``ops.transition``, ``ops.global_attention``, ``ops.dropout_add``). The
 triangle multiplication is the sharded op ``ops.triangle_multiplication_sharded`` (Triton: the
-fused kernels on the shard around the all-gather). The outer product mean runs decomposed
-(``ops.layer_norm`` + projections + a cuBLAS contraction against the all-gathered operand),
-because its fused op takes the whole MSA tensor. OpenFold's chunk-size tuner is off under DAP:
+fused kernels on the shard around the all-gather). The outer product mean runs its LayerNorm and projections on the
+local residues, all-gathers b, and forms this rank's pair rows with
+``ops.outer_product_mean_rows`` (Triton, inference: a cuBLAS GEMM per chunk of rows and the fused
+linear_out kernel; with gradients: OpenFold's decomposed maths). OpenFold's chunk-size tuner is off under DAP:
 ``chunk_size`` (the config's value, the same on every rank) chunks the row-wise computations as
 given.
 """
@@ -71,7 +72,7 @@ import fastfold_plugin.distributed as fd
 from fastfold_plugin.kernels.dropout_add import keep_mask_shape
 from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights
 
-from .forwards import TRI_MUL_PARAMS, UnsupportedOption
+from .forwards import TRI_MUL_PARAMS, UnsupportedOption, cast_once
 
 # ----------------------------------------------------------------------------------------------
 # Per-forward state
@@ -239,6 +240,7 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
         return t.view(t.shape[:-1] + (h, -1)).transpose(-2, -3)
 
     def attend(xc, mbc, pb):
+        xc = cast_once(xc)
         q = heads(F.linear(xc, wq)) / scale
         kv = xc[..., :n_keys, :]
         k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))
@@ -354,19 +356,11 @@ def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tens
     b = F.linear(ln, W[f"{pfx}.linear_2.weight"], W[f"{pfx}.linear_2.bias"]) * mask
     del ln
     pend = run.all_gather(b, -2)  # -> [*, S, N, c]
-    # [*, N/P, N, 1]
-    norm = torch.einsum("...abc,...adc->...bdc", mask, run.msa_mask_full.unsqueeze(-1).to(mask.dtype))
-    norm = norm + mod.eps
-    a = a.transpose(-2, -3)  # [*, N/P, S, c]
-    b = pend.wait().transpose(-2, -3)  # [*, N, S, c]
-    w_out, b_out = W[f"{pfx}.linear_out.weight"], W[f"{pfx}.linear_out.bias"]
-
-    def opm(ac):
-        outer = torch.einsum("...bac,...dae->...bdce", ac, b)
-        return F.linear(outer.reshape(outer.shape[:-2] + (-1,)), w_out, b_out)
-
-    outer = _chunked(opm, run.chunk_size, a.shape[-3], (a, -3))
-    return outer / norm
+    # pair counts [*, N/P, N]
+    norm = torch.einsum("...ab,...ac->...bc", run.msa_mask_col,
+                        run.msa_mask_full.to(run.msa_mask_col.dtype))
+    return run.ops.outer_product_mean_rows(a, pend.wait(), norm, W[f"{pfx}.linear_out.weight"],
+                                           W[f"{pfx}.linear_out.bias"], mod.eps, run.chunk_size)
 
 
 def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,

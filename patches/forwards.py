@@ -42,6 +42,7 @@ from openfold.model.triangular_multiplicative_update import TriangleMultiplicati
 from openfold.utils.precision_utils import is_fp16_enabled
 from openfold.utils.tensor_utils import add, flatten_final_dims, permute_final_dims
 
+from fastfold_plugin.kernels._triton_utils import autocast_dtype
 from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights
 
 
@@ -63,6 +64,18 @@ def _mask_bias(mask: torch.Tensor, inf: float) -> torch.Tensor:
     return (inf * (mask - 1))[..., :, None, None, :]
 
 
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """Inference under autocast: an fp32 activation that several projections read, rounded to
+    the autocast dtype once. Autocast caches only its casts of leaf tensors (the weights), so
+    each Linear would round the same activation again (q, k, v and the gate: four casts of a
+    LayerNorm output, which is fp32 under autocast); the values are the same. With gradients
+    on, autocast's casts stay: their backwards sum the projections' gradients in fp32."""
+    if torch.is_grad_enabled() or x.dtype != torch.float32:
+        return x
+    dt = autocast_dtype(x.device.type)
+    return x if dt is None or dt == torch.float32 else x.to(dt)
+
+
 def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
          mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """OpenFold's Attention (projections, gated biased attention, output projection).
@@ -70,6 +83,9 @@ def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
     q_x [*, Q, C_q], kv_x [*, K, C_k]; the biases broadcast to [*, H, Q, K].
     """
     h = mha.no_heads
+    same = kv_x is q_x
+    q_x = cast_once(q_x)
+    kv_x = q_x if same else cast_once(kv_x)
     q = mha.linear_q(q_x)
     k = mha.linear_k(kv_x)
     v = mha.linear_v(kv_x)
