@@ -12,8 +12,9 @@ Suites (``--suites``, default all):
   (N_seq 128): speed-up and peak memory per GPU. As in OpenFold's in-place inference stack, the
   block works on the caller's m and z (the values drift from step to step; the work does not):
   at DAP 1 the block itself, at DAP P the stack's way in (``_enter_msa``: pad, this rank's
-  shards as views of the inputs) and the sharded block. Peak memory includes the full inputs,
-  which every rank holds (the contract).
+  shards as views of the inputs) and the sharded block; the stack's way out (one all-gather
+  per stack, not per block) is not timed. Peak memory includes the full inputs, which every
+  rank holds (the contract). Outputs are not checked here: tests/distributed does that.
 - ``weak``: DP x DAP weak scaling: a 2-block Evoformer stack training step (fwd+bwd, data-parallel
   gradient averaging) per DAP group of 2, with 1, 2, ... data-parallel groups.
 - ``profile``: a torch.profiler trace of a DAP block step (async and sync), with a summary of the

@@ -560,12 +560,13 @@ def outer_product_mean_rows_reference(
     b_out: torch.Tensor,
     eps: float = 1e-3,
     chunk_rows: Optional[int] = None,
+    inference: Optional[bool] = None,
 ) -> torch.Tensor:
     """Pair rows of the outer product mean from its projected, masked operands: a
     ``[*, N_seq, R, C]`` (the rows' residues), b ``[*, N_seq, N, C]`` (every residue), norm
     ``[*, R, N]`` (the pair counts ``sum_s mask[s, i] mask[s, j]``) -> ``[*, R, N, C_z]`` =
     ``(outer(a_i, b_j).flatten() @ w_out^T + b_out) / (norm + eps)``. OpenFold's maths (einsum,
-    linear), in chunks of `chunk_rows` rows (None: all)."""
+    linear), in chunks of `chunk_rows` rows (None: all). `inference` is the Triton op's; ignored."""
     at = a.transpose(-2, -3)  # [*, R, N_seq, C]
     bt = b.transpose(-2, -3)
 
@@ -588,17 +589,32 @@ def outer_product_mean_rows(
     b_out: torch.Tensor,
     eps: float = 1e-3,
     chunk_rows: Optional[int] = None,
+    inference: Optional[bool] = None,
 ) -> torch.Tensor:
     """``outer_product_mean_rows_reference`` for inference: the outer product as a cuBLAS GEMM
     per chunk of rows and ``_opm_out_fwd_kernel`` (linear_out, bias and the division by the
     norm fused), as the whole op's forward does, without the ``[R, N, C * C]`` intermediate's
-    permute copy. Output in the compute dtype. Forward only: when anything needs a gradient it
-    runs the reference (DAP training does)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, norm, w_out, b_out)):
+    permute copy. Output in the compute dtype. Forward only: it runs the reference when
+    `inference` is False, or, with `inference` None, when anything needs a gradient (DAP
+    training passes False, so that a checkpoint's gradient-free first pass and its recompute
+    compute the same numbers)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, norm, w_out, b_out))
+    if inference and needs_grad:
+        raise ValueError("outer_product_mean_rows: inference=True, but a gradient is needed")
+    if not (inference if inference is not None else not needs_grad):
         return outer_product_mean_rows_reference(a, b, norm, w_out, b_out, eps, chunk_rows)
     if a.dim() < 3 or b.shape[:-2] != a.shape[:-2] or b.shape[-1] != a.shape[-1]:
         raise ValueError(f"outer_product_mean_rows: a {tuple(a.shape)} and b {tuple(b.shape)} "
                          f"must be [*, N_seq, R, C] and [*, N_seq, N, C]")
+    C, R, N = a.shape[-1], a.shape[-2], b.shape[-2]
+    if w_out.dim() != 2 or w_out.shape[1] != C * C or b_out.shape != (w_out.shape[0],):
+        raise ValueError(f"outer_product_mean_rows: w_out {tuple(w_out.shape)} and b_out "
+                         f"{tuple(b_out.shape)} must be [C_z, {C * C}] and [C_z]")
+    try:
+        torch.broadcast_shapes(norm.shape, (*a.shape[:-3], R, N))
+    except RuntimeError:
+        raise ValueError(f"outer_product_mean_rows: norm {tuple(norm.shape)} does not broadcast "
+                         f"to [*, R, N] = {(*a.shape[:-3], R, N)}") from None
     check_launchable(a, b, norm)
     ac = autocast_dtype(a.device.type)
     cdt = ac if ac is not None else a.dtype

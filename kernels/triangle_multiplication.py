@@ -215,6 +215,7 @@ def triangle_multiplication_sharded_reference(
     group=None,
     overlap: bool = True,
     comm_error: type = RuntimeError,
+    inference: Optional[bool] = None,
 ) -> torch.Tensor:
     """``triangle_multiplication_sharded`` in plain PyTorch: OpenFold's maths on the shard
     (outgoing: rows z ``[*, N/P, N, C_z]``; incoming: columns z ``[*, N, N/P, C_z]``), with the
@@ -1021,6 +1022,16 @@ def _needs_grad(z: torch.Tensor, w: TriMulWeights) -> bool:
     return torch.is_grad_enabled() and (z.requires_grad or any(t.requires_grad for t in w))
 
 
+def _training(z: torch.Tensor, w: TriMulWeights, inference: Optional[bool]) -> bool:
+    """The sharded Function's `training` flag from the caller's `inference` (None: decided by
+    ``_needs_grad``)."""
+    needs_grad = _needs_grad(z, w)
+    if inference and needs_grad:
+        raise ValueError("triangle_multiplication_sharded: inference=True, but a gradient is "
+                         "needed (run it under torch.no_grad(), or pass inference=None)")
+    return needs_grad if inference is None else not inference
+
+
 def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, comm, overlap: bool):
     """``_TriMulShardedFn``'s forward when nothing needs a gradient, in less memory: both
     operands channel-major ``[Bt * C_h, R, N]`` (G as this rank's rows), G all-gathered one
@@ -1116,6 +1127,7 @@ def triangle_multiplication_sharded(
     group=None,
     overlap: bool = True,
     comm_error: type = RuntimeError,
+    inference: Optional[bool] = None,
 ) -> torch.Tensor:
     """This rank's shard of the fused triangle multiplicative update under DAP.
 
@@ -1137,6 +1149,12 @@ def triangle_multiplication_sharded(
     to be summed over the group by the caller (the DAP forwards do, with ``sum_grads``).  At
     P = 1 this is ``triangle_multiplication``.  A failed collective (forward or backward) raises
     `comm_error` naming it, the group size and this rank.
+
+    `inference`: whether to take the forward-only path (``_sharded_inference``: the operand
+    gathered in channel chunks).  None: when nothing needs a gradient.  A caller whose forward
+    may run twice with different grad modes (a reentrant checkpoint runs the first pass without
+    gradients) passes False there, so that both passes compute the same numbers; True while a
+    gradient is needed is an error.  The reference takes and ignores it.
     """
     w = TriMulWeights(*w)
     comm = _DistComm(group, comm_error)
@@ -1145,4 +1163,4 @@ def triangle_multiplication_sharded(
     _check_shard("triangle_multiplication_sharded", z, w, outgoing, comm.size)
     check_launchable(z, mask)
     return _TriMulShardedFn.apply(z, mask, bool(outgoing), float(eps), comm, bool(overlap),
-                                  _needs_grad(z, w), *w)
+                                  _training(z, w, inference), *w)

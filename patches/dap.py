@@ -136,6 +136,13 @@ class _Run:
     def consume(self) -> bool:
         return self.inplace_safe and self.p > 1 and not torch.is_grad_enabled()
 
+    @property
+    def inference(self) -> bool:
+        """Forward-only kernel paths (fused, chunked) may run: OpenFold's inference. Not
+        merely "no gradients": a reentrant checkpoint's first pass has none either, and its
+        recompute must compute the same numbers."""
+        return self.inplace_safe and not torch.is_grad_enabled()
+
     def to_cols(self, x: torch.Tensor) -> torch.Tensor:
         """Rows -> columns of a pair tensor (or the MSA), synchronously."""
         return fd.row_to_col_(x, self.group) if self.consume else fd.row_to_col(x, self.group)
@@ -248,6 +255,7 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
         if gw is not None:
             g = F.linear(xc, gw, gb)
             gate = g.view(g.shape[:-1] + (h, -1))
+        xc = kv = None  # the rounded copy is not needed past the projections
         if callable(pb):
             pb = pb()
         o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate)
@@ -360,7 +368,8 @@ def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tens
     norm = torch.einsum("...ab,...ac->...bc", run.msa_mask_col,
                         run.msa_mask_full.to(run.msa_mask_col.dtype))
     return run.ops.outer_product_mean_rows(a, pend.wait(), norm, W[f"{pfx}.linear_out.weight"],
-                                           W[f"{pfx}.linear_out.bias"], mod.eps, run.chunk_size)
+                                           W[f"{pfx}.linear_out.bias"], mod.eps, run.chunk_size,
+                                           inference=run.inference)
 
 
 def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,
@@ -375,7 +384,8 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
     w = TriMulWeights(*(W[f"{pfx}.{name}"] for name in TRI_MUL_PARAMS))
     return run.ops.triangle_multiplication_sharded(z, mask, w, outgoing, mod.layer_norm_in.eps,
                                                    run.group, overlap=run.async_comm,
-                                                   comm_error=fd.DAPCommError)
+                                                   comm_error=fd.DAPCommError,
+                                                   inference=run.inference)
 
 
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,

@@ -98,6 +98,7 @@ def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
     if mha.linear_g is not None:
         g = mha.linear_g(q_x)
         gate = g.view(g.shape[:-1] + (h, -1))
+    q_x = kv_x = None  # cast_once's copy is not needed past the projections
     # [*, Q, H, C_hidden]
     o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate)
     return mha.linear_o(flatten_final_dims(o, 2))

@@ -466,11 +466,11 @@ def col_to_row_start(x: torch.Tensor, group) -> Pending:
 # ----------------------------------------------------------------------------------------------
 # Inference variants (no autograd) that reuse memory the caller gives up
 
-def _check_no_grad(op: str, *tensors: torch.Tensor) -> None:
+def _check_no_grad(name: str, alternative: str, *tensors: torch.Tensor) -> None:
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(
-            f"DAP {op}: this variant reuses memory and has no backward; call it under "
-            f"torch.no_grad() (with gradients, use the variant without the trailing underscore)")
+            f"DAP {name}: reuses memory and has no backward; call it under torch.no_grad() "
+            f"(with gradients, use {alternative})")
 
 
 def _byte_range(t: torch.Tensor) -> Tuple[int, int]:
@@ -482,7 +482,7 @@ def all_to_all_(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> to
     (x's values are lost), so a switch of the split axis holds two buffers of x's size (x and
     the packed send or the receive buffer) instead of three. A non-contiguous `x` falls back to
     :func:`all_to_all`. No backward: raises if `x` needs a gradient."""
-    _check_no_grad("all-to-all", x)
+    _check_no_grad("all_to_all_", "all_to_all", x)
     p = group_size(group)
     if p == 1:
         return x
@@ -530,9 +530,10 @@ def gather_into_(out: torch.Tensor, x: torch.Tensor, dim: int, group) -> torch.T
     if list(out.shape) != full or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"gather_into_: out {tuple(out.shape)} {out.dtype} cannot hold the "
                          f"blocks of {tuple(x.shape)} {x.dtype} along dim {dim} on {p} processes")
-    _check_no_grad("gather", x, out)
+    _check_no_grad("gather_into_", "gather", x, out)
     if p == 1:
-        return out if x.data_ptr() == out.data_ptr() and x.is_contiguous() else out.copy_(x)
+        same = x.data_ptr() == out.data_ptr() and x.stride() == out.stride()
+        return out if same else out.copy_(x)
     if not out.is_contiguous():
         return out.copy_(_all_gather(x, d, group))
     if math.prod(out.shape[:d]) != 1:

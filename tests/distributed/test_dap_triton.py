@@ -33,8 +33,24 @@ def test_dap_on_four_gpus_matches_one_gpu(run_workers):
         assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
 
 
-def test_dap_triton_ops_on_cpu_with_poisoned_memory(run_workers):
-    results = run_workers("triton_stacks", 2, {"n_res": 7, "n_seq": 3, "device": "cpu",
-                                               "poison": True}, deadline=900)
+@pytest.mark.gpu
+def test_dap_unpadded_on_two_gpus_matches_one_gpu(run_workers):
+    """Lengths that need no padding (N_res 38, N_seq 12): in-place inference gathers the
+    outputs into the inputs (NCCL in-place all-gather); the trimul's operand gathered in many
+    small chunks through both buffers."""
+    if torch.cuda.device_count() < 2:
+        pytest.fail(f"this test needs 2 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
+                    f"2-GPU machine")
+    results = run_workers("triton_stacks", 2, {"n_res": 38, "n_seq": 12, "device": "cuda",
+                                               "gather_chunk_bytes": 4096}, deadline=600)
+    for r in results:
+        assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
+
+
+@pytest.mark.parametrize("args", [dict(n_res=7, n_seq=3),
+                                  dict(n_res=8, n_seq=4, gather_chunk_bytes=64)],
+                         ids=["padded", "unpadded-chunked"])
+def test_dap_triton_ops_on_cpu_with_poisoned_memory(run_workers, args):
+    results = run_workers("triton_stacks", 2, dict(args, device="cpu", poison=True), deadline=900)
     for r in results:
         assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]

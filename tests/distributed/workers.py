@@ -815,6 +815,9 @@ def triton_stacks(args):
     on_gpu = args.get("device", "cuda") == "cuda"
     if args.get("poison"):
         poison_empty()
+    if args.get("gather_chunk_bytes"):  # the sharded trimul's inference gathers in many chunks
+        from fastfold_plugin.kernels import triangle_multiplication as trimul_module
+        trimul_module._GATHER_CHUNK_BYTES = args["gather_chunk_bytes"]
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120,

@@ -167,10 +167,16 @@ class TritonTriMulOps:
     def __init__(self):
         self._ref, self._tri = get_ops("reference"), get_ops("triton")
         self.shapes = []
+        self.inference = []  # the `inference` each trimul / outer-product-rows call was given
 
     def triangle_multiplication_sharded(self, z, *args, **kwargs):
         self.shapes.append(tuple(z.shape))
+        self.inference.append(kwargs.get("inference"))
         return self._tri.triangle_multiplication_sharded(z, *args, **kwargs)
+
+    def outer_product_mean_rows(self, *args, **kwargs):
+        self.inference.append(kwargs.get("inference"))
+        return self._tri.outer_product_mean_rows(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._ref, name)
@@ -178,10 +184,11 @@ class TritonTriMulOps:
 
 @scenario
 def stacks_triton_trimul(args):
-    """An Evoformer stack and a template pair stack (2 blocks each, training mode, no dropout)
-    under DAP with the Triton sharded triangle multiplication equal stock OpenFold in one
-    process: outputs, every parameter gradient (after the DAP reduction) and the input
-    gradients (fp32)."""
+    """An Evoformer stack (activation checkpoints per block) and a template pair stack (2 blocks
+    each, training mode, no dropout) under DAP with the Triton sharded triangle multiplication
+    equal stock OpenFold in one process: outputs, every parameter gradient (after the DAP
+    reduction) and the input gradients (fp32). Every forward-only kernel choice was declined
+    explicitly (inference=False), in the checkpoints' gradient-free first passes too."""
     import copy
 
     from openfold.model.template import TemplatePairStack
@@ -192,7 +199,7 @@ def stacks_triton_trimul(args):
     n_res, n_seq = args["n_res"], args["n_seq"]
     gen = torch.Generator().manual_seed(3)
     m, z, msa_mask, pair_mask = msa_inputs(n_seq, n_res, 16, 8, seed=3)
-    evo = evoformer_stack(dropout=(0.0, 0.0), seed=5)
+    evo = evoformer_stack(blocks_per_ckpt=1, dropout=(0.0, 0.0), seed=5)
     templ = randomize_parameters_(TemplatePairStack(
         c_t=8, c_hidden_tri_att=4, c_hidden_tri_mul=8, no_blocks=2, no_heads=2,
         pair_transition_n=2, dropout_rate=0.0, blocks_per_ckpt=None, inf=1e9), seed=6)
@@ -217,6 +224,7 @@ def stacks_triton_trimul(args):
         got = run_and_grads(dap, call(dap), ins, ws, n_grad)
         r = fd.padded_length(n_res, ctx.size) // ctx.size
         assert ops.shapes and all(r in sh[-3:-1] for sh in ops.shapes), ops.shapes
+        assert ops.inference and all(f is False for f in ops.inference), ops.inference
         compare_runs(tag, got, exp)
         result(ok=True, size=ctx.size, stack=tag, trimul_calls=len(ops.shapes))
     fd.shutdown()

@@ -282,3 +282,25 @@ def test_rows_bf16_and_gradients():
     g = torch.randn_like(out)
     for t, gr in zip(leaves, torch.autograd.grad(out, leaves, g)):
         assert gr is not None and gr.shape == t.shape and gr.abs().sum() > 0
+
+
+def test_rows_inference_switch_and_errors():
+    """inference=False runs the reference even without gradients (a checkpoint's first pass);
+    inference=True with a gradient needed, and weights or norm of the wrong shape, are errors."""
+    from fastfold_plugin.kernels.outer_product_mean import (
+        outer_product_mean_rows,
+        outer_product_mean_rows_reference,
+    )
+
+    m, mask = random_inputs((), 4, 6, 16, True, seed=7)
+    ps = random_params(16, 8, 12, seed=8)
+    a, b, norm = _projected(m, mask, ps)
+    with torch.no_grad():
+        ref = outer_product_mean_rows_reference(a, b, norm, ps[6], ps[7])
+        assert torch.equal(outer_product_mean_rows(a, b, norm, ps[6], ps[7], inference=False), ref)
+        with pytest.raises(ValueError, match="w_out"):
+            outer_product_mean_rows(a, b, norm, ps[6][:, :-1], ps[7])
+        with pytest.raises(ValueError, match="norm"):
+            outer_product_mean_rows(a, b, norm[:, :-1], ps[6], ps[7])
+    with pytest.raises(ValueError, match="gradient is needed"):
+        outer_product_mean_rows(a, b, norm, ps[6].requires_grad_(), ps[7], inference=True)

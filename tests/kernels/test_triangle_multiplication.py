@@ -390,6 +390,15 @@ def test_inference_is_decided_at_the_call_site():
     with torch.no_grad():
         assert not trimul_module._needs_grad(z, w)
     assert not trimul_module._needs_grad(z, TriMulWeights(*[t.detach() for t in w]))
+    # the sharded op's explicit choice: a checkpoint's gradient-free first pass asks for the
+    # training forward (False), so that its recompute computes the same numbers
+    training = trimul_module._training
+    assert training(z, w, None) and training(z, w, False)
+    with pytest.raises(ValueError, match="gradient is needed"):
+        training(z, w, True)
+    with torch.no_grad():
+        assert not training(z, w, None) and not training(z, w, True)
+        assert training(z, w, False)
 
 
 @pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
