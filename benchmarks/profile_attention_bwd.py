@@ -150,7 +150,8 @@ def main():
     say("device:", torch.cuda.get_device_name(), "triton", triton.__version__)
     if args.sweep:
         A._dkdv_tuned = tuner(A._attention_bwd_dkdv_kernel, DKDV,
-                              A._TUNE_KEY + ["FUSE_DQ", "FUSE_DB"], reset_to_zero=["DQA", "DB"])
+                              A._TUNE_KEY + ["FUSE_DQ", "FUSE_DB", "FOLD_PRE", "HAS_GATE"],
+                              reset_to_zero=["DQA", "DB"])
         A._dq_tuned = tuner(A._attention_bwd_dq_kernel, DQ, A._TUNE_KEY)
     try:
         for name in args.cases.split(","):
