@@ -418,33 +418,40 @@ def overlap_summary(prof, device) -> dict:
             "n_comm": len(comm), "busy_ms": round(busy_us / 1e3, 4)}
 
 
+def _profiled(step, args, device):
+    """Warm `step` up, then run `--inner` steps (at least one) under torch.profiler between
+    barriers: (profile, steps, wall seconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    dist.barrier()
+    steps = max(1, args.inner)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    return prof, steps, wall
+
+
 def suite_profile(out: Output, contexts, args, device):
     """Per case and async setting: a Chrome trace, the collectives' overlap with compute, and
     the step's wall time against the time the GPU is busy (kernels of any kind): where the wall
     time is the larger, the step waits on the host (Python and kernel launches), not the GPU."""
-    from torch.profiler import ProfilerActivity, profile
-
     if not contexts:
         return
     d = min(contexts)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
     block = make_block(args, device).train()
     for n_seq, n_res in [(6, 7)] if args.dry_run else [(128, 256), (512, 384)]:
         ins = inputs(n_seq, n_res, args, device)
         for use_async in (True, False):
             step = dap_block_step(block, contexts[d].with_async(use_async), ins, args, device, True)
-            for _ in range(args.warmup):
-                step()
-            _sync(device)
-            dist.barrier()
-            steps = max(1, args.inner)
-            with profile(activities=acts) as prof:
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                _sync(device)
-                wall = time.perf_counter() - t0
+            prof, steps, wall = _profiled(step, args, device)
             trace = (Path(args.profile_dir) / f"dap{d}_{n_seq}x{n_res}_"
                      f"{'async' if use_async else 'sync'}_rank{dist.get_rank()}.json")
             prof.export_chrome_trace(str(trace))
@@ -461,14 +468,12 @@ def suite_profile_inference(out: Output, contexts, args, device):
     wall vs busy time per step and the kernels by GPU time (rank 0's), to
     <profile-dir>/inference_kernels.txt."""
     from profile_evoformer_block import kernel_table
-    from torch.profiler import ProfilerActivity, profile
 
     import fastfold_plugin
 
     if not contexts:
         return
     d = min(contexts)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     n_seq, n_res = (4, 11) if args.dry_run else (128, 2048)
     block = make_block(args, device).eval()
     plugin = copy.deepcopy(block)
@@ -480,17 +485,7 @@ def suite_profile_inference(out: Output, contexts, args, device):
         for dap, step in ((1, single_process_step(plugin, ins, args, device, False, chunk)),
                           (d, dap_block_step(block, contexts[d].with_async(True), ins, args,
                                              device, False, chunk))):
-            for _ in range(args.warmup):
-                step()
-            _sync(device)
-            dist.barrier()
-            steps = max(1, args.inner)
-            with profile(activities=acts) as prof:
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                _sync(device)
-                wall = time.perf_counter() - t0
+            prof, steps, wall = _profiled(step, args, device)
             summ = overlap_summary(prof, device)
             out.add(suite="profile-inference", case=f"{n_seq}x{n_res}", provider="dap", dap=dap,
                     dp=1, n_seq=n_seq, n_res=n_res, mode="inference", **{"async": dap > 1},

@@ -11,38 +11,18 @@ import torch
 
 
 @pytest.mark.gpu
-def test_dap_on_two_gpus_matches_one_gpu(run_workers):
-    if torch.cuda.device_count() < 2:
-        pytest.fail(f"this test needs 2 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
-                    f"2-GPU machine")
-    results = run_workers("triton_stacks", 2, {"n_res": 37, "n_seq": 11, "device": "cuda"},
-                          deadline=600)
-    for r in results:
-        assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
-
-
-@pytest.mark.gpu
-def test_dap_on_four_gpus_matches_one_gpu(run_workers):
-    """The same at DAP 4 (N_res 37 padded to 40, N_seq 11 to 12)."""
-    if torch.cuda.device_count() < 4:
-        pytest.fail(f"this test needs 4 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
-                    f"4-GPU machine")
-    results = run_workers("triton_stacks", 4, {"n_res": 37, "n_seq": 11, "device": "cuda"},
-                          deadline=600)
-    for r in results:
-        assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
-
-
-@pytest.mark.gpu
-def test_dap_unpadded_on_two_gpus_matches_one_gpu(run_workers):
-    """Lengths that need no padding (N_res 38, N_seq 12): in-place inference gathers the
-    outputs into the inputs (NCCL in-place all-gather); the trimul's operand gathered in many
-    small chunks through both buffers."""
-    if torch.cuda.device_count() < 2:
-        pytest.fail(f"this test needs 2 CUDA GPUs (found {torch.cuda.device_count()}): run it on a "
-                    f"2-GPU machine")
-    results = run_workers("triton_stacks", 2, {"n_res": 38, "n_seq": 12, "device": "cuda",
-                                               "gather_chunk_bytes": 4096}, deadline=600)
+@pytest.mark.parametrize("nprocs,args", [
+    (2, dict(n_res=37, n_seq=11)),
+    # lengths that need no padding: in-place inference gathers the outputs into the inputs
+    # (NCCL in-place all-gather); the trimul's operand gathered in many small chunks
+    (2, dict(n_res=38, n_seq=12, gather_chunk_bytes=4096)),
+    (4, dict(n_res=37, n_seq=11)),  # padded to 40 / 12
+], ids=["2gpus", "2gpus-unpadded-chunked", "4gpus"])
+def test_dap_on_gpus_matches_one_gpu(run_workers, nprocs, args):
+    if torch.cuda.device_count() < nprocs:
+        pytest.fail(f"this test needs {nprocs} CUDA GPUs (found {torch.cuda.device_count()}): run "
+                    f"it on a {nprocs}-GPU machine")
+    results = run_workers("triton_stacks", nprocs, dict(args, device="cuda"), deadline=600)
     for r in results:
         assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
 
