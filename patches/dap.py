@@ -48,12 +48,12 @@ training under DAP draws exactly the masks one process would.
 The single-process math on each shard is the op table's (``ops.attention``,
 ``ops.layer_norm``, ``ops.transition``, ``ops.global_attention``, ``ops.dropout_add``). The
 triangle multiplication is the sharded op ``ops.triangle_multiplication_sharded`` (Triton: the
-fused kernels on the shard around the all-gather). The outer product mean runs its LayerNorm and projections on the
-local residues, all-gathers b, and forms this rank's pair rows with
-``ops.outer_product_mean_rows`` (Triton, inference: a cuBLAS GEMM per chunk of rows and the fused
-linear_out kernel; with gradients: OpenFold's decomposed maths). OpenFold's chunk-size tuner is off under DAP:
-``chunk_size`` (the config's value, the same on every rank) chunks the row-wise computations as
-given.
+fused kernels on the shard around the all-gather). The outer product mean runs its LayerNorm
+and projections on the local residues, all-gathers b, and forms this rank's pair rows with
+``ops.outer_product_mean_rows`` (Triton, inference: a cuBLAS GEMM per chunk of rows and the
+fused linear_out kernel; in training: OpenFold's decomposed maths). OpenFold's chunk-size tuner
+is off under DAP: ``chunk_size`` (the config's value, the same on every rank) chunks the
+row-wise computations as given.
 """
 import math
 from functools import partial
@@ -133,15 +133,15 @@ class _Run:
     # views of them, axis switches write into the tensor they switch, outputs are gathered into
     # the caller's tensors (see docs/dap.md, "Memory in inference")
     @property
-    def consume(self) -> bool:
-        return self.inplace_safe and self.p > 1 and not torch.is_grad_enabled()
-
-    @property
     def inference(self) -> bool:
         """Forward-only kernel paths (fused, chunked) may run: OpenFold's inference. Not
         merely "no gradients": a reentrant checkpoint's first pass has none either, and its
         recompute must compute the same numbers."""
         return self.inplace_safe and not torch.is_grad_enabled()
+
+    @property
+    def consume(self) -> bool:
+        return self.p > 1 and self.inference
 
     def to_cols(self, x: torch.Tensor) -> torch.Tensor:
         """Rows -> columns of a pair tensor (or the MSA), synchronously."""
