@@ -386,10 +386,29 @@ def _bucket(n: int) -> int:
 
 
 def _outer_chunk(a: torch.Tensor, b: torch.Tensor, r0: int, nr: int) -> torch.Tensor:
-    """O [Bt, nr * C, N_res * C] = a[:, :, r0:r0+nr]^T b over N_seq (a, b [Bt, N_seq, N_res, C])."""
+    """O [Bt, nr * C, N * C] = a[:, :, r0:r0+nr]^T b over N_seq (a [Bt, N_seq, R, C], b
+    [Bt, N_seq, N, C], both contiguous)."""
     Bt, S, R, C = a.shape
     a_rows = a.view(Bt, S, R * C)[:, :, r0 * C: (r0 + nr) * C]
-    return torch.bmm(a_rows.transpose(1, 2), b.view(Bt, S, R * C))
+    return torch.bmm(a_rows.transpose(1, 2), b.view(Bt, S, -1))
+
+
+def _out_rows_fwd(a, b, norm, wo, bo, eps: float, rb: int, cdt: torch.dtype) -> torch.Tensor:
+    """out [Bt, R, N, C_z]: the outer product of a [Bt, N_seq, R, C] and b [Bt, N_seq, N, C]
+    (``cdt``, contiguous), rb rows at a time, through ``_opm_out_fwd_kernel`` (norm fp32
+    [Bt, R, N] pair counts, wo ``cdt``, bo fp32)."""
+    Bt, _, R, C = a.shape
+    N, CZ = b.shape[2], wo.shape[0]
+    out = torch.empty((Bt, R, N, CZ), device=a.device, dtype=cdt)
+    pair_meta = _pair_meta(C, CZ, cdt)
+    for r0 in range(0, R, rb):
+        nr = min(rb, R - r0)
+        o = _outer_chunk(a, b, r0, nr)
+        _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
+                lambda mt, nr=nr: (Bt * nr, triton.cdiv(N, mt["BLOCK_J"])),
+                (o, wo, bo, norm, out, nr, r0, R, N, C, CZ, eps, _bucket(N)), pair_meta)
+        del o
+    return out
 
 
 def _pair_meta(C: int, CZ: int, cdt: torch.dtype):
@@ -432,15 +451,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
             norm = torch.bmm(mk.transpose(1, 2), mk)  # [Bt, R, R]: exact pair counts
             wo = w_out.to(cdt).contiguous()
             bo = b_out.to(torch.float32).contiguous()
-            out = torch.empty((Bt, R, R, CZ), device=m.device, dtype=cdt)
-            pair_meta = _pair_meta(C, CZ, cdt)
-            for r0 in range(0, R, rb):
-                nr = min(rb, R - r0)
-                o = _outer_chunk(a, b, r0, nr)
-                _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
-                        lambda mt, nr=nr: (Bt * nr, triton.cdiv(R, mt["BLOCK_J"])),
-                        (o, wo, bo, norm, out, nr, r0, R, R, C, CZ, eps, _bucket(R)), pair_meta)
-                del o
+            out = _out_rows_fwd(a, b, norm, wo, bo, eps, rb, cdt)
         ctx.save_for_backward(m2, mk, a, b, norm, w12, wo, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         ctx.meta = (eps, ln_eps, rb, cdt, m.dtype, m.shape)
         return out.view(*batch, R, R, CZ)
@@ -618,24 +629,12 @@ def outer_product_mean_rows(
     check_launchable(a, b, norm)
     ac = autocast_dtype(a.device.type)
     cdt = ac if ac is not None else a.dtype
-    batch = a.shape[:-3]
-    S, R, C = a.shape[-3:]
-    N, CZ = b.shape[-2], w_out.shape[0]
+    batch, S = a.shape[:-3], a.shape[-3]
     Bt = math.prod(batch)
     rb = min(R, chunk_rows if chunk_rows else max(1, _CHUNK_ELEMENTS // max(1, Bt * C * N * C)))
     with torch.autocast(a.device.type, enabled=False):
-        a3 = a.reshape(Bt, S, R * C).to(cdt).contiguous()
-        b3 = b.reshape(Bt, S, N * C).to(cdt).contiguous()
-        nrm = norm.expand(*batch, R, N).reshape(Bt, R, N).to(torch.float32).contiguous()
-        wo = w_out.to(cdt).contiguous()
-        bo = b_out.to(torch.float32).contiguous()
-        out = torch.empty((Bt, R, N, CZ), device=a.device, dtype=cdt)
-        pair_meta = _pair_meta(C, CZ, cdt)
-        for r0 in range(0, R, rb):
-            nr = min(rb, R - r0)
-            o = torch.bmm(a3[:, :, r0 * C:(r0 + nr) * C].transpose(1, 2), b3)  # [Bt, nr C, N C]
-            _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
-                    lambda mt, nr=nr: (Bt * nr, triton.cdiv(N, mt["BLOCK_J"])),
-                    (o, wo, bo, nrm, out, nr, r0, R, N, C, CZ, eps, _bucket(N)), pair_meta)
-            del o
-    return out.view(*batch, R, N, CZ)
+        out = _out_rows_fwd(
+            a.reshape(Bt, S, R, C).to(cdt).contiguous(), b.reshape(Bt, S, N, C).to(cdt).contiguous(),
+            norm.expand(*batch, R, N).reshape(Bt, R, N).to(torch.float32).contiguous(),
+            w_out.to(cdt).contiguous(), b_out.to(torch.float32).contiguous(), eps, rb, cdt)
+    return out.view(*batch, R, N, w_out.shape[0])
