@@ -129,6 +129,11 @@ class _Run:
             return x
         return x + update
 
+    def into(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """`x` when a row-chunked update may be added straight into it (OpenFold's in-place
+        inference, no dropout mask), else None (the update is formed whole, then added)."""
+        return x if self.inplace_safe and keep is None else None
+
     # OpenFold's in-place inference (inplace_safe, no gradients) gives its inputs up: shards are
     # views of them, axis switches write into the tensor they switch, outputs are gathered into
     # the caller's tensors (see docs/dap.md, "Memory in inference")
@@ -202,15 +207,24 @@ def _mask_bias(mask: torch.Tensor, inf: float, n_keys: int) -> torch.Tensor:
     return (inf * (mask - 1))[..., :, None, None, :n_keys]
 
 
-def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args):
-    """fn over chunks of `n` rows: each arg is (tensor, dim) to slice, or a plain value."""
+def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args,
+             into: Optional[torch.Tensor] = None):
+    """fn over chunks of `n` rows (dim -3 of its output): each arg is (tensor, dim) to slice, or a
+    plain value. The chunks' outputs are concatenated, or, with `into`, added into its rows as
+    they come (no full-size output: OpenFold's in-place inference adds the update to the
+    residual stream anyway)."""
     def piece(s, e):
         return [a[0].narrow(a[1], s, e - s) if isinstance(a, tuple) else a for a in args]
 
-    if chunk_size is None or chunk_size >= n:
+    spans = ([(0, n)] if chunk_size is None or chunk_size >= n
+             else [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)])
+    if into is not None:
+        for s, e in spans:
+            into.narrow(-3, s, e - s).add_(fn(*piece(s, e)))
+        return into
+    if len(spans) == 1:
         return fn(*piece(0, n))
-    outs = [fn(*piece(s, min(s + chunk_size, n))) for s in range(0, n, chunk_size)]
-    return torch.cat(outs, dim=-3)
+    return torch.cat([fn(*piece(s, e)) for s, e in spans], dim=-3)
 
 
 def _draw_keep(drop: nn.Module, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -232,10 +246,13 @@ def _residual(run: _Run, drop: nn.Module, x: torch.Tensor, update: torch.Tensor,
 # Sub-modules on shards
 
 def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int,
-            mask_bias: torch.Tensor, pair_bias: Optional[Callable], chunk_size: Optional[int]):
+            mask_bias: torch.Tensor, pair_bias: Optional[Callable], chunk_size: Optional[int],
+            into: Optional[torch.Tensor] = None):
     """OpenFold's gated multi-head attention of each row of `x` [*, R, Q, C] over its first
     `n_keys` entries. mask_bias [*, R, 1, 1, n_keys]; pair_bias() -> [*, 1, H, Q, n_keys] is
-    called after the projections (it may wait for a collective)."""
+    called after the projections (it may wait for a collective). Returns the update, or, with
+    `into` (the residual stream, `x`'s shape), adds it into `into` chunk by chunk and returns
+    `into`."""
     h = mha.no_heads
     wq, wk, wv = W[f"{pfx}.linear_q.weight"], W[f"{pfx}.linear_k.weight"], W[f"{pfx}.linear_v.weight"]
     wo, bo = W[f"{pfx}.linear_o.weight"], W[f"{pfx}.linear_o.bias"]
@@ -262,10 +279,9 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
         return F.linear(o.flatten(-2), wo, bo)
 
     n = x.shape[-3]
-    if chunk_size is None or chunk_size >= n:
-        return attend(x, mask_bias, pair_bias)
-    pb = pair_bias() if callable(pair_bias) else pair_bias
-    return _chunked(attend, chunk_size, n, (x, -3), (mask_bias, -4), pb)
+    if chunk_size is not None and chunk_size < n and callable(pair_bias):
+        pair_bias = pair_bias()  # shared by the chunks: waited for before the first one
+    return _chunked(attend, chunk_size, n, (x, -3), (mask_bias, -4), pair_bias, into=into)
 
 
 def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -284,12 +300,15 @@ def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) ->
         # [*, N, N, H] -> [*, 1, H, N, N_keys]
         return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
 
-    upd = _attend(run, W, "msa_att_row.mha", mod.mha, ml, run.n_res,
-                  _mask_bias(run.msa_mask_row, mod.inf, run.n_res), pair_bias, run.chunk_size)
+    # (the attention draws no random numbers: drawing the mask first keeps OpenFold's order)
     keep = _draw_keep(block.msa_dropout_layer, (*m.shape[:-3], run.n_seq, run.n_res, m.shape[-1]), m)
     if keep is not None:
         keep = fd.pad_to(keep, {-2: run.np_res})
-    return _residual(run, block.msa_dropout_layer, m, upd, keep)
+    into = run.into(m, keep)
+    upd = _attend(run, W, "msa_att_row.mha", mod.mha, ml, run.n_res,
+                  _mask_bias(run.msa_mask_row, mod.inf, run.n_res), pair_bias, run.chunk_size,
+                  into)
+    return m if into is not None else _residual(run, block.msa_dropout_layer, m, upd, keep)
 
 
 def _msa_column_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
@@ -300,8 +319,10 @@ def _msa_column_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
     ml = run.ops.layer_norm(mt, W[f"{pfx}.layer_norm_m.weight"], W[f"{pfx}.layer_norm_m.bias"],
                             mod.layer_norm_m.eps)
     mask_bias = _mask_bias(run.msa_mask_col.transpose(-1, -2), mod.inf, run.n_seq)
-    upd = _attend(run, W, f"{pfx}.mha", mod.mha, ml, run.n_seq, mask_bias, None, run.chunk_size)
-    return run.add(m, upd.transpose(-2, -3))
+    into = run.into(mt, None)
+    upd = _attend(run, W, f"{pfx}.mha", mod.mha, ml, run.n_seq, mask_bias, None, run.chunk_size,
+                  into)
+    return m if into is not None else run.add(m, upd.transpose(-2, -3))
 
 
 def _msa_column_global_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
@@ -389,9 +410,10 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
 
 
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
-                             mask: torch.Tensor) -> torch.Tensor:
+                             mask: torch.Tensor, into: Optional[torch.Tensor] = None):
     """Starting-node triangle attention of the rows `x` [*, N/P, N, C] (mask [*, N/P, N]); the
-    H-channel triangle bias is all-gathered. Ending-node attention is this on the rows of z^T."""
+    H-channel triangle bias is all-gathered. Ending-node attention is this on the rows of z^T.
+    With `into` (x itself: ``run.into``), the update is added into it (see ``_attend``)."""
     xl = run.ops.layer_norm(x, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
                             mod.layer_norm.eps)
     pend = run.all_gather(F.linear(xl, W[f"{pfx}.linear.weight"]), -3)  # -> [*, N, N, H]
@@ -400,7 +422,7 @@ def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
         return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
 
     return _attend(run, W, f"{pfx}.mha", mod.mha, xl, run.n_res,
-                   _mask_bias(mask, mod.inf, run.n_res), tri_bias, run.chunk_size)
+                   _mask_bias(mask, mod.inf, run.n_res), tri_bias, run.chunk_size, into)
 
 
 def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead,
@@ -449,16 +471,23 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
                                    run.pair_mask_col, False)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead, col_shard=True))
     z = run.to_rows(z)
+    # (the attentions draw no random numbers: drawing their masks first keeps OpenFold's order)
+    keep = _pair_keep(run, drop, z, lead)
+    into = run.into(z, keep)
     upd = _triangle_attention_rows(core.tri_att_start, W, "core.tri_att_start", run, z,
-                                   run.pair_mask_row)
-    z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
+                                   run.pair_mask_row, into)
+    if into is None:
+        z = _residual(run, drop, z, upd, keep)
     z = run.to_cols(z)
     # ending node: OpenFold transposes z and runs a starting-node attention (and its dropout)
     # on z^T, whose rows are the local columns of z
     zt = z.transpose(-2, -3)
+    keep = _pair_keep(run, drop, z, lead)
+    into = run.into(zt, keep)
     upd = _triangle_attention_rows(core.tri_att_end, W, "core.tri_att_end", run, zt,
-                                   run.pair_mask_col.transpose(-1, -2))
-    z = _residual(run, drop, zt, upd, _pair_keep(run, drop, z, lead)).transpose(-2, -3)
+                                   run.pair_mask_col.transpose(-1, -2), into)
+    if into is None:
+        z = _residual(run, drop, zt, upd, keep).transpose(-2, -3)
     z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
                                run.pair_mask_col if run.mask_trans else None))
     z = run.to_rows(z)
@@ -483,13 +512,17 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
             keeps["in"].append(_pair_keep(run, block.dropout_row, t, one, col_shard=True))
     keep = {k: (torch.cat(v, dim=-4) if v else None) for k, v in keeps.items()}
 
+    into = run.into(t, keep["start"])
     upd = _triangle_attention_rows(block.tri_att_start, W, "tri_att_start", run, t,
-                                   run.pair_mask_row)
-    t = _residual(run, block.dropout_row, t, upd, keep["start"])
+                                   run.pair_mask_row, into)
+    if into is None:
+        t = _residual(run, block.dropout_row, t, upd, keep["start"])
     t = run.to_cols(t)
+    into = run.into(t.transpose(-2, -3), keep["end"])
     upd = _triangle_attention_rows(block.tri_att_end, W, "tri_att_end", run, t.transpose(-2, -3),
-                                   run.pair_mask_col.transpose(-1, -2))
-    t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep["end"])
+                                   run.pair_mask_col.transpose(-1, -2), into)
+    if into is None:
+        t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep["end"])
     t = run.to_rows(t)
     upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
                                    run.pair_mask_row, True)
