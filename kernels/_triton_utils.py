@@ -59,13 +59,16 @@ class Tuned:
     argument's dtype, as the autotuner's own key) is read by position; the first launch for a
     key goes through the autotuner (which benchmarks the configurations), later ones launch the
     JIT kernel with the configuration it chose, exactly what the autotuner would launch.
+    A caller that launches arguments of the same kinds again can keep the key (``key``) and
+    launch with it (``launch``), which saves the scan of the arguments too.
     Other attributes (``configs_timings``, ``cache``, ...) are the autotuner's.
     """
 
     def __init__(self, tuner, key):
         self.tuner = tuner
         self._key_pos = tuple((name, tuner.arg_names.index(name)) for name in key)
-        self._chosen = {}
+        self._chosen = {}       # key -> the chosen triton.Config
+        self._launch_kw = {}    # key -> its launch keywords (``Config.all_kwargs()``)
 
     def __getattr__(self, name):
         if name == "tuner":  # not set yet (e.g. a copy under construction)
@@ -76,21 +79,33 @@ class Tuned:
         return functools.partial(self._run, grid)
 
     def _run(self, grid, *args, **kwargs):
+        return self.launch(self.key(args, kwargs), grid, args, kwargs)
+
+    def key(self, args: tuple, kwargs: dict) -> tuple:
+        """The tuning key of a launch with these arguments: the tuning-key arguments' values and
+        every tensor argument's dtype. Valid for any launch whose arguments have those values
+        and dtypes."""
         n = len(args)
         key = tuple(kwargs.get(name) if i >= n else args[i] for name, i in self._key_pos)
-        key += tuple(str(a.dtype) for a in (*args, *kwargs.values()) if hasattr(a, "dtype"))
-        config = self._chosen.get(key)
-        if config is None:
+        return key + tuple(str(a.dtype) for a in (*args, *kwargs.values()) if hasattr(a, "dtype"))
+
+    def launch(self, key: tuple, grid, args: tuple, kwargs: dict):
+        """``self[grid](*args, **kwargs)`` with its tuning key `key` (from ``key``) given."""
+        launch_kw = self._launch_kw.get(key)
+        if launch_kw is None:
             out = self.tuner[grid](*args, **kwargs)
-            self._chosen[key] = self.tuner.best_config
+            config = self._chosen[key] = self.tuner.best_config
+            self._launch_kw[key] = config.all_kwargs()
             return out
+        config = self._chosen[key]
         if config.pre_hook is not None:  # as Autotuner.run does on every launch
-            config.pre_hook({**dict(zip(self.tuner.arg_names, args)), **kwargs, **config.all_kwargs()})
-        return self.tuner.fn[grid](*args, **kwargs, **config.all_kwargs())
+            config.pre_hook({**dict(zip(self.tuner.arg_names, args)), **kwargs, **launch_kw})
+        return self.tuner.fn[grid](*args, **kwargs, **launch_kw)
 
     def reset(self) -> None:
         """Forget every chosen configuration (the next launch per key tunes again)."""
         self._chosen.clear()
+        self._launch_kw.clear()
         self.tuner.cache.clear()
 
 
@@ -152,15 +167,18 @@ def check_launchable(*tensors: Optional[torch.Tensor]) -> None:
 
     CUDA tensors always can; CPU tensors only under Triton's interpreter.
     """
-    for t in tensors:
-        if t is None:
+    check_devices(*(t.device for t in tensors if t is not None))
+
+
+def check_devices(*devices: torch.device) -> None:
+    """``check_launchable`` for tensors on these devices."""
+    for d in devices:
+        if d.type == "cuda":
             continue
-        if t.device.type == "cuda":
-            continue
-        if t.device.type == "cpu" and is_interpreter():
+        if d.type == "cpu" and is_interpreter():
             continue
         raise RuntimeError(
-            f"Triton kernels need CUDA tensors (got a tensor on {t.device}); on a machine "
+            f"Triton kernels need CUDA tensors (got a tensor on {d}); on a machine "
             "without a GPU use the reference backend, or run the kernels in Triton's (slow) "
             "CPU interpreter by setting TRITON_INTERPRET=1 before the kernel modules are "
             "imported (Triton reads it when it decorates a kernel)"

@@ -63,11 +63,18 @@ to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttent
 Layout. Inputs are taken through explicit strides, with no copies: q/k/v as OpenFold's
 transposed views of a Linear output, biases with stride 0 on broadcast dims. Leading batch dims
 are folded into at most two (size, stride) pairs per tensor (``collapse_dims``); the rare layout
-that needs more is handled by an explicit loop over the first batch dim. The fold, the
-broadcasts and every stride argument are worked out once per input layout (``_layout``, keyed
-on shapes and strides). Offsets of batch and head are 64-bit. Head dims that are not a power of
-two or below tl.dot's 16 (extra-MSA: 8) are padded with masked loads. Key and query tails are
-handled by clamped loads (no masks in the main loop) and a masked last block.
+that needs more is handled by an explicit loop over the first batch dim. Offsets of batch and
+head are 64-bit. Head dims that are not a power of two or below tl.dot's 16 (extra-MSA: 8) are
+padded with masked loads. Key and query tails are handled by clamped loads (no masks in the main
+loop) and a masked last block.
+
+Host time. Small calls are bound by the host's Python (triangle attention at N_res 256 runs
+0.34 ms of kernels per fwd+bwd on an H200, and took 1.0 ms of wall time). Everything a call
+fixes but the data (the checks, broadcasts, batch fold, buffer layouts and every launch argument
+after the tensors) is worked out once, on meta tensors: per input layout by ``_layout`` (keyed
+on the inputs' shapes, strides, dtypes and devices, the grad mode and the precision settings),
+and the backward's share per gradients asked for and dout's strides by ``_backward_plan``. A
+call then reads its inputs' layouts, allocates its buffers and launches.
 
 Kernels are autotuned on the GPU over a few block configurations keyed on (C, Q, K buckets, bias
 and gate flags); under Triton's CPU interpreter one small configuration is used, and the kernels
@@ -88,7 +95,7 @@ from ._triton_utils import (
     autotune,
     broadcast_shapes,
     cast_rne,
-    check_launchable,
+    check_devices,
     collapse_dims,
     dot_precision,
     is_interpreter,
@@ -813,16 +820,30 @@ _dbias_tuned = autotune(
     key=_TUNE_KEY + ["RED_Z0", "RED_Z1", "RED_H", "RED_Q"])(_attention_bwd_dbias_kernel)
 
 
-def _launch(jit_fn, tuned, grid, args, kwargs, interp):
-    """The autotuned kernel on the GPU; one fixed small configuration under the interpreter
-    (`interp`: ``is_interpreter()``, read once per forward / backward)."""
+class _Launch:
+    """One launch of a kernel as a cached plan makes it, less the tensors that lead its
+    arguments: the strides and sizes after them, the constexpr flags and the grid (a function
+    of the block sizes). `key`, the autotuner's key (``Tuned.key``), is taken at the first
+    launch: it depends only on what the plan fixes (argument values, tensor dtypes)."""
+    __slots__ = ("grid", "args", "kwargs", "key")
+
+    def __init__(self, grid, args: tuple, kwargs: dict):
+        self.grid, self.args, self.kwargs, self.key = grid, args, kwargs, None
+
+
+def _launch(jit_fn, tuned, launch: _Launch, tensors: tuple, interp: bool) -> None:
+    """`launch` with its leading `tensors`: the autotuned kernel on the GPU; one fixed small
+    configuration under the interpreter (`interp`: ``is_interpreter()``)."""
+    args = (*tensors, *launch.args)
     if interp:
-        kw = dict(kwargs)
+        kw = dict(launch.kwargs)
         if "BLOCK_M" not in kw:
             kw.update(BLOCK_M=_INTERP_BLOCK_M, BLOCK_N=_INTERP_BLOCK_N)
-        jit_fn[grid(kw)](*args, **kw, num_warps=4)
-    else:
-        tuned[grid](*args, **kwargs)
+        jit_fn[launch.grid(kw)](*args, **kw, num_warps=4)
+        return
+    if launch.key is None:
+        launch.key = tuned.key(args, launch.kwargs)
+    tuned.launch(launch.key, launch.grid, args, launch.kwargs)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -916,101 +937,53 @@ _DIMS = dict(q=_QKV, k=_QKV, v=_QKV, gate=_QHC, dout=_QHC)
 # --------------------------------------------------------------------------------------------
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plan, needs_grad, q, k, v, mask_bias, pair_bias, gate):
-        *batch, H, NQ, C = q.shape
-        NK = k.shape[-2]
-        CP = max(16, next_power_of_2(C))
-        out_dtype = q.dtype if gate is None else torch.promote_types(q.dtype, gate.dtype)
-        out = q.new_empty((*batch, NQ, H, C), dtype=out_dtype)
+    def forward(ctx, lay, q, k, v, mask_bias, pair_bias, gate):
+        out = q.new_empty(lay.out_shape, dtype=lay.out_dtype)
         # the backward needs the ungated output too when there is a gate, kept in fp32: delta =
         # rowsum(dO * O) from a bf16-rounded O no longer equals sum_j P dP, so every row's dS
         # sums to a rounding residue instead of 0, and gradients that are zero by symmetry (the
         # LayerNorm bias before a pair-bias projection) came out ~3x noisier than stock's
-        o = (q.new_empty((*batch, NQ, H, C), dtype=torch.float32)
-             if (gate is not None and needs_grad) else out)
-        store_o = gate is not None and needs_grad
-        Z = plan.Z0 * plan.Z1
-        stats = torch.empty((2, Z, H, NQ), device=q.device, dtype=torch.float32)
-        flags = _bias_flags(mask_bias, pair_bias)
-        st = plan.strides
-        args = (
-            q, k, v,
-            mask_bias if mask_bias is not None else q,
-            pair_bias if pair_bias is not None else q,
-            gate if gate is not None else q,
-            out, o, stats,
-            *st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"], *st["gate"],
-            *st["out"],
-            plan.Z1, H, NQ, NK, stats.stride(0), next_power_of_2(NQ), next_power_of_2(NK),
-        )
-        interp = is_interpreter()
-        kwargs = dict(C=C, CP=CP, **flags, HAS_GATE=gate is not None, STORE_O=store_o,
-                      DOT_PREC=dot_precision(q.dtype), INTERP=interp)
-        _launch(_attention_fwd_kernel, _fwd_tuned,
-                lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,), args, kwargs, interp)
-
-        ctx.plan = plan
-        ctx.shape = (H, NQ, NK, C, CP)
+        o = q.new_empty(lay.out_shape, dtype=torch.float32) if lay.store_o else out
+        stats = q.new_empty(lay.stats_shape, dtype=torch.float32)
+        _launch(_attention_fwd_kernel, _fwd_tuned, lay.fwd,
+                (q, k, v,
+                 mask_bias if mask_bias is not None else q,
+                 pair_bias if pair_bias is not None else q,
+                 gate if gate is not None else q,
+                 out, o, stats),
+                lay.interp)
+        ctx.layout = lay
         ctx.save_for_backward(q, k, v, mask_bias, pair_bias, gate, o, stats)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, mask_bias, pair_bias, gate, o, stats = ctx.saved_tensors
-        H, NQ, NK, C, CP = ctx.shape
-        batch = q.shape[:-3]
-        Z = ctx.plan.Z0 * ctx.plan.Z1
-        need_q, need_k, need_v, need_mb, need_pb, need_g = ctx.needs_input_grad[2:]
-        interp = is_interpreter()
-
-        # dout may come with any strides (e.g. expanded from a sum): fold it together with the
-        # inputs; if that changes the fold, a contiguous copy folds like `out` always does.
-        if dout.is_contiguous():  # the usual case: it folds like `out`
-            plan = ctx.plan
-            dout_s = plan.strides["out"]
-        else:
-            tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
-            plan = _make_plan(batch, (H, NQ, NK, C), dout=dout, **tensors)
-            if plan is None or (plan.Z0, plan.Z1) != (ctx.plan.Z0, ctx.plan.Z1):
-                dout = dout.contiguous()
-                plan = _make_plan(batch, (H, NQ, NK, C), dout=dout, **tensors)
-            dout_s = plan.strides["dout"]
-        st = plan.strides
-
-        run_dkdv = need_k or need_v
-        fuse_dq = need_q and run_dkdv and _FUSE_DQ
-        # the pair-bias gradient with atomics inside the dK/dV kernel (unless constant along K:
-        # then it is zero, see _bias_grad)
-        fuse_db = need_pb and run_dkdv and _FUSE_DB and not _const_along_k(pair_bias, NK)
-        # the preprocess is folded into the dK/dV kernel when no other kernel needs dO / delta
-        fold = (run_dkdv and not (need_q and not fuse_dq)
-                and not (need_mb and not _const_along_k(mask_bias, NK))
-                and not (need_pb and not fuse_db and not _const_along_k(pair_bias, NK))
-                and Z * H * NQ * NK <= _FOLD_PRE_MAX_LOGITS)
+        lay = ctx.layout
+        needs = ctx.needs_input_grad[1:]
+        # the module's switches are read per call (benchmarks and tests flip them), and so is
+        # the dot precision, as torch's matmuls read it
+        key = (needs, dout.stride(), dot_precision(q.dtype), _FUSE_DQ, _FUSE_DB,
+               _FOLD_PRE_MAX_LOGITS)
+        bw = lay.backward.get(key)
+        if bw is None:
+            bw = lay.backward[key] = _backward_plan(lay, *key)
+        if bw.dout_copy:
+            dout = dout.contiguous()
+        interp = lay.interp
 
         dgate = None
-        o_s = st["out"]  # o and dgate: batch-contiguous [*, Q, H, C], as out
-        g_s = st["gate"]
         if gate is not None:
             dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
-        if fold:
-            do, do_s, delta = dout, dout_s, stats  # delta: not read
+        if bw.pre is None:
+            do, delta = dout, stats  # folded into the dK/dV kernel; delta: not read
         else:
             # 1. preprocess: gate gradient, gated dO, delta
-            delta = torch.empty((Z, H, NQ), device=q.device, dtype=torch.float32)
-            if gate is not None:
-                do = q.new_empty((*batch, NQ, H, C))
-                do_s = st["out"]
-            else:
-                do, do_s = dout, dout_s
-            block = 32 if interp else 64
-            _attention_bwd_preprocess_kernel[(triton.cdiv(NQ, block) * Z * H,)](
+            delta = stats.new_empty(lay.stats_shape[1:])  # [Z, H, NQ]
+            do = q.new_empty(lay.out_shape) if gate is not None else dout  # q's dtype
+            _attention_bwd_preprocess_kernel[bw.pre.grid](
                 dout, o, gate if gate is not None else o, do,
-                dgate if dgate is not None else o, delta,
-                *dout_s, *o_s, *g_s, *do_s, *(o_s if gate is not None else (0,) * 5),
-                plan.Z1, H, NQ,
-                C=C, CP=CP, HAS_GATE=gate is not None, INTERP=interp, BLOCK_M=block,
-                num_warps=4)
+                dgate if dgate is not None else o, delta, *bw.pre.args, **bw.pre.kwargs)
 
         common = (
             q, k, v,
@@ -1018,40 +991,136 @@ class _AttentionFunction(torch.autograd.Function):
             pair_bias if pair_bias is not None else q,
             do, stats, delta,
         )
-        common_strides = (*st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"],
-                          *do_s)
-        kwargs = dict(C=C, CP=CP, **_bias_flags(mask_bias, pair_bias),
-                      DOT_PREC=dot_precision(q.dtype), INTERP=interp)
-        qb, kb = next_power_of_2(NQ), next_power_of_2(NK)
-
         dq = dk = dv = dpb = None
-        if run_dkdv:
-            dk, dv = _grad_like(k), _grad_like(v)
-            buf, dqa, dba, db_s = _grad_accumulators(plan, q, pair_bias, fuse_dq, fuse_db,
-                                                     (H, NQ, NK))
-            _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned,
-                    lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
+        if bw.dkdv is not None:
+            dk, dv = k.new_empty_strided(*bw.dk), v.new_empty_strided(*bw.dv)
+            buf, dqa, dba = _grad_accumulators(q, bw.acc)
+            _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned, bw.dkdv,
                     (*common, dk, dv, dqa, dba, o, gate if gate is not None else o,
-                     dgate if dgate is not None else o, *common_strides,
-                     *_contig_strides(plan, dk, _QKV), *_contig_strides(plan, dv, _QKV), *db_s,
-                     *(_contig_strides(plan, dqa, _QKV) if fuse_dq else (0,) * 5), *o_s, *g_s,
-                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb),
-                    dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db, FOLD_PRE=fold,
-                         HAS_GATE=fold and gate is not None),  # read only with FOLD_PRE
+                     dgate if dgate is not None else o),
                     interp)
-            dq, dpb = _accumulated_grads(buf, dqa, dba, q, pair_bias, fuse_dq, fuse_db)
-        if need_q and not fuse_dq:
-            dq = _grad_like(q)
-            _launch(_attention_bwd_dq_kernel, _dq_tuned,
-                    lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
-                    (*common, dq, *common_strides, *_contig_strides(plan, dq, _QKV),
-                     plan.Z1, H, NQ, NK, stats.stride(0), qb, kb), kwargs, interp)
-        dmb = _bias_grad(plan, mask_bias, "mask_bias", common, common_strides, kwargs,
-                         (H, NQ, NK)) if need_mb else None
-        if need_pb and not fuse_db:
-            dpb = _bias_grad(plan, pair_bias, "pair_bias", common, common_strides, kwargs,
-                             (H, NQ, NK))
-        return None, None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
+            dq, dpb = _accumulated_grads(buf, dqa, dba, q, pair_bias, bw.acc)
+        if bw.dq is not None:
+            dq = q.new_empty_strided(*bw.dq_layout)
+            _launch(_attention_bwd_dq_kernel, _dq_tuned, bw.dq, (*common, dq), interp)
+        need_mb, need_pb, need_g = needs[3:]
+        full_tail = lay.tail[:3]
+        dmb = _bias_grad(bw.plan, mask_bias, "mask_bias", common, bw.common_strides, bw.kwargs,
+                         full_tail) if need_mb else None
+        if need_pb and not bw.fuse_db:
+            dpb = _bias_grad(bw.plan, pair_bias, "pair_bias", common, bw.common_strides,
+                             bw.kwargs, full_tail)
+        return None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
+
+
+class _Accumulators(NamedTuple):
+    """Where the dK/dV kernel's fp32 atomic sums live: one zeroed buffer of `numel` elements
+    holding dQ, laid out like q's gradient (``_grad_like``, so that the conversion to q's dtype
+    is a plain copy), then the pair-bias gradient summed over the bias's broadcast dims. Each is
+    a view (size, stride, offset) of the buffer, None where not asked for; with `one_copy` both
+    are converted by one copy of the buffer, the bias gradient then viewed as `db_out`."""
+    numel: int                   # 0: nothing accumulated, a placeholder stands in
+    dq: Optional[tuple]
+    dq_strides: Tuple[int, ...]  # the kernel's (s_z0, s_z1, s_h, s_q, s_c); 0s without dq
+    db: Optional[tuple]
+    db_strides: Tuple[int, ...]  # (s_z0, s_z1, s_h, s_q, s_k), 0 on the summed dims
+    one_copy: bool
+    db_out: Optional[tuple]
+
+
+class _Backward(NamedTuple):
+    """What a backward needs that depends only on the call's ``_Layout``, the gradients asked
+    for, dout's strides and the switches (see ``_backward_plan``)."""
+    plan: _Plan                    # the batch fold with dout
+    dout_copy: bool                # dout's strides break the fold: it is copied contiguous
+    pre: Optional[_Launch]         # the preprocess kernel; None where folded into dK/dV
+    dkdv: Optional[_Launch]
+    dk: Optional[tuple]            # (size, stride) of the dk / dv buffers (``_grad_like``)
+    dv: Optional[tuple]
+    acc: Optional[_Accumulators]
+    fuse_db: bool                  # the pair-bias gradient comes from the dK/dV kernel
+    dq: Optional[_Launch]          # dQ by its own kernel
+    dq_layout: Optional[tuple]
+    common_strides: tuple          # the strides of q, k, v, the biases and dO, for _bias_grad
+    kwargs: dict                   # the constexprs every backward kernel takes
+
+
+def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fold_max):
+    """The ``_Backward`` of a call: which kernels run (see the module docstring), their
+    arguments less the tensors, and the layouts of the buffers, worked out on `lay`'s meta
+    tensors once per key of ``_AttentionFunction.backward``."""
+    q, k, v, mask_bias, pair_bias, gate = lay.inputs
+    H, NQ, NK, C, CP = lay.tail
+    need_q, need_k, need_v, need_mb, need_pb, _ = needs
+    Z = lay.plan.Z0 * lay.plan.Z1
+    interp = lay.interp
+
+    # dout may come with any strides (e.g. expanded from a sum): fold it together with the
+    # inputs; if that changes the fold, a contiguous copy folds like `out` always does.
+    dout = torch.empty_strided(lay.out_shape, dout_stride, dtype=lay.out_dtype, device="meta")
+    plan, dout_copy = lay.plan, False
+    if dout.is_contiguous():  # the usual case: it folds like `out`
+        dout_s = plan.strides["out"]
+    else:
+        tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
+        plan = _make_plan(lay.batch, (H, NQ, NK, C), dout=dout, **tensors)
+        if plan is None or (plan.Z0, plan.Z1) != (lay.plan.Z0, lay.plan.Z1):
+            dout_copy = True
+            plan = _make_plan(lay.batch, (H, NQ, NK, C), dout=dout.contiguous(), **tensors)
+        dout_s = plan.strides["dout"]
+    st = plan.strides
+
+    run_dkdv = need_k or need_v
+    fuse_dq = need_q and run_dkdv and fuse_dq_on
+    # the pair-bias gradient with atomics inside the dK/dV kernel (unless constant along K:
+    # then it is zero, see _bias_grad)
+    fuse_db = need_pb and run_dkdv and fuse_db_on and not _const_along_k(pair_bias, NK)
+    # the preprocess is folded into the dK/dV kernel when no other kernel needs dO / delta
+    fold = (run_dkdv and not (need_q and not fuse_dq)
+            and not (need_mb and not _const_along_k(mask_bias, NK))
+            and not (need_pb and not fuse_db and not _const_along_k(pair_bias, NK))
+            and Z * H * NQ * NK <= fold_max)
+
+    o_s = st["out"]  # o and dgate: batch-contiguous [*, Q, H, C], as out
+    g_s = st["gate"]
+    pre = None
+    if fold:
+        do_s = dout_s
+    else:
+        # 1. preprocess: gate gradient, gated dO (q's dtype, laid out as out), delta
+        do_s = st["out"] if gate is not None else dout_s
+        block = 32 if interp else 64
+        pre = _Launch((triton.cdiv(NQ, block) * Z * H,),
+                      (*dout_s, *o_s, *g_s, *do_s, *(o_s if gate is not None else (0,) * 5),
+                       plan.Z1, H, NQ),
+                      dict(C=C, CP=CP, HAS_GATE=gate is not None, INTERP=interp, BLOCK_M=block,
+                           num_warps=4))
+
+    common_strides = (*st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"], *do_s)
+    kwargs = dict(C=C, CP=CP, **_bias_flags(mask_bias, pair_bias), DOT_PREC=dot_prec,
+                  INTERP=interp)
+    tail = (plan.Z1, H, NQ, NK, Z * H * NQ, next_power_of_2(NQ),  # Z * H * NQ: stats.stride(0)
+            next_power_of_2(NK))
+
+    dkdv = dk = dv = acc = None
+    if run_dkdv:
+        gk, gv = _grad_like(k), _grad_like(v)
+        dk, dv = (tuple(gk.shape), gk.stride()), (tuple(gv.shape), gv.stride())
+        acc = _accumulator_layout(plan, q, pair_bias, fuse_dq, fuse_db, (H, NQ, NK))
+        dkdv = _Launch(lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
+                       (*common_strides, *_contig_strides(plan, gk, _QKV),
+                        *_contig_strides(plan, gv, _QKV), *acc.db_strides, *acc.dq_strides,
+                        *o_s, *g_s, *tail),
+                       dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db, FOLD_PRE=fold,
+                            HAS_GATE=fold and gate is not None))  # read only with FOLD_PRE
+    dq = dq_layout = None
+    if need_q and not fuse_dq:
+        g = _grad_like(q)
+        dq = _Launch(lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
+                     (*common_strides, *_contig_strides(plan, g, _QKV), *tail), kwargs)
+        dq_layout = (tuple(g.shape), g.stride())
+    return _Backward(plan, dout_copy, pre, dkdv, dk, dv, acc, fuse_db, dq, dq_layout,
+                     common_strides, kwargs)
 
 
 def _bias_flags(mask_bias, pair_bias) -> dict:
@@ -1088,37 +1157,52 @@ def _const_along_k(bias: Optional[torch.Tensor], NK: int) -> bool:
     return bias is not None and NK > 1 and (bias.shape[-1] == 1 or bias.stride(-1) == 0)
 
 
-def _grad_accumulators(plan, q, bias, fuse_dq, fuse_db, full_tail):
-    """The dK/dV kernel's fp32 atomic accumulators, zeroed by one fill: dQ laid out like q's
-    gradient (``_grad_like``), so that the conversion to q's dtype is a plain copy, then the
-    pair-bias gradient summed over the bias's broadcast dims. Returns (the buffer, dqa, dba, dba's
-    (s_z0, s_z1, s_h, s_q, s_k) strides, 0 on those dims: atomics add there); a tiny
-    placeholder stands in for an accumulator not asked for."""
-    H, NQ, NK = full_tail
+def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail) -> _Accumulators:
+    """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias)."""
     n_dq = q.numel() if fuse_dq else 0
     db_dims, db_flags = _bias_grad_dims(plan, "pair_bias", full_tail) if fuse_db else ((), ())
     n_db = math.prod(db_dims) if fuse_db else 0
-    if n_dq + n_db == 0:
+    buf = torch.empty(n_dq + n_db, dtype=torch.float32, device="meta")
+
+    def view(t):
+        return tuple(t.shape), t.stride(), t.storage_offset()
+
+    dq = db = db_out = None
+    dq_s, db_s = (0,) * 5, (0,) * 5
+    if fuse_dq:
+        dqa = _grad_like(q, buf[:n_dq])
+        dq, dq_s = view(dqa), _contig_strides(plan, dqa, _QKV)
+    if fuse_db:
+        dba = buf[n_dq:].view(db_dims)
+        db = view(dba)
+        db_s = tuple(0 if f else s for s, f in zip(dba.stride(), (*db_flags, False), strict=True))
+    one_copy = fuse_dq and fuse_db and q.dtype == bias.dtype != torch.float32
+    if one_copy:
+        db_out = view(buf[n_dq:].view(bias.shape))
+    return _Accumulators(n_dq + n_db, dq, dq_s, db, db_s, one_copy, db_out)
+
+
+def _grad_accumulators(q, acc: _Accumulators):
+    """The buffer of `acc` zeroed, and its dQ and pair-bias-gradient views (the buffer itself
+    stands in for one not asked for, a tiny placeholder for both)."""
+    if acc.numel == 0:
         dummy = q.new_empty(1, dtype=torch.float32)
-        return dummy, dummy, dummy, (0,) * 5
-    buf = torch.zeros(n_dq + n_db, device=q.device, dtype=torch.float32)
-    dqa = _grad_like(q, buf[:n_dq]) if fuse_dq else buf
-    if not fuse_db:
-        return buf, dqa, buf, (0,) * 5
-    dba = buf[n_dq:].view(db_dims)
-    st = tuple(0 if f else s for s, f in zip(dba.stride(), (*db_flags, False), strict=True))
-    return buf, dqa, dba, st
+        return dummy, dummy, dummy
+    buf = torch.zeros(acc.numel, device=q.device, dtype=torch.float32)
+    dqa = buf if acc.dq is None else buf.as_strided(*acc.dq)
+    dba = buf if acc.db is None else buf.as_strided(*acc.db)
+    return buf, dqa, dba
 
 
-def _accumulated_grads(buf, dqa, dba, q, bias, fuse_dq, fuse_db):
+def _accumulated_grads(buf, dqa, dba, q, bias, acc: _Accumulators):
     """dq and the pair-bias gradient from ``_grad_accumulators``' fp32 sums, in their inputs'
     dtypes: no conversion in fp32, one for both when they share a low-precision dtype (views of
     the converted buffer keep the accumulators' layouts), else one each."""
-    if fuse_dq and fuse_db and q.dtype == bias.dtype != torch.float32:
-        buf, n_dq = buf.to(q.dtype), dqa.numel()
-        return _grad_like(q, buf[:n_dq]), buf[n_dq:].view(bias.shape)
-    dq = dqa.to(q.dtype) if fuse_dq else None
-    dpb = dba.reshape(bias.shape).to(bias.dtype) if fuse_db else None
+    if acc.one_copy:
+        buf = buf.to(q.dtype)
+        return buf.as_strided(*acc.dq), buf.as_strided(*acc.db_out)
+    dq = dqa.to(q.dtype) if acc.dq is not None else None
+    dpb = dba.reshape(bias.shape).to(bias.dtype) if acc.db is not None else None
     return dq, dpb
 
 
@@ -1196,6 +1280,61 @@ def attention(
     ac = autocast_dtype(q.device.type)
     if ac is not None and q.dtype == torch.float32:
         q, k, v = q.to(ac), k.to(ac), v.to(ac)  # as torch.matmul does under autocast
+    mask_bias, pair_bias = _bias_view(mask_bias), _bias_view(pair_bias)
+    inputs = (q, k, v, mask_bias, pair_bias, gate)
+    # the ungated output is kept for the backward only when one will run
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    lay = _layout(tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                        for t in inputs),
+                  needs_grad, is_interpreter(), dot_precision(q.dtype))
+    if lay.expand is not None:
+        # an expand that changes nothing would still add a node to the autograd graph: skipped
+        q, k, v, gate = (t if shape is None else t.expand(shape)
+                         for t, shape in zip((q, k, v, gate), lay.expand, strict=True))
+    if lay.empty:
+        return attention_reference(q, k, v, mask_bias, pair_bias, gate)
+    if lay.plan is None:
+        # More than two batch dims that no stride merge folds: loop over the first one.
+        n_batch = len(lay.batch)
+        return torch.stack([
+            attention(*(_select(t, i, n_batch) for t in (q, k, v, mask_bias, pair_bias, gate)))
+            for i in range(lay.batch[0])
+        ])
+    return _AttentionFunction.apply(lay, q, k, v, mask_bias, pair_bias, gate)
+
+
+class _Layout(NamedTuple):
+    """What a call needs that depends only on its inputs' layouts (see ``_layout``)."""
+    batch: Tuple[int, ...]   # the broadcast batch dims
+    expand: Optional[tuple]  # per q, k, v, gate: the shape to expand it to or None (all: None)
+    empty: bool              # no query, key, head or channel: the reference computes it
+    plan: Optional[_Plan]    # None: more than two batch dims that no stride merge folds
+    # the rest only with a plan
+    inputs: Optional[tuple] = None   # meta q, k, v, mask_bias, pair_bias, gate (expanded)
+    tail: Optional[tuple] = None     # (H, NQ, NK, C, CP)
+    out_shape: Optional[tuple] = None
+    out_dtype: Optional[torch.dtype] = None
+    store_o: bool = False            # the fp32 ungated output is stored for the backward
+    stats_shape: Optional[tuple] = None
+    interp: bool = False
+    fwd: Optional[_Launch] = None
+    backward: Optional[dict] = None  # ``_AttentionFunction.backward``'s key -> _Backward
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(key, needs_grad: bool, interp: bool, dot_prec: str) -> _Layout:
+    """The ``_Layout`` of inputs with `key` = ((shape, strides, dtype, device) or None per q,
+    k, v, mask_bias, pair_bias, gate), for a call that may (`needs_grad`) run a backward or not,
+    under the interpreter (`interp`) or not, with dot precision `dot_prec` (``dot_precision``),
+    worked out on meta tensors of that layout once: a model calls the same few layouts every
+    step, and the checks, broadcasts, batch fold, buffer shapes and launch arguments took about
+    half the Python time of a small fwd+bwd. (The backward's share is cached in its
+    ``backward`` dict, see ``_backward_plan``.) Keyed on layouts, dtypes and devices only, never
+    on data (each launch reads the data pointers afresh). Raises on inputs that do not fit
+    (nothing is cached then)."""
+    q, k, v, mask_bias, pair_bias, gate = (
+        None if ss is None else torch.empty_strided(ss[0], ss[1], dtype=ss[2], device="meta")
+        for ss in key)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -1206,47 +1345,8 @@ def attention(
                          f"v {tuple(v.shape)}")
     if C > 128:
         raise ValueError(f"head dim {C} > 128 is not supported by the Triton attention")
-    check_launchable(q, k, v, mask_bias, pair_bias, gate)
-    mask_bias, pair_bias = _bias_view(mask_bias), _bias_view(pair_bias)
-    lay = _layout(tuple(None if t is None else (t.shape, t.stride())
-                        for t in (q, k, v, mask_bias, pair_bias, gate)))
-    # an expand that changes nothing would still add a node to the autograd graph: skipped
-    q, k, v, gate = (t if shape is None else t.expand(shape)
-                     for t, shape in zip((q, k, v, gate), lay.expand, strict=True))
-    if lay.empty:
-        return attention_reference(q, k, v, mask_bias, pair_bias, gate)
-    if lay.plan is None:
-        # More than two batch dims that no stride merge folds: loop over the first one.
-        n_batch = len(lay.batch)
-        return torch.stack([
-            attention(*(_select(t, i, n_batch) for t in (q, k, v, mask_bias, pair_bias, gate)))
-            for i in range(lay.batch[0])
-        ])
-    # the ungated output is kept for the backward only when one will run
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, mask_bias, pair_bias, gate))
-    return _AttentionFunction.apply(lay.plan, needs_grad, q, k, v, mask_bias, pair_bias, gate)
-
-
-class _Layout(NamedTuple):
-    """What a call needs that depends only on its inputs' shapes and strides (see ``_layout``)."""
-    batch: Tuple[int, ...]   # the broadcast batch dims
-    expand: tuple            # per q, k, v, gate: the shape to expand it to, or None
-    empty: bool              # no query, key, head or channel: the reference computes it
-    plan: Optional[_Plan]    # None: more than two batch dims that no stride merge folds
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(key) -> _Layout:
-    """The ``_Layout`` of inputs with `key` = ((shape, strides) or None per q, k, v, mask_bias,
-    pair_bias, gate), worked out on meta tensors of that layout once per layout: the broadcasts,
-    expands, batch fold and stride arguments cost about 40 us of Python per fwd+bwd, and a model
-    calls the same few layouts every step. Keyed on shapes and strides only, never on data (each
-    launch reads the data pointers afresh). Raises on inputs that do not broadcast (nothing is
-    cached then)."""
-    q, k, v, mask_bias, pair_bias, gate = (
-        None if ss is None else torch.empty_strided(*ss, device="meta") for ss in key)
-    H, NQ, NK, C = q.shape[-3], q.shape[-2], k.shape[-2], q.shape[-1]
+    check_devices(*(ss[3] for ss in key if ss is not None))
+    H, NQ, NK = q.shape[-3], q.shape[-2], k.shape[-2]
     lead = [q.shape[:-3], k.shape[:-3], v.shape[:-3]]
     lead += [b.shape[:-3] for b in (mask_bias, pair_bias, gate) if b is not None]
     try:
@@ -1260,6 +1360,8 @@ def _layout(key) -> _Layout:
                    for t, shape in zip((q, k, v, gate), targets, strict=True))
     q, k, v, gate = (t if shape is None else t.expand(shape)
                      for t, shape in zip((q, k, v, gate), expand, strict=True))
+    if expand == (None,) * 4:
+        expand = None
     for name, b in (("mask_bias", mask_bias), ("pair_bias", pair_bias)):
         if b is not None:
             try:
@@ -1271,7 +1373,32 @@ def _layout(key) -> _Layout:
         return _Layout(batch, expand, True, None)
     plan = _make_plan(batch, (H, NQ, NK, C), q=q, k=k, v=v, gate=gate,
                       mask_bias=mask_bias, pair_bias=pair_bias)
-    return _Layout(batch, expand, False, plan)
+    if plan is None:
+        return _Layout(batch, expand, False, None)
+
+    CP = max(16, next_power_of_2(C))
+    Z = plan.Z0 * plan.Z1
+    store_o = gate is not None and needs_grad
+    st = plan.strides
+    fwd = _Launch(lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
+                  (*st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"], *st["gate"],
+                   *st["out"],
+                   plan.Z1, H, NQ, NK, Z * H * NQ,  # Z * H * NQ: stats.stride(0)
+                   next_power_of_2(NQ), next_power_of_2(NK)),
+                  dict(C=C, CP=CP, **_bias_flags(mask_bias, pair_bias), HAS_GATE=gate is not None,
+                       STORE_O=store_o, DOT_PREC=dot_prec, INTERP=interp))
+    return _Layout(
+        batch, expand, False, plan,
+        inputs=(q, k, v, mask_bias, pair_bias, gate),
+        tail=(H, NQ, NK, C, CP),
+        out_shape=(*batch, NQ, H, C),
+        out_dtype=q.dtype if gate is None else torch.promote_types(q.dtype, gate.dtype),
+        store_o=store_o,
+        stats_shape=(2, Z, H, NQ),
+        interp=interp,
+        fwd=fwd,
+        backward={},
+    )
 
 
 def _select(t: Optional[torch.Tensor], i: int, n_batch: int) -> Optional[torch.Tensor]:

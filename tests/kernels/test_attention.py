@@ -425,6 +425,38 @@ def test_layout_errors_are_raised_every_call():
             attention(q, k, k, pair_bias=torch.randn(3, 5, 7))
 
 
+def test_cached_plans_are_keyed_on_everything_they_fix():
+    """Calls on the same shapes that differ in one thing a cached plan fixes, made in turn, each
+    match the reference: a bias's strides (a stride-0 broadcast, then a full bias with other
+    values along those dims, then the broadcast again), the gradients asked for (other backward
+    kernels), the dtype, the grad mode (a gated call without grad keeps no ungated output), and
+    dout's strides."""
+    inputs = make_case("row", 17, 16, torch.float32, b=1, s=2)
+    logits = (*inputs["q"].shape[:-1], inputs["k"].shape[-2])
+    bcast = inputs["mask_bias"].expand(logits)
+    for mask_bias in (bcast, _mask_bias(logits, _gen(12), "cpu"), bcast):
+        check(_requires_grad(dict(inputs, mask_bias=mask_bias)), torch.float32, 1e-5)
+    for names in (("q", "pair_bias"), ("k", "v", "gate"), ("q", "k", "v", "pair_bias", "gate")):
+        check(_requires_grad(inputs, names), torch.float32, 1e-5)
+    check(_requires_grad(make_case("row", 17, 16, torch.bfloat16, b=1, s=2)), torch.bfloat16, 2.0)
+
+    inputs = _requires_grad(dict(inputs, q=inputs["q"].contiguous()))  # a layout not seen yet
+    with torch.no_grad():
+        attention(**inputs)
+    out = attention(**inputs)
+    douts = [torch.randn(out.shape, generator=_gen(13)),
+             torch.randn(out.shape[-1], generator=_gen(14)).expand(out.shape),  # as from a sum
+             torch.randn(out.shape, generator=_gen(15)).transpose(-2, -3).contiguous()
+             .transpose(-2, -3)]
+    for dout in douts:
+        out, grads, _ = run(attention, inputs, dout)
+        out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
+        assert_close(out, out_ref, rtol=1e-4, atol=1e-6, max_rel=1e-5, name="out")
+        for name in grads:
+            assert_close(grads[name], grads_ref[name], rtol=1e-4, atol=1e-5, max_rel=1e-5,
+                         name="d" + name)
+
+
 # ---- the reference against OpenFold's own code (exact) -------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_matches_openfold_attention(dtype):

@@ -81,6 +81,22 @@ def test_tuned_asks_the_autotuner_once_per_key_then_launches_its_choice():
     assert copy.copy(tuned).tuner is fake
 
 
+def test_tuned_launch_with_a_kept_key():
+    """A key kept from ``Tuned.key`` launches what ``tuned[grid](...)`` launches: the autotuner
+    once, then its choice; after ``reset`` the same key tunes again."""
+    fake = _FakeAutotuner()
+    tuned = Tuned(fake, key=["N", "FLAG"])
+    x = torch.zeros(3)
+    key = tuned.key((x, 8), {"FLAG": True})
+    assert key == (8, True, "torch.float32")
+    for _ in range(2):
+        tuned.launch(key, "g", (x, 8), {"FLAG": True})
+    assert len(fake.calls) == 1
+    assert fake.launches == [("g", (x, 8), {"FLAG": True, "BLOCK": 16, "num_warps": 4})]
+    tuned.reset()
+    tuned.launch(key, "g", (x, 8), {"FLAG": True})
+    assert len(fake.calls) == 2 and len(fake.launches) == 1
+
 @pytest.mark.parametrize("m", [1, 3000, 9000])
 def test_weight_grad_fp32_matches_matmul(m):
     g = torch.Generator().manual_seed(m)
