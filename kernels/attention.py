@@ -913,11 +913,19 @@ def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     permuted [*, Q, K, H] view) turns every tile load into a gather and made triangle attention
     several times slower at N_res 1024. Such a bias is copied once into [..., H, Q, K] order;
     broadcast (stride 0) dims stay broadcast, so the copy is never larger than the bias itself.
+
+    A bias whose gradient is wanted and that is an expanded view (stride 0 on a dim of size
+    above 1) is copied whole: its elements along such a dim are distinct inputs, each with its
+    own gradient, whereas the kernels sum the gradient over every stride-0 dim (right for the
+    size-1 dims the op broadcasts, and only for those).
     """
     if b is None:
         return b
     if b.dim() < 3:
         b = b.view((1,) * (3 - b.dim()) + tuple(b.shape))
+    if (b.requires_grad and torch.is_grad_enabled()
+            and any(s == 0 and n > 1 for n, s in zip(b.shape, b.stride(), strict=True))):
+        return b.contiguous()
     if b.shape[-1] > 1 and b.stride(-1) != 1:
         base = b
         for d in range(b.dim()):

@@ -226,6 +226,26 @@ def test_bias_gradients_reduce_to_broadcast_shape(pattern, slot):
     check(_requires_grad(inputs, ("q", "k", "v", slot)), torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("slot", ["mask_bias", "pair_bias"])
+@pytest.mark.parametrize("key_strided", [False, True], ids=["key_contiguous", "key_strided"])
+def test_expanded_bias_views_get_per_element_gradients(slot, key_strided):
+    """A bias that needs a gradient and is an expanded view (stride 0 on a dim of size 3): its
+    elements along that dim are distinct inputs with their own gradients (the kernels sum only
+    over the size-1 dims the op broadcasts). Used to fail in backward with a shape error."""
+    nq, nk = 9, 13
+    g = _gen(11)
+    q = torch.randn(2, 3, 2, nq, 16, generator=g) * 0.25
+    k = torch.randn(2, 3, 2, nk, 16, generator=g)
+    v = torch.randn(2, 3, 2, nk, 16, generator=g)
+    base = (torch.randn(2, 1, 2, nk, nq, generator=g).transpose(-1, -2) if key_strided
+            else torch.randn(2, 1, 2, nq, nk, generator=g))
+    bias = base.expand(2, 3, 2, nq, nk)
+    assert bias.stride(1) == 0
+    inputs = dict(q=q, k=k, v=v, mask_bias=None, pair_bias=None, gate=None)
+    inputs[slot] = bias
+    check(_requires_grad(inputs, ("q", "k", "v", slot)), torch.float32, 1e-5)
+
+
 def test_more_than_two_unfoldable_batch_dims():
     """Batch dims no stride merge folds to two (the explicit loop over the first one)."""
     g = _gen(7)
