@@ -69,7 +69,8 @@ padded with masked loads. Key and query tails are handled by clamped loads (no m
 loop) and a masked last block.
 
 Host time. Small calls are bound by the host's Python (triangle attention at N_res 256 runs
-0.34 ms of kernels per fwd+bwd on an H200, and took 1.0 ms of wall time). Everything a call
+0.34 ms of kernels per fwd+bwd on an H200, and took 1.0 ms of wall time; 0.72 ms since, and
+0.35 ms on an H100 machine whose host kept up with the kernels: docs/benchmarks.md). Everything a call
 fixes but the data (the checks, broadcasts, batch fold, buffer layouts and every launch argument
 after the tensors) is worked out once, on meta tensors: per input layout by ``_layout`` (keyed
 on the inputs' shapes, strides, dtypes and devices, the grad mode and the precision settings),
