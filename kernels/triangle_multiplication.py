@@ -84,6 +84,11 @@ never reduces them.  Padded pairs (mask 0) give a = b = 0, hence contribute exac
 Inference (nothing needs a gradient: ``_sharded_inference``): G is all-gathered one channel
 chunk at a time into two alternating buffers (its whole ``[N, Bt * C_h, N]`` is the largest
 buffer of the update), the next chunk's all-gather running during the current chunk's GEMMs.
+The incoming update can also run on a row shard in inference (``shard="rows"``,
+``_sharded_inference_rows``): the projection kernel writes both operands in the gathered layout
+(``G_SIDE`` 2), one all-to-all brings this rank's columns of a from every rank, b is all-gathered
+in channel chunks, and each chunk's contraction runs over every rank's rows in one GEMM; the DAP
+block then needs no switch of z around the incoming update.
 ``triangle_multiplication_sharded_reference`` is the same on OpenFold's decomposed maths (an
 autograd all-gather / reduce-scatter pair around the torch contraction, synchronous).
 """
@@ -206,6 +211,36 @@ class _AllGatherReference(torch.autograd.Function):
         return out, None, None
 
 
+class _RowsToColumnsReference(torch.autograd.Function):
+    """This rank's rows of an operand, ``[*, R, N, C]``, -> every row of this rank's column
+    block, ``[*, P R, R, C]`` (an all-to-all); backward: the all-to-all back, its adjoint."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _rows_to_columns(x, comm)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _columns_to_rows(g, ctx.comm), None
+
+
+def _rows_to_columns(x: torch.Tensor, comm) -> torch.Tensor:
+    p, r = comm.size, x.shape[-3]
+    send = x.unflatten(-2, (p, r)).movedim(-3, 0).contiguous()  # [P (to), *, R, R, C]
+    recv = torch.empty_like(send)  # [P (from), *, R (its rows), R (my columns), C]
+    comm.all_to_all(recv, send, async_op=False).wait()
+    return recv.movedim(0, -4).flatten(-4, -3)
+
+
+def _columns_to_rows(g: torch.Tensor, comm) -> torch.Tensor:
+    p, r = comm.size, g.shape[-2]
+    send = g.unflatten(-3, (p, r)).movedim(-4, 0).contiguous()  # [P (to), *, R, R, C]
+    recv = torch.empty_like(send)  # [P (from), *, R (my rows), R (its columns), C]
+    comm.all_to_all(recv, send, async_op=False).wait()
+    return recv.movedim(0, -3).flatten(-3, -2)
+
+
 def triangle_multiplication_sharded_reference(
     z: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -216,18 +251,22 @@ def triangle_multiplication_sharded_reference(
     overlap: bool = True,
     comm_error: type = RuntimeError,
     inference: Optional[bool] = None,
+    shard: Optional[str] = None,
 ) -> torch.Tensor:
     """``triangle_multiplication_sharded`` in plain PyTorch: OpenFold's maths on the shard
-    (outgoing: rows z ``[*, N/P, N, C_z]``; incoming: columns z ``[*, N, N/P, C_z]``), with the
-    operand contracted over every row all-gathered (outgoing: b along rows; incoming: a along
-    columns; backward: reduce-scatter).  Synchronous (`overlap` is accepted and ignored); weight
-    gradients are this rank's partial sums.  At P = 1: ``triangle_multiplication_reference``.
+    (outgoing: rows z ``[*, N/P, N, C_z]``; incoming: columns z ``[*, N, N/P, C_z]``, or rows
+    with `shard` "rows"), with the operand contracted over every row all-gathered (outgoing: b
+    along rows; incoming on columns: a along columns; incoming on rows: b along rows and this
+    rank's columns of a by an all-to-all; backward: the adjoints).  Synchronous (`overlap` is
+    accepted and ignored); weight gradients are this rank's partial sums.  At P = 1:
+    ``triangle_multiplication_reference``.
     """
     w = TriMulWeights(*w)
     comm = _DistComm(group, comm_error)
+    rows = _shard_is_rows(shard, outgoing)
     if comm.size == 1:
         return triangle_multiplication_reference(z, mask, w, outgoing, eps)
-    _check_shard("triangle_multiplication_sharded_reference", z, w, outgoing, comm.size)
+    _check_shard("triangle_multiplication_sharded_reference", z, w, outgoing, comm.size, rows)
     if mask is None:
         mask = z.new_ones(z.shape[:-1])
     mask = mask.unsqueeze(-1)
@@ -241,6 +280,9 @@ def triangle_multiplication_sharded_reference(
     if outgoing:
         b = _AllGatherReference.apply(proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b), z.dim() - 3, comm)
         a = proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b)
+    elif rows:  # x[i, j] = sum_k a[k, i] b[k, j], i this rank's rows: a's columns, all of b
+        a = _RowsToColumnsReference.apply(proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b), comm)
+        b = _AllGatherReference.apply(proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b), z.dim() - 3, comm)
     else:
         a = _AllGatherReference.apply(proj(w.a_p_w, w.a_p_b, w.a_g_w, w.a_g_b), z.dim() - 2, comm)
         b = proj(w.b_p_w, w.b_p_b, w.b_g_w, w.b_g_b)
@@ -326,7 +368,8 @@ def _trimul_proj_fwd_kernel(
 ):
     """a, b [Bt, CH, NI, NJ] (NN = NI * NJ pairs per batch entry) for BLOCK_M rows of z [M, CZ]
     (M = Bt * NN; TRANS: z holds the transposed [NJ, NI] grid, see _pair_rows).  The operand
-    G_SIDE (0: a, 1: b; -1: none) is stored in the gathered layout [NI, Bt, CH, NJ] instead.
+    G_SIDE (0: a, 1: b; 2: both; -1: none) is stored in the gathered layout [NI, Bt, CH, NJ]
+    instead.
 
     W_IN [4 CH, CZ] = [a_p; a_g; b_p; b_g] (cdt), B_IN [4 CH] fp32.
     """
@@ -362,7 +405,7 @@ def _trimul_proj_fwd_kernel(
             p = _dot(zn, wp, DOT_PREC, INTERP) + bp[None, :]
             g = _dot(zn, wg, DOT_PREC, INTERP) + bg[None, :]
             val = (mk[:, None] * tl.sigmoid(g)) * p
-            if side == G_SIDE:
+            if side == G_SIDE or G_SIDE == 2:
                 offs = g_row[:, None] + _wide(h, I64)[None, :] * NJ
             else:
                 offs = out_row[:, None] + _wide(h, I64)[None, :] * NN
@@ -674,8 +717,9 @@ class _Grid(NamedTuple):
     """The pairs the kernels tile: Bt batch entries of NI x NJ pairs (pair r = i * NJ + j).
 
     trans: z, mask and out hold the grid transposed, [*, NJ, NI, C] (the incoming shard, run as
-    the outgoing update of z^T without a copy).  g_side: the operand (0: a, 1: b; -1: none)
-    stored in the gathered layout ``[NI, Bt, C_h, NJ]`` instead of ``[Bt, C_h, NI, NJ]``.
+    the outgoing update of z^T without a copy).  g_side: the operand (0: a, 1: b; 2: both, in
+    the projection forward; -1: none) stored in the gathered layout ``[NI, Bt, C_h, NJ]``
+    instead of ``[Bt, C_h, NI, NJ]``.
     """
 
     Bt: int
@@ -923,6 +967,11 @@ class _DistComm:
         return _Work(self, "all-gather", self.guard("all-gather", lambda: dist.all_gather_into_tensor(
             full, local, group=self.group, async_op=async_op)))
 
+    def all_to_all(self, recv: torch.Tensor, send: torch.Tensor, async_op: bool) -> _Work:
+        """recv [P, ...] <- block `rank` of every rank's send [P, ...] (block q goes to rank q)."""
+        return _Work(self, "all-to-all", self.guard("all-to-all", lambda: dist.all_to_all_single(
+            recv, send, group=self.group, async_op=async_op)))
+
     def reduce_scatter(self, local: torch.Tensor, full: torch.Tensor, async_op: bool) -> _Work:
         """local [R, ...] <- block `rank` of the sum over ranks of full [P R, ...]."""
         return _Work(self, "reduce-scatter", self.guard("reduce-scatter", lambda: dist.reduce_scatter_tensor(
@@ -1081,6 +1130,60 @@ def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, co
     return out.view(z.shape[:-1] + (CZ,))
 
 
+def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap: bool):
+    """The incoming update of a row shard z ``[*, R, N, C_z]`` (rows block `rank`), forward
+    only: ``x[i, j] = sum_k a[k, i] b[k, j]`` for this rank's rows i, where k runs over every
+    rank's rows.  The projection kernel writes this rank's rows of a and b in the gathered
+    layout ``[R, Bt * C_h, N]``; one all-to-all brings this rank's columns of a from every rank
+    (``[N (k), Bt * C_h, R (i)]``), b is all-gathered a channel chunk at a time into two
+    alternating buffers as in ``_sharded_inference`` (``[N (k), chunk, N (j)]``, read through
+    strides), and each chunk's contraction over all of k is one batched GEMM, so x accumulates
+    in fp32 over every k as on one device.  This spares the DAP block the two axis switches of
+    z around the incoming update (the fp32 pair shard, each way) for one all-to-all of a (in
+    the contraction dtype).  Peak: b's rows, a's columns, x and the two chunks."""
+    cdt, xdt, out_dtype = _dtypes(z)
+    P = comm.size
+    CZ, CH = z.shape[-1], w.a_p_w.shape[0]
+    R, N = z.shape[-3], z.shape[-2]
+    g = _Grid(math.prod(z.shape[:-3]), R, N, trans=False, g_side=2)
+    BC = g.Bt * CH
+    with torch.autocast(z.device.type, enabled=False):
+        z2, m2 = _rows(z, mask, g.M, CZ)
+        pk = _pack(w, cdt)
+        meta = _meta(cdt, g.M, CZ, CH)
+        a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
+        b_rows = torch.empty_like(a_rows)
+        _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
+        # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)]
+        send = a_rows.view(R, BC, P, R).permute(2, 0, 1, 3).contiguous()
+        a_rows = None
+        a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
+        comm.all_to_all(a_cols, send, False).wait()
+        send = None
+        at = a_cols.view(P * R, BC, R).permute(1, 2, 0)  # [BC, R (i), N (k)], strided
+        x = torch.empty((BC, R, N), device=z.device, dtype=xdt)
+        cc = max(1, min(BC, _GATHER_CHUNK_BYTES // (P * R * N * a_cols.element_size())))
+        chunks = [(c0, min(c0 + cc, BC)) for c0 in range(0, BC, cc)]
+        bufs = [b_rows.new_empty((P * R * cc * N,)) for _ in range(min(2, len(chunks)))]
+
+        def start(i):
+            c0, c1 = chunks[i]
+            mine = b_rows[:, c0:c1].contiguous()  # [R, c, N]: this rank's rows k
+            got = bufs[i % 2][:P * R * (c1 - c0) * N].view(P * R, c1 - c0, N)
+            return got, mine, comm.all_gather(got, mine, overlap)
+
+        pending = [start(i) for i in range(len(bufs))]
+        for i, (c0, c1) in enumerate(chunks):
+            got, _, work = pending[i]  # (the staging copy stays referenced until freed below)
+            work.wait()
+            torch.bmm(at[c0:c1], got.permute(1, 0, 2), out=x[c0:c1])  # [c, R, N (k)] @ [c, N, N]
+            if i + 2 < len(chunks):
+                pending.append(start(i + 2))
+        a_cols = at = b_rows = bufs = pending = got = None  # freed before the output stage
+        out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
+    return out.view(z.shape[:-1] + (CZ,))
+
+
 # ----------------------------------------------------------------------------------------------
 # public ops
 # ----------------------------------------------------------------------------------------------
@@ -1105,12 +1208,28 @@ def triangle_multiplication(
     return _TriMulFn.apply(z, mask, bool(outgoing), float(eps), _needs_grad(z, w), *w)
 
 
-def _check_shard(op: str, z: torch.Tensor, w: TriMulWeights, outgoing: bool, p: int) -> None:
+def _shard_is_rows(shard: Optional[str], outgoing: bool) -> bool:
+    """Whether z is a row shard: `shard` "rows" or "columns", None for the direction's default
+    (outgoing: rows, incoming: columns)."""
+    if shard is None:
+        return outgoing
+    if shard not in ("rows", "columns"):
+        raise ValueError(f"triangle_multiplication_sharded: shard must be 'rows', 'columns' or "
+                         f"None, got {shard!r}")
+    if outgoing and shard == "columns":
+        raise ValueError("triangle_multiplication_sharded: the outgoing update runs on row shards "
+                         "only (shard='rows' or None)")
+    return shard == "rows"
+
+
+def _check_shard(op: str, z: torch.Tensor, w: TriMulWeights, outgoing: bool, p: int,
+                 rows: Optional[bool] = None) -> None:
+    rows = outgoing if rows is None else rows
     if z.dim() < 3:
         raise ValueError(f"{op}: z must be a shard [*, R, N, C_z] or [*, N, R, C_z], got {tuple(z.shape)}")
-    r, n = (z.shape[-3], z.shape[-2]) if outgoing else (z.shape[-2], z.shape[-3])
+    r, n = (z.shape[-3], z.shape[-2]) if rows else (z.shape[-2], z.shape[-3])
     if n != p * r:
-        kind = "rows [*, N/P, N, C_z]" if outgoing else "columns [*, N, N/P, C_z]"
+        kind = "rows [*, N/P, N, C_z]" if rows else "columns [*, N, N/P, C_z]"
         raise ValueError(
             f"{op}: z {tuple(z.shape)} is not a shard of {kind} for a group of {p} processes "
             f"(pad N_res to a multiple of the group size first)")
@@ -1128,6 +1247,7 @@ def triangle_multiplication_sharded(
     overlap: bool = True,
     comm_error: type = RuntimeError,
     inference: Optional[bool] = None,
+    shard: Optional[str] = None,
 ) -> torch.Tensor:
     """This rank's shard of the fused triangle multiplicative update under DAP.
 
@@ -1155,12 +1275,24 @@ def triangle_multiplication_sharded(
     may run twice with different grad modes (a reentrant checkpoint runs the first pass without
     gradients) passes False there, so that both passes compute the same numbers; True while a
     gradient is needed is an error.  The reference takes and ignores it.
+
+    `shard`: "rows" runs the incoming update on a row shard z ``[*, N/P, N, C_z]`` (mask
+    ``[*, N/P, N]``; ``_sharded_inference_rows``: an all-to-all of a and an all-gather of b
+    instead of the caller switching z to columns and back); forward only here (the reference
+    also has its backward).  None: rows for outgoing, columns for incoming.
     """
     w = TriMulWeights(*w)
     comm = _DistComm(group, comm_error)
+    rows = _shard_is_rows(shard, outgoing)
     if comm.size == 1:
         return triangle_multiplication(z, mask, w, outgoing, eps)
-    _check_shard("triangle_multiplication_sharded", z, w, outgoing, comm.size)
+    _check_shard("triangle_multiplication_sharded", z, w, outgoing, comm.size, rows)
     check_launchable(z, mask)
+    training = _training(z, w, inference)
+    if rows and not outgoing:
+        if training:
+            raise ValueError("triangle_multiplication_sharded: the incoming update on a row shard "
+                             "(shard='rows') is forward-only; for training pass a column shard")
+        return _sharded_inference_rows(z, mask, w, float(eps), comm, bool(overlap))
     return _TriMulShardedFn.apply(z, mask, bool(outgoing), float(eps), comm, bool(overlap),
-                                  _training(z, w, inference), *w)
+                                  training, *w)

@@ -30,11 +30,14 @@ triangle mult. outgoing     pair rows [*, N/P, N, C_z]               all-gather 
                                                                      bwd: reduce-scatter db
 triangle mult. incoming     pair columns [*, N, N/P, C_z]            all-gather a (columns);
                                                                      bwd: reduce-scatter da
+  (inference)               pair rows (no switch before or after)    all-to-all a (its columns),
+                                                                     all-gather b (rows)
 triangle att. starting      pair rows                                all-gather the H-channel
                                                                      triangle bias
 triangle att. ending        pair columns (rows of z^T)               all-gather the bias
 pair transition             pair columns                             none
-pair row <-> column         all-to-all (4 per block)
+pair row <-> column         all-to-all (4 per block; 2 in
+                                                                     inference)
 ==========================  =======================================  ===========================
 
 Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
@@ -394,9 +397,11 @@ def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tens
 
 
 def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,
-                             outgoing: bool) -> torch.Tensor:
+                             outgoing: bool, shard: Optional[str] = None) -> torch.Tensor:
     """Outgoing: z [*, N/P, N, C] (rows), b all-gathered along rows. Incoming: z [*, N, N/P, C]
-    (columns), a all-gathered along columns. Returns the update in z's layout.
+    (columns), a all-gathered along columns; or, in inference (`shard` "rows"), z's rows, with
+    this rank's columns of a by an all-to-all and b all-gathered along rows (no switch of z).
+    Returns the update in z's layout.
 
     The op table's ``triangle_multiplication_sharded``: fused kernels on the shard (Triton; the
     all-gather overlaps the local block's contraction, the backward reduce-scatter the local
@@ -406,7 +411,7 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
     return run.ops.triangle_multiplication_sharded(z, mask, w, outgoing, mod.layer_norm_in.eps,
                                                    run.group, overlap=run.async_comm,
                                                    comm_error=fd.DAPCommError,
-                                                   inference=run.inference)
+                                                   inference=run.inference, shard=shard)
 
 
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
@@ -466,11 +471,16 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
     upd = _triangle_multiplication(core.tri_mul_out, W, "core.tri_mul_out", run, z,
                                    run.pair_mask_row, True)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
-    z = run.to_cols(z)
-    upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
-                                   run.pair_mask_col, False)
-    z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead, col_shard=True))
-    z = run.to_rows(z)
+    if run.inference:  # the incoming update on the row shard: no switch of z
+        upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
+                                       run.pair_mask_row, False, shard="rows")
+        z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
+    else:
+        z = run.to_cols(z)
+        upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
+                                       run.pair_mask_col, False)
+        z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead, col_shard=True))
+        z = run.to_rows(z)
     # (the attentions draw no random numbers: drawing their masks first keeps OpenFold's order)
     keep = _pair_keep(run, drop, z, lead)
     into = run.into(z, keep)
@@ -509,7 +519,8 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
             keeps["start"].append(_pair_keep(run, block.dropout_row, t, one))
             keeps["end"].append(_pair_keep(run, block.dropout_col, t, one))
             keeps["out"].append(_pair_keep(run, block.dropout_row, t, one))
-            keeps["in"].append(_pair_keep(run, block.dropout_row, t, one, col_shard=True))
+            keeps["in"].append(_pair_keep(run, block.dropout_row, t, one,
+                                          col_shard=not run.inference))
     keep = {k: (torch.cat(v, dim=-4) if v else None) for k, v in keeps.items()}
 
     into = run.into(t, keep["start"])
@@ -527,6 +538,12 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
     upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
                                    run.pair_mask_row, True)
     t = _residual(run, block.dropout_row, t, upd, keep["out"])
+    if run.inference:  # the incoming update and the transition on the row shard: no switch
+        upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t,
+                                       run.pair_mask_row, False, shard="rows")
+        t = _residual(run, block.dropout_row, t, upd, keep["in"])
+        return run.add(t, _transition(run, W, "pair_transition", block.pair_transition, t,
+                                      run.pair_mask_row if run.mask_trans else None))
     t = run.to_cols(t)
     upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t, run.pair_mask_col,
                                    False)

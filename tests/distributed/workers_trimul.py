@@ -75,11 +75,11 @@ def single_process(op, z, mask, w, g, outgoing, ac=None):
     return out.detach(), grads[0], list(grads[1:])
 
 
-def sharded(op, ctx, z, mask, w, g, outgoing, overlap, ac=None):
+def sharded(op, ctx, z, mask, w, g, outgoing, overlap, ac=None, shard=None, grad=True):
     """(out, dz, weight grads) of the sharded op as the DAP forwards call it: N_res padded to a
-    multiple of P with mask 0 (padded z holds garbage), this rank's rows (outgoing) or columns
-    (incoming), the weights wrapped in ``sum_grads`` (the DAP reduction), outputs and dz
-    gathered and unpadded."""
+    multiple of P with mask 0 (padded z holds garbage), this rank's rows (outgoing, or `shard`
+    "rows") or columns (incoming), the weights wrapped in ``sum_grads`` (the DAP reduction),
+    outputs and dz gathered and unpadded. `grad` False: the forward under no_grad, (out,)."""
     p, rank, group = ctx.size, ctx.rank, ctx.group
     n = z.shape[-2]
     n_p = fd.padded_length(n, p)
@@ -92,16 +92,22 @@ def sharded(op, ctx, z, mask, w, g, outgoing, overlap, ac=None):
         zp = torch.where(real, zp, junk)  # the same garbage on every rank
     mp = fd.pad_to(mask, {-2: n_p, -1: n_p})
     gp = fd.pad_to(g, {-3: n_p, -2: n_p})  # zero upstream gradient at padded pairs, as in DAP
-    dim = -3 if outgoing else -2
+    dim = -3 if outgoing or shard == "rows" else -2
+    unpad = {-3: n, -2: n}
+    if not grad:
+        with torch.no_grad(), autocast(z.device, ac):
+            out_r = op(zp.narrow(dim, rank * r, r).contiguous(), mp.narrow(dim + 1, rank * r, r),
+                       TriMulWeights(*w), outgoing, 1e-5, group, overlap=overlap, shard=shard)
+        return (fd.unpad(fd.gather(out_r, dim, group), unpad),)
     z_r = zp.narrow(dim, rank * r, r).contiguous().requires_grad_()
     m_r = mp.narrow(dim + 1, rank * r, r)
     leaves = [t.clone().requires_grad_() for t in w]
     synced = fd.sum_grads(leaves, group)
     with autocast(z.device, ac):
-        out_r = op(z_r, m_r, TriMulWeights(*synced), outgoing, 1e-5, group, overlap=overlap)
+        out_r = op(z_r, m_r, TriMulWeights(*synced), outgoing, 1e-5, group, overlap=overlap,
+                   shard=shard)
     assert out_r.shape == z_r.shape, (out_r.shape, z_r.shape)
     grads = torch.autograd.grad(out_r, [z_r] + leaves, gp.narrow(dim, rank * r, r).to(out_r.dtype))
-    unpad = {-3: n, -2: n}
     out = fd.unpad(fd.gather(out_r.detach(), dim, group), unpad)
     dz = fd.unpad(fd.gather(grads[0], dim, group), unpad)
     return out, dz, list(grads[1:])
@@ -155,6 +161,24 @@ def sharded_trimul(args):
                     for a, b in zip([got[0], got[1]] + got[2], [sync[0], sync[1]] + sync[2],
                                     strict=True):
                         assert torch.equal(a, b), f"{tag}: overlap on/off differ"
+                if outgoing:
+                    continue
+                # the incoming update on row shards (DAP inference): the reference with every
+                # gradient, the Triton forward (forward-only), overlap on / off bit-identical
+                if name == "reference":
+                    rows = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g,
+                                   False, True, shard="rows")
+                    check(f"{tag} reference rows out", rows[0], exp[0])
+                    for nm, a, e in zip(names, [rows[1]] + rows[2], [exp[1]] + exp[2],
+                                        strict=True):
+                        check(f"{tag} reference rows d{nm}", a, e)
+                else:
+                    on, = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g, False,
+                                  True, shard="rows", grad=False)
+                    off, = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g, False,
+                                   False, shard="rows", grad=False)
+                    check(f"{tag} triton rows out", on, exp[0])
+                    assert torch.equal(on, off), f"{tag} rows: overlap on/off differ"
         result(ok=True, size=ctx.size, **case)
     fd.shutdown()
 

@@ -240,6 +240,10 @@ class _ThreadComm:
         full.copy_(torch.cat(self._exchange(local)))
         return _Done()
 
+    def all_to_all(self, recv, send, async_op):
+        recv.copy_(torch.stack([s[self.rank] for s in self._exchange(send)]))
+        return _Done()
+
     def reduce_scatter(self, local, full, async_op):
         r = local.shape[0]
         blocks = [s[self.rank * r:(self.rank + 1) * r] for s in self._exchange(full)]
@@ -379,6 +383,88 @@ def test_sharded_inference_chunks_match_reference(p, batch, n, outgoing, chunk_c
         off, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=False, grad=False)
     check_fp32(on, exp, "inference out")
     assert torch.equal(on, off)
+
+
+def run_emulated_rows_incoming(p, z, mask, w, overlap=True, autocast_dtype=None):
+    """The incoming update's forward on row shards (``_sharded_inference_rows``) on P threads,
+    z padded to a multiple of P as DAP pads (garbage z, mask 0): the whole output, unpadded.
+    (Autocast is per thread: each rank enters it.)"""
+    n = z.shape[-2]
+    r = -(-n // p)
+    pad = p * r - n
+    zp = torch.nn.functional.pad(z, (0, 0, 0, pad, 0, pad))
+    if pad:
+        zp[..., n:, :, :] = torch.randn_like(zp[..., n:, :, :])
+        zp[..., :, n:, :] = torch.randn_like(zp[..., :, n:, :])
+    mp = torch.nn.functional.pad(mask, (0, pad, 0, pad))
+    shared, results, errors = _Shared(p), [None] * p, []
+    launch_lock = threading.Lock()
+    launch = trimul_module._launch
+
+    def locked_launch(*a, **k):
+        with launch_lock:
+            return launch(*a, **k)
+
+    def rank_main(q):
+        try:
+            ctx = (torch.autocast(z.device.type, dtype=autocast_dtype)
+                   if autocast_dtype is not None else contextlib.nullcontext())
+            with torch.no_grad(), ctx:
+                results[q] = trimul_module._sharded_inference_rows(
+                    zp.narrow(-3, q * r, r).contiguous(), mp.narrow(-2, q * r, r), w, 1e-5,
+                    _ThreadComm(shared, q, p), overlap)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+            shared.barrier.abort()
+
+    trimul_module._launch = locked_launch
+    try:
+        threads = [threading.Thread(target=rank_main, args=(q,)) for q in range(p)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        trimul_module._launch = launch
+    if errors:
+        raise errors[0]
+    return torch.cat(results, -3)[..., :n, :n, :]
+
+
+@pytest.mark.parametrize("chunk_channels", [1, 3, 100], ids=["chunk1", "chunk3", "whole"])
+@pytest.mark.parametrize("p,batch,n", [(2, (), 7), (3, (2,), 5), (3, (), 1)],
+                         ids=["P2-N7", "P3-B2-N5", "P3-N1"])
+def test_incoming_on_row_shards_matches_reference(p, batch, n, chunk_channels, monkeypatch):
+    """Inference, incoming update on row shards: a's columns by an all-to-all, b all-gathered in
+    channel chunks (a last partial chunk; more chunks than the two buffers; whole), the
+    contraction over every rank's rows at once: equals the reference, overlap on and off bit
+    for bit. N_res 1 on 3 ranks: two ranks hold only padding."""
+    c_z, c_h = 8, 8
+    z, mask = random_inputs(batch, n, c_z, True)
+    w = random_weights(c_z, c_h)
+    r = -(-n // p)
+    monkeypatch.setattr(trimul_module, "_GATHER_CHUNK_BYTES", chunk_channels * p * r * p * r * 4)
+    exp = triangle_multiplication_reference(z, mask, w, False)
+    with torch.no_grad():
+        on = run_emulated_rows_incoming(p, z, mask, w, overlap=True)
+        off = run_emulated_rows_incoming(p, z, mask, w, overlap=False)
+    check_fp32(on, exp, "incoming on rows out")
+    assert torch.equal(on, off)
+
+
+@pytest.mark.parametrize("x_dtype,p_dtype,ac,tol", LOW_PRECISION_CASES)
+def test_incoming_on_row_shards_low_precision(x_dtype, p_dtype, ac, tol):
+    """bf16 / fp16 autocast and a bf16 model: the row-shard incoming forward's error against an
+    fp64 truth stays within `tol` x the reference's own error in that precision."""
+    z, mask = random_inputs((2,), 7, 16, True, x_dtype)
+    w = random_weights(16, 16, p_dtype)
+    truth = triangle_multiplication_reference(
+        z.double(), mask.double(), TriMulWeights(*[t.double() for t in w]), False)
+    ctx = torch.autocast("cpu", dtype=ac) if ac is not None else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        ref = triangle_multiplication_reference(z, mask, w, False)
+    got = run_emulated_rows_incoming(3, z, mask, w, autocast_dtype=ac)
+    check_against_truth(got, ref, truth, tol, "incoming on rows out")
 
 
 def test_inference_is_decided_at_the_call_site():
