@@ -12,8 +12,15 @@ Precision contract (Triton path): statistics (mean, 1/std) and the affine map in
 rounding on store; backward in fp32 (dx rounded to x's dtype, dweight/dbias summed in fp32 over
 per-program partials and returned in the parameters' dtype). The references round where
 ``F.layer_norm`` rounds, so both agree to the output dtype's rounding.
+
+Host time. A block step calls the LayerNorm ~15 times on small tensors, so the Python around a
+launch counts. What a launch fixes but the data (the checks, block sizes, grid, warps, the
+backward's program split) is worked out once per (rows, channels, device, interpreter or not)
+by ``_fwd_plan`` / ``_bwd_plan``; a call reads its strides, allocates and launches. Whether the
+interpreter runs is read once per forward and kept for its backward.
 """
-from typing import Optional, Tuple
+import functools
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +29,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
-    check_launchable,
+    check_devices,
     is_interpreter,
     max_programs,
     next_power_of_2,
@@ -101,11 +108,15 @@ def _layer_norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # launchers (2-D row views; also used by transition.py)
 # ----------------------------------------------------------------------------------------------
-def _block_m(block_c: int) -> int:
+def _block_m(block_c: int, interp: bool) -> int:
     # About 4K elements per program on a GPU (16 rows at C=256); bigger tiles in the interpreter,
     # where each program is a Python-level loop.
-    elems = 32768 if is_interpreter() else 4096
+    elems = 32768 if interp else 4096
     return max(1, min(128, elems // block_c))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv without its wrapper's per-call cost (1.5 us)
 
 
 def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
@@ -116,62 +127,103 @@ def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
     return t2
 
 
+class _FwdPlan(NamedTuple):
+    """What a forward launch fixes for [M, C] rows: grid, y's row stride, launch keywords."""
+    grid: tuple
+    stride_y: int
+    kwargs: dict  # BLOCK_M, BLOCK_C, STORE_STATS, num_warps
+
+
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(m: int, c: int, device: torch.device, interp: bool, store_stats: bool) -> _FwdPlan:
+    """The ``_FwdPlan`` for `m` rows of `c` channels on `device`, under the interpreter
+    (`interp`) or not. Raises (and caches nothing) for a channel dim too large or a device the
+    kernels cannot run on."""
+    if c > MAX_C:
+        raise ValueError(f"layer_norm: channel dim {c} > {MAX_C} is not supported by the Triton path")
+    check_devices(device)
+    block_c = next_power_of_2(c)
+    block_m = _block_m(block_c, interp)
+    return _FwdPlan(
+        grid=(_cdiv(m, block_m),),
+        stride_y=torch.empty((m, c), device="meta").stride(0),
+        kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c, STORE_STATS=store_stats,
+                    num_warps=4 if block_c * block_m <= 4096 else 8),
+    )
+
+
+class _BwdPlan(NamedTuple):
+    """What a backward launch fixes for [M, C] rows: the program count and rows per program,
+    dx's row stride, launch keywords."""
+    n_prog: int
+    rows_per_program: int
+    stride_dx: int
+    kwargs: dict  # BLOCK_M, BLOCK_C, num_warps
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_plan(m: int, c: int, device: torch.device, interp: bool) -> _BwdPlan:
+    """The ``_BwdPlan`` for `m` (> 0) rows of `c` channels on `device`, under the interpreter
+    (`interp`) or not."""
+    block_c = next_power_of_2(c)
+    block_m = _block_m(block_c, interp)
+    n_tiles = _cdiv(m, block_m)
+    n_prog = min(n_tiles, max_programs(device))
+    rows_per_program = _cdiv(n_tiles, n_prog) * block_m
+    return _BwdPlan(
+        n_prog=_cdiv(m, rows_per_program),
+        rows_per_program=rows_per_program,
+        stride_dx=torch.empty((m, c), device="meta").stride(0),
+        kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c,
+                    num_warps=4 if block_c * block_m <= 4096 else 8),
+    )
+
+
 def layer_norm_fwd_rows(
     x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-    out_dtype: torch.dtype, store_stats: bool = True,
+    out_dtype: torch.dtype, store_stats: bool = True, interp: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Normalise the rows of `x2` [M, C] (unit column stride): (y [M, C] out_dtype, mean, rstd).
 
     mean and rstd are fp32 [M] (None unless `store_stats`). weight/bias are used in their own
-    dtype (cast to fp32 in the kernel).
+    dtype (cast to fp32 in the kernel). `interp`: ``is_interpreter()`` (read here if None).
     """
     m, c = x2.shape
-    if c > MAX_C:
-        raise ValueError(f"layer_norm: channel dim {c} > {MAX_C} is not supported by the Triton path")
-    check_launchable(x2)
-    y = torch.empty((m, c), dtype=out_dtype, device=x2.device)
+    device = x2.device
+    plan = _fwd_plan(m, c, device, is_interpreter() if interp is None else interp, store_stats)
+    y = torch.empty((m, c), dtype=out_dtype, device=device)
     mean = rstd = None
     if store_stats:
-        mean = torch.empty((m,), dtype=torch.float32, device=x2.device)
-        rstd = torch.empty((m,), dtype=torch.float32, device=x2.device)
+        mean = torch.empty((m,), dtype=torch.float32, device=device)
+        rstd = torch.empty((m,), dtype=torch.float32, device=device)
     if m == 0:
         return y, mean, rstd
-    block_c = next_power_of_2(c)
-    block_m = _block_m(block_c)
-    grid = (triton.cdiv(m, block_m),)
-    _layer_norm_fwd_kernel[grid](
+    _layer_norm_fwd_kernel[plan.grid](
         x2, weight.contiguous(), bias.contiguous(), y,
         mean if store_stats else y, rstd if store_stats else y,
-        m, c, x2.stride(0), y.stride(0), float(eps),
-        BLOCK_M=block_m, BLOCK_C=block_c, STORE_STATS=store_stats,
-        num_warps=4 if block_c * block_m <= 4096 else 8,
+        m, c, x2.stride(0), plan.stride_y, float(eps), **plan.kwargs,
     )
     return y, mean, rstd
 
 
 def layer_norm_bwd_rows(
     x2: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-    dy2: torch.Tensor, dx_dtype: torch.dtype,
+    dy2: torch.Tensor, dx_dtype: torch.dtype, interp: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx [M, C] dx_dtype, dweight fp32 [C], dbias fp32 [C]) for rows normalised by the forward."""
+    """(dx [M, C] dx_dtype, dweight fp32 [C], dbias fp32 [C]) for rows normalised by the forward.
+    `interp`: ``is_interpreter()`` (read here if None)."""
     m, c = x2.shape
-    dx = torch.empty((m, c), dtype=dx_dtype, device=x2.device)
+    device = x2.device
+    dx = torch.empty((m, c), dtype=dx_dtype, device=device)
     if m == 0:
-        z = torch.zeros((c,), dtype=torch.float32, device=x2.device)
+        z = torch.zeros((c,), dtype=torch.float32, device=device)
         return dx, z, z.clone()
-    block_c = next_power_of_2(c)
-    block_m = _block_m(block_c)
-    n_tiles = triton.cdiv(m, block_m)
-    n_prog = min(n_tiles, max_programs(x2.device))
-    rows_per_program = triton.cdiv(n_tiles, n_prog) * block_m
-    n_prog = triton.cdiv(m, rows_per_program)
-    dw_part = torch.empty((n_prog, c), dtype=torch.float32, device=x2.device)
-    db_part = torch.empty((n_prog, c), dtype=torch.float32, device=x2.device)
-    _layer_norm_bwd_kernel[(n_prog,)](
+    plan = _bwd_plan(m, c, device, is_interpreter() if interp is None else interp)
+    dw_part = torch.empty((plan.n_prog, c), dtype=torch.float32, device=device)
+    db_part = torch.empty((plan.n_prog, c), dtype=torch.float32, device=device)
+    _layer_norm_bwd_kernel[(plan.n_prog,)](
         x2, weight.contiguous(), dy2, dx, mean, rstd, dw_part, db_part,
-        m, c, x2.stride(0), dy2.stride(0), dx.stride(0), rows_per_program,
-        BLOCK_M=block_m, BLOCK_C=block_c,
-        num_warps=4 if block_c * block_m <= 4096 else 8,
+        m, c, x2.stride(0), dy2.stride(0), plan.stride_dx, plan.rows_per_program, **plan.kwargs,
     )
     return dx, dw_part.sum(0), db_part.sum(0)
 
@@ -188,18 +240,19 @@ class _LayerNormFn(torch.autograd.Function):
         w = weight if param_dtype is None else weight.to(param_dtype)
         b = bias if param_dtype is None else bias.to(param_dtype)
         x2 = _rows(x, c)
-        y, mean, rstd = layer_norm_fwd_rows(x2, w, b, eps, out_dtype)
+        interp = is_interpreter()
+        y, mean, rstd = layer_norm_fwd_rows(x2, w, b, eps, out_dtype, interp=interp)
         ctx.save_for_backward(x2, w, mean, rstd)
-        ctx.shape = x.shape
-        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, interp)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, w, mean, rstd = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        dx, dw, db = layer_norm_bwd_rows(x2, w, mean, rstd, _rows(dy, x2.shape[1]), x_dtype)
-        return dx.view(ctx.shape), dw.to(w_dtype), db.to(b_dtype), None, None, None
+        shape, x_dtype, w_dtype, b_dtype, interp = ctx.meta
+        dx, dw, db = layer_norm_bwd_rows(x2, w, mean, rstd, _rows(dy, x2.shape[1]), x_dtype,
+                                         interp=interp)
+        return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None
 
 
 def _openfold_dtypes(x: torch.Tensor) -> Tuple[torch.dtype, Optional[torch.dtype]]:

@@ -29,8 +29,16 @@ Precision contract (both paths agree with stock OpenFold to rounding):
   - gradients: dx in x's dtype; weight gradients from GEMMs in the compute dtype, cast to each
     parameter's dtype; bias gradients summed in fp32 by the Triton passes (stock rounds them to
     the compute dtype first). The mask gets no gradient.
+
+Host time. The backward passes' launch geometry is worked out once per (rows, columns, device,
+interpreter or not) by ``_bwd_pass_plan``, the LayerNorm's by layer_norm.py's plans; whether the
+interpreter runs is read once per forward and kept for its backward; autocast is switched off
+around the GEMMs only where it is on (entering ``torch.autocast`` costs more Python than the
+rest of a small call's host work).
 """
-from typing import Optional
+import contextlib
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +47,13 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
-    check_launchable,
+    check_devices,
     is_interpreter,
     max_programs,
     next_power_of_2,
 )
 from .layer_norm import (
+    _cdiv,
     _rows,
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
@@ -91,24 +100,50 @@ def _transition_bwd_kernel(
     tl.store(PART + pid_m * N + cols, acc, mask=col_ok)
 
 
-def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool) -> torch.Tensor:
-    """Launch ``_transition_bwd_kernel``; returns the fp32 column sums of `out` [N]."""
+class _BwdPassPlan(NamedTuple):
+    """What a ``_transition_bwd_kernel`` launch fixes for [M, N]: grid, rows per program and
+    launch keywords."""
+    grid: tuple
+    rows_per_program: int
+    kwargs: dict  # BLOCK_M, BLOCK_N
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_pass_plan(m: int, n: int, device: torch.device, interp: bool) -> _BwdPassPlan:
+    """The ``_BwdPassPlan`` for `m` (> 0) rows of `n` columns on `device`, under the interpreter
+    (`interp`) or not."""
+    block_n = min(next_power_of_2(n), 128 if not interp else 1024)
+    block_m = max(1, (32768 if interp else 4096) // block_n)
+    n_col = _cdiv(n, block_n)
+    n_tiles = _cdiv(m, block_m)
+    n_row = min(n_tiles, max(1, max_programs(device) // n_col))
+    rows_per_program = _cdiv(n_tiles, n_row) * block_m
+    n_row = _cdiv(m, rows_per_program)
+    return _BwdPassPlan((n_row, n_col), rows_per_program, dict(BLOCK_M=block_m, BLOCK_N=block_n))
+
+
+def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool,
+              interp: bool) -> torch.Tensor:
+    """Launch ``_transition_bwd_kernel``; returns the fp32 column sums of `out` [N].
+    `interp`: ``is_interpreter()``."""
     m, n = g.shape
     if m == 0:
         return torch.zeros((n,), dtype=torch.float32, device=g.device)
-    block_n = min(next_power_of_2(n), 128 if not is_interpreter() else 1024)
-    block_m = max(1, (32768 if is_interpreter() else 4096) // block_n)
-    n_col = triton.cdiv(n, block_n)
-    n_tiles = triton.cdiv(m, block_m)
-    n_row = min(n_tiles, max(1, max_programs(g.device) // n_col))
-    rows_per_program = triton.cdiv(n_tiles, n_row) * block_m
-    n_row = triton.cdiv(m, rows_per_program)
-    part = torch.empty((n_row, n), dtype=torch.float32, device=g.device)
-    _transition_bwd_kernel[(n_row, n_col)](
+    plan = _bwd_pass_plan(m, n, g.device, interp)
+    part = torch.empty((plan.grid[0], n), dtype=torch.float32, device=g.device)
+    _transition_bwd_kernel[plan.grid](
         g, aux, out, part, m, n, g.stride(0), aux.stride(0) if relu else 0, out.stride(0),
-        rows_per_program, RELU=relu, BLOCK_M=block_m, BLOCK_N=block_n,
+        plan.rows_per_program, RELU=relu, **plan.kwargs,
     )
     return part.sum(0)
+
+
+def _no_autocast(device_type: str):
+    """``torch.autocast(device_type, enabled=False)`` where autocast is on there; a null context
+    where it is off already (the same dispatch, without autocast's enter / exit)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -126,12 +161,13 @@ class _TransitionFn(torch.autograd.Function):
     def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype):
         c = x.shape[-1]
         x2 = _rows(x, c)
-        check_launchable(x2)
+        check_devices(x2.device)
+        interp = is_interpreter()
         # OpenFold's LayerNorm: a bf16 x is normalised with bf16 weights
         lw, lb = (ln_w, ln_b) if x.dtype != torch.bfloat16 else (ln_w.to(x.dtype), ln_b.to(x.dtype))
         w1c, b1c, w2c, b2c = (t.to(cdt) for t in (w1, b1, w2, b2))
-        with torch.autocast(x.device.type, enabled=False):
-            ln, mean, rstd = layer_norm_fwd_rows(x2, lw, lb, eps, cdt)
+        with _no_autocast(x.device.type):
+            ln, mean, rstd = layer_norm_fwd_rows(x2, lw, lb, eps, cdt, interp=interp)
             h = _linear_relu(ln, w1c, b1c)
             del ln
             y = torch.addmm(b2c, h, w2c.t())
@@ -141,6 +177,7 @@ class _TransitionFn(torch.autograd.Function):
                 out = y * mask_rows[:, None]
         ctx.save_for_backward(x2, lw, lb, mean, rstd, w1c, w2c, h, mask_rows)
         ctx.eps = eps
+        ctx.interp = interp
         ctx.meta = (x.shape, x.dtype, ln_w.dtype, ln_b.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
         return out.view(*x.shape[:-1], w2.shape[0])
 
@@ -150,20 +187,21 @@ class _TransitionFn(torch.autograd.Function):
         shape, x_dt, lw_dt, lb_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.meta
         cdt = h.dtype
         m = x2.shape[0]
-        with torch.autocast(x2.device.type, enabled=False):
+        interp = ctx.interp
+        with _no_autocast(x2.device.type):
             g2 = _rows(g, g.shape[-1])
             d2 = torch.empty((m, g2.shape[1]), dtype=cdt, device=g.device)
-            db2 = _bwd_pass(g2, mask_rows, d2, relu=False)
+            db2 = _bwd_pass(g2, mask_rows, d2, relu=False, interp=interp)
             dw2 = d2.t().mm(h)
             dh = d2.mm(w2c)
             del d2
-            db1 = _bwd_pass(dh, h, dh, relu=True)  # dh becomes d_pre, in place
-            ln = layer_norm_fwd_rows(x2, lw, lb, ctx.eps, cdt, store_stats=False)[0]
+            db1 = _bwd_pass(dh, h, dh, relu=True, interp=interp)  # dh becomes d_pre, in place
+            ln = layer_norm_fwd_rows(x2, lw, lb, ctx.eps, cdt, store_stats=False, interp=interp)[0]
             dw1 = dh.t().mm(ln)
             del ln
             dln = dh.mm(w1c)
             del dh
-            dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt)
+            dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt, interp=interp)
         return (dx.view(shape), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt), db1.to(b1_dt),
                 dw2.to(w2_dt), db2.to(b2_dt), None, None, None)
 

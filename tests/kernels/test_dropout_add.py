@@ -82,6 +82,47 @@ def test_mask_of_fewer_dims_and_non_contiguous_inputs():
     assert torch.equal(torch.autograd.grad(out, upd, g)[0], torch.autograd.grad(out_ref, upd, g)[0])
 
 
+def test_cached_plans_are_keyed_on_everything_they_fix():
+    """Calls on the same shape that differ in one thing a cached launch plan fixes or leaves to
+    the call, made in turn, each match the reference bit for bit: the mask's strides (shared
+    along the rows, then a full mask of other values there, then the same values as a stride-0
+    expand, then a transposed layout), the dtypes, the grad mode and the gradients asked for,
+    and d_out's strides; then a mask that needs the rare contiguous expansion and the same
+    shape's plain mask."""
+    shape = (4, 6, 8)
+    gen = torch.Generator().manual_seed(3)
+    shared = (torch.rand(1, 6, 8, generator=gen) > 0.5).float() * 2.0
+    full = (torch.rand(shape, generator=gen) > 0.5).float() * 2.0
+    masks = [shared, full, shared.expand(shape), full.transpose(0, 1).contiguous().transpose(0, 1),
+             shared]
+    for res_dtype, upd_dtype in ((torch.float32, torch.float32), (torch.float32, torch.float16),
+                                 (torch.float16, torch.float16), (torch.float32, torch.float32)):
+        res, upd, g = _inputs(shape, res_dtype, upd_dtype)
+        douts = (g, g[0, 0].expand(shape), g.transpose(0, 2).contiguous().transpose(0, 2))
+        for keep in masks:
+            keep = keep.to(upd_dtype)
+            with torch.no_grad():
+                assert torch.equal(dropout_add(res, upd, 0.5, True, -3, mask=keep),
+                                   dropout_add_reference(res, upd, 0.5, True, -3, mask=keep))
+            for leaves, dout in (((res, upd), douts[0]), ((upd,), douts[1]), ((res, upd), douts[2])):
+                out = dropout_add(res, upd, 0.5, True, -3, mask=keep)
+                out_ref = dropout_add_reference(res, upd, 0.5, True, -3, mask=keep)
+                assert torch.equal(out, out_ref)
+                for a, e in zip(torch.autograd.grad(out, leaves, dout),
+                                torch.autograd.grad(out_ref, leaves, dout), strict=True):
+                    assert torch.equal(a, e)
+    # dims alternating shared / not shared more than three times: the mask is expanded first
+    shape = (2, 3, 2, 3, 2, 3)
+    res, upd, g = _inputs(shape, torch.float32, torch.float32)
+    for batch_dim in ([0, 2, 4], [0, 2], [0, 2, 4]):
+        keep = (torch.rand(keep_mask_shape(shape, batch_dim), generator=gen) > 0.5).float() * 2.0
+        out = dropout_add(res, upd, 0.5, True, batch_dim, mask=keep)
+        out_ref = dropout_add_reference(res, upd, 0.5, True, batch_dim, mask=keep)
+        assert torch.equal(out, out_ref)
+        assert torch.equal(torch.autograd.grad(out, upd, g)[0],
+                           torch.autograd.grad(out_ref, upd, g)[0])
+
+
 @pytest.mark.parametrize("op", [dropout_add, dropout_add_reference], ids=["triton", "reference"])
 @pytest.mark.parametrize("batch_dim", [-3, -2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fastfold_plugin.kernels.layer_norm import (
     layer_norm,
+    layer_norm_fwd_rows,
     layer_norm_reference,
     layer_norm_torch,
     layer_norm_torch_reference,
@@ -130,6 +131,56 @@ def test_empty_input():
     assert out.shape == x.shape
     gx, gw, gb = torch.autograd.grad(out.sum(), (x, w, b), allow_unused=True)
     assert gx.shape == x.shape and float(gw.abs().sum()) == 0.0 and float(gb.abs().sum()) == 0.0
+
+
+def test_cached_plans_are_keyed_on_everything_they_fix():
+    """Calls on the same rows and channels that differ in one thing a cached launch plan fixes
+    or leaves to the call, made in turn, each match the reference: the input's row stride (rows
+    of a wider tensor, then contiguous), its dtype and the parameters' (fp32, bf16 under both
+    contracts, fp16 parameters), autocast, eps, the grad mode, the gradients asked for, dout's
+    strides and the row count; then the rows kernel with and without its statistics stored."""
+    shape = (3, 7, 24)
+    for contract, dtype, tol, autocast, eps in (
+            ("openfold", torch.float32, 2e-5, False, 1e-5),
+            ("openfold", torch.bfloat16, 3.0, False, 1e-5),
+            ("torch", torch.bfloat16, 3.0, True, 1e-5),
+            ("openfold", torch.float32, 2e-5, False, 1e-3),
+            ("torch", torch.float16, 2.0, False, 1e-5)):
+        check_layer_norm(contract, shape, dtype, tol, autocast, "cpu", eps=eps)
+    x, w, b = _inputs(shape, torch.float32, "cpu")
+    wide = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(5))[..., 8:32]
+    x16 = x.detach().half().requires_grad_()
+    w16, b16 = (t.detach().half().requires_grad_() for t in (w, b))
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    g_rows = torch.randn(24, generator=torch.Generator().manual_seed(7)).expand(shape)  # as from a sum
+    for args, dout in (([wide.requires_grad_(), w, b], g), ([x, w, b], g_rows),
+                       ([x16, w16, b16], g.half()), ([x[:2], w, b], g[:2]), ([x, w, b], g),
+                       # more rows than one program of the first call's plan covers
+                       (_inputs((10, 20, 24), torch.float32, "cpu", seed=8),
+                        torch.randn(10, 20, 24, generator=torch.Generator().manual_seed(9)))):
+        with torch.no_grad():
+            assert_close(layer_norm(*args), layer_norm_reference(*args), rtol=1e-3, atol=1e-3)
+        out, grads, _ = _run(layer_norm, args, dout)
+        out_ref, grads_ref, _ = _run(layer_norm_reference, args, dout)
+        assert out.dtype == out_ref.dtype
+        assert_close(out, out_ref, rtol=1e-3, atol=1e-3, name="out")
+        for name, a, e in zip(("dx", "dweight", "dbias"), grads, grads_ref, strict=True):
+            assert a.dtype == e.dtype
+            assert_close(a, e, rtol=1e-3, atol=1e-3 * e.abs().max().item(), name=name)
+    only_x = torch.autograd.grad(layer_norm(x, w.detach(), b.detach()), x, g)[0]
+    assert_close(only_x, torch.autograd.grad(layer_norm_reference(x, w, b), x, g)[0],
+                 rtol=1e-4, atol=1e-4, name="dx (no parameter gradients)")
+
+    x2 = x.detach().reshape(-1, 24)
+    for store_stats in (False, True, False):
+        y, mean, rstd = layer_norm_fwd_rows(x2, w.detach(), b.detach(), 1e-5, torch.float32,
+                                            store_stats=store_stats)
+        assert_close(y, layer_norm_reference(x2, w, b), rtol=1e-5, atol=1e-5, name="y")
+        assert (mean is None) == (rstd is None) == (not store_stats)
+        if store_stats:
+            var, mu = torch.var_mean(x2, dim=-1, unbiased=False)
+            assert_close(mean, mu, rtol=1e-5, atol=1e-6, name="mean")
+            assert_close(rstd, (var + 1e-5).rsqrt(), rtol=1e-5, atol=1e-6, name="rstd")
 
 
 # ---- the references against OpenFold's own modules (exact) ----------------------------------

@@ -141,6 +141,39 @@ def test_non_contiguous_x_and_no_weight_grads():
     assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(out_ref, x, g)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_cached_plans_are_keyed_on_everything_they_fix():
+    """Calls on the same rows and channels that differ in one thing a cached launch plan fixes
+    or leaves to the call, made in turn, each match the reference: x's strides, the dtypes,
+    autocast, the mask (given, none, shared along a leading dim), the grad mode, the gradients
+    asked for, d_out's strides, and the row count."""
+    shape = (4, 6, 16)
+    args = make_inputs(shape, 4, torch.float32, torch.float32, "cpu", relu_margin=True)
+    x, mask, w = args[0], args[1], args[2:]
+    xt = torch.randn(6, 4, 16, generator=torch.Generator().manual_seed(3)).transpose(0, 1)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    g_rows = torch.randn(16, generator=torch.Generator().manual_seed(5)).expand(shape)
+    cases = [([x, mask, *w], g), ([xt.requires_grad_(), mask, *w], g), ([x, None, *w], g_rows),
+             ([x, mask[:1], *w], g.transpose(0, 1).contiguous().transpose(0, 1)),
+             ([x.detach().requires_grad_(), mask] + [t.detach() for t in w], g),
+             ([x[:3], mask[:3], *w], g[:3]), ([x, mask, *w], g)]  # fewer rows, then all again
+    # more rows than one program of the first call's plan covers (interpreter: 512 at N 64)
+    big = make_inputs((40, 16, 16), 4, torch.float32, torch.float32, "cpu", relu_margin=True)
+    cases.append((big[:2] + w, torch.randn(40, 16, 16, generator=torch.Generator().manual_seed(6))))
+    for case, dout in cases:
+        with torch.no_grad():
+            assert_close(transition(*case), transition_reference(*case), rtol=1e-5, atol=1e-5)
+        leaves = [t for t in case if t is not None and t.requires_grad]
+        out, out_ref = transition(*case), transition_reference(*case)
+        assert_close(out, out_ref, rtol=1e-5, atol=1e-5 * out_ref.abs().max().item(), name="out")
+        for a, e in zip(torch.autograd.grad(out, leaves, dout),
+                        torch.autograd.grad(out_ref, leaves, dout), strict=True):
+            assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
+    for x_dtype, p_dtype, ac_dtype, tol in ((torch.bfloat16, torch.bfloat16, None, 3.0),
+                                            (torch.float32, torch.float32, torch.bfloat16, 3.0),
+                                            (torch.float32, torch.float32, None, 1e-5)):
+        check_transition(shape, 4, x_dtype, p_dtype, ac_dtype, tol, "cpu")
+
+
 def test_empty_rows():
     args = make_inputs((0, 3, 16), 4, torch.float32, torch.float32, "cpu")
     out = transition(*args)
