@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     broadcast_strides,
+    cdiv,
     check_devices,
     collapse_dims,
     is_interpreter,
@@ -127,7 +128,7 @@ def _plan(shape: torch.Size, keep_shape: torch.Size, keep_strides: tuple,
     block_i = min(next_power_of_2(n_inner), 1024)
     elems = 16384 if interp else 2048
     block_r = max(1, min(elems // block_i, next_power_of_2(n_rows)))
-    grid = (-(-n_rows // block_r), -(-n_inner // block_i))  # triton.cdiv, 1.5 us less per call
+    grid = (cdiv(n_rows, block_r), cdiv(n_inner, block_i))
     return _Plan(expand_keep, grid, (n_rows, n_inner, r1, r2, k0, k1, k2, k_inner),
                  dict(BLOCK_R=block_r, BLOCK_I=block_i))
 

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    cdiv,
     check_devices,
     is_interpreter,
     max_programs,
@@ -115,10 +116,6 @@ def _block_m(block_c: int, interp: bool) -> int:
     return max(1, min(128, elems // block_c))
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv without its wrapper's per-call cost (1.5 us)
-
-
 def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
     """[M, C] view of `t` with unit column stride (copies only if it must)."""
     t2 = t.reshape(-1, c)
@@ -145,7 +142,7 @@ def _fwd_plan(m: int, c: int, device: torch.device, interp: bool, store_stats: b
     block_c = next_power_of_2(c)
     block_m = _block_m(block_c, interp)
     return _FwdPlan(
-        grid=(_cdiv(m, block_m),),
+        grid=(cdiv(m, block_m),),
         stride_y=torch.empty((m, c), device="meta").stride(0),
         kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c, STORE_STATS=store_stats,
                     num_warps=4 if block_c * block_m <= 4096 else 8),
@@ -167,11 +164,11 @@ def _bwd_plan(m: int, c: int, device: torch.device, interp: bool) -> _BwdPlan:
     (`interp`) or not."""
     block_c = next_power_of_2(c)
     block_m = _block_m(block_c, interp)
-    n_tiles = _cdiv(m, block_m)
+    n_tiles = cdiv(m, block_m)
     n_prog = min(n_tiles, max_programs(device))
-    rows_per_program = _cdiv(n_tiles, n_prog) * block_m
+    rows_per_program = cdiv(n_tiles, n_prog) * block_m
     return _BwdPlan(
-        n_prog=_cdiv(m, rows_per_program),
+        n_prog=cdiv(m, rows_per_program),
         rows_per_program=rows_per_program,
         stride_dx=torch.empty((m, c), device="meta").stride(0),
         kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c,

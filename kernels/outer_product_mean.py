@@ -49,7 +49,9 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    autocast_off,
     autotune,
+    cdiv,
     check_launchable,
     dot_precision,
     is_interpreter,
@@ -373,12 +375,30 @@ _MIN_BLOCK_J = min(bj for bj, _, _ in _OUT_SHAPES)
 _INTERP = dict(BLOCK_M=32, BLOCK_J=16)  # interpreter: one fixed config, few programs
 
 
+class _Launcher:
+    """`kernel` with the launch keywords `meta`, launched once or per chunk of rows by one call:
+    grid(meta) -> launch grid.  Autotuned on a GPU (the keywords less the tuned tiles, worked
+    out once; the autotuner's key, ``Tuned.key``, taken at the first launch: a call's launches
+    of one kernel pass the same tuning-key values and tensors of the same dtypes); `meta` as
+    given in the interpreter (``meta["INTERP"]``)."""
+    __slots__ = ("kernel", "tuned", "meta", "kwargs", "key")
+
+    def __init__(self, kernel, tuned, meta: dict):
+        self.kernel, self.tuned, self.meta, self.key = kernel, tuned, meta, None
+        self.kwargs = None if meta["INTERP"] else {k: v for k, v in meta.items() if k not in _TUNED_META}
+
+    def __call__(self, grid, args: tuple) -> None:
+        if self.kwargs is None:
+            self.kernel[grid(self.meta)](*args, **self.meta)
+            return
+        if self.key is None:
+            self.key = self.tuned.key(args, self.kwargs)
+        self.tuned.launch(self.key, grid, args, self.kwargs)
+
+
 def _launch(kernel, tuned, grid, args, meta):
     """grid(meta) -> launch grid.  Autotuned on a GPU; `meta` as given in the interpreter."""
-    if is_interpreter():
-        kernel[grid(meta)](*args, **meta)
-    else:
-        tuned[grid](*args, **{k: v for k, v in meta.items() if k not in _TUNED_META})
+    _Launcher(kernel, tuned, meta)(grid, args)
 
 
 def _bucket(n: int) -> int:
@@ -400,13 +420,13 @@ def _out_rows_fwd(a, b, norm, wo, bo, eps: float, rb: int, cdt: torch.dtype) -> 
     Bt, _, R, C = a.shape
     N, CZ = b.shape[2], wo.shape[0]
     out = torch.empty((Bt, R, N, CZ), device=a.device, dtype=cdt)
-    pair_meta = _pair_meta(C, CZ, cdt)
+    out_fwd = _Launcher(_opm_out_fwd_kernel, _out_fwd_tuned, _pair_meta(C, CZ, cdt))
+    n_bucket = _bucket(N)
     for r0 in range(0, R, rb):
         nr = min(rb, R - r0)
         o = _outer_chunk(a, b, r0, nr)
-        _launch(_opm_out_fwd_kernel, _out_fwd_tuned,
-                lambda mt, nr=nr: (Bt * nr, triton.cdiv(N, mt["BLOCK_J"])),
-                (o, wo, bo, norm, out, nr, r0, R, N, C, CZ, eps, _bucket(N)), pair_meta)
+        out_fwd(lambda mt, nr=nr: (Bt * nr, cdiv(N, mt["BLOCK_J"])),
+                (o, wo, bo, norm, out, nr, r0, R, N, C, CZ, eps, n_bucket))
         del o
     return out
 
@@ -433,7 +453,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
         M = Bt * S * R
         rb = chunk_rows if chunk_rows else max(1, _CHUNK_ELEMENTS // max(1, Bt * C * R * C))
         rb = min(rb, R)
-        with torch.autocast(dev, enabled=False):
+        with autocast_off(dev):
             m2 = m.reshape(M, CM).contiguous()
             if mask is None:
                 mk = torch.ones((Bt, S, R), device=m.device, dtype=torch.float32)
@@ -446,7 +466,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
             row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(),
                             BLOCK_M=_INTERP["BLOCK_M"], BLOCK_CM=next_power_of_2(CM),
                             BLOCK_C=max(16, next_power_of_2(C)))
-            _launch(_opm_proj_fwd_kernel, _proj_fwd_tuned, lambda mt: (triton.cdiv(M, mt["BLOCK_M"]),),
+            _launch(_opm_proj_fwd_kernel, _proj_fwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
                     (m2, mk, ln_w, ln_b, w12, b12, a, b, M, CM, C, ln_eps, _bucket(M)), row_meta)
             norm = torch.bmm(mk.transpose(1, 2), mk)  # [Bt, R, R]: exact pair counts
             wo = w_out.to(cdt).contiguous()
@@ -466,7 +486,12 @@ class _OuterProductMeanFn(torch.autograd.Function):
         dev = m2.device
         interp = is_interpreter()
         pair_meta = _pair_meta(C, CZ, cdt)
-        with torch.autocast(dev.type, enabled=False):
+        out_bwd = _Launcher(_opm_out_bwd_kernel, _out_bwd_tuned, pair_meta)
+        dw = _Launcher(_opm_dw_kernel, _dw_tuned, pair_meta)
+        r_bucket = _bucket(R)
+        min_bj = pair_meta["BLOCK_J"] if interp else _MIN_BLOCK_J
+        dw_cols = C * pair_meta["BLOCK_C"]
+        with autocast_off(dev.type):
             dout2 = dout.reshape(Bt, R, R, CZ).contiguous()
             b3 = b.view(Bt, S, R * C)
             da = torch.empty((Bt, S, R * C), device=dev, dtype=cdt)
@@ -477,21 +502,17 @@ class _OuterProductMeanFn(torch.autograd.Function):
                 nr = min(rb, R - r0)
                 n_rows = Bt * nr
                 d_o = torch.empty((Bt, nr * C, R * C), device=dev, dtype=cdt)
-                min_bj = pair_meta["BLOCK_J"] if interp else _MIN_BLOCK_J
-                part_b = torch.zeros((n_rows * triton.cdiv(R, min_bj), CZ), device=dev, dtype=torch.float32)
-                _launch(_opm_out_bwd_kernel, _out_bwd_tuned,
-                        lambda mt, n_rows=n_rows: (n_rows, triton.cdiv(R, mt["BLOCK_J"])),
-                        (dout2, wo, norm, d_o, part_b, nr, r0, R, C, CZ, eps, _bucket(R)), pair_meta)
+                part_b = torch.zeros((n_rows * cdiv(R, min_bj), CZ), device=dev, dtype=torch.float32)
+                out_bwd(lambda mt, n_rows=n_rows: (n_rows, cdiv(R, mt["BLOCK_J"])),
+                        (dout2, wo, norm, d_o, part_b, nr, r0, R, C, CZ, eps, r_bucket))
                 dbo += part_b.sum(0)
                 del part_b
                 o = _outer_chunk(a, b, r0, nr)
                 groups = min(n_rows, 2 if interp else 64)
-                rows_per_program = triton.cdiv(n_rows, groups)
+                rows_per_program = cdiv(n_rows, groups)
                 part_w = torch.empty((groups, CZ, C * C), device=dev, dtype=torch.float32)
-                _launch(_opm_dw_kernel, _dw_tuned,
-                        lambda mt, g=groups: (triton.cdiv(C * pair_meta["BLOCK_C"], mt["BLOCK_K"]), g),
-                        (dout2, o, norm, part_w, nr, r0, R, C, CZ, eps, n_rows, rows_per_program, _bucket(R)),
-                        pair_meta)
+                dw(lambda mt, g=groups: (cdiv(dw_cols, mt["BLOCK_K"]), g),
+                   (dout2, o, norm, part_w, nr, r0, R, C, CZ, eps, n_rows, rows_per_program, r_bucket))
                 dwo += part_w.sum(0)
                 del o, part_w
                 a_rows = a.view(Bt, S, R * C)[:, :, r0 * C: (r0 + nr) * C]
@@ -505,12 +526,12 @@ class _OuterProductMeanFn(torch.autograd.Function):
             dp = torch.empty((M, 2 * C), device=dev, dtype=cdt)
             ln_out = torch.empty((M, CM), device=dev, dtype=cdt)
             dm = torch.empty((M, CM), device=dev, dtype=m_dtype)
-            n_prog = triton.cdiv(M, _INTERP["BLOCK_M"] if interp else _MIN_BLOCK_M)
+            n_prog = cdiv(M, _INTERP["BLOCK_M"] if interp else _MIN_BLOCK_M)
             part = torch.zeros((n_prog, 2 * C + 2 * CM), device=dev, dtype=torch.float32)
-            row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(),
+            row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=interp,
                             BLOCK_M=_INTERP["BLOCK_M"], BLOCK_CM=next_power_of_2(CM),
                             BLOCK_C=max(16, next_power_of_2(C)))
-            _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (triton.cdiv(M, mt["BLOCK_M"]),),
+            _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
                     (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part, M, CM, C, ln_eps, _bucket(M)),
                     row_meta)
             del da, db
@@ -522,7 +543,7 @@ class _OuterProductMeanFn(torch.autograd.Function):
             dwo, dbo,  # w_out, b_out
         )
         params = (ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
-        grads = [g.to(p.dtype) for g, p in zip(grads, params)]
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
         return (dm.view(m_shape), None, None, None, None, *grads)
 
 

@@ -36,7 +36,6 @@ interpreter runs is read once per forward and kept for its backward; autocast is
 around the GEMMs only where it is on (entering ``torch.autocast`` costs more Python than the
 rest of a small call's host work).
 """
-import contextlib
 import functools
 from typing import NamedTuple, Optional
 
@@ -47,13 +46,14 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    autocast_off,
+    cdiv,
     check_devices,
     is_interpreter,
     max_programs,
     next_power_of_2,
 )
 from .layer_norm import (
-    _cdiv,
     _rows,
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
@@ -114,11 +114,11 @@ def _bwd_pass_plan(m: int, n: int, device: torch.device, interp: bool) -> _BwdPa
     (`interp`) or not."""
     block_n = min(next_power_of_2(n), 128 if not interp else 1024)
     block_m = max(1, (32768 if interp else 4096) // block_n)
-    n_col = _cdiv(n, block_n)
-    n_tiles = _cdiv(m, block_m)
+    n_col = cdiv(n, block_n)
+    n_tiles = cdiv(m, block_m)
     n_row = min(n_tiles, max(1, max_programs(device) // n_col))
-    rows_per_program = _cdiv(n_tiles, n_row) * block_m
-    n_row = _cdiv(m, rows_per_program)
+    rows_per_program = cdiv(n_tiles, n_row) * block_m
+    n_row = cdiv(m, rows_per_program)
     return _BwdPassPlan((n_row, n_col), rows_per_program, dict(BLOCK_M=block_m, BLOCK_N=block_n))
 
 
@@ -136,14 +136,6 @@ def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool,
         plan.rows_per_program, RELU=relu, **plan.kwargs,
     )
     return part.sum(0)
-
-
-def _no_autocast(device_type: str):
-    """``torch.autocast(device_type, enabled=False)`` where autocast is on there; a null context
-    where it is off already (the same dispatch, without autocast's enter / exit)."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -166,7 +158,7 @@ class _TransitionFn(torch.autograd.Function):
         # OpenFold's LayerNorm: a bf16 x is normalised with bf16 weights
         lw, lb = (ln_w, ln_b) if x.dtype != torch.bfloat16 else (ln_w.to(x.dtype), ln_b.to(x.dtype))
         w1c, b1c, w2c, b2c = (t.to(cdt) for t in (w1, b1, w2, b2))
-        with _no_autocast(x.device.type):
+        with autocast_off(x.device.type):
             ln, mean, rstd = layer_norm_fwd_rows(x2, lw, lb, eps, cdt, interp=interp)
             h = _linear_relu(ln, w1c, b1c)
             del ln
@@ -188,7 +180,7 @@ class _TransitionFn(torch.autograd.Function):
         cdt = h.dtype
         m = x2.shape[0]
         interp = ctx.interp
-        with _no_autocast(x2.device.type):
+        with autocast_off(x2.device.type):
             g2 = _rows(g, g.shape[-1])
             d2 = torch.empty((m, g2.shape[1]), dtype=cdt, device=g.device)
             db2 = _bwd_pass(g2, mask_rows, d2, relu=False, interp=interp)

@@ -24,6 +24,13 @@ Design of the Triton path (forward: two Triton kernels around one batched GEMM):
    LayerNorm_out, ``linear_z``, and multiplies by the gate ``sigmoid(linear_g(zn))``, which it
    recomputes from z (one more read of z instead of writing and reading an ``[*, N, N, C_z]`` gate).
 
+Host time. Small calls are bound by the host's Python.  Everything a single-process call fixes
+but the data (grid, dtypes, buffer shapes, every launch's scalars, constexprs and grid, and the
+autotuner's key, kept after the first launch) is worked out once per ``_plan`` key (z's shape
+and dtype, mask flag, C_h, LayerNorm parameter dtypes, direction, eps, grad, autocast, dot
+precision, interpreter, 64-bit offsets), the backward's launches once per (dot precision,
+interpreter, 64-bit offsets, dout dtype); weights are still packed on every call.
+
 Programs tile the N*N pairs of one batch entry (grid ``(cdiv(N*N, BLOCK_M), batch)``), so the
 channel-major loads and stores are contiguous along a tile and coalesce; 32-bit offsets are used
 unless a buffer passes 2**31 elements (halves the registers the offset tiles take).
@@ -92,6 +99,7 @@ block then needs no switch of z around the incoming update.
 ``triangle_multiplication_sharded_reference`` is the same on OpenFold's decomposed maths (an
 autograd all-gather / reduce-scatter pair around the torch contraction, synchronous).
 """
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -103,7 +111,9 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    autocast_off,
     autotune,
+    cdiv,
     check_launchable,
     dot_precision,
     fp16_autocast_enabled,
@@ -681,22 +691,56 @@ _MIN_BWD_BLOCK_M = min(bm for bm, _, _ in _BWD_SHAPES)
 _INTERP_BLOCK_M = 32  # interpreter: one fixed config, few programs
 
 
-def _launch(kernel, tuned, Bt: int, NN: int, args, meta):
-    """Run `kernel` on a (cdiv(NN, BLOCK_M), Bt) grid: programs tile the N*N pairs of one batch
+class _Launch:
+    """One kernel launch less the tensors that lead its arguments: the scalars after them, the
+    launch keywords (constexprs; on the GPU less the tuned tiles) and the grid, as
+    ``_make_launch`` works them out.  `tuned` is None under the interpreter (one fixed config,
+    `grid` a tuple).  `key`, the autotuner's key (``Tuned.key``), is taken at the first launch:
+    it depends only on what the launch fixes (its scalars and constexprs) and on the tensors'
+    dtypes, which whoever keeps a ``_Launch`` for reuse must key it on."""
+    __slots__ = ("kernel", "tuned", "grid", "args", "kwargs", "key")
+
+    def __init__(self, kernel, tuned, grid, args: tuple, kwargs: dict):
+        self.kernel, self.tuned, self.grid, self.args, self.kwargs = kernel, tuned, grid, args, kwargs
+        self.key = None
+
+
+_TUNED_BLOCKS = ("BLOCK_M", "BLOCK_H", "BLOCK_N")
+
+
+def _make_launch(kernel, tuned, Bt: int, NN: int, args: tuple, meta: dict) -> _Launch:
+    """`kernel` on a (cdiv(NN, BLOCK_M), Bt) grid: programs tile the N*N pairs of one batch
     entry, so channel-major offsets stay contiguous along a tile.  Autotuned on a GPU; `meta`
-    (one fixed config) in the interpreter."""
+    (one fixed config) in the interpreter (``meta["INTERP"]``).  `args`: the scalars after
+    the tensors."""
     meta = {k: v for k, v in meta.items() if k in kernel.arg_names}
-    if is_interpreter():
-        kernel[(triton.cdiv(NN, meta["BLOCK_M"]), Bt)](*args, **meta)
-    else:
-        tuned[lambda m: (triton.cdiv(NN, m["BLOCK_M"]), Bt)](
-            *args, **{k: v for k, v in meta.items() if k not in ("BLOCK_M", "BLOCK_H", "BLOCK_N")})
+    if meta["INTERP"]:
+        bm = meta["BLOCK_M"]
+        return _Launch(kernel, None, (cdiv(NN, bm), Bt), args, meta)
+    return _Launch(kernel, tuned, lambda m: (cdiv(NN, m["BLOCK_M"]), Bt), args,
+                   {k: v for k, v in meta.items() if k not in _TUNED_BLOCKS})
+
+
+def _launch(launch: _Launch, tensors: tuple) -> None:
+    """Run `launch` with its leading `tensors`."""
+    args = (*tensors, *launch.args)
+    if launch.tuned is None:
+        launch.kernel[launch.grid](*args, **launch.kwargs)
+        return
+    if launch.key is None:
+        launch.key = launch.tuned.key(args, launch.kwargs)
+    launch.tuned.launch(launch.key, launch.grid, args, launch.kwargs)
 
 
 def _meta(cdt: torch.dtype, M: int, CZ: int, CH: int) -> dict:
     """Launch constants shared by the four kernels (tile sizes: the interpreter's config)."""
+    return _meta_of(dot_precision(cdt), is_interpreter(), _needs_i64(M, CZ, CH), CZ, CH)
+
+
+def _meta_of(dot_prec: str, interp: bool, i64: bool, CZ: int, CH: int) -> dict:
+    """``_meta`` from its switches' values."""
     bcz, bch = max(16, next_power_of_2(CZ)), max(16, next_power_of_2(CH))
-    return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), I64=_needs_i64(M, CZ, CH),
+    return dict(DOT_PREC=dot_prec, INTERP=interp, I64=i64,
                 BLOCK_M=_INTERP_BLOCK_M, BLOCK_CZ=bcz, BLOCK_CH=bch,
                 BLOCK_H=min(32, bch), BLOCK_N=min(32, bcz))
 
@@ -774,34 +818,64 @@ def _rows(z: torch.Tensor, mask: Optional[torch.Tensor], M: int, CZ: int):
     return z2, m2
 
 
+def _proj_fwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool) -> _Launch:
+    return _make_launch(_trimul_proj_fwd_kernel, _proj_fwd_tuned, g.Bt, g.NN,
+                        (g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
+                        dict(meta, HAS_MASK=has_mask, TRANS=g.trans, G_SIDE=g.g_side))
+
+
+def _proj_fwd_tensors(z2, m2, w: TriMulWeights, pk: _Packed, a, b) -> tuple:
+    return (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, a, b)
+
+
 def _proj_fwd(z2, m2, w: TriMulWeights, pk: _Packed, a, b, g: _Grid, eps: float, meta) -> None:
     CZ, CH = z2.shape[1], pk.wz.shape[1]
-    _launch(
-        _trimul_proj_fwd_kernel, _proj_fwd_tuned, g.Bt, g.NN,
-        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, a, b,
-         g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
-        dict(meta, HAS_MASK=m2 is not None, TRANS=g.trans, G_SIDE=g.g_side),
-    )
+    _launch(_proj_fwd_launch(g, CZ, CH, eps, meta, m2 is not None),
+            _proj_fwd_tensors(z2, m2, w, pk, a, b))
+
+
+def _out_fwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta) -> _Launch:
+    return _make_launch(_trimul_out_fwd_kernel, _out_fwd_tuned, g.Bt, g.NN,
+                        (g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)), dict(meta, TRANS=g.trans))
+
+
+def _out_fwd_tensors(x, z2, w: TriMulWeights, pk: _Packed, out) -> tuple:
+    return (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg, out)
 
 
 def _out_fwd(x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, meta, out_dtype):
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     out = torch.empty((g.M, CZ), device=z2.device, dtype=out_dtype)
-    _launch(
-        _trimul_out_fwd_kernel, _out_fwd_tuned, g.Bt, g.NN,
-        (x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg, out,
-         g.NN, g.NJ, CZ, CH, eps, _m_bucket(g.M)),
-        dict(meta, TRANS=g.trans),
-    )
+    _launch(_out_fwd_launch(g, CZ, CH, eps, meta), _out_fwd_tensors(x, z2, w, pk, out))
     return out
 
 
-def _n_partials(g: _Grid) -> int:
+def _n_partials(g: _Grid, interp: bool) -> int:
     """Rows of the backward partial-sum buffers (one per program of the smallest BLOCK_M)."""
-    return g.Bt * triton.cdiv(g.NN, _INTERP_BLOCK_M if is_interpreter() else _MIN_BWD_BLOCK_M)
+    return g.Bt * triton.cdiv(g.NN, _INTERP_BLOCK_M if interp else _MIN_BWD_BLOCK_M)
 
 
-def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, meta, cdt):
+def _out_bwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta) -> _Launch:
+    return _make_launch(_trimul_out_bwd_kernel, _out_bwd_tuned, g.Bt, g.NN,
+                        (g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
+                        dict(meta, TRANS=g.trans))
+
+
+class _Backward(NamedTuple):
+    """The backward's two kernel launches (less their tensors) and the rows of its partial-sum
+    buffers, for one ``_Grid``, C_z, C_h, eps, mask flag and ``_meta``."""
+    out_bwd: _Launch
+    proj_bwd: _Launch
+    n_partials: int
+
+
+def _backward_launches(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool) -> _Backward:
+    return _Backward(_out_bwd_launch(g, CZ, CH, eps, meta),
+                     _proj_bwd_launch(g, CZ, CH, eps, meta, has_mask),
+                     _n_partials(g, meta["INTERP"]))
+
+
+def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, cdt, bw: _Backward):
     """(dx, dy, LayerNorm_out(x), dP with the gate-logit gradient in its last CZ columns, the
     output stage's partial sums)."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
@@ -810,30 +884,30 @@ def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, eps: float, 
     dy = torch.empty((g.M, CZ), device=dev, dtype=cdt)
     xn = torch.empty((g.M, CH), device=dev, dtype=cdt)
     dp = torch.empty((g.M, 4 * CH + CZ), device=dev, dtype=cdt)
-    part = torch.zeros((_n_partials(g), 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
-    _launch(
-        _trimul_out_bwd_kernel, _out_bwd_tuned, g.Bt, g.NN,
-        (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg,
-         dx, dy, xn, dp, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, 4 * CH, eps, _m_bucket(g.M)),
-        dict(meta, TRANS=g.trans),
-    )
+    part = torch.zeros((bw.n_partials, 2 * CZ + 2 * CH), device=dev, dtype=torch.float32)
+    _launch(bw.out_bwd,
+            (dout2, x, z2, w.ln_in_w, w.ln_in_b, w.ln_out_w, w.ln_out_b, pk.wz, pk.bz, pk.wg, pk.bg,
+             dx, dy, xn, dp, part))
     return dx, dy, xn, dp, part
 
 
-def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, eps: float, meta,
-              cdt, z_dtype):
+def _proj_bwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool) -> _Launch:
+    return _make_launch(_trimul_proj_bwd_kernel, _proj_bwd_tuned, g.Bt, g.NN,
+                        (g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
+                        dict(meta, HAS_MASK=has_mask, TRANS=g.trans, G_SIDE=g.g_side))
+
+
+def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, cdt, z_dtype,
+              bw: _Backward):
     """(LayerNorm_in(z), dz, the input stage's partial sums); fills dP's first 4 CH columns."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     dev = z2.device
     zn = torch.empty((g.M, CZ), device=dev, dtype=cdt)
     dz = torch.empty((g.M, CZ), device=dev, dtype=z_dtype)
-    part = torch.zeros((_n_partials(g), 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
-    _launch(
-        _trimul_proj_bwd_kernel, _proj_bwd_tuned, g.Bt, g.NN,
-        (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, pk.wg, da, db,
-         dp, zn, dz, part, g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
-        dict(meta, HAS_MASK=m2 is not None, TRANS=g.trans, G_SIDE=g.g_side),
-    )
+    part = torch.zeros((bw.n_partials, 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
+    _launch(bw.proj_bwd,
+            (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, pk.wg, da,
+             db, dp, zn, dz, part))
     return zn, dz, part
 
 
@@ -853,57 +927,100 @@ def _param_grads(dp, zn, dy, xn, part_out, part_in, weights):
         ln_out_w=s_out[2 * CZ: 2 * CZ + CH], ln_out_b=s_out[2 * CZ + CH:],
         z_w=dwz, z_b=s_out[:CZ], g_w=dws[4], g_b=s_out[CZ: 2 * CZ],
     )
-    return [gr.to(p.dtype) for gr, p in zip(grads, weights)]
+    return [gr if gr.dtype == p.dtype else gr.to(p.dtype) for gr, p in zip(grads, weights)]
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd Functions
 # ----------------------------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    """What a single-process call fixes but the data (see ``_plan``)."""
+    g: _Grid
+    CZ: int
+    CH: int
+    cdt: torch.dtype
+    xdt: torch.dtype
+    out_dtype: torch.dtype
+    z_dtype: torch.dtype
+    z_shape: tuple
+    x_shape: tuple           # a, b, x: [Bt, C_h, N, N]
+    has_mask: bool
+    outgoing: bool
+    eps: float
+    training: bool
+    proj_fwd: _Launch
+    out_fwd: _Launch
+    backward: dict           # (dot precision, interp, I64, dout dtype) -> _Backward
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(z_shape: tuple, z_dtype: torch.dtype, has_mask: bool, CH: int, ln_dtypes: tuple,
+          outgoing: bool, eps: float, training: bool, ac: Optional[torch.dtype], dot_prec: str,
+          interp: bool, i64: bool) -> _Plan:
+    """The ``_Plan`` of a call of ``triangle_multiplication``: its grid, dtypes (``_dtypes``:
+    `ac` is the autocast dtype), buffer shapes and forward launches.  Keyed on everything that
+    enters them: z's shape and dtype (z and the mask are copied to contiguous rows, whatever
+    their strides), whether there is a mask, C_h, the four LayerNorm parameters' dtypes (passed
+    to the kernels as they are; the other weights are packed to fixed dtypes), direction, eps,
+    grad, autocast dtype, dot precision, interpreter and 64-bit offsets (``_needs_i64``, read
+    per call)."""
+    cdt = ac if ac is not None else z_dtype
+    xdt = torch.float32 if ac == torch.float16 else cdt
+    N, CZ = z_shape[-2], z_shape[-1]
+    g = _Grid(math.prod(z_shape[:-3]), N, N)
+    meta = _meta_of(dot_prec, interp, i64, CZ, CH)
+    return _Plan(g, CZ, CH, cdt, xdt, ac if ac is not None else z_dtype, z_dtype, z_shape,
+                 (g.Bt, CH, N, N), has_mask, outgoing, eps, training,
+                 _proj_fwd_launch(g, CZ, CH, eps, meta, has_mask), _out_fwd_launch(g, CZ, CH, eps, meta),
+                 {})
+
+
 class _TriMulFn(torch.autograd.Function):
     """The whole update on one device: z [*, N, N, C_z]."""
 
     @staticmethod
-    def forward(ctx, z, mask, outgoing, eps, training, *weights):
+    def forward(ctx, plan: _Plan, z, mask, *weights):
         w = TriMulWeights(*weights)
-        dev = z.device.type
-        cdt, xdt, out_dtype = _dtypes(z)
-        N, CZ = z.shape[-2], z.shape[-1]
-        CH = w.a_p_w.shape[0]
-        batch = z.shape[:-3]
-        g = _Grid(math.prod(batch), N, N)
-        with torch.autocast(dev, enabled=False):
-            z2, m2 = _rows(z, mask, g.M, CZ)
-            pk = _pack(w, cdt)
-            a = torch.empty((g.Bt, CH, N, N), device=z.device, dtype=xdt)
+        g = plan.g
+        with autocast_off(z.device.type):
+            z2, m2 = _rows(z, mask, g.M, plan.CZ)
+            pk = _pack(w, plan.cdt)
+            a = torch.empty(plan.x_shape, device=z.device, dtype=plan.xdt)
             b = torch.empty_like(a)
-            meta = _meta(cdt, g.M, CZ, CH)
-            _proj_fwd(z2, m2, w, pk, a, b, g, eps, meta)
-            x = _contract(a, b, outgoing)
-            if not training:  # inference: a and b are dead before the output stage
+            _launch(plan.proj_fwd, _proj_fwd_tensors(z2, m2, w, pk, a, b))
+            x = _contract(a, b, plan.outgoing)
+            if not plan.training:  # inference: a and b are dead before the output stage
                 del a, b
-            out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
-        if training:
+            out = torch.empty((g.M, plan.CZ), device=z2.device, dtype=plan.out_dtype)
+            _launch(plan.out_fwd, _out_fwd_tensors(x, z2, w, pk, out))
+        if plan.training:
             ctx.save_for_backward(z2, m2, a, b, x, *pk, *weights)
-        ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, g)
-        return out.view(*batch, N, N, CZ)
+        ctx.plan = plan
+        return out.view(plan.z_shape)
 
     @staticmethod
     def backward(ctx, dout):
         z2, m2, a, b, x, *rest = ctx.saved_tensors
         pk, weights = _Packed(*rest[:6]), rest[6:]
         w = TriMulWeights(*weights)
-        outgoing, eps, cdt, z_dtype, z_shape, g = ctx.meta
-        CZ, CH = z2.shape[1], w.a_p_w.shape[0]
-        meta = _meta(cdt, g.M, CZ, CH)
-        with torch.autocast(z2.device.type, enabled=False):
+        plan = ctx.plan
+        g, CZ, CH, cdt = plan.g, plan.CZ, plan.CH, plan.cdt
+        # the switches are read again, as the forward's were (the dot precision as torch's
+        # matmuls read it); dout's dtype enters the kept tuning keys
+        key = (dot_precision(cdt), is_interpreter(), _needs_i64(g.M, CZ, CH), dout.dtype)
+        bw = plan.backward.get(key)
+        if bw is None:
+            bw = plan.backward[key] = _backward_launches(
+                g, CZ, CH, plan.eps, _meta_of(*key[:3], CZ, CH), plan.has_mask)
+        with autocast_off(z2.device.type):
             dout2 = dout.reshape(g.M, CZ).contiguous()
-            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, eps, meta, cdt)
-            da, db = _contract_backward(dx, a, b, outgoing)
+            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, cdt, bw)
+            da, db = _contract_backward(dx, a, b, plan.outgoing)
             del x, dx
-            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, eps, meta, cdt, z_dtype)
+            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, plan.z_dtype, bw)
             del da, db
             grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
-        return (dz.view(z_shape), None, None, None, None, *grads)
+        return (None, dz.view(plan.z_shape), None, *grads)
 
 
 def _contract(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
@@ -1038,7 +1155,8 @@ class _TriMulShardedFn(torch.autograd.Function):
         meta = _meta(cdt, g.M, CZ, CH)
         with torch.autocast(z2.device.type, enabled=False):
             dout2 = dout.reshape(g.M, CZ).contiguous()
-            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, eps, meta, cdt)
+            bw = _backward_launches(g, CZ, CH, eps, meta, m2 is not None)
+            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, cdt, bw)
             del x
             dx3 = dx.view(BC, R, N)
             # every row of G gets gradient from this rank: dG = dx^T @ L, summed over ranks by
@@ -1052,7 +1170,7 @@ class _TriMulShardedFn(torch.autograd.Function):
             work.wait()
             del d_full
             da, db = (d_own, d_mine) if outgoing else (d_mine, d_own)
-            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, eps, meta, cdt, z_dtype)
+            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, z_dtype, bw)
             del da, db, d_own, d_mine
             grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
         return (dz.view(z_shape), None, None, None, None, None, None, *grads)
@@ -1200,12 +1318,20 @@ def triangle_multiplication(
     precision contract.  Gradients flow to z and to all 16 weights (not to the mask).
     """
     w = TriMulWeights(*w)
-    if z.dim() < 3 or z.shape[-2] != z.shape[-3]:
-        raise ValueError(f"triangle_multiplication: z must be [*, N, N, C_z], got {tuple(z.shape)}")
-    if w.a_p_w.shape[1] != z.shape[-1] or w.z_w.shape != (z.shape[-1], w.a_p_w.shape[0]):
+    shape = z.shape
+    if len(shape) < 3 or shape[-2] != shape[-3]:
+        raise ValueError(f"triangle_multiplication: z must be [*, N, N, C_z], got {tuple(shape)}")
+    CZ, CH = shape[-1], w.a_p_w.shape[0]
+    if w.a_p_w.shape[1] != CZ or w.z_w.shape != (CZ, CH):
         raise ValueError("triangle_multiplication: weight shapes do not match z's channel count")
     check_launchable(z, mask)
-    return _TriMulFn.apply(z, mask, bool(outgoing), float(eps), _needs_grad(z, w), *w)
+    ac = autocast_dtype(z.device.type)
+    plan = _plan(shape, z.dtype, mask is not None, CH,
+                 (w.ln_in_w.dtype, w.ln_in_b.dtype, w.ln_out_w.dtype, w.ln_out_b.dtype),
+                 bool(outgoing), float(eps), _needs_grad(z, w), ac,
+                 dot_precision(ac if ac is not None else z.dtype), is_interpreter(),
+                 _needs_i64(math.prod(shape[:-1]), CZ, CH))
+    return _TriMulFn.apply(plan, z, mask, *w)
 
 
 def _shard_is_rows(shard: Optional[str], outgoing: bool) -> bool:

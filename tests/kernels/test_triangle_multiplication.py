@@ -198,6 +198,66 @@ def test_weights_are_read_at_every_call():
 
 
 
+def test_cached_plans_are_keyed_on_everything_they_fix():
+    """Calls on one z shape that differ in one thing a cached plan (``_plan``) fixes, made in
+    turn, each match the reference: the mask (present, absent, present), the direction, eps,
+    the grad mode (a call without grad keeps no operands for a backward), the dtypes (z and
+    the weights, autocast, a LayerNorm weight alone), TF32 switched on between forward and
+    backward (the backward reads the dot precision again) and a batch dim that changes M
+    but not N.  The repeats hit the cache."""
+    z, mask = random_inputs((2,), 5, 8, True)
+    w = random_weights(8, 16)
+    hits = trimul_module._plan.cache_info().hits
+
+    def check(z, mask, w, outgoing, eps=1e-5, ac=None, tol=None):
+        def op(z, mask, w, outgoing):
+            return triangle_multiplication(z, mask, w, outgoing, eps)
+
+        def ref(z, mask, w, outgoing):
+            return triangle_multiplication_reference(z, mask, w, outgoing, eps)
+        out, grads, g = run(op, z, mask, w, outgoing, ac)
+        out_r, grads_r, _ = run(ref, z, mask, w, outgoing, ac, g)
+        if tol is None:
+            check_fp32(out, out_r, "out")
+            for name, a, e in zip(GRAD_NAMES, grads, grads_r, strict=True):
+                check_fp32(a, e, "d" + name)
+        else:
+            compare_with_reference(out, grads, out_r, grads_r, z, mask, w, outgoing, g, z.dtype, ac, tol)
+
+    for m in (mask, None, mask):
+        check(z, m, w, True)
+    check(z, mask, w, False)
+    check(z, mask, w, True, eps=1e-3)
+    with torch.no_grad():
+        triangle_multiplication(z, mask, w, True)
+    check(z, mask, w, True)
+    check(z, mask, w, True, ac=torch.bfloat16, tol=2.0)
+    check(z.bfloat16(), mask.bfloat16(), TriMulWeights(*[t.bfloat16() for t in w]), True, tol=2.0)
+    w_ln = w._replace(ln_out_w=w.ln_out_w.bfloat16())
+    check(z, mask, w_ln, True, ac=torch.bfloat16, tol=2.0)
+    check(z[:1], mask[:1], w, True)
+    assert trimul_module._plan.cache_info().hits > hits
+
+    # the backward's dot precision is read when it runs (as torch's matmuls read it)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    seen = []
+    launch = trimul_module._launch
+
+    def spy(lnch, tensors):
+        seen.append(lnch.kwargs["DOT_PREC"])
+        return launch(lnch, tensors)
+    try:
+        trimul_module._launch = spy
+        torch.backends.cuda.matmul.allow_tf32 = False
+        out = triangle_multiplication(z.requires_grad_(), mask, w, True)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out.sum().backward()
+    finally:
+        trimul_module._launch = launch
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert seen == ["ieee", "ieee", "tf32", "tf32"]
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)], ids=["fp32", "bf16"])
 def test_weight_grad_split_reduction(dtype, tol):
     """The weight-gradient GEMM splits its long reduction: slices plus a remainder."""
