@@ -228,27 +228,20 @@ class _RowsToColumnsReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, comm):
         ctx.comm = comm
-        return _rows_to_columns(x, comm)
+        return _exchange_blocks(x, comm, split=-2, cat=-3)
 
     @staticmethod
     def backward(ctx, g):
-        return _columns_to_rows(g, ctx.comm), None
+        return _exchange_blocks(g, ctx.comm, split=-3, cat=-2), None
 
 
-def _rows_to_columns(x: torch.Tensor, comm) -> torch.Tensor:
-    p, r = comm.size, x.shape[-3]
-    send = x.unflatten(-2, (p, r)).movedim(-3, 0).contiguous()  # [P (to), *, R, R, C]
-    recv = torch.empty_like(send)  # [P (from), *, R (its rows), R (my columns), C]
+def _exchange_blocks(x: torch.Tensor, comm, split: int, cat: int) -> torch.Tensor:
+    """An all-to-all: block q of `x` along dim `split` goes to rank q; the blocks received are
+    concatenated along dim `cat` in rank order (both dims negative)."""
+    send = x.unflatten(split, (comm.size, -1)).movedim(split - 1, 0).contiguous()  # [P (to), ...]
+    recv = torch.empty_like(send)  # [P (from), ...]
     comm.all_to_all(recv, send, async_op=False).wait()
-    return recv.movedim(0, -4).flatten(-4, -3)
-
-
-def _columns_to_rows(g: torch.Tensor, comm) -> torch.Tensor:
-    p, r = comm.size, g.shape[-2]
-    send = g.unflatten(-3, (p, r)).movedim(-4, 0).contiguous()  # [P (to), *, R, R, C]
-    recv = torch.empty_like(send)  # [P (from), *, R (my rows), R (its columns), C]
-    comm.all_to_all(recv, send, async_op=False).wait()
-    return recv.movedim(0, -3).flatten(-3, -2)
+    return recv.movedim(0, cat - 1).flatten(cat - 1, cat)
 
 
 def triangle_multiplication_sharded_reference(

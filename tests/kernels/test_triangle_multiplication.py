@@ -314,11 +314,9 @@ class _ThreadComm:
         return _Done()
 
 
-def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True, grad=True):
-    """The sharded Function on P threads (one per emulated rank) on z [*, N, N, C_z] padded to a
-    multiple of P (padding: random z, mask 0, zero upstream gradient, as DAP pads): the whole
-    output and dz (unpadded) and the weight gradients summed over ranks.  `grad` False: the
-    inference forward (the Function told that nothing needs a gradient); returns (output, ())."""
+def _pad_like_dap(z, mask, p):
+    """z and the mask padded to a multiple of P as DAP pads them (padded pairs: random z, mask
+    0): (z, mask, rows per rank, padding)."""
     n = z.shape[-2]
     r = -(-n // p)
     pad = p * r - n
@@ -327,41 +325,30 @@ def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True,
         zp[..., n:, :, :] = torch.randn_like(zp[..., n:, :, :])
         zp[..., :, n:, :] = torch.randn_like(zp[..., :, n:, :])
     mp = torch.nn.functional.pad(mask, (0, pad, 0, pad)) if mask is not None else None
-    gp = torch.nn.functional.pad(g, (0, 0, 0, pad, 0, pad))
-    dim = -3 if outgoing else -2
+    return zp, mp, r, pad
 
-    def shard(t, d, q):
-        return None if t is None else t.narrow(d, q * r, r).contiguous()
 
+def _on_emulated_ranks(p, rank_main):
+    """rank_main(q, comm) on P threads, one per emulated rank (interpreter launches serialised:
+    it is not thread-safe): the list of their results; the first error is raised."""
     shared, results, errors = _Shared(p), [None] * p, []
-    launch_lock = threading.Lock()  # the interpreter is not thread-safe: one launch at a time
+    launch_lock = threading.Lock()
     launch = trimul_module._launch
 
     def locked_launch(*a, **k):
         with launch_lock:
             return launch(*a, **k)
 
-    def rank_main(q):
+    def run(q):
         try:
-            leaves = [shard(zp, dim, q).requires_grad_()] + [t.detach().clone().requires_grad_() for t in w]
-            ctx = (torch.autocast(z.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                   else contextlib.nullcontext())
-            with ctx:
-                out = trimul_module._TriMulShardedFn.apply(
-                    leaves[0], shard(mp, dim + 1, q), outgoing, 1e-5, _ThreadComm(shared, q, p),
-                    overlap, grad, *leaves[1:])
-            if not grad:
-                results[q] = (out, ())
-                return
-            gq = shard(gp, dim, q).to(out.dtype)
-            results[q] = (out.detach(), torch.autograd.grad(out, leaves, gq))
+            results[q] = rank_main(q, _ThreadComm(shared, q, p))
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
             shared.barrier.abort()
 
     trimul_module._launch = locked_launch
     try:
-        threads = [threading.Thread(target=rank_main, args=(q,)) for q in range(p)]
+        threads = [threading.Thread(target=run, args=(q,)) for q in range(p)]
         for t in threads:
             t.start()
         for t in threads:
@@ -370,6 +357,40 @@ def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True,
         trimul_module._launch = launch
     if errors:
         raise errors[0]
+    return results
+
+
+def _autocast(device_type, dtype):
+    """Autocast to `dtype` (None: off). Autocast is per thread: each emulated rank enters it."""
+    return (torch.autocast(device_type, dtype=dtype) if dtype is not None
+            else contextlib.nullcontext())
+
+
+def run_emulated_ranks(p, z, mask, w, outgoing, autocast_dtype, g, overlap=True, grad=True):
+    """The sharded Function on P threads (one per emulated rank) on z [*, N, N, C_z] padded to a
+    multiple of P (padding: random z, mask 0, zero upstream gradient, as DAP pads): the whole
+    output and dz (unpadded) and the weight gradients summed over ranks.  `grad` False: the
+    inference forward (the Function told that nothing needs a gradient); returns (output, ())."""
+    n = z.shape[-2]
+    zp, mp, r, pad = _pad_like_dap(z, mask, p)
+    gp = torch.nn.functional.pad(g, (0, 0, 0, pad, 0, pad))
+    dim = -3 if outgoing else -2
+
+    def shard(t, d, q):
+        return None if t is None else t.narrow(d, q * r, r).contiguous()
+
+    def rank_main(q, comm):
+        leaves = [shard(zp, dim, q).requires_grad_()] + [t.detach().clone().requires_grad_() for t in w]
+        with _autocast(z.device.type, autocast_dtype):
+            out = trimul_module._TriMulShardedFn.apply(
+                leaves[0], shard(mp, dim + 1, q), outgoing, 1e-5, comm, overlap, grad,
+                *leaves[1:])
+        if not grad:
+            return out, ()
+        gq = shard(gp, dim, q).to(out.dtype)
+        return out.detach(), torch.autograd.grad(out, leaves, gq)
+
+    results = _on_emulated_ranks(p, rank_main)
     out = torch.cat([res[0] for res in results], dim)[..., :n, :n, :]
     if not grad:
         return out, ()
@@ -424,91 +445,47 @@ def test_sharded_without_overlap_is_bit_identical(outgoing):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("chunk_channels", [1, 3, 100], ids=["chunk1", "chunk3", "whole"])
-@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
-@pytest.mark.parametrize("p,batch,n", [(2, (), 7), (3, (2,), 5)], ids=["P2-N7", "P3-B2-N5"])
-def test_sharded_inference_chunks_match_reference(p, batch, n, outgoing, chunk_channels, monkeypatch):
-    """Inference: G all-gathered in channel chunks (1 and 3 channels: a last partial chunk,
-    more chunks than the two buffers; and whole) equals the reference, overlap on and off bit
-    for bit; with a batch dim the chunks cut across batch entries."""
-    c_z, c_h = 8, 8
-    z, mask = random_inputs(batch, n, c_z, True)
-    w = random_weights(c_z, c_h)
-    r = -(-n // p)
-    monkeypatch.setattr(trimul_module, "_GATHER_CHUNK_BYTES", chunk_channels * p * r * p * r * 4)
-    exp = triangle_multiplication_reference(z, mask, w, outgoing)
-    g = torch.zeros_like(z)  # no backward runs
-    with torch.no_grad():
-        on, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=True, grad=False)
-        off, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=False, grad=False)
-    check_fp32(on, exp, "inference out")
-    assert torch.equal(on, off)
-
-
 def run_emulated_rows_incoming(p, z, mask, w, overlap=True, autocast_dtype=None):
     """The incoming update's forward on row shards (``_sharded_inference_rows``) on P threads,
-    z padded to a multiple of P as DAP pads (garbage z, mask 0): the whole output, unpadded.
-    (Autocast is per thread: each rank enters it.)"""
+    z padded to a multiple of P as DAP pads (garbage z, mask 0): the whole output, unpadded."""
     n = z.shape[-2]
-    r = -(-n // p)
-    pad = p * r - n
-    zp = torch.nn.functional.pad(z, (0, 0, 0, pad, 0, pad))
-    if pad:
-        zp[..., n:, :, :] = torch.randn_like(zp[..., n:, :, :])
-        zp[..., :, n:, :] = torch.randn_like(zp[..., :, n:, :])
-    mp = torch.nn.functional.pad(mask, (0, pad, 0, pad))
-    shared, results, errors = _Shared(p), [None] * p, []
-    launch_lock = threading.Lock()
-    launch = trimul_module._launch
+    zp, mp, r, _ = _pad_like_dap(z, mask, p)
 
-    def locked_launch(*a, **k):
-        with launch_lock:
-            return launch(*a, **k)
+    def rank_main(q, comm):
+        with torch.no_grad(), _autocast(z.device.type, autocast_dtype):
+            return trimul_module._sharded_inference_rows(
+                zp.narrow(-3, q * r, r).contiguous(), mp.narrow(-2, q * r, r), w, 1e-5, comm,
+                overlap)
 
-    def rank_main(q):
-        try:
-            ctx = (torch.autocast(z.device.type, dtype=autocast_dtype)
-                   if autocast_dtype is not None else contextlib.nullcontext())
-            with torch.no_grad(), ctx:
-                results[q] = trimul_module._sharded_inference_rows(
-                    zp.narrow(-3, q * r, r).contiguous(), mp.narrow(-2, q * r, r), w, 1e-5,
-                    _ThreadComm(shared, q, p), overlap)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-            shared.barrier.abort()
-
-    trimul_module._launch = locked_launch
-    try:
-        threads = [threading.Thread(target=rank_main, args=(q,)) for q in range(p)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        trimul_module._launch = launch
-    if errors:
-        raise errors[0]
-    return torch.cat(results, -3)[..., :n, :n, :]
+    return torch.cat(_on_emulated_ranks(p, rank_main), -3)[..., :n, :n, :]
 
 
 @pytest.mark.parametrize("chunk_channels", [1, 3, 100], ids=["chunk1", "chunk3", "whole"])
+@pytest.mark.parametrize("path", ["outgoing", "incoming", "incoming-rows"])
 @pytest.mark.parametrize("p,batch,n", [(2, (), 7), (3, (2,), 5), (3, (), 1)],
                          ids=["P2-N7", "P3-B2-N5", "P3-N1"])
-def test_incoming_on_row_shards_matches_reference(p, batch, n, chunk_channels, monkeypatch):
-    """Inference, incoming update on row shards: a's columns by an all-to-all, b all-gathered in
-    channel chunks (a last partial chunk; more chunks than the two buffers; whole), the
-    contraction over every rank's rows at once: equals the reference, overlap on and off bit
-    for bit. N_res 1 on 3 ranks: two ranks hold only padding."""
+def test_sharded_inference_chunks_match_reference(p, batch, n, path, chunk_channels, monkeypatch):
+    """Inference: the contracted operand all-gathered in channel chunks (1 and 3 channels: a
+    last partial chunk, more chunks than the two buffers; and whole) equals the reference,
+    overlap on and off bit for bit; with a batch dim the chunks cut across batch entries; N_res 1
+    on 3 ranks leaves two ranks only padding. "incoming-rows": the incoming update on row shards
+    (a's columns by an all-to-all, b gathered, the contraction over every rank's rows at once)."""
     c_z, c_h = 8, 8
     z, mask = random_inputs(batch, n, c_z, True)
     w = random_weights(c_z, c_h)
     r = -(-n // p)
     monkeypatch.setattr(trimul_module, "_GATHER_CHUNK_BYTES", chunk_channels * p * r * p * r * 4)
-    exp = triangle_multiplication_reference(z, mask, w, False)
-    with torch.no_grad():
+    outgoing = path == "outgoing"
+    exp = triangle_multiplication_reference(z, mask, w, outgoing)
+    if path == "incoming-rows":
         on = run_emulated_rows_incoming(p, z, mask, w, overlap=True)
         off = run_emulated_rows_incoming(p, z, mask, w, overlap=False)
-    check_fp32(on, exp, "incoming on rows out")
+    else:
+        g = torch.zeros_like(z)  # no backward runs
+        with torch.no_grad():
+            on, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=True, grad=False)
+            off, _ = run_emulated_ranks(p, z, mask, w, outgoing, None, g, overlap=False, grad=False)
+    check_fp32(on, exp, f"{path} inference out")
     assert torch.equal(on, off)
 
 
