@@ -1192,6 +1192,23 @@ def _training(z: torch.Tensor, w: TriMulWeights, inference: Optional[bool]) -> b
     return needs_grad if inference is None else not inference
 
 
+def _chunk_gathers(n_chunks: int, start):
+    """The all-gathers of `n_chunks` channel chunks through two alternating buffers: start(i)
+    issues chunk i's into buffer i % 2 and returns a tuple ending with its work.  The first two
+    are issued now; iterating yields each chunk's tuple once its all-gather is done, and issues
+    chunk i + 2's when the caller asks for the next one, i.e. once the caller has queued the
+    GEMMs that read chunk i's buffer (with overlap, that all-gather then runs during them)."""
+    pending = [start(i) for i in range(min(2, n_chunks))]
+
+    def gathered():
+        for i in range(n_chunks):
+            pending[i][-1].wait()
+            yield pending[i]
+            if i + 2 < n_chunks:
+                pending.append(start(i + 2))
+    return gathered()
+
+
 def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, comm, overlap: bool):
     """``_TriMulShardedFn``'s forward when nothing needs a gradient, in less memory: both
     operands channel-major ``[Bt * C_h, R, N]`` (G as this rank's rows), G all-gathered one
@@ -1223,20 +1240,16 @@ def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, co
             got = bufs[i % 2][:P * (c1 - c0) * R * N].view(P * (c1 - c0), R, N)
             return got, comm.all_gather(got, mine[c0:c1], overlap)
 
-        pending = [start(i) for i in range(len(bufs))]
+        gathered = _chunk_gathers(len(chunks), start)
         lo = rank * R
         torch.bmm(own, mine.transpose(1, 2), out=x[:, :, lo:lo + R])
-        for i, (c0, c1) in enumerate(chunks):
-            got, work = pending[i]
-            work.wait()
+        for (c0, c1), (got, _) in zip(chunks, gathered):
             got = got.view(P, c1 - c0, R, N)  # got[q] = rank q's rows of G, channels c0..c1
             for q in range(P):
                 if q != rank:
                     torch.bmm(own[c0:c1], got[q].transpose(1, 2),
                               out=x[c0:c1, :, q * R:(q + 1) * R])
-            if i + 2 < len(chunks):
-                pending.append(start(i + 2))
-        own = mine = bufs = pending = got = None  # freed before the output stage
+        own = mine = bufs = gathered = got = None  # freed before the output stage
         out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
     return out.view(z.shape[:-1] + (CZ,))
 
@@ -1283,14 +1296,11 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
             got = bufs[i % 2][:P * R * (c1 - c0) * N].view(P * R, c1 - c0, N)
             return got, mine, comm.all_gather(got, mine, overlap)
 
-        pending = [start(i) for i in range(len(bufs))]
-        for i, (c0, c1) in enumerate(chunks):
-            got, _, work = pending[i]  # (the staging copy stays referenced until freed below)
-            work.wait()
+        # (each staging copy stays referenced by the iterator until it is freed below)
+        gathered = _chunk_gathers(len(chunks), start)
+        for (c0, c1), (got, _, _) in zip(chunks, gathered):
             torch.bmm(at[c0:c1], got.permute(1, 0, 2), out=x[c0:c1])  # [c, R, N (k)] @ [c, N, N]
-            if i + 2 < len(chunks):
-                pending.append(start(i + 2))
-        a_cols = at = b_rows = bufs = pending = got = None  # freed before the output stage
+        a_cols = at = b_rows = bufs = gathered = got = None  # freed before the output stage
         out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
     return out.view(z.shape[:-1] + (CZ,))
 
