@@ -7,7 +7,9 @@ At N_res = PROBE_N (C_z 128), per rank: the all-to-all of an axis switch (the fp
 packed: ``all_to_all_single``), the same as peer-only send/recv in 1, 4 and 16 chunks, the local
 copy of the rank's own block, the all-gather of a bf16 triangle-multiplication operand (whole
 and in channel chunks, as ``_sharded_inference`` issues it), and four 8192^3 bf16 GEMMs alone
-and with an all-to-all / send-recv on a side stream. Median of 10 CUDA-event timings between
+and with an all-to-all / send-recv on a side stream; then the same exchange as copy-engine writes
+into the peer's symmetric-memory buffer (no SMs: ``torch.distributed._symmetric_memory``), alone
+and beside the GEMMs. Median of 10 CUDA-event timings between
 barriers; rank 0 prints ms and GB/s (bytes each rank sends to its peer). Set NCCL_PROTO or
 CUDA_DEVICE_MAX_CONNECTIONS in the environment to compare. A diagnostic: it writes no results
 file (its output is kept as a log).
@@ -119,4 +121,38 @@ def both_p2p():
 say("4 GEMMs 8192^3 alone", t(gemms))
 say("GEMMs + a2a_single on side stream", t(both))
 say("GEMMs + p2p on side stream", t(both_p2p))
+
+# copy engine: write the peer's block straight into its symmetric-memory receive buffer
+try:
+    import torch.distributed._symmetric_memory as symm_mem
+    recv = symm_mem.empty(x.shape, dtype=x.dtype, device=dev)
+    hdl = symm_mem.rendezvous(recv, dist.group.WORLD)
+    peer_recv = hdl.get_buffer(peer, tuple(x.shape), x.dtype)
+except Exception as e:  # noqa: BLE001 - a diagnostic: report and stop
+    say(f"symmetric memory unavailable: {type(e).__name__}: {e}"[:90], 0.0)
+    dist.destroy_process_group()
+    raise SystemExit(0) from None
+
+
+def ce(k=1):
+    s, r = x[peer].view(k, -1), peer_recv[rank].view(k, -1)
+    for i in range(k):
+        r[i].copy_(s[i])
+    hdl.barrier(channel=0)
+
+
+def both_ce():
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ce(1)
+    gemms()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+for k in (1, 4):
+    say(f"copy-engine peer write, {k} chunks", t(lambda k=k: ce(k)), half)
+say("GEMMs + copy-engine write on side stream", t(both_ce))
+torch.cuda.synchronize()
+dist.all_to_all_single(y, x)  # reference exchange
+say(f"copy-engine result equals all_to_all: {torch.equal(recv[peer], y[peer])}", 0.0)
 dist.destroy_process_group()
