@@ -35,9 +35,12 @@ triangle mult. incoming     pair columns [*, N, N/P, C_z]            all-gather 
 triangle att. starting      pair rows                                all-gather the H-channel
                                                                      triangle bias
 triangle att. ending        pair columns (rows of z^T)               all-gather the bias
-pair transition             pair columns                             none
-pair row <-> column         all-to-all (4 per block; 2 in
-                                                                     inference)
+  (inference)               pair rows: its LayerNorm output (in the  all-to-all of that output
+                            autocast dtype) to columns, the update   and of the update; the
+                            back to rows                             bias all-gathered
+pair transition             pair columns (inference: rows)           none
+pair row <-> column         all-to-all (4 per block in training;
+                                                                     none in inference)
 ==========================  =======================================  ===========================
 
 Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
@@ -211,11 +214,12 @@ def _mask_bias(mask: torch.Tensor, inf: float, n_keys: int) -> torch.Tensor:
 
 
 def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args,
-             into: Optional[torch.Tensor] = None):
+             into: Optional[torch.Tensor] = None, sink: Optional[Callable] = None):
     """fn over chunks of `n` rows (dim -3 of its output): each arg is (tensor, dim) to slice, or a
-    plain value. The chunks' outputs are concatenated, or, with `into`, added into its rows as
+    plain value. The chunks' outputs are concatenated; or, with `into`, added into its rows as
     they come (no full-size output: OpenFold's in-place inference adds the update to the
-    residual stream anyway)."""
+    residual stream anyway); or, with `sink`, handed to ``sink(start, end, output)`` one by one
+    (returns None)."""
     def piece(s, e):
         return [a[0].narrow(a[1], s, e - s) if isinstance(a, tuple) else a for a in args]
 
@@ -225,9 +229,36 @@ def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args,
         for s, e in spans:
             into.narrow(-3, s, e - s).add_(fn(*piece(s, e)))
         return into
+    if sink is not None:
+        for s, e in spans:
+            sink(s, e, fn(*piece(s, e)))
+        return None
     if len(spans) == 1:
         return fn(*piece(0, n))
     return torch.cat([fn(*piece(s, e)) for s, e in spans], dim=-3)
+
+
+class _Switch:
+    """Inference: the row -> column switch of a tensor [*, R, N, C] that is formed a chunk of
+    rows at a time. Each chunk is written straight into the all-to-all's send layout
+    [P, *, R, N/P, C] (block q: the columns of rank q) by :meth:`put`, so the switch needs no
+    packing pass; :meth:`columns` exchanges the blocks and returns the columns
+    [*, N (every rank's rows, in order), N/P (this rank's columns), C]."""
+
+    def __init__(self, run: _Run, rows: int):
+        self.run, self.rows, self.send = run, rows, None
+
+    def put(self, s: int, e: int, chunk: torch.Tensor) -> None:
+        p = self.run.p
+        if self.send is None:
+            self.send = chunk.new_empty((p, *chunk.shape[:-3], self.rows, chunk.shape[-2] // p,
+                                         chunk.shape[-1]))
+        self.send.narrow(-3, s, e - s).copy_(chunk.unflatten(-2, (p, -1)).movedim(-3, 0))
+
+    def columns(self) -> torch.Tensor:
+        recv = fd.exchange_blocks(self.send, self.run.group)  # recv[q]: rank q's rows
+        self.send = None
+        return recv.movedim(0, -4).flatten(-4, -3)
 
 
 def _draw_keep(drop: nn.Module, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -250,12 +281,12 @@ def _residual(run: _Run, drop: nn.Module, x: torch.Tensor, update: torch.Tensor,
 
 def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int,
             mask_bias: torch.Tensor, pair_bias: Optional[Callable], chunk_size: Optional[int],
-            into: Optional[torch.Tensor] = None):
+            into: Optional[torch.Tensor] = None, sink: Optional[Callable] = None):
     """OpenFold's gated multi-head attention of each row of `x` [*, R, Q, C] over its first
     `n_keys` entries. mask_bias [*, R, 1, 1, n_keys]; pair_bias() -> [*, 1, H, Q, n_keys] is
     called after the projections (it may wait for a collective). Returns the update, or, with
     `into` (the residual stream, `x`'s shape), adds it into `into` chunk by chunk and returns
-    `into`."""
+    `into`; with `sink`, hands it over chunk by chunk (see ``_chunked``)."""
     h = mha.no_heads
     wq, wk, wv = W[f"{pfx}.linear_q.weight"], W[f"{pfx}.linear_k.weight"], W[f"{pfx}.linear_v.weight"]
     wo, bo = W[f"{pfx}.linear_o.weight"], W[f"{pfx}.linear_o.bias"]
@@ -267,7 +298,7 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
         return t.view(t.shape[:-1] + (h, -1)).transpose(-2, -3)
 
     def attend(xc, mbc, pb):
-        xc = cast_once(xc)
+        xc = cast_once(xc).contiguous()  # (a view's copy made once, not by every projection)
         q = heads(F.linear(xc, wq)) / scale
         kv = xc[..., :n_keys, :]
         k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))
@@ -284,7 +315,8 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
     n = x.shape[-3]
     if chunk_size is not None and chunk_size < n and callable(pair_bias):
         pair_bias = pair_bias()  # shared by the chunks: waited for before the first one
-    return _chunked(attend, chunk_size, n, (x, -3), (mask_bias, -4), pair_bias, into=into)
+    return _chunked(attend, chunk_size, n, (x, -3), (mask_bias, -4), pair_bias, into=into,
+                    sink=sink)
 
 
 def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -430,6 +462,39 @@ def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
                    _mask_bias(mask, mod.inf, run.n_res), tri_bias, run.chunk_size, into)
 
 
+def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor) -> torch.Tensor:
+    """Inference on shards: the ending-node triangle attention of the row shard z [*, R, N, C]
+    added into z, which keeps its layout. What the attention reads of z is its LayerNorm output
+    rounded to the autocast dtype (every projection casts it so) and what it returns is the
+    output projection's update in that dtype, so those two switch axis instead of z: under bf16
+    autocast the block moves half the bytes of switching the fp32 z to columns and back. Both
+    are written chunk by chunk straight into their all-to-all's send layout (``_Switch``); the
+    attention runs on the rows of the normalised columns' transpose, as
+    ``_triangle_attention_rows`` does on z's columns, and the update is added into z's rows:
+    the sums OpenFold forms."""
+    ln_w, ln_b = W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"]
+
+    def norm(zc):
+        return cast_once(run.ops.layer_norm(zc, ln_w, ln_b, mod.layer_norm.eps))
+
+    rows = z.shape[-3]
+    sw = _Switch(run, rows)
+    _chunked(norm, run.chunk_size, rows, (z, -3), sink=sw.put)
+    xt = sw.columns().transpose(-2, -3)  # [*, R (local columns j), N (i), C]
+    pend = run.all_gather(F.linear(xt, W[f"{pfx}.linear.weight"]), -3)  # -> [*, N, N, H]
+
+    def tri_bias():
+        return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
+
+    sw = _Switch(run, rows)
+    _attend(run, W, f"{pfx}.mha", mod.mha, xt, run.n_res,
+            _mask_bias(run.pair_mask_col.transpose(-1, -2), mod.inf, run.n_res), tri_bias,
+            run.chunk_size, sink=sw.put)  # the update's rows j
+    xt = None
+    # [*, N (j), R (local rows i), C]: the update's transpose
+    return run.add(z, sw.columns().transpose(-2, -3))
+
+
 def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead,
                col_shard: bool = False) -> Optional[torch.Tensor]:
     """A pair dropout mask drawn for the full [*lead, N, N, C] update (OpenFold's shape), padded,
@@ -488,11 +553,16 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
                                    run.pair_mask_row, into)
     if into is None:
         z = _residual(run, drop, z, upd, keep)
+    keep = _pair_keep(run, drop, z, lead)
+    if run.consume and keep is None:  # inference: z stays in rows for the rest of the block
+        z = _ending_node_attention_on_rows(core.tri_att_end, W, "core.tri_att_end", run, z)
+        z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
+                                   run.pair_mask_row if run.mask_trans else None))
+        return (m if final else m_next.wait()), z
     z = run.to_cols(z)
     # ending node: OpenFold transposes z and runs a starting-node attention (and its dropout)
     # on z^T, whose rows are the local columns of z
     zt = z.transpose(-2, -3)
-    keep = _pair_keep(run, drop, z, lead)
     into = run.into(zt, keep)
     upd = _triangle_attention_rows(core.tri_att_end, W, "core.tri_att_end", run, zt,
                                    run.pair_mask_col.transpose(-1, -2), into)
@@ -502,6 +572,18 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
                                run.pair_mask_col if run.mask_trans else None))
     z = run.to_rows(z)
     return (m if final else m_next.wait()), z
+
+
+def _template_ending_node_on_columns(block, W, run: _Run, t: torch.Tensor,
+                                     keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The template block's ending-node attention with t switched to columns and back."""
+    t = run.to_cols(t)
+    into = run.into(t.transpose(-2, -3), keep)
+    upd = _triangle_attention_rows(block.tri_att_end, W, "tri_att_end", run, t.transpose(-2, -3),
+                                   run.pair_mask_col.transpose(-1, -2), into)
+    if into is None:
+        t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep)
+    return run.to_rows(t)
 
 
 def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
@@ -528,13 +610,10 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
                                    run.pair_mask_row, into)
     if into is None:
         t = _residual(run, block.dropout_row, t, upd, keep["start"])
-    t = run.to_cols(t)
-    into = run.into(t.transpose(-2, -3), keep["end"])
-    upd = _triangle_attention_rows(block.tri_att_end, W, "tri_att_end", run, t.transpose(-2, -3),
-                                   run.pair_mask_col.transpose(-1, -2), into)
-    if into is None:
-        t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep["end"])
-    t = run.to_rows(t)
+    if run.consume and keep["end"] is None:  # inference: t stays in rows (no switch of t)
+        t = _ending_node_attention_on_rows(block.tri_att_end, W, "tri_att_end", run, t)
+    else:
+        t = _template_ending_node_on_columns(block, W, run, t, keep["end"])
     upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
                                    run.pair_mask_row, True)
     t = _residual(run, block.dropout_row, t, upd, keep["out"])

@@ -18,6 +18,7 @@ from .comm import (
     col_to_row,
     col_to_row_,
     col_to_row_start,
+    exchange_blocks,
     gather,
     gather_into_,
     group_rank,
@@ -49,7 +50,8 @@ from .sampler import DAPSampler
 
 __all__ = [
     "DAPCommError", "Pending", "all_gather", "all_gather_start", "all_to_all", "all_to_all_",
-    "all_to_all_start", "col_to_row", "col_to_row_", "col_to_row_start", "gather", "gather_into_",
+    "all_to_all_start", "col_to_row", "col_to_row_", "col_to_row_start", "exchange_blocks", "gather",
+    "gather_into_",
     "group_rank", "group_size", "reduce_scatter", "reduce_scatter_start", "row_to_col",
     "row_to_col_", "row_to_col_start", "scatter", "sum_grads",
     "DEFAULT_TIMEOUT", "DAPContext", "DAPInitError", "GradHooks", "check_context",

@@ -517,6 +517,23 @@ def col_to_row_(x: torch.Tensor, group) -> torch.Tensor:
     return all_to_all_(x, -3, -2, group)
 
 
+def exchange_blocks(send: torch.Tensor, group) -> torch.Tensor:
+    """The all-to-all of blocks already in send order, for inference: block q of `send`
+    [P, ...] goes to rank q; returns [P, ...] whose block q came from rank q. No unpacking (the
+    caller reads the blocks through a view). No backward: raises if `send` needs a gradient."""
+    _check_no_grad("exchange_blocks", "all_to_all", send)
+    p = group_size(group)
+    if send.dim() == 0 or send.shape[0] != p:
+        raise ValueError(f"exchange_blocks: send {tuple(send.shape)} needs one block per process "
+                         f"along dim 0 ({p})")
+    if p == 1:
+        return send
+    send = send.contiguous()
+    recv = torch.empty_like(send)
+    _guard("all-to-all", group, lambda: dist.all_to_all_single(recv, send, group=group))
+    return recv
+
+
 def gather_into_(out: torch.Tensor, x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """:func:`gather` for inference, into `out` (the full tensor; e.g. the caller's input, which
     OpenFold's in-place inference returns updated). When the blocks along `dim` are contiguous

@@ -185,8 +185,21 @@ def _check_consuming(ctx):
             assert "cannot hold" in str(e), e
         else:
             raise AssertionError("gather_into_ accepted a wrong out shape")
+    # exchange_blocks: block q of [P, ...] to rank q, equal to the all-to-all of those blocks
+    x = randn((p, 2, 3, 4), 25 + r)
+    exp = fd.all_to_all(x.flatten(0, 1), 0, 1, g)  # [2, 3 P, 4]: block q from rank q
+    with torch.no_grad():
+        got = fd.exchange_blocks(x, g)
+    assert torch.equal(got.movedim(0, 1).flatten(1, 2), exp)
+    try:
+        fd.exchange_blocks(torch.zeros(p + 1, 2), g)
+    except ValueError as e:
+        assert "one block per process" in str(e), e
+    else:
+        raise AssertionError("exchange_blocks accepted a send without a block per process")
     needs = randn((2 * p, 3 * p, 4), 24).chunk(p, -3)[r].contiguous().requires_grad_()
     for name, call in (("row_to_col_", lambda: fd.row_to_col_(needs, g)),
+                       ("exchange_blocks", lambda: fd.exchange_blocks(needs[:p], g)),
                        ("gather_into_", lambda: fd.gather_into_(torch.empty(2 * p, 3 * p, 4, dtype=needs.dtype),
                                                                 needs, 0, g))):
         try:
@@ -438,16 +451,20 @@ def check_stack(ctx, stock, inputs, ws, call_stock, call_dap, n_grad, shape_chec
                 if ctx.size > 1 and all(n % ctx.size == 0 for n in ins[i].shape[-3:-1]):
                     assert got[o].data_ptr() == ins[i].data_ptr(), \
                         f"{tag} eval: output {o} is not in input {i}'s memory"
-        # bf16 autocast: DAP's error against the fp32 result stays at stock bf16's own level
+        # bf16 autocast: DAP's error against the fp32 result stays at stock bf16's own level,
+        # out of place and in OpenFold's in-place inference (chunked: its own layouts)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s16 = call_stock(stock)(*[x.clone() for x in inputs])
-            d16 = call_dap(dap)(*[x.clone() for x in inputs])
+            d16 = {"": call_dap(dap)(*[x.clone() for x in inputs]),
+                   " in place": call_dap(dap, inplace=True, chunk_size=2)(
+                       *[x.clone() for x in inputs])}
         s16 = s16 if isinstance(s16, tuple) else (s16,)
-        d16 = d16 if isinstance(d16, tuple) else (d16,)
-        for i, (a, b, ref) in enumerate(zip(d16, s16, exp)):
-            e_dap, e_stock = rel_err(a, ref), rel_err(b, ref)
-            assert e_stock > 0 and e_dap <= 2.0 * e_stock + 1e-6, \
-                f"{tag} bf16 output {i}: DAP error {e_dap:.2e} vs stock bf16 error {e_stock:.2e}"
+        for how, d in d16.items():
+            d = d if isinstance(d, tuple) else (d,)
+            for i, (a, b, ref) in enumerate(zip(d, s16, exp)):
+                e_dap, e_stock = rel_err(a, ref), rel_err(b, ref)
+                assert e_stock > 0 and e_dap <= 2.0 * e_stock + 1e-6, \
+                    f"{tag} bf16{how} output {i}: DAP error {e_dap:.2e} vs stock bf16 error {e_stock:.2e}"
 
     stock.train()
     dap.train()
@@ -856,12 +873,15 @@ def triton_stacks(args):
                 tol_check(f"{device.type} {tag} eval output {i}", a, b)
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 s16 = call(stock)(*[x.clone() for x in ins])
-                d16 = call(dap)(*[x.clone() for x in ins])
-            s16, d16 = [e if isinstance(e, tuple) else (e,) for e in (s16, d16)]
-            for i, (a, b, ref) in enumerate(zip(d16, s16, exp)):
-                e_dap, e_stock = rel_err(a, ref), rel_err(b, ref)
-                assert e_dap <= 2.0 * e_stock + 1e-6, \
-                    f"{device.type} {tag} bf16 output {i}: DAP {e_dap:.2e} vs stock bf16 {e_stock:.2e}"
+                d16 = {"": call(dap)(*[x.clone() for x in ins]),
+                       " in place": call(dap, inplace=True, chunk_size=4)(*[x.clone() for x in ins])}
+            s16 = s16 if isinstance(s16, tuple) else (s16,)
+            for how, d in d16.items():
+                d = d if isinstance(d, tuple) else (d,)
+                for i, (a, b, ref) in enumerate(zip(d, s16, exp)):
+                    e_dap, e_stock = rel_err(a, ref), rel_err(b, ref)
+                    assert e_dap <= 2.0 * e_stock + 1e-6, \
+                        f"{device.type} {tag} bf16{how} output {i}: DAP {e_dap:.2e} vs stock bf16 {e_stock:.2e}"
         stock.train()
         dap.train()
         torch.manual_seed(7)
