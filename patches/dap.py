@@ -253,7 +253,7 @@ class _Switch:
         if self.send is None:
             self.send = chunk.new_empty((p, *chunk.shape[:-3], self.rows, chunk.shape[-2] // p,
                                          chunk.shape[-1]))
-        self.send.narrow(-3, s, e - s).copy_(chunk.unflatten(-2, (p, -1)).movedim(-3, 0))
+        fd.copy_runs(self.send.narrow(-3, s, e - s), chunk.unflatten(-2, (p, -1)).movedim(-3, 0))
 
     def columns(self) -> torch.Tensor:
         recv = fd.exchange_blocks(self.send, self.run.group)  # recv[q]: rank q's rows
@@ -298,7 +298,7 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
         return t.view(t.shape[:-1] + (h, -1)).transpose(-2, -3)
 
     def attend(xc, mbc, pb):
-        xc = cast_once(xc).contiguous()  # (a view's copy made once, not by every projection)
+        xc = fd.dense(cast_once(xc))  # (a view's copy made once, not by every projection)
         q = heads(F.linear(xc, wq)) / scale
         kv = xc[..., :n_keys, :]
         k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))

@@ -97,7 +97,7 @@ def _check_divisible(x: torch.Tensor, dim: int, p: int, op: str) -> None:
 # Raw collectives (no autograd). Each launcher returns (output buffer, work, keep-alive input);
 # work is None when the call was synchronous. The finishers turn the buffer into the result.
 
-def _contiguous(x: torch.Tensor) -> torch.Tensor:
+def dense(x: torch.Tensor) -> torch.Tensor:
     """`x` itself when contiguous, else a contiguous copy; on a GPU with the plugin's run-copy
     kernel (``fastfold_plugin.kernels.layout``: the packs and unpacks around the collectives
     are views made of long contiguous runs, which torch copies element by element)."""
@@ -109,8 +109,8 @@ def _contiguous(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst.copy_(src)``, on a GPU with the run-copy kernel (see :func:`_contiguous`)."""
+def copy_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)``, on a GPU with the run-copy kernel (see :func:`dense`)."""
     if src.is_cuda:
         from fastfold_plugin.kernels.layout import copy_
         return copy_(dst, src)
@@ -138,14 +138,14 @@ def _finish_all_gather(buf: torch.Tensor, dim: int) -> torch.Tensor:
     # [P, *block] -> blocks concatenated along dim (dim of the block, non-negative)
     if dim == 0:
         return buf.flatten(0, 1)
-    return _contiguous(buf.movedim(0, dim)).flatten(dim, dim + 1)
+    return dense(buf.movedim(0, dim)).flatten(dim, dim + 1)
 
 
 def _launch_reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool):
     p = group_size(group)
     _check_divisible(x, dim, p, "reduce-scatter")
     # [..., P * c, ...] -> [P, ..., c, ...]: block q of dim goes to rank q
-    inp = _contiguous(x.unflatten(dim, (p, -1)).movedim(dim, 0))
+    inp = dense(x.unflatten(dim, (p, -1)).movedim(dim, 0))
     out = inp.new_empty(inp.shape[1:])
     flat_in = inp.flatten(0, 1)  # the concatenation form every backend accepts
     work = _guard("reduce-scatter", group, lambda: dist.reduce_scatter_tensor(
@@ -156,7 +156,7 @@ def _launch_reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool):
 def _launch_all_to_all(x: torch.Tensor, scatter_dim: int, group, async_op: bool):
     p = group_size(group)
     _check_divisible(x, scatter_dim, p, "all-to-all")
-    inp = _contiguous(x.unflatten(scatter_dim, (p, -1)).movedim(scatter_dim, 0))
+    inp = dense(x.unflatten(scatter_dim, (p, -1)).movedim(scatter_dim, 0))
     out = torch.empty_like(inp)
     work = _guard("all-to-all", group, lambda: dist.all_to_all_single(
         out, inp, group=group, async_op=async_op))
@@ -165,7 +165,7 @@ def _launch_all_to_all(x: torch.Tensor, scatter_dim: int, group, async_op: bool)
 
 def _finish_all_to_all(buf: torch.Tensor, gather_dim: int) -> torch.Tensor:
     # buf[q] is rank q's block for this rank; concatenate them along gather_dim
-    return _contiguous(buf.movedim(0, gather_dim)).flatten(gather_dim, gather_dim + 1)
+    return dense(buf.movedim(0, gather_dim)).flatten(gather_dim, gather_dim + 1)
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -499,8 +499,8 @@ def all_to_all_(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> to
         recv = torch.empty_like(blocks)
         _guard("all-to-all", group, lambda: dist.all_to_all_single(recv, blocks, group=group))
         res = recv.movedim(0, g)
-        return _copy(x.view(res.shape), res).flatten(g, g + 1)
-    send = _contiguous(blocks)
+        return copy_runs(x.view(res.shape), res).flatten(g, g + 1)
+    send = dense(blocks)
     recv = x.view(send.shape)
     _guard("all-to-all", group, lambda: dist.all_to_all_single(recv, send, group=group))
     send = None  # noqa: F841 - freed before the result is formed
@@ -555,7 +555,7 @@ def gather_into_(out: torch.Tensor, x: torch.Tensor, dim: int, group) -> torch.T
         return out.copy_(_all_gather(x, d, group))
     if math.prod(out.shape[:d]) != 1:
         buf, _, _ = _launch_all_gather(x, group, False)  # [P, *x.shape]
-        _copy(out.view(x.shape[:d] + (p,) + x.shape[d:]), buf.movedim(0, d))
+        copy_runs(out.view(x.shape[:d] + (p,) + x.shape[d:]), buf.movedim(0, d))
         return out
     flat = out.view((p * x.shape[d],) + tuple(x.shape[d + 1:]))
     inp = x.reshape(x.shape[d:])
