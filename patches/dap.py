@@ -467,7 +467,7 @@ def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor)
     added into z, which keeps its layout. What the attention reads of z is its LayerNorm output
     rounded to the autocast dtype (every projection casts it so) and what it returns is the
     output projection's update in that dtype, so those two switch axis instead of z: under bf16
-    autocast the block moves half the bytes of switching the fp32 z to columns and back. Both
+    autocast this step moves half the bytes of switching the fp32 z to columns and back. Both
     are written chunk by chunk straight into their all-to-all's send layout (``_Switch``); the
     attention runs on the rows of the normalised columns' transpose, as
     ``_triangle_attention_rows`` does on z's columns, and the update is added into z's rows:
@@ -490,7 +490,7 @@ def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor)
     _attend(run, W, f"{pfx}.mha", mod.mha, xt, run.n_res,
             _mask_bias(run.pair_mask_col.transpose(-1, -2), mod.inf, run.n_res), tri_bias,
             run.chunk_size, sink=sw.put)  # the update's rows j
-    xt = None
+    xt = pend = None  # the normalised columns and the gathered bias, before the exchange
     # [*, N (j), R (local rows i), C]: the update's transpose
     return run.add(z, sw.columns().transpose(-2, -3))
 

@@ -329,7 +329,9 @@ def tol_check(name, got, exp, dtype=torch.float32, floor=0.0):
 
 
 def msa_inputs(n_seq, n_res, c_m, c_z, seed, dtype=torch.float32):
-    """Random m, z and masks with zeros, a fully masked MSA row and a fully masked residue."""
+    """Random m, z and masks with zeros, a fully masked MSA row and a fully masked residue; the
+    pair mask is not symmetric (one pair (i, j) masked with (j, i) kept), so a mask used in the
+    wrong orientation shows."""
     g = gen(seed)
     m = torch.randn(n_seq, n_res, c_m, generator=g, dtype=dtype)
     z = torch.randn(n_res, n_res, c_z, generator=g, dtype=dtype)
@@ -341,6 +343,8 @@ def msa_inputs(n_seq, n_res, c_m, c_z, seed, dtype=torch.float32):
         seq_mask[2] = 0.0
         msa_mask[:, 2] = 0.0
     pair_mask = seq_mask[:, None] * seq_mask[None, :]
+    if n_res > 1:
+        pair_mask[0, n_res - 1] = 0.0
     return m, z, msa_mask, pair_mask
 
 
