@@ -102,25 +102,20 @@ def gemms():
 side = torch.cuda.Stream()
 
 
-def both():
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        dist.all_to_all_single(y, x)
-    gemms()
-    torch.cuda.current_stream().wait_stream(side)
-
-
-def both_p2p():
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        p2p(1)
-    gemms()
-    torch.cuda.current_stream().wait_stream(side)
+def beside_gemms(exchange):
+    """The GEMMs on the current stream with `exchange()` issued on the side stream."""
+    def run():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            exchange()
+        gemms()
+        torch.cuda.current_stream().wait_stream(side)
+    return run
 
 
 say("4 GEMMs 8192^3 alone", t(gemms))
-say("GEMMs + a2a_single on side stream", t(both))
-say("GEMMs + p2p on side stream", t(both_p2p))
+say("GEMMs + a2a_single on side stream", t(beside_gemms(lambda: dist.all_to_all_single(y, x))))
+say("GEMMs + p2p on side stream", t(beside_gemms(p2p)))
 
 # copy engine: write the peer's block straight into its symmetric-memory receive buffer
 try:
@@ -141,17 +136,9 @@ def ce(k=1):
     hdl.barrier(channel=0)
 
 
-def both_ce():
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        ce(1)
-    gemms()
-    torch.cuda.current_stream().wait_stream(side)
-
-
 for k in (1, 4):
     say(f"copy-engine peer write, {k} chunks", t(lambda k=k: ce(k)), half)
-say("GEMMs + copy-engine write on side stream", t(both_ce))
+say("GEMMs + copy-engine write on side stream", t(beside_gemms(ce)))
 torch.cuda.synchronize()
 dist.all_to_all_single(y, x)  # reference exchange
 say(f"copy-engine result equals all_to_all: {torch.equal(recv[peer], y[peer])}", 0.0)
