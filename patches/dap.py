@@ -554,23 +554,24 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
     if into is None:
         z = _residual(run, drop, z, upd, keep)
     keep = _pair_keep(run, drop, z, lead)
-    if run.consume and keep is None:  # inference: z stays in rows for the rest of the block
+    on_rows = run.consume and keep is None  # inference: z stays in rows for the rest of the block
+    if on_rows:
         z = _ending_node_attention_on_rows(core.tri_att_end, W, "core.tri_att_end", run, z)
-        z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
-                                   run.pair_mask_row if run.mask_trans else None))
-        return (m if final else m_next.wait()), z
-    z = run.to_cols(z)
-    # ending node: OpenFold transposes z and runs a starting-node attention (and its dropout)
-    # on z^T, whose rows are the local columns of z
-    zt = z.transpose(-2, -3)
-    into = run.into(zt, keep)
-    upd = _triangle_attention_rows(core.tri_att_end, W, "core.tri_att_end", run, zt,
-                                   run.pair_mask_col.transpose(-1, -2), into)
-    if into is None:
-        z = _residual(run, drop, zt, upd, keep).transpose(-2, -3)
+    else:
+        z = run.to_cols(z)
+        # ending node: OpenFold transposes z and runs a starting-node attention (and its
+        # dropout) on z^T, whose rows are the local columns of z
+        zt = z.transpose(-2, -3)
+        into = run.into(zt, keep)
+        upd = _triangle_attention_rows(core.tri_att_end, W, "core.tri_att_end", run, zt,
+                                       run.pair_mask_col.transpose(-1, -2), into)
+        if into is None:
+            z = _residual(run, drop, zt, upd, keep).transpose(-2, -3)
+    mask = run.pair_mask_row if on_rows else run.pair_mask_col
     z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
-                               run.pair_mask_col if run.mask_trans else None))
-    z = run.to_rows(z)
+                               mask if run.mask_trans else None))
+    if not on_rows:
+        z = run.to_rows(z)
     return (m if final else m_next.wait()), z
 
 

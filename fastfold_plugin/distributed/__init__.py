@@ -52,10 +52,10 @@ from .sampler import DAPSampler
 
 __all__ = [
     "DAPCommError", "Pending", "all_gather", "all_gather_start", "all_to_all", "all_to_all_",
-    "all_to_all_start", "col_to_row", "col_to_row_", "col_to_row_start", "copy_runs", "dense", "exchange_blocks", "gather",
-    "gather_into_",
-    "group_rank", "group_size", "reduce_scatter", "reduce_scatter_start", "row_to_col",
-    "row_to_col_", "row_to_col_start", "scatter", "sum_grads",
+    "all_to_all_start", "col_to_row", "col_to_row_", "col_to_row_start", "copy_runs", "dense",
+    "exchange_blocks", "gather", "gather_into_", "group_rank", "group_size", "reduce_scatter",
+    "reduce_scatter_start", "row_to_col", "row_to_col_", "row_to_col_start", "scatter",
+    "sum_grads",
     "DEFAULT_TIMEOUT", "DAPContext", "DAPInitError", "GradHooks", "check_context",
     "check_rng_synced", "current", "dap_context_for", "init", "make_context",
     "register_data_parallel_hooks",
