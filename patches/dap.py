@@ -258,7 +258,7 @@ class _Switch:
     def columns(self) -> torch.Tensor:
         recv = fd.exchange_blocks(self.send, self.run.group)  # recv[q]: rank q's rows
         self.send = None
-        return recv.movedim(0, -4).flatten(-4, -3)
+        return fd.dense(recv.movedim(0, -4)).flatten(-4, -3)  # a copy only with batch dims
 
 
 def _draw_keep(drop: nn.Module, shape, like: torch.Tensor) -> Optional[torch.Tensor]:
