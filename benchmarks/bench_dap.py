@@ -174,7 +174,16 @@ def measure(step, args, device, active: bool = True) -> dict:
     qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {"ms": round(statistics.median(times), 4), "ms_p20": round(qs[0], 4),
             "ms_p80": round(qs[3], 4),
-            "peak_mib": None if peak is None else round(_all_max(peak, device), 1)}
+            "peak_mib": None if peak is None else round(_all_max(peak, device), 1),
+            "symm_mib": round(_all_max(symmetric_workspace_mib(), device), 1)}
+
+
+def symmetric_workspace_mib() -> float:
+    """The symmetric memory this process holds for the triangle multiplications' copy-engine
+    all-gathers (made on first use and kept; reported beside the allocator's peak)."""
+    from fastfold_plugin.kernels.triangle_multiplication import _PeerSlots
+
+    return sum(s.buf.numel() for s in _PeerSlots._made.values() if s is not None) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,8 +100,10 @@ block then needs no switch of z around the incoming update.
 autograd all-gather / reduce-scatter pair around the torch contraction, synchronous).
 """
 import functools
+import logging
 import math
-from typing import NamedTuple, Optional
+import os
+from typing import Dict, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -124,6 +126,8 @@ from ._triton_utils import cast_rne as _cast
 from ._triton_utils import dot_acc32 as _dot
 from ._triton_utils import weight_grad_fp32 as _weight_grad
 from .layer_norm import layer_norm_reference
+from .layout import contiguous as dense_runs
+from .layout import copy_ as copy_runs
 
 
 class TriMulWeights(NamedTuple):
@@ -1088,6 +1092,106 @@ class _DistComm:
             local, full, op=dist.ReduceOp.SUM, group=self.group, async_op=async_op)))
 
 
+# Inference on GPUs: the channel chunks' all-gathers by copy engines.  NCCL moves data with SMs,
+# so an all-gather issued beside the contraction GEMMs slows them nearly by its own duration
+# (measured on two H200s: 1 GiB beside 5.6 ms of GEMMs cost them 1.39 ms with NCCL's
+# all-to-all, 0.64 ms as copy-engine writes; benchmarks/results/logs/
+# probe-collectives_2xh200_74c7130.log).  Each rank copies its chunk straight into the other
+# ranks' buffer (``cudaMemcpyAsync`` into their symmetric memory: a copy engine, no SMs), on a
+# side stream between two device-side barriers of the group.  FASTFOLD_PLUGIN_DAP_COPY_ENGINE=0
+# keeps NCCL.
+_COPY_ENGINE = os.environ.get("FASTFOLD_PLUGIN_DAP_COPY_ENGINE", "1") != "0"
+_BARRIER_TIMEOUT_MS = 10 * 60 * 1000  # a peer that never arrives: a device trap, not a hang
+
+
+def _slot_bytes(need: int) -> int:
+    """The buffer size for chunks of `need` bytes: ``_GATHER_CHUNK_BYTES`` (the usual sizes all
+    share one pair of buffers), or `need` in whole MiB where one channel is larger."""
+    return max(_GATHER_CHUNK_BYTES, -(-need // 2**20) * 2**20)
+
+
+class _SlotWork:
+    """A copy-engine all-gather issued on the side stream; ``wait()`` orders the current stream
+    after it."""
+
+    def __init__(self, event: torch.cuda.Event):
+        self.event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+class _PeerSlots:
+    """Two buffers of ``nbytes`` in symmetric memory on every rank of a group (the chunk
+    all-gathers' two alternating buffers), one side stream, and the all-gather into them.
+    Made once per (group, device, size) and kept: the rendezvous that maps the peers' buffers
+    is a collective, too slow per call."""
+
+    _made: Dict[tuple, Optional["_PeerSlots"]] = {}
+
+    def __init__(self, comm: "_DistComm", device: torch.device, nbytes: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank, self.size, self.nbytes = comm.rank, comm.size, nbytes
+        self.buf = symm_mem.empty(2 * nbytes, dtype=torch.uint8, device=device)
+        self.hdl = symm_mem.rendezvous(self.buf, comm.group)
+        self.stream = torch.cuda.Stream(device)
+
+    @classmethod
+    def get(cls, comm: "_DistComm", device: torch.device, nbytes: int) -> Optional["_PeerSlots"]:
+        """The slots of comm's group on `device`, or None where copy engines are not to be used
+        (turned off, not CUDA, one process, no group) or symmetric memory is unavailable (said
+        once; NCCL then)."""
+        if not (_COPY_ENGINE and device.type == "cuda" and type(comm) is _DistComm
+                and comm.group is not None and comm.size > 1):
+            return None
+        key = (comm.group.group_name, device.index, nbytes)
+        if key not in cls._made:
+            try:
+                cls._made[key] = cls(comm, device, nbytes)
+            except Exception as e:  # noqa: BLE001 - any failure to set up: NCCL instead
+                logging.getLogger("fastfold_plugin").warning(
+                    "triangle_multiplication_sharded: symmetric memory unavailable (%s: %s); the "
+                    "inference all-gathers use NCCL", type(e).__name__, e)
+                cls._made[key] = None
+        return cls._made[key]
+
+    def view(self, rank: int, slot: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Rank `rank`'s buffer `slot` as a tensor of `shape` (this rank's, or a peer's mapped
+        into this device's address space)."""
+        numel = math.prod(shape)
+        return self.hdl.get_buffer(rank, (numel,), dtype,
+                                   slot * self.nbytes // dtype.itemsize).view(shape)
+
+    def all_gather(self, slot: int, shape, local: torch.Tensor, overlap: bool):
+        """Buffer `slot` as full ``[P * R, ...]`` (`shape`) <- every rank's local ``[R, ...]``
+        (contiguous): this rank's local is copied into block `rank` of every peer's buffer, once
+        every rank's buffer is free (all work queued on each rank's current stream so far, the
+        reads of the chunk it held before, is done).  Block `rank` of this rank's own buffer is
+        not written (the caller reads its own block from `local`, or wrote it there itself).
+        Returns (full, work)."""
+        full = self.view(self.rank, slot, shape, local.dtype)
+        blk = local.numel()
+        src = local.view(-1)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            self.hdl.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)  # every buffer is free
+            for q in range(self.size):
+                if q != self.rank:
+                    peer = self.view(q, slot, (math.prod(shape),), local.dtype)
+                    peer[self.rank * blk:(self.rank + 1) * blk].copy_(src)
+            self.hdl.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)  # every block arrived
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        lo = self.buf.data_ptr()
+        if not lo <= local.data_ptr() < lo + self.buf.numel():
+            local.record_stream(self.stream)  # (read on the side stream)
+        work = _SlotWork(done)
+        if not overlap:
+            work.wait()
+        return full, work
+
+
 def _contract_rows(x3: torch.Tensor, l3: torch.Tensor, g_rows: torch.Tensor, q0: int) -> None:
     """x[:, :, q0:q0 + Q] = L @ G_rows^T, G_rows = rows q0.. of the gathered operand, stored
     [Q, Bt*C, N] (a strided [Bt*C, Q, N] view: no copy), written into x in place."""
@@ -1233,11 +1337,15 @@ def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, co
         x = torch.empty_like(own)
         cc = max(1, min(BC, _GATHER_CHUNK_BYTES // (P * R * N * own.element_size())))
         chunks = [(c0, min(c0 + cc, BC)) for c0 in range(0, BC, cc)]
-        bufs = [own.new_empty((P * cc * R * N,)) for _ in range(min(2, len(chunks)))]
+        slots = _PeerSlots.get(comm, z.device, _slot_bytes(P * cc * R * N * own.element_size()))
+        bufs = None if slots else [own.new_empty((P * cc * R * N,)) for _ in chunks[:2]]
 
         def start(i):
             c0, c1 = chunks[i]
-            got = bufs[i % 2][:P * (c1 - c0) * R * N].view(P * (c1 - c0), R, N)
+            shape = (P * (c1 - c0), R, N)
+            if slots is not None:  # (block `rank` of the buffer is not read: `own` is)
+                return slots.all_gather(i % 2, shape, mine[c0:c1], overlap)
+            got = bufs[i % 2][:math.prod(shape)].view(shape)
             return got, comm.all_gather(got, mine[c0:c1], overlap)
 
         gathered = _chunk_gathers(len(chunks), start)
@@ -1279,7 +1387,7 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
         b_rows = torch.empty_like(a_rows)
         _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
         # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)]
-        send = a_rows.view(R, BC, P, R).permute(2, 0, 1, 3).contiguous()
+        send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))  # (runs of R)
         a_rows = None
         a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
         comm.all_to_all(a_cols, send, False).wait()
@@ -1288,12 +1396,20 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
         x = torch.empty((BC, R, N), device=z.device, dtype=xdt)
         cc = max(1, min(BC, _GATHER_CHUNK_BYTES // (P * R * N * a_cols.element_size())))
         chunks = [(c0, min(c0 + cc, BC)) for c0 in range(0, BC, cc)]
-        bufs = [b_rows.new_empty((P * R * cc * N,)) for _ in range(min(2, len(chunks)))]
+        slots = _PeerSlots.get(comm, z.device, _slot_bytes(P * cc * R * N * b_rows.element_size()))
+        bufs = None if slots else [b_rows.new_empty((P * R * cc * N,)) for _ in chunks[:2]]
 
         def start(i):
             c0, c1 = chunks[i]
-            mine = b_rows[:, c0:c1].contiguous()  # [R, c, N]: this rank's rows k
-            got = bufs[i % 2][:P * R * (c1 - c0) * N].view(P * R, c1 - c0, N)
+            shape = (P * R, c1 - c0, N)
+            if slots is not None:  # this rank's rows k written into its own block of the buffer
+                own_rows = slice(comm.rank * R, (comm.rank + 1) * R)
+                mine = copy_runs(slots.view(comm.rank, i % 2, shape, b_rows.dtype)[own_rows],
+                                 b_rows[:, c0:c1])
+                got, work = slots.all_gather(i % 2, shape, mine, overlap)
+                return got, mine, work
+            mine = dense_runs(b_rows[:, c0:c1])  # [R, c, N]: this rank's rows k
+            got = bufs[i % 2][:math.prod(shape)].view(shape)
             return got, mine, comm.all_gather(got, mine, overlap)
 
         # (each staging copy stays referenced by the iterator until it is freed below)

@@ -72,13 +72,12 @@ from openfold.model.evoformer import EvoformerBlock, EvoformerStack, ExtraMSABlo
 from openfold.model.template import TemplatePairStack, TemplatePairStackBlock
 from openfold.utils.checkpointing import get_checkpoint_fn
 from openfold.utils.precision_utils import is_fp16_enabled
-from openfold.utils.tensor_utils import permute_final_dims
 
 import fastfold_plugin.distributed as fd
 from fastfold_plugin.kernels.dropout_add import keep_mask_shape
 from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights
 
-from .forwards import TRI_MUL_PARAMS, UnsupportedOption, cast_once
+from .forwards import TRI_MUL_PARAMS, UnsupportedOption, cast_once, head_bias
 
 # ----------------------------------------------------------------------------------------------
 # Per-forward state
@@ -131,9 +130,16 @@ class _Run:
 
     def add(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if self.inplace_safe:
-            x += update
-            return x
+            return fd.add_runs(x, update)  # (an update in a switched layout: in whole runs)
         return x + update
+
+    def gathered_bias(self, x: torch.Tensor, weight: torch.Tensor) -> Callable:
+        """The per-head bias of the rows x [*, R, N, C] (``head_bias``: [*, R, H, N]), its
+        all-gather over the rows launched now; returns pair_bias() -> the attention's
+        [*, 1, H, N, N_keys] bias (waits for the gather). The gathered [*, N, H, N] needs no
+        copy: its transpose has contiguous keys."""
+        pend = self.all_gather(head_bias(x, weight), -3)
+        return lambda: pend.wait().transpose(-2, -3).unsqueeze(-4)[..., :self.n_res]
 
     def into(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """`x` when a row-chunked update may be added straight into it (OpenFold's in-place
@@ -227,7 +233,7 @@ def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args,
              else [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)])
     if into is not None:
         for s, e in spans:
-            into.narrow(-3, s, e - s).add_(fn(*piece(s, e)))
+            fd.add_runs(into.narrow(-3, s, e - s), fn(*piece(s, e)))
         return into
     if sink is not None:
         for s, e in spans:
@@ -326,14 +332,10 @@ def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) ->
     # the pair bias of the local pair rows, gathered: H channels, not z
     zb = run.ops.layer_norm(z, W["msa_att_row.layer_norm_z.weight"],
                             W["msa_att_row.layer_norm_z.bias"], lnz.eps)
-    pend = run.all_gather(F.linear(zb, W["msa_att_row.linear_z.weight"]), -3)
+    pair_bias = run.gathered_bias(zb, W["msa_att_row.linear_z.weight"])
     del zb
     ml = run.ops.layer_norm(m, W["msa_att_row.layer_norm_m.weight"],
                             W["msa_att_row.layer_norm_m.bias"], lnm.eps)
-
-    def pair_bias():
-        # [*, N, N, H] -> [*, 1, H, N, N_keys]
-        return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
 
     # (the attention draws no random numbers: drawing the mask first keeps OpenFold's order)
     keep = _draw_keep(block.msa_dropout_layer, (*m.shape[:-3], run.n_seq, run.n_res, m.shape[-1]), m)
@@ -451,13 +453,10 @@ def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
     """Starting-node triangle attention of the rows `x` [*, N/P, N, C] (mask [*, N/P, N]); the
     H-channel triangle bias is all-gathered. Ending-node attention is this on the rows of z^T.
     With `into` (x itself: ``run.into``), the update is added into it (see ``_attend``)."""
-    xl = run.ops.layer_norm(x, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
-                            mod.layer_norm.eps)
-    pend = run.all_gather(F.linear(xl, W[f"{pfx}.linear.weight"]), -3)  # -> [*, N, N, H]
-
-    def tri_bias():
-        return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
-
+    # (rounded to the autocast dtype once: the bias and every chunk's projections read it)
+    xl = cast_once(run.ops.layer_norm(x, W[f"{pfx}.layer_norm.weight"],
+                                      W[f"{pfx}.layer_norm.bias"], mod.layer_norm.eps))
+    tri_bias = run.gathered_bias(xl, W[f"{pfx}.linear.weight"])
     return _attend(run, W, f"{pfx}.mha", mod.mha, xl, run.n_res,
                    _mask_bias(mask, mod.inf, run.n_res), tri_bias, run.chunk_size, into)
 
@@ -481,16 +480,13 @@ def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor)
     sw = _Switch(run, rows)
     _chunked(norm, run.chunk_size, rows, (z, -3), sink=sw.put)
     xt = sw.columns().transpose(-2, -3)  # [*, R (local columns j), N (i), C]
-    pend = run.all_gather(F.linear(xt, W[f"{pfx}.linear.weight"]), -3)  # -> [*, N, N, H]
-
-    def tri_bias():
-        return permute_final_dims(pend.wait(), (2, 0, 1)).unsqueeze(-4)[..., :run.n_res]
-
+    tri_bias = run.gathered_bias(xt, W[f"{pfx}.linear.weight"])
+    # (keys contiguous once, not copied by every chunk's attention call)
+    mask_bias = _mask_bias(run.pair_mask_col.transpose(-1, -2), mod.inf, run.n_res).contiguous()
     sw = _Switch(run, rows)
-    _attend(run, W, f"{pfx}.mha", mod.mha, xt, run.n_res,
-            _mask_bias(run.pair_mask_col.transpose(-1, -2), mod.inf, run.n_res), tri_bias,
-            run.chunk_size, sink=sw.put)  # the update's rows j
-    xt = pend = None  # the normalised columns and the gathered bias, before the exchange
+    _attend(run, W, f"{pfx}.mha", mod.mha, xt, run.n_res, mask_bias, tri_bias, run.chunk_size,
+            sink=sw.put)  # the update's rows j
+    xt = tri_bias = None  # the normalised columns and the gathered bias, before the exchange
     # [*, N (j), R (local rows i), C]: the update's transpose
     return run.add(z, sw.columns().transpose(-2, -3))
 

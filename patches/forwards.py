@@ -76,6 +76,18 @@ def cast_once(x: torch.Tensor) -> torch.Tensor:
     return x if dt is None or dt == torch.float32 else x.to(dt)
 
 
+def head_bias(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A pair tensor's per-head attention bias, ``x @ weight^T`` for x [*, Q, K, C], laid out
+    [*, Q, H, K]: keys contiguous, so its ``.transpose(-2, -3)`` is the attention's
+    [*, H, Q, K] bias as it is. OpenFold's [*, Q, K, H] output permuted to [*, H, Q, K] has key
+    stride H, and the attention op copies such a bias on every call (every chunk). The same
+    GEMM (the bias Linears have no bias term), its output laid out differently; batched over
+    the rows so that x is read through its strides (a 2-D weight would make matmul fold x's rows
+    into one matrix, a copy when x is a transposed view, and transpose the product back)."""
+    xt = x.transpose(-1, -2)  # [*, Q, C, K]
+    return torch.matmul(weight.expand(xt.shape[:-2] + weight.shape), xt)
+
+
 def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
          mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """OpenFold's Attention (projections, gated biased attention, output projection).
@@ -128,7 +140,7 @@ def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size):
     if self.pair_bias and z is not None:
         z = ops.layer_norm(z, self.layer_norm_z.weight, self.layer_norm_z.bias, self.layer_norm_z.eps)
         # [*, 1, H, N_res, N_res]
-        pair_bias = permute_final_dims(self.linear_z(z), (2, 0, 1)).unsqueeze(-4)
+        pair_bias = head_bias(z, self.linear_z.weight).transpose(-2, -3).unsqueeze(-4)
     ln = self.layer_norm_m
 
     def fn(m_chunk, bias_chunk, pair_bias):
@@ -217,11 +229,13 @@ def triangle_attention_forward(self: TriangleAttention, x, mask=None, chunk_size
     if not self.starting:
         x = x.transpose(-2, -3)
         mask = mask.transpose(-1, -2)
-    x = ops.layer_norm(x, self.layer_norm.weight, self.layer_norm.bias, self.layer_norm.eps)
+    # (rounded to the autocast dtype once: the bias and every chunk's projections read it)
+    x = cast_once(ops.layer_norm(x, self.layer_norm.weight, self.layer_norm.bias,
+                                 self.layer_norm.eps))
     # [*, I, 1, 1, J]
     mask_bias = _mask_bias(mask, self.inf)
     # [*, 1, H, I, J]
-    triangle_bias = permute_final_dims(self.linear(x), (2, 0, 1)).unsqueeze(-4)
+    triangle_bias = head_bias(x, self.linear.weight).transpose(-2, -3).unsqueeze(-4)
 
     def fn(x_chunk, bias_chunk, triangle_bias):
         return _mha(self.mha, ops, x_chunk, x_chunk, bias_chunk, triangle_bias)

@@ -10,6 +10,7 @@ Importing this package imports neither Colossal-AI nor anything that touches CUD
 from .comm import (
     DAPCommError,
     Pending,
+    add_runs,
     all_gather,
     all_gather_start,
     all_to_all,
@@ -51,7 +52,7 @@ from .padding import pad_to, pad_to_multiple, padded_length, unpad
 from .sampler import DAPSampler
 
 __all__ = [
-    "DAPCommError", "Pending", "all_gather", "all_gather_start", "all_to_all", "all_to_all_",
+    "DAPCommError", "Pending", "add_runs", "all_gather", "all_gather_start", "all_to_all", "all_to_all_",
     "all_to_all_start", "col_to_row", "col_to_row_", "col_to_row_start", "copy_runs", "dense",
     "exchange_blocks", "gather", "gather_into_", "group_rank", "group_size", "reduce_scatter",
     "reduce_scatter_start", "row_to_col", "row_to_col_", "row_to_col_start", "scatter",

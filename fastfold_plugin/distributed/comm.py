@@ -117,6 +117,15 @@ def copy_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst.copy_(src)
 
 
+def add_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.add_(src)``; on a GPU, when the two have one shape, with the run kernel (an update
+    that arrives in a switched layout, added into the residual stream: see :func:`dense`)."""
+    if src.is_cuda and src.shape == dst.shape:
+        from fastfold_plugin.kernels.layout import add_
+        return add_(dst, src)
+    return dst.add_(src)
+
+
 def _local_block(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     p = group_size(group)
     _check_divisible(x, dim, p, "scatter")

@@ -26,6 +26,7 @@ from workers import (  # noqa: E402
 
 import fastfold_plugin.distributed as fd  # noqa: E402
 from fastfold_plugin.kernels import get_ops  # noqa: E402
+from fastfold_plugin.kernels import triangle_multiplication as trimul_module  # noqa: E402
 from fastfold_plugin.kernels.triangle_multiplication import TriMulWeights  # noqa: E402
 from fastfold_plugin.testing import assert_close, rel_err  # noqa: E402
 
@@ -119,6 +120,34 @@ def check(tag, got, exp):
     assert_close(got, exp, rtol=1e-4, atol=1e-5 * scale + 1e-30, max_rel=1e-5, name=tag)
 
 
+def inference_paths(ctx, z, mask, w, g, outgoing, shard, exp_out, tag):
+    """The forward-only sharded op (the operand all-gathered a channel chunk at a time; three
+    channels a chunk here, so both alternating buffers are reused) equals the full op; with
+    overlap off, and on GPUs with NCCL's all-gathers instead of the copy engines' (which must
+    have run), bit-identical."""
+    op = get_ops("triton").triangle_multiplication_sharded
+    p = ctx.size
+    n_p = fd.padded_length(z.shape[-2], p)
+    saved = trimul_module._GATHER_CHUNK_BYTES
+    trimul_module._GATHER_CHUNK_BYTES = 3 * p * (n_p // p) * n_p * 4
+    try:
+        on, = sharded(op, ctx, z, mask, w, g, outgoing, True, shard=shard, grad=False)
+        check(f"{tag} inference out", on, exp_out)
+        off, = sharded(op, ctx, z, mask, w, g, outgoing, False, shard=shard, grad=False)
+        assert torch.equal(on, off), f"{tag} inference: overlap on/off differ"
+        if z.is_cuda:
+            assert any(s is not None for s in trimul_module._PeerSlots._made.values()), \
+                f"{tag}: the copy-engine all-gathers did not run (symmetric memory unavailable)"
+            trimul_module._COPY_ENGINE = False
+            try:
+                nccl, = sharded(op, ctx, z, mask, w, g, outgoing, True, shard=shard, grad=False)
+            finally:
+                trimul_module._COPY_ENGINE = True
+            assert torch.equal(on, nccl), f"{tag} inference: copy engines and NCCL differ"
+    finally:
+        trimul_module._GATHER_CHUNK_BYTES = saved
+
+
 @scenario
 def sharded_trimul(args):
     """For each case (N_res, batch dims, c_z, c_hidden, dtype) and direction: the Triton
@@ -161,10 +190,11 @@ def sharded_trimul(args):
                     for a, b in zip([got[0], got[1]] + got[2], [sync[0], sync[1]] + sync[2],
                                     strict=True):
                         assert torch.equal(a, b), f"{tag}: overlap on/off differ"
+                    inference_paths(ctx, z, mask, w, g, outgoing, None, exp[0], f"{tag} triton")
                 if outgoing:
                     continue
                 # the incoming update on row shards (DAP inference): the reference with every
-                # gradient, the Triton forward (forward-only), overlap on / off bit-identical
+                # gradient, the Triton forward (forward-only; as above)
                 if name == "reference":
                     rows = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g,
                                    False, True, shard="rows")
@@ -173,12 +203,8 @@ def sharded_trimul(args):
                                         strict=True):
                         check(f"{tag} reference rows d{nm}", a, e)
                 else:
-                    on, = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g, False,
-                                  True, shard="rows", grad=False)
-                    off, = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g, False,
-                                   False, shard="rows", grad=False)
-                    check(f"{tag} triton rows out", on, exp[0])
-                    assert torch.equal(on, off), f"{tag} rows: overlap on/off differ"
+                    inference_paths(ctx, z, mask, w, g, False, "rows", exp[0],
+                                    f"{tag} triton rows")
         result(ok=True, size=ctx.size, **case)
     fd.shutdown()
 

@@ -69,3 +69,48 @@ def test_launches_only_where_it_pays(monkeypatch):
     assert layout.contiguous(c) is c
     with pytest.raises(ValueError):
         layout.copy_(torch.empty(2, 3), torch.empty(3, 2))
+
+
+@pytest.mark.parametrize("dst_dtype,src_dtype", [(torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float16, torch.float32)])
+def test_add_matches_torch(dst_dtype, src_dtype, monkeypatch):
+    """``add_`` equals torch's in-place add bit for bit (sum in fp32, rounded to dst's dtype),
+    into strided and contiguous destinations, long runs in several blocks and short ones several
+    to a program."""
+    monkeypatch.setattr(layout, "_BLOCK", 32)  # runs of 40: two blocks; runs of 8: 4 a program
+    monkeypatch.setattr(layout, "_MIN_RUN", 8)
+    for name, v in _views(2, 3, 10, 8, src_dtype, seed=1).items():
+        g = torch.Generator().manual_seed(2)
+        base = (torch.randn(v.shape, generator=g) * 100).to(dst_dtype)
+        want = base.clone().add_(v)
+        got = base.clone()
+        assert layout.add_(got, v) is got and torch.equal(got, want), name
+        # a strided destination (the update added into a transposed residual)
+        buf = base.movedim(0, -2).clone()
+        dst = buf.movedim(-2, 0)
+        layout.add_(dst, v)
+        assert torch.equal(dst, want), name
+    with pytest.raises(ValueError):
+        layout.add_(torch.empty(2, 3), torch.empty(3, 2))
+
+
+def test_short_runs_several_to_a_program(monkeypatch):
+    """Runs shorter than a program's block are copied several to a program: one launch whose
+    grid covers every row once (104 runs of 8 elements, 4 runs per program)."""
+    launched = []
+    real = layout._copy_runs_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(layout, "_copy_runs_kernel", Spy())
+    monkeypatch.setattr(layout, "_BLOCK", 32)
+    monkeypatch.setattr(layout, "_MIN_RUN", 8)
+    x = torch.randn(13, 8, 8).transpose(0, 1)  # 104 runs of 8 elements
+    got = layout.contiguous(x)
+    assert torch.equal(got, x.contiguous())
+    assert launched == [(26, 1)]  # 104 rows / 4 per program, one block per run
