@@ -1145,7 +1145,8 @@ class _PeerSlots:
         if not (_COPY_ENGINE and device.type == "cuda" and type(comm) is _DistComm
                 and comm.group is not None and comm.size > 1):
             return None
-        key = (comm.group.group_name, device.index, nbytes)
+        key = (comm.group.group_name, tuple(dist.get_process_group_ranks(comm.group)),
+               device.index, nbytes)
         if key not in cls._made:
             try:
                 cls._made[key] = cls(comm, device, nbytes)
@@ -1190,6 +1191,14 @@ class _PeerSlots:
         if not overlap:
             work.wait()
         return full, work
+
+
+def release_peer_buffers() -> None:
+    """Free the copy-engine all-gathers' symmetric memory (made on first use and kept until
+    here; the DAP layer's ``shutdown`` calls this before it destroys the process groups)."""
+    if _PeerSlots._made and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # no copy into a buffer about to be unmapped is in flight
+    _PeerSlots._made.clear()
 
 
 def _contract_rows(x3: torch.Tensor, l3: torch.Tensor, g_rows: torch.Tensor, q0: int) -> None:

@@ -22,6 +22,7 @@ Launch choices (deliberate):
 """
 import datetime
 import os
+import sys
 from typing import List, Optional, Union
 
 import torch
@@ -234,8 +235,13 @@ def check_context(ctx: DAPContext, dap_size: Optional[int] = None) -> None:
 
 
 def shutdown() -> None:
-    """Destroy the groups made by :func:`init` and the default process group."""
+    """Destroy the groups made by :func:`init` and the default process group (first freeing the
+    symmetric memory the sharded triangle multiplication keeps for its inference all-gathers,
+    if it was loaded)."""
     global _current
+    trimul = sys.modules.get("fastfold_plugin.kernels.triangle_multiplication")
+    if trimul is not None:
+        trimul.release_peer_buffers()
     if _current is not None and _current.mesh is not None:
         _current.mesh.destroy_mesh_process_groups()
     _current = None
