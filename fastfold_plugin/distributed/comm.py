@@ -97,13 +97,20 @@ def _check_divisible(x: torch.Tensor, dim: int, p: int, op: str) -> None:
 # Raw collectives (no autograd). Each launcher returns (output buffer, work, keep-alive input);
 # work is None when the call was synchronous. The finishers turn the buffer into the result.
 
+def _run_kernel_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the run kernel may do a copy or add: CUDA tensors that autograd does not track
+    (the kernel has no backward; torch's ops record theirs)."""
+    return tensors[-1].is_cuda and not (torch.is_grad_enabled()
+                                        and any(t.requires_grad for t in tensors))
+
+
 def dense(x: torch.Tensor) -> torch.Tensor:
     """`x` itself when contiguous, else a contiguous copy; on a GPU with the plugin's run-copy
     kernel (``fastfold_plugin.kernels.layout``: the packs and unpacks around the collectives
     are views made of long contiguous runs, which torch copies element by element)."""
     if x.is_contiguous():
         return x
-    if x.is_cuda:
+    if _run_kernel_ok(x):
         from fastfold_plugin.kernels.layout import contiguous
         return contiguous(x)
     return x.contiguous()
@@ -111,7 +118,7 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 def copy_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``dst.copy_(src)``, on a GPU with the run-copy kernel (see :func:`dense`)."""
-    if src.is_cuda:
+    if _run_kernel_ok(dst, src):
         from fastfold_plugin.kernels.layout import copy_
         return copy_(dst, src)
     return dst.copy_(src)
@@ -120,7 +127,7 @@ def copy_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
 def add_runs(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``dst.add_(src)``; on a GPU, when the two have one shape, with the run kernel (an update
     that arrives in a switched layout, added into the residual stream: see :func:`dense`)."""
-    if src.is_cuda and src.shape == dst.shape:
+    if _run_kernel_ok(dst, src) and src.shape == dst.shape:
         from fastfold_plugin.kernels.layout import add_
         return add_(dst, src)
     return dst.add_(src)
