@@ -53,6 +53,8 @@ def _runs(dst: torch.Tensor, src: torch.Tensor, add: bool) -> bool:
     if (dst.device != src.device or src.numel() == 0 or not (src.is_cuda or is_interpreter())
             or (dst.is_contiguous() and src.is_contiguous() and (add or dst.dtype == src.dtype))):
         return False
+    if any(st == 0 and n > 1 for n, st in zip(dst.shape, dst.stride())):
+        return False  # dst's elements repeat: torch's op refuses to write such a view
     sizes, (ss, ds) = collapse_dims(src.shape, [src.stride(), dst.stride()])
     if (not sizes or ss[-1] != 1 or ds[-1] != 1 or sizes[-1] < _MIN_RUN or len(sizes) > 4
             or _same_storage(dst, src)):

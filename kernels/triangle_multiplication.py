@@ -259,6 +259,7 @@ def triangle_multiplication_sharded_reference(
     comm_error: type = RuntimeError,
     inference: Optional[bool] = None,
     shard: Optional[str] = None,
+    timeout: Optional[float] = None,
 ) -> torch.Tensor:
     """``triangle_multiplication_sharded`` in plain PyTorch: OpenFold's maths on the shard
     (outgoing: rows z ``[*, N/P, N, C_z]``; incoming: columns z ``[*, N, N/P, C_z]``, or rows
@@ -1060,11 +1061,13 @@ class _DistComm:
     DAPCommError; kernels do not import the distributed layer).
     (Also the seam the in-process kernel tests replace with emulated ranks.)"""
 
-    def __init__(self, group, error: type = RuntimeError):
+    def __init__(self, group, error: type = RuntimeError, timeout: Optional[float] = None):
         self.group = group
         self.error = error
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
+        # how long a copy-engine all-gather's barrier waits for the peers, then traps the device
+        self.timeout_ms = max(1, int(1000 * (_PEER_TIMEOUT_S if timeout is None else timeout)))
 
     def guard(self, name: str, fn):
         try:
@@ -1101,13 +1104,26 @@ class _DistComm:
 # side stream between two device-side barriers of the group.  FASTFOLD_PLUGIN_DAP_COPY_ENGINE=0
 # keeps NCCL.
 _COPY_ENGINE = os.environ.get("FASTFOLD_PLUGIN_DAP_COPY_ENGINE", "1") != "0"
-_BARRIER_TIMEOUT_MS = 10 * 60 * 1000  # a peer that never arrives: a device trap, not a hang
+_PEER_TIMEOUT_S = 600.0  # the barriers' wait for a peer when the caller gives no timeout
 
 
 def _slot_bytes(need: int) -> int:
     """The buffer size for chunks of `need` bytes: ``_GATHER_CHUNK_BYTES`` (the usual sizes all
-    share one pair of buffers), or `need` in whole MiB where one channel is larger."""
-    return max(_GATHER_CHUNK_BYTES, -(-need // 2**20) * 2**20)
+    share one pair of buffers), or, where one channel is larger, a power-of-two number of MiB
+    (a few sizes at most over many N_res, each made once)."""
+    if need <= _GATHER_CHUNK_BYTES:
+        return _GATHER_CHUNK_BYTES
+    return 2**20 * next_power_of_2(-(-need // 2**20))
+
+
+def _retry_after_empty_cache(make):
+    """make(); once more after returning the caching allocator's unused blocks to the device if
+    it runs out of memory (symmetric memory is allocated outside the caching allocator)."""
+    try:
+        return make()
+    except (torch.cuda.OutOfMemoryError, RuntimeError):
+        torch.cuda.empty_cache()
+        return make()
 
 
 class _SlotWork:
@@ -1129,33 +1145,53 @@ class _PeerSlots:
 
     _made: Dict[tuple, Optional["_PeerSlots"]] = {}
 
-    def __init__(self, comm: "_DistComm", device: torch.device, nbytes: int):
-        import torch.distributed._symmetric_memory as symm_mem
-
+    def __init__(self, comm: "_DistComm", buf: torch.Tensor, hdl, nbytes: int):
         self.rank, self.size, self.nbytes = comm.rank, comm.size, nbytes
-        self.buf = symm_mem.empty(2 * nbytes, dtype=torch.uint8, device=device)
-        self.hdl = symm_mem.rendezvous(self.buf, comm.group)
-        self.stream = torch.cuda.Stream(device)
+        self.buf, self.hdl = buf, hdl
+        self.stream = torch.cuda.Stream(buf.device)
 
     @classmethod
     def get(cls, comm: "_DistComm", device: torch.device, nbytes: int) -> Optional["_PeerSlots"]:
         """The slots of comm's group on `device`, or None where copy engines are not to be used
-        (turned off, not CUDA, one process, no group) or symmetric memory is unavailable (said
-        once; NCCL then)."""
+        (turned off, not CUDA, one process, no group) or symmetric memory cannot be set up on
+        every rank (said once; NCCL then). The ranks agree on the outcome (a rank that runs
+        out of memory for the buffers must not leave the others waiting in the rendezvous)."""
         if not (_COPY_ENGINE and device.type == "cuda" and type(comm) is _DistComm
                 and comm.group is not None and comm.size > 1):
             return None
         key = (comm.group.group_name, tuple(dist.get_process_group_ranks(comm.group)),
                device.index, nbytes)
         if key not in cls._made:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buf = hdl = problem = None
             try:
-                cls._made[key] = cls(comm, device, nbytes)
+                buf = _retry_after_empty_cache(
+                    lambda: symm_mem.empty(2 * nbytes, dtype=torch.uint8, device=device))
             except Exception as e:  # noqa: BLE001 - any failure to set up: NCCL instead
+                problem = e
+            ok = cls._everyone(comm, device, problem is None)
+            if ok:
+                try:
+                    hdl = symm_mem.rendezvous(buf, comm.group)
+                except Exception as e:  # noqa: BLE001
+                    problem = e
+                ok = cls._everyone(comm, device, hdl is not None)
+            if not ok:
                 logging.getLogger("fastfold_plugin").warning(
-                    "triangle_multiplication_sharded: symmetric memory unavailable (%s: %s); the "
-                    "inference all-gathers use NCCL", type(e).__name__, e)
-                cls._made[key] = None
+                    "triangle_multiplication_sharded: symmetric memory unavailable on %s (%s); "
+                    "the inference all-gathers use NCCL", "this rank" if problem else "a peer",
+                    problem if problem else "see its log")
+            cls._made[key] = cls(comm, buf, hdl, nbytes) if ok else None
         return cls._made[key]
+
+    @staticmethod
+    def _everyone(comm: "_DistComm", device: torch.device, ok: bool) -> bool:
+        """Whether `ok` holds on every rank of the group (an all-reduce of one flag)."""
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+        comm.guard("all-reduce", lambda: dist.all_reduce(flag, op=dist.ReduceOp.MIN,
+                                                         group=comm.group))
+        return bool(flag.item())
 
     def view(self, rank: int, slot: int, shape, dtype: torch.dtype) -> torch.Tensor:
         """Rank `rank`'s buffer `slot` as a tensor of `shape` (this rank's, or a peer's mapped
@@ -1164,24 +1200,25 @@ class _PeerSlots:
         return self.hdl.get_buffer(rank, (numel,), dtype,
                                    slot * self.nbytes // dtype.itemsize).view(shape)
 
-    def all_gather(self, slot: int, shape, local: torch.Tensor, overlap: bool):
+    def all_gather(self, slot: int, shape, local: torch.Tensor, overlap: bool, timeout_ms: int):
         """Buffer `slot` as full ``[P * R, ...]`` (`shape`) <- every rank's local ``[R, ...]``
         (contiguous): this rank's local is copied into block `rank` of every peer's buffer, once
         every rank's buffer is free (all work queued on each rank's current stream so far, the
         reads of the chunk it held before, is done).  Block `rank` of this rank's own buffer is
         not written (the caller reads its own block from `local`, or wrote it there itself).
-        Returns (full, work)."""
+        The barriers wait `timeout_ms` for the peers, then trap the device.  Returns
+        (full, work)."""
         full = self.view(self.rank, slot, shape, local.dtype)
         blk = local.numel()
         src = local.view(-1)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
-            self.hdl.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)  # every buffer is free
+            self.hdl.barrier(channel=0, timeout_ms=timeout_ms)  # every buffer is free
             for q in range(self.size):
                 if q != self.rank:
                     peer = self.view(q, slot, (math.prod(shape),), local.dtype)
                     peer[self.rank * blk:(self.rank + 1) * blk].copy_(src)
-            self.hdl.barrier(channel=0, timeout_ms=_BARRIER_TIMEOUT_MS)  # every block arrived
+            self.hdl.barrier(channel=0, timeout_ms=timeout_ms)  # every block arrived
             done = torch.cuda.Event()
             done.record(self.stream)
         lo = self.buf.data_ptr()
@@ -1353,7 +1390,7 @@ def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, co
             c0, c1 = chunks[i]
             shape = (P * (c1 - c0), R, N)
             if slots is not None:  # (block `rank` of the buffer is not read: `own` is)
-                return slots.all_gather(i % 2, shape, mine[c0:c1], overlap)
+                return slots.all_gather(i % 2, shape, mine[c0:c1], overlap, comm.timeout_ms)
             got = bufs[i % 2][:math.prod(shape)].view(shape)
             return got, comm.all_gather(got, mine[c0:c1], overlap)
 
@@ -1415,7 +1452,7 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
                 own_rows = slice(comm.rank * R, (comm.rank + 1) * R)
                 mine = copy_runs(slots.view(comm.rank, i % 2, shape, b_rows.dtype)[own_rows],
                                  b_rows[:, c0:c1])
-                got, work = slots.all_gather(i % 2, shape, mine, overlap)
+                got, work = slots.all_gather(i % 2, shape, mine, overlap, comm.timeout_ms)
                 return got, mine, work
             mine = dense_runs(b_rows[:, c0:c1])  # [R, c, N]: this rank's rows k
             got = bufs[i % 2][:math.prod(shape)].view(shape)
@@ -1502,6 +1539,7 @@ def triangle_multiplication_sharded(
     comm_error: type = RuntimeError,
     inference: Optional[bool] = None,
     shard: Optional[str] = None,
+    timeout: Optional[float] = None,
 ) -> torch.Tensor:
     """This rank's shard of the fused triangle multiplicative update under DAP.
 
@@ -1534,9 +1572,13 @@ def triangle_multiplication_sharded(
     ``[*, N/P, N]``; ``_sharded_inference_rows``: an all-to-all of a and an all-gather of b
     instead of the caller switching z to columns and back); forward only here (the reference
     also has its backward).  None: rows for outgoing, columns for incoming.
+
+    `timeout`: seconds a copy-engine all-gather (inference on GPUs) waits for the other ranks
+    before it traps the device (None: 10 minutes); the DAP forwards pass their context's
+    timeout.  The reference takes and ignores it.
     """
     w = TriMulWeights(*w)
-    comm = _DistComm(group, comm_error)
+    comm = _DistComm(group, comm_error, timeout)
     rows = _shard_is_rows(shard, outgoing)
     if comm.size == 1:
         return triangle_multiplication(z, mask, w, outgoing, eps)

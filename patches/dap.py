@@ -98,6 +98,8 @@ class _Run:
         self.chunk_size = chunk_size
         self.inplace_safe = inplace_safe
         self.mask_trans = mask_trans
+        timeout = getattr(ctx, "timeout", None)
+        self.timeout_s = None if timeout is None else timeout.total_seconds()
 
     def block(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's block of a replicated tensor that needs no gradient (masks)."""
@@ -445,7 +447,8 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
     return run.ops.triangle_multiplication_sharded(z, mask, w, outgoing, mod.layer_norm_in.eps,
                                                    run.group, overlap=run.async_comm,
                                                    comm_error=fd.DAPCommError,
-                                                   inference=run.inference, shard=shard)
+                                                   inference=run.inference, shard=shard,
+                                                   timeout=run.timeout_s)
 
 
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,

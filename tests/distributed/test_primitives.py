@@ -39,7 +39,7 @@ def test_pad_to_multiple_round_trip_and_gradient():
 def test_copy_engine_gathers_only_on_gpu_groups_and_freed_by_shutdown(monkeypatch):
     """The sharded triangle multiplication's copy-engine all-gathers (symmetric memory) are set
     up only for a GPU process group of several ranks, never on the CPU or for one process;
-    buffer sizes round up to whole MiB above the chunk size; ``shutdown`` frees what was made."""
+    buffers larger than the chunk size are powers of two in MiB; ``shutdown`` frees them."""
     import fastfold_plugin.distributed as fd
     from fastfold_plugin.kernels import triangle_multiplication as tm
 
@@ -48,7 +48,8 @@ def test_copy_engine_gathers_only_on_gpu_groups_and_freed_by_shutdown(monkeypatc
     assert tm._PeerSlots.get(one, torch.device("cuda", 0), 2**20) is None
     monkeypatch.setattr(tm, "_GATHER_CHUNK_BYTES", 4 * 2**20)
     assert tm._slot_bytes(1000) == 4 * 2**20 and tm._slot_bytes(4 * 2**20) == 4 * 2**20
-    assert tm._slot_bytes(5 * 2**20 + 1) == 6 * 2**20
+    assert tm._slot_bytes(5 * 2**20 + 1) == 8 * 2**20  # above: powers of two in MiB
+    assert tm._slot_bytes(8 * 2**20) == 8 * 2**20 and tm._slot_bytes(9 * 2**20) == 16 * 2**20
     monkeypatch.setitem(tm._PeerSlots._made, ("1", (0, 1), 0, 2**20), None)
     fd.shutdown()  # (no process group here: frees the buffers and returns)
     assert not tm._PeerSlots._made

@@ -114,3 +114,15 @@ def test_short_runs_several_to_a_program(monkeypatch):
     got = layout.contiguous(x)
     assert torch.equal(got, x.contiguous())
     assert launched == [(26, 1)]  # 104 rows / 4 per program, one block per run
+
+
+def test_repeating_destination_left_to_torch(monkeypatch):
+    """A destination whose elements repeat (an expanded view) is never written by the kernel
+    (its programs would race): torch's op refuses it, as it refuses it without the plugin."""
+    monkeypatch.setattr(layout, "_MIN_RUN", 8)
+    d = torch.zeros(1, 16)
+    src = torch.randn(4, 32)[:, :16]
+    with pytest.raises(RuntimeError):
+        layout.add_(d.expand(4, 16), src)
+    with pytest.raises(RuntimeError):
+        layout.copy_(d.expand(4, 16), src)
