@@ -38,18 +38,24 @@ def test_copy_matches_torch(dtype, monkeypatch):
         assert torch.equal(dst, v), name
 
 
-def test_launches_only_where_it_pays(monkeypatch):
-    """Short runs, more than three outer dims, a shared storage and mixed dtypes go to torch;
-    the pack of a switch goes to the kernel."""
-    launched = []
+@pytest.fixture
+def launched(monkeypatch):
+    """The grids of the run kernel's launches, in order."""
+    grids = []
     real = layout._copy_runs_kernel
 
     class Spy:
         def __getitem__(self, grid):
-            launched.append(grid)
+            grids.append(grid)
             return real[grid]
 
     monkeypatch.setattr(layout, "_copy_runs_kernel", Spy())
+    return grids
+
+
+def test_launches_only_where_it_pays(launched, monkeypatch):
+    """Short runs, more than three outer dims, a shared storage and mixed dtypes go to torch;
+    the pack of a switch goes to the kernel."""
     monkeypatch.setattr(layout, "_MIN_RUN", 16)
     x = torch.randn(4, 6, 40)
     pack = x.unflatten(1, (2, -1)).movedim(1, 0)  # runs of 3 * 40 elements
@@ -96,18 +102,9 @@ def test_add_matches_torch(dst_dtype, src_dtype, monkeypatch):
         layout.add_(torch.empty(2, 3), torch.empty(3, 2))
 
 
-def test_short_runs_several_to_a_program(monkeypatch):
+def test_short_runs_several_to_a_program(launched, monkeypatch):
     """Runs shorter than a program's block are copied several to a program: one launch whose
     grid covers every row once (104 runs of 8 elements, 4 runs per program)."""
-    launched = []
-    real = layout._copy_runs_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(layout, "_copy_runs_kernel", Spy())
     monkeypatch.setattr(layout, "_BLOCK", 32)
     monkeypatch.setattr(layout, "_MIN_RUN", 8)
     x = torch.randn(13, 8, 8).transpose(0, 1)  # 104 runs of 8 elements
