@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from openfold.model.evoformer import (
     EvoformerBlock,
     EvoformerBlockCore,
@@ -77,13 +78,19 @@ def cast_once(x: torch.Tensor) -> torch.Tensor:
 
 
 def head_bias(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A pair tensor's per-head attention bias, ``x @ weight^T`` for x [*, Q, K, C], laid out
-    [*, Q, H, K]: keys contiguous, so its ``.transpose(-2, -3)`` is the attention's
-    [*, H, Q, K] bias as it is. OpenFold's [*, Q, K, H] output permuted to [*, H, Q, K] has key
-    stride H, and the attention op copies such a bias on every call (every chunk). The same
-    GEMM (the bias Linears have no bias term), its output laid out differently; batched over
-    the rows so that x is read through its strides (a 2-D weight would make matmul fold x's rows
-    into one matrix, a copy when x is a transposed view, and transpose the product back)."""
+    """A pair tensor's per-head attention bias, ``x @ weight^T`` for x [*, Q, K, C] (the bias
+    Linears have no bias term), as [*, Q, H, K].
+
+    On GPUs it is computed in that layout: keys contiguous, so its ``.transpose(-2, -3)`` is the
+    attention's [*, H, Q, K] bias as it is. OpenFold's [*, Q, K, H] output permuted to
+    [*, H, Q, K] has key stride H, and the attention op copies such a bias on every call (every
+    chunk). The GEMM is batched over the rows so that x is read through its strides (a 2-D
+    weight would make matmul fold x's rows into one matrix, a copy when x is a transposed view,
+    and transpose the product back). On the CPU, where the reference ops follow stock OpenFold
+    op for op, it is OpenFold's Linear, transposed: the same rounding as stock (a GEMM of another
+    shape rounds differently, and the whole-model training gradients amplify that)."""
+    if not x.is_cuda:
+        return F.linear(x, weight).transpose(-1, -2)
     xt = x.transpose(-1, -2)  # [*, Q, C, K]
     return torch.matmul(weight.expand(xt.shape[:-2] + weight.shape), xt)
 
