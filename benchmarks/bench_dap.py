@@ -181,9 +181,9 @@ def measure(step, args, device, active: bool = True) -> dict:
 def symmetric_workspace_mib() -> float:
     """The symmetric memory this process holds for the triangle multiplications' copy-engine
     all-gathers (made on first use and kept; reported beside the allocator's peak)."""
-    from fastfold_plugin.kernels.triangle_multiplication import _PeerSlots
+    from fastfold_plugin.kernels.triangle_multiplication import peer_buffer_bytes
 
-    return sum(s.buf.numel() for s in _PeerSlots._made.values() if s is not None) / 2**20
+    return peer_buffer_bytes() / 2**20
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,9 +49,10 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _runs(dst: torch.Tensor, src: torch.Tensor, add: bool) -> bool:
-    """Launch the kernel on dst, src (same shape); False where torch should do it instead."""
+    """Launch the kernel on dst, src (same shape; same dtype for a copy); False where torch
+    should do it instead."""
     if (dst.device != src.device or src.numel() == 0 or not (src.is_cuda or is_interpreter())
-            or (dst.is_contiguous() and src.is_contiguous() and (add or dst.dtype == src.dtype))):
+            or (dst.is_contiguous() and src.is_contiguous())):
         return False
     if any(st == 0 and n > 1 for n, st in zip(dst.shape, dst.stride())):
         return False  # dst's elements repeat: torch's op refuses to write such a view

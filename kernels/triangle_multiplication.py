@@ -1230,6 +1230,12 @@ class _PeerSlots:
         return full, work
 
 
+def peer_buffer_bytes() -> int:
+    """The symmetric memory this process holds for the copy-engine all-gathers (which torch's
+    allocator statistics do not count)."""
+    return sum(s.buf.numel() for s in _PeerSlots._made.values() if s is not None)
+
+
 def release_peer_buffers() -> None:
     """Free the copy-engine all-gathers' symmetric memory (made on first use and kept until
     here; the DAP layer's ``shutdown`` calls this before it destroys the process groups)."""
