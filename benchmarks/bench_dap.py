@@ -8,6 +8,10 @@ Suites (``--suites``, default all):
 - ``strong``: one Evoformer block, training fwd+bwd, at N_seq x N_res = 128 x 256 and 512 x 384,
   DAP size 1 (one process: stock OpenFold and the plugin) vs every DAP size that divides the world
   (the sharded block as it runs inside a stack), async overlap on and off: strong scaling.
+- ``strong-graphed``: the ``strong`` cases with the block's forward and backward captured in CUDA
+  graphs (``torch.cuda.make_graphed_callables``) at DAP 1 (the plugin) and at every DAP size
+  (async and sync; the collectives are captured too): what the step costs once the host no longer
+  issues each launch. GPUs only; a case that cannot be captured records the error.
 - ``inference``: one Evoformer block, inference (no grad, in place, chunked), N_res 2048 and 4096
   (N_seq 128): speed-up and peak memory per GPU. As in OpenFold's in-place inference stack, the
   block works on the caller's m and z (the values drift from step to step; the work does not):
@@ -43,6 +47,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List
 
@@ -50,7 +55,7 @@ import harness
 import torch
 import torch.distributed as dist
 
-SUITES = ("strong", "inference", "weak", "profile", "profile-inference")
+SUITES = ("strong", "strong-graphed", "inference", "weak", "profile", "profile-inference")
 
 
 def parse_args(argv=None):
@@ -228,9 +233,11 @@ def inputs(n_seq, n_res, args, device, seed=0):
     return m, z, msa_mask, pair_mask
 
 
-def autocast(args, device):
+def autocast(args, device, cache_enabled: bool = True):
     if args.dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        # autocast's weight-cast cache must be off around captured graphs (torch's documented rule)
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              cache_enabled=cache_enabled)
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -291,6 +298,64 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
     return step
 
 
+class _Positional(torch.nn.Module):
+    """``fn(m, z)`` as a module holding `block`, whose parameters the captured backward
+    differentiates (``torch.cuda.make_graphed_callables`` takes positional tensors only)."""
+
+    def __init__(self, block, fn):
+        super().__init__()
+        self.block = block
+        self.fn = fn
+
+    def forward(self, m, z):
+        return self.fn(m, z)
+
+
+def graphed_step(block, fn, m, z, args, device):
+    """The training step of `fn(m, z)` with its forward and backward captured in CUDA graphs
+    (dropout draws fresh masks on every replay; autotuning runs in the capture's warm-up)."""
+    mi, zi = m.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    with autocast(args, device, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(_Positional(block, fn), (mi, zi))
+
+    def step():
+        with autocast(args, device, cache_enabled=False):
+            mo, zo = graphed(mi, zi)
+        (mo.float().sum() + zo.float().sum()).backward()
+    return step
+
+
+def graphed_single_process_step(block, ins, args, device):
+    m, z, mm, pm = ins
+    return graphed_step(block, lambda mi, zi: block(mi, zi, msa_mask=mm, pair_mask=pm,
+                                                    chunk_size=None), m, z, args, device)
+
+
+def graphed_dap_block_step(block, ctx, ins, args, device):
+    from fastfold_plugin.kernels import get_ops
+    from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
+
+    m, z, mm, pm = ins
+    run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], None,
+               inplace_safe=False, mask_trans=True)
+    with torch.no_grad():
+        m_s, z_s = _enter_msa(run, m, z, mm, pm)
+    return graphed_step(block, lambda mi, zi: _msa_block_sharded(block, run, mi, zi), m_s, z_s,
+                        args, device)
+
+
+def _measure_or_note(make, args, device) -> dict:
+    """`measure` of the step `make()` builds; the error as a note when building it fails on any
+    rank (every rank then skips the case together)."""
+    try:
+        step, err = make(), None
+    except Exception as e:  # noqa: BLE001 - recorded in the results, the suite goes on
+        step, err = None, f"{type(e).__name__}: {e}"[:300]
+    if _all_max(float(err is not None), device) > 0:
+        return {"note": f"not captured: {err}" if err else "not captured on another rank"}
+    return measure(step, args, device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Suites
 
@@ -328,6 +393,37 @@ def suite_block(out: Output, contexts, args, device, train: bool):
         del ins
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def suite_graphed(out: Output, contexts, args, device):
+    import fastfold_plugin
+
+    if device.type != "cuda":
+        out.add(suite="strong-graphed", note="CUDA graphs need GPUs: skipped")
+        return
+    stock = make_block(args, device).train(True)
+    for n_seq, n_res in [(128, 256), (512, 384)]:
+        case = f"{n_seq}x{n_res}"
+        ins = inputs(n_seq, n_res, args, device)
+        plugin = copy.deepcopy(stock)
+        fastfold_plugin.enable(plugin, backend=args.backend)
+        res = _measure_or_note(partial(graphed_single_process_step, plugin, ins, args, device),
+                               args, device)
+        out.add(suite="strong-graphed", case=case, provider="plugin_cudagraph", dap=1, dp=1,
+                n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **res)
+        del plugin
+        for d, ctx in contexts.items():
+            for use_async in (True, False):
+                block = copy.deepcopy(stock)
+                res = _measure_or_note(partial(graphed_dap_block_step, block,
+                                               ctx.with_async(use_async), ins, args, device),
+                                       args, device)
+                out.add(suite="strong-graphed", case=case, provider="dap_cudagraph", dap=d, dp=1,
+                        n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
+                        ops=op_backend(args, device), **res)
+                del block
+        del ins
+        torch.cuda.empty_cache()
 
 
 def _subset_context(dp: int, dap: int, timeout: float):
@@ -539,6 +635,8 @@ def main(argv=None) -> int:
               f"{args.dtype}, suites {args.suites}", flush=True)
     if "strong" in args.suites:
         suite_block(out, contexts, args, device, train=True)
+    if "strong-graphed" in args.suites:
+        suite_graphed(out, contexts, args, device)
     if "inference" in args.suites:
         with torch.no_grad():
             suite_block(out, contexts, args, device, train=False)
