@@ -24,6 +24,10 @@ Suites (``--suites``, default all):
 - ``profile``: a torch.profiler trace of a DAP block step (async and sync), with a summary of the
   time collectives spend running concurrently with compute kernels (the overlap of NCCL kernels
   with compute kernels on other streams); Chrome traces go to ``--profile-dir``.
+- ``profile-graphed``: the ``strong-graphed`` step at 512 x 384, DAP 1 and the smallest DAP size
+  (async and sync): busy time, the collectives' overlap with compute and the per-kernel GPU time
+  table (rank 0's), to ``<--profile-dir>/graphed_kernels.txt`` (where the captured step's time
+  goes once the host is out of it).
 - ``profile-inference``: the inference block at N_res 2048, DAP 1 and the smallest DAP size
   (async): wall and busy time per step and the per-kernel GPU time table of each, written to
   ``<--profile-dir>/inference_kernels.txt`` (where DAP's time goes beside halved compute).
@@ -55,7 +59,8 @@ import harness
 import torch
 import torch.distributed as dist
 
-SUITES = ("strong", "strong-graphed", "inference", "weak", "profile", "profile-inference")
+SUITES = ("strong", "strong-graphed", "inference", "weak", "profile", "profile-graphed",
+          "profile-inference")
 
 
 def parse_args(argv=None):
@@ -568,6 +573,45 @@ def suite_profile(out: Output, contexts, args, device):
         del ins
 
 
+def suite_profile_graphed(out: Output, contexts, args, device):
+    """The captured training step at 512 x 384: DAP 1 (the plugin) and the smallest DAP size,
+    async and sync; wall vs busy time, overlap, and the kernels by GPU time (rank 0's)."""
+    from profile_evoformer_block import kernel_table
+
+    import fastfold_plugin
+
+    if not contexts or device.type != "cuda":
+        return
+    d = min(contexts)
+    n_seq, n_res = 512, 384
+    stock = make_block(args, device).train()
+    plugin = copy.deepcopy(stock)
+    fastfold_plugin.enable(plugin, backend=args.backend)
+    ins = inputs(n_seq, n_res, args, device)
+    report = []
+    cases = [(1, None, partial(graphed_single_process_step, plugin, ins, args, device))]
+    cases += [(d, a, partial(graphed_dap_block_step, copy.deepcopy(stock),
+                             contexts[d].with_async(a), ins, args, device)) for a in (True, False)]
+    for dap, use_async, make in cases:
+        prof, steps, wall = _profiled(make(), args, device)
+        summ = overlap_summary(prof, device)
+        out.add(suite="profile-graphed", case=f"{n_seq}x{n_res}", provider="cudagraph", dap=dap,
+                dp=1, n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
+                steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
+                busy_ms_per_step=round(summ["busy_ms"] / steps, 3), **summ)
+        report.append(f"== captured fwd+bwd {n_seq}x{n_res} DAP {dap} async {use_async}: wall "
+                      f"{wall * 1e3 / steps:.2f} ms/step, busy {summ['busy_ms'] / steps:.2f} "
+                      f"ms/step, collectives {summ['comm_ms'] / steps:.2f} ms/step of which "
+                      f"{summ['overlap_ms'] / steps:.2f} overlap compute (rank "
+                      f"{dist.get_rank()})\n" + kernel_table(prof, steps, limit=45))
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+        text = "\n\n".join(report) + "\n"
+        (Path(args.profile_dir) / "graphed_kernels.txt").write_text(text)
+        print(text, flush=True)
+
+
 def suite_profile_inference(out: Output, contexts, args, device):
     """The inference block at N_res 2048 (N_seq 128), DAP 1 and the smallest DAP size (async):
     wall vs busy time per step and the kernels by GPU time (rank 0's), to
@@ -644,6 +688,8 @@ def main(argv=None) -> int:
         suite_weak(out, args, device)
     if "profile" in args.suites:
         suite_profile(out, contexts, args, device)
+    if "profile-graphed" in args.suites:
+        suite_profile_graphed(out, contexts, args, device)
     if "profile-inference" in args.suites:
         suite_profile_inference(out, contexts, args, device)
     dist.barrier()
