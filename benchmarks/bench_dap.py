@@ -24,7 +24,7 @@ Suites (``--suites``, default all):
 - ``profile``: a torch.profiler trace of a DAP block step (async and sync), with a summary of the
   time collectives spend running concurrently with compute kernels (the overlap of NCCL kernels
   with compute kernels on other streams); Chrome traces go to ``--profile-dir``.
-- ``profile-graphed``: the ``strong-graphed`` step at 512 x 384, DAP 1 and the smallest DAP size
+- ``profile-graphed``: the ``strong-graphed`` whole-step capture at 512 x 384, DAP 1 and the smallest DAP size
   (async and sync): busy time, the collectives' overlap with compute and the per-kernel GPU time
   table (rank 0's), to ``<--profile-dir>/graphed_kernels.txt`` (where the captured step's time
   goes once the host is out of it).
@@ -330,13 +330,41 @@ def graphed_step(block, fn, m, z, args, device):
     return step
 
 
-def graphed_single_process_step(block, ins, args, device):
+def captured_step(fn, m, z, args, device):
+    """The whole training step of `fn(m, z)` (forward, loss, backward and the accumulation of
+    every gradient into ``.grad``) captured in one CUDA graph, torch's whole-network capture:
+    a replay is one launch. Warmed up first on a side stream (autotuning, NCCL communicators,
+    and the ``.grad`` tensors the captured backward then accumulates into in place)."""
+    mi, zi = m.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+
+    def body():
+        with autocast(args, device, cache_enabled=False):
+            mo, zo = fn(mi, zi)
+            (mo.float().sum() + zo.float().sum()).backward()
+
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+
+    def step():
+        graph.replay()
+    step.inputs = (mi, zi)  # the graph reads them: keep them alive
+    return step
+
+
+def _single_process_fn(block, ins):
     m, z, mm, pm = ins
-    return graphed_step(block, lambda mi, zi: block(mi, zi, msa_mask=mm, pair_mask=pm,
-                                                    chunk_size=None), m, z, args, device)
+    return lambda mi, zi: block(mi, zi, msa_mask=mm, pair_mask=pm, chunk_size=None)
 
 
-def graphed_dap_block_step(block, ctx, ins, args, device):
+def _dap_fn(block, ctx, ins, args, device):
+    """(fn(m_s, z_s) of the sharded block, m_s, z_s): this rank's shards, split once."""
     from fastfold_plugin.kernels import get_ops
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
@@ -345,8 +373,21 @@ def graphed_dap_block_step(block, ctx, ins, args, device):
                inplace_safe=False, mask_trans=True)
     with torch.no_grad():
         m_s, z_s = _enter_msa(run, m, z, mm, pm)
-    return graphed_step(block, lambda mi, zi: _msa_block_sharded(block, run, mi, zi), m_s, z_s,
-                        args, device)
+    return (lambda mi, zi: _msa_block_sharded(block, run, mi, zi)), m_s, z_s
+
+
+def graphed_single_process_step(block, ins, args, device, whole: bool = False):
+    fn = _single_process_fn(block, ins)
+    if whole:
+        return captured_step(fn, ins[0], ins[1], args, device)
+    return graphed_step(block, fn, ins[0], ins[1], args, device)
+
+
+def graphed_dap_block_step(block, ctx, ins, args, device, whole: bool = False):
+    fn, m_s, z_s = _dap_fn(block, ctx, ins, args, device)
+    if whole:
+        return captured_step(fn, m_s, z_s, args, device)
+    return graphed_step(block, fn, m_s, z_s, args, device)
 
 
 def _measure_or_note(make, args, device) -> dict:
@@ -401,6 +442,10 @@ def suite_block(out: Output, contexts, args, device, train: bool):
 
 
 def suite_graphed(out: Output, contexts, args, device):
+    """Per case: DAP 1 (the plugin) and every DAP size (async and sync), captured two ways:
+    ``*_cudagraph``, the block's forward and backward as two graphs
+    (``torch.cuda.make_graphed_callables``; the loss and the accumulation of the parameters'
+    gradients run eagerly around them), and ``*_graphstep``, the whole step in one graph."""
     import fastfold_plugin
 
     if device.type != "cuda":
@@ -410,23 +455,25 @@ def suite_graphed(out: Output, contexts, args, device):
     for n_seq, n_res in [(128, 256), (512, 384)]:
         case = f"{n_seq}x{n_res}"
         ins = inputs(n_seq, n_res, args, device)
-        plugin = copy.deepcopy(stock)
-        fastfold_plugin.enable(plugin, backend=args.backend)
-        res = _measure_or_note(partial(graphed_single_process_step, plugin, ins, args, device),
-                               args, device)
-        out.add(suite="strong-graphed", case=case, provider="plugin_cudagraph", dap=1, dp=1,
-                n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **res)
-        del plugin
-        for d, ctx in contexts.items():
-            for use_async in (True, False):
-                block = copy.deepcopy(stock)
-                res = _measure_or_note(partial(graphed_dap_block_step, block,
-                                               ctx.with_async(use_async), ins, args, device),
-                                       args, device)
-                out.add(suite="strong-graphed", case=case, provider="dap_cudagraph", dap=d, dp=1,
-                        n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
-                        ops=op_backend(args, device), **res)
-                del block
+        for whole, kind in ((False, "cudagraph"), (True, "graphstep")):
+            plugin = copy.deepcopy(stock)
+            fastfold_plugin.enable(plugin, backend=args.backend)
+            res = _measure_or_note(partial(graphed_single_process_step, plugin, ins, args,
+                                           device, whole), args, device)
+            out.add(suite="strong-graphed", case=case, provider=f"plugin_{kind}", dap=1, dp=1,
+                    n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **res)
+            del plugin
+            for d, ctx in contexts.items():
+                for use_async in (True, False):
+                    block = copy.deepcopy(stock)
+                    res = _measure_or_note(partial(graphed_dap_block_step, block,
+                                                   ctx.with_async(use_async), ins, args, device,
+                                                   whole), args, device)
+                    out.add(suite="strong-graphed", case=case, provider=f"dap_{kind}", dap=d,
+                            dp=1, n_seq=n_seq, n_res=n_res, mode="fwd+bwd",
+                            **{"async": use_async}, ops=op_backend(args, device), **res)
+                    del block
+            torch.cuda.empty_cache()
         del ins
         torch.cuda.empty_cache()
 
@@ -574,7 +621,7 @@ def suite_profile(out: Output, contexts, args, device):
 
 
 def suite_profile_graphed(out: Output, contexts, args, device):
-    """The captured training step at 512 x 384: DAP 1 (the plugin) and the smallest DAP size,
+    """The training step captured whole at 512 x 384: DAP 1 (the plugin) and the smallest DAP size,
     async and sync; wall vs busy time, overlap, and the kernels by GPU time (rank 0's)."""
     from profile_evoformer_block import kernel_table
 
@@ -589,9 +636,10 @@ def suite_profile_graphed(out: Output, contexts, args, device):
     fastfold_plugin.enable(plugin, backend=args.backend)
     ins = inputs(n_seq, n_res, args, device)
     report = []
-    cases = [(1, None, partial(graphed_single_process_step, plugin, ins, args, device))]
+    cases = [(1, None, partial(graphed_single_process_step, plugin, ins, args, device, True))]
     cases += [(d, a, partial(graphed_dap_block_step, copy.deepcopy(stock),
-                             contexts[d].with_async(a), ins, args, device)) for a in (True, False)]
+                             contexts[d].with_async(a), ins, args, device, True))
+              for a in (True, False)]
     for dap, use_async, make in cases:
         prof, steps, wall = _profiled(make(), args, device)
         summ = overlap_summary(prof, device)
