@@ -141,7 +141,12 @@ class _Run:
         [*, 1, H, N, N_keys] bias (waits for the gather). The gathered [*, N, H, N] needs no
         copy: its transpose has contiguous keys."""
         pend = self.all_gather(head_bias(x, weight), -3)
-        return lambda: pend.wait().transpose(-2, -3).unsqueeze(-4)[..., :self.n_res]
+        n = self.n_res
+
+        def pair_bias():
+            b = pend.wait().transpose(-2, -3).unsqueeze(-4)
+            return b if b.shape[-1] == n else b[..., :n]
+        return pair_bias
 
     def into(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """`x` when a row-chunked update may be added straight into it (OpenFold's in-place
@@ -308,7 +313,8 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
     def attend(xc, mbc, pb):
         xc = fd.dense(cast_once(xc))  # (a view's copy made once, not by every projection)
         q = heads(F.linear(xc, wq)) / scale
-        kv = xc[..., :n_keys, :]
+        # (no slice when every key is real: autograd would zero-fill and copy its gradient)
+        kv = xc if n_keys == xc.shape[-2] else xc[..., :n_keys, :]
         k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))
         gate = None
         if gw is not None:

@@ -898,6 +898,73 @@ def triton_stacks(args):
     fd.shutdown()
 
 
+@scenario
+def captured_training(args):
+    """On GPUs (NCCL, one per rank): a DAP Evoformer stack's whole training step (forward, loss,
+    backward, the gradients accumulated into ``.grad``) captured in one CUDA graph. A replay from
+    the RNG state of an eager step reproduces that step (loss, outputs, every parameter and input
+    gradient); the next replay draws new dropout masks. args: n_seq, n_res, async_comm."""
+    import fastfold_plugin
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120, backend="nccl",
+                  async_comm=args.get("async_comm", True))
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    n_seq, n_res = args["n_seq"], args["n_res"]
+    stack = evoformer_stack().to(device).train()
+    fastfold_plugin.enable(stack, backend="triton", dap=ctx)
+    m0, z0, mm, pm = [x.to(device) for x in msa_inputs(n_seq, n_res, 16, 8, seed=1)]
+    m, z = m0.clone().requires_grad_(), z0.clone().requires_grad_()
+    ws = [randn(sh, 50 + i, torch.float32).to(device) for i, sh in
+          enumerate([(n_seq, n_res, 16), (n_res, n_res, 8), (n_res, 12)])]
+    named = [(n, p) for n, p in stack.named_parameters() if p.requires_grad]
+
+    def step():
+        outs = stack(m, z, msa_mask=mm, pair_mask=pm, chunk_size=None)
+        loss = sum((o * w).sum() for o, w in zip(outs, ws))
+        loss.backward()
+        terms = sum((o * w).abs().sum() for o, w in zip(outs, ws))
+        return [o.detach() for o in outs], torch.stack([loss, terms]).detach()
+
+    def zero_grads():
+        for t in [p for _, p in named] + [m, z]:
+            t.grad.zero_()
+
+    def snapshot(outs, loss):  # run_and_grads' format, for compare_runs
+        return ([o.clone() for o in outs], {n: p.grad.clone() for n, p in named},
+                [m.grad.clone(), z.grad.clone()], loss.clone())
+
+    torch.manual_seed(7)  # the ranks of a DAP group share the RNG state
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up: kernels compiled, communicators, every .grad made
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    state = torch.cuda.get_rng_state(device)
+    zero_grads()
+    eager = snapshot(*step())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    torch.cuda.set_rng_state(state, device)
+    zero_grads()
+    graph.replay()
+    replay = snapshot(*static)
+    compare_runs("captured step vs eager", replay, eager)
+    zero_grads()
+    graph.replay()  # the generator moved on: new masks
+    again = snapshot(*static)
+    assert not torch.equal(again[0][1], replay[0][1]), "a second replay drew the same dropout masks"
+    # every rank of the group drew the same masks: the gathered full outputs agree
+    for o in again[0]:
+        ref = o.clone()
+        dist.broadcast(ref, src=0)
+        assert torch.equal(o, ref), "the ranks' replays drew different dropout masks"
+    result(ok=True, size=ctx.size, params=len(named))
+    fd.shutdown()
+
+
 def poison_empty() -> None:
     """Make torch.empty, empty_like, empty_strided and Tensor.new_empty return NaN-filled
     floating-point tensors in this process."""
