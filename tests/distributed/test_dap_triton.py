@@ -27,21 +27,6 @@ def test_dap_on_gpus_matches_one_gpu(run_workers, nprocs, args):
         assert [rec["stack"] for rec in r.records()] == ["evoformer", "template"]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("async_comm", [True, False], ids=["async", "sync"])
-def test_dap_training_step_captured_in_a_cuda_graph(run_workers, async_comm):
-    """The whole DAP training step (forward, loss, backward, gradients into .grad) in one CUDA
-    graph, the collectives captured with it: a replay equals the eager step from the same RNG
-    state, and the next replay draws new masks, the same on every rank (docs/dap.md, "Training
-    in CUDA graphs")."""
-    if torch.cuda.device_count() < 2:
-        pytest.fail("this test needs 2 CUDA GPUs: run it on a 2-GPU machine")
-    results = run_workers("captured_training", 2,
-                          dict(n_res=37, n_seq=11, async_comm=async_comm), deadline=400)
-    for r in results:
-        assert [rec["size"] for rec in r.records()] == [2]
-
-
 @pytest.mark.parametrize("args", [dict(n_res=7, n_seq=3),
                                   dict(n_res=8, n_seq=4, gather_chunk_bytes=64)],
                          ids=["padded", "unpadded-chunked"])
