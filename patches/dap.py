@@ -233,8 +233,13 @@ def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args,
     they come (no full-size output: OpenFold's in-place inference adds the update to the
     residual stream anyway); or, with `sink`, handed to ``sink(start, end, output)`` one by one
     (returns None)."""
+    def cut(t, dim, s, e):
+        # (the whole tensor as it is: a full-length narrow would cost autograd a zero-filled
+        # gradient and a copy into it in backward)
+        return t if s == 0 and e == t.shape[dim] else t.narrow(dim, s, e - s)
+
     def piece(s, e):
-        return [a[0].narrow(a[1], s, e - s) if isinstance(a, tuple) else a for a in args]
+        return [cut(a[0], a[1], s, e) if isinstance(a, tuple) else a for a in args]
 
     spans = ([(0, n)] if chunk_size is None or chunk_size >= n
              else [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)])

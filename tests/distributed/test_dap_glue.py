@@ -1,0 +1,63 @@
+"""What the sharded block's training step launches besides its maths: no full-size slice whose
+gradient autograd would build by zero-filling a tensor and copying into it (the sharded forwards
+used to take such a slice of every unchunked input; ``benchmarks/census_dap_ops.py`` lists
+every op of a step by call site). One process, a DAP context of size 1, the reference ops: the
+sharded code path without collectives."""
+import collections
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastfold_plugin.distributed as fd
+from fastfold_plugin.kernels import get_ops
+from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
+from fastfold_plugin.testing import randomize_parameters_
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _block():
+    from openfold.model.evoformer import EvoformerBlock
+
+    block = EvoformerBlock(c_m=16, c_z=8, c_hidden_msa_att=4, c_hidden_opm=4, c_hidden_mul=8,
+                           c_hidden_pair_att=4, no_heads_msa=2, no_heads_pair=2, transition_n=2,
+                           msa_dropout=0.15, pair_dropout=0.25, inf=1e9, eps=1e-10)
+    return randomize_parameters_(block, seed=0).train()
+
+
+def _step_ops(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    n_seq, n_res = 5, 7
+    m = torch.randn(n_seq, n_res, 16, generator=g)
+    z = torch.randn(n_res, n_res, 8, generator=g)
+    block = _block()
+    run = _Run(fd.DAPContext(), get_ops("reference"), n_res, n_seq, chunk_size,
+               inplace_safe=False, mask_trans=True)
+    with torch.no_grad():
+        m_s, z_s = _enter_msa(run, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
+    m_s.requires_grad_()
+    z_s.requires_grad_()
+    counter = _OpCounter()
+    with counter:
+        mo, zo = _msa_block_sharded(block, run, m_s, z_s)
+        (mo.sum() + zo.sum()).backward()
+    assert all(p.grad is not None for p in block.parameters())
+    return counter.ops
+
+
+def test_sharded_training_step_takes_no_full_size_slices():
+    ops = _step_ops(chunk_size=None)
+    assert ops["slice_backward"] == 0, dict(ops)
+
+
+def test_chunked_training_step_still_slices_its_chunks():
+    # the same code path with chunks: each chunk is a slice, and its gradient is built so
+    assert _step_ops(chunk_size=2)["slice_backward"] > 0
