@@ -621,11 +621,37 @@ def suite_profile(out: Output, contexts, args, device):
         del ins
 
 
+def _kernel_report(out: Output, suite: str, provider: str, mode: str, n_seq: int, n_res: int,
+                   cases, args, device, filename: str, limit: int) -> None:
+    """Profile each case (label, DAP size, async, make_step): a result row each (wall vs busy
+    time per step, the collectives' overlap with compute) and rank 0's kernels by GPU time, to
+    <profile-dir>/<filename>."""
+    from profile_evoformer_block import kernel_table
+
+    report = []
+    for label, dap, use_async, make in cases:
+        prof, steps, wall = _profiled(make(), args, device)
+        summ = overlap_summary(prof, device)
+        out.add(suite=suite, case=f"{n_seq}x{n_res}", provider=provider, dap=dap, dp=1,
+                n_seq=n_seq, n_res=n_res, mode=mode, **{"async": use_async}, steps=steps,
+                wall_ms_per_step=round(wall * 1e3 / steps, 3),
+                busy_ms_per_step=round(summ["busy_ms"] / steps, 3), **summ)
+        report.append(f"== {label} {n_seq}x{n_res} DAP {dap} async {use_async}: wall "
+                      f"{wall * 1e3 / steps:.2f} ms/step, busy {summ['busy_ms'] / steps:.2f} "
+                      f"ms/step, collectives {summ['comm_ms'] / steps:.2f} ms/step of which "
+                      f"{summ['overlap_ms'] / steps:.2f} overlap compute (rank "
+                      f"{dist.get_rank()})\n" + kernel_table(prof, steps, limit=limit))
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
+        text = "\n\n".join(report) + "\n"
+        (Path(args.profile_dir) / filename).write_text(text)
+        print(text, flush=True)
+
+
 def suite_profile_graphed(out: Output, contexts, args, device):
     """The training step captured whole at 512 x 384: DAP 1 (the plugin) and the smallest DAP size,
     async and sync; wall vs busy time, overlap, and the kernels by GPU time (rank 0's)."""
-    from profile_evoformer_block import kernel_table
-
     import fastfold_plugin
 
     if not contexts or device.type != "cuda":
@@ -636,37 +662,19 @@ def suite_profile_graphed(out: Output, contexts, args, device):
     plugin = copy.deepcopy(stock)
     fastfold_plugin.enable(plugin, backend=args.backend)
     ins = inputs(n_seq, n_res, args, device)
-    report = []
-    cases = [(1, None, partial(graphed_single_process_step, plugin, ins, args, device, True))]
-    cases += [(d, a, partial(graphed_dap_block_step, copy.deepcopy(stock),
-                             contexts[d].with_async(a), ins, args, device, True))
+    label = "captured fwd+bwd"
+    cases = [(label, 1, None, partial(graphed_single_process_step, plugin, ins, args, device, True))]
+    cases += [(label, d, a, partial(graphed_dap_block_step, copy.deepcopy(stock),
+                                    contexts[d].with_async(a), ins, args, device, True))
               for a in (True, False)]
-    for dap, use_async, make in cases:
-        prof, steps, wall = _profiled(make(), args, device)
-        summ = overlap_summary(prof, device)
-        out.add(suite="profile-graphed", case=f"{n_seq}x{n_res}", provider="cudagraph", dap=dap,
-                dp=1, n_seq=n_seq, n_res=n_res, mode="fwd+bwd", **{"async": use_async},
-                steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
-                busy_ms_per_step=round(summ["busy_ms"] / steps, 3), **summ)
-        report.append(f"== captured fwd+bwd {n_seq}x{n_res} DAP {dap} async {use_async}: wall "
-                      f"{wall * 1e3 / steps:.2f} ms/step, busy {summ['busy_ms'] / steps:.2f} "
-                      f"ms/step, collectives {summ['comm_ms'] / steps:.2f} ms/step of which "
-                      f"{summ['overlap_ms'] / steps:.2f} overlap compute (rank "
-                      f"{dist.get_rank()})\n" + kernel_table(prof, steps, limit=45))
-        dist.barrier()
-    if dist.get_rank() == 0:
-        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-        text = "\n\n".join(report) + "\n"
-        (Path(args.profile_dir) / "graphed_kernels.txt").write_text(text)
-        print(text, flush=True)
+    _kernel_report(out, "profile-graphed", "cudagraph", "fwd+bwd", n_seq, n_res, cases, args,
+                   device, "graphed_kernels.txt", limit=45)
 
 
 def suite_profile_inference(out: Output, contexts, args, device):
     """The inference block at N_res 2048 (N_seq 128), DAP 1 and the smallest DAP size (async):
     wall vs busy time per step and the kernels by GPU time (rank 0's), to
     <profile-dir>/inference_kernels.txt."""
-    from profile_evoformer_block import kernel_table
-
     import fastfold_plugin
 
     if not contexts:
@@ -678,26 +686,13 @@ def suite_profile_inference(out: Output, contexts, args, device):
     fastfold_plugin.enable(plugin, backend=args.backend)
     ins = inputs(n_seq, n_res, args, device)
     chunk = args.inference_chunk_size
-    report = []
+    steps = [(1, False, single_process_step(plugin, ins, args, device, False, chunk)),
+             (d, True, dap_block_step(block, contexts[d].with_async(True), ins, args, device,
+                                      False, chunk))]
     with torch.no_grad():
-        for dap, step in ((1, single_process_step(plugin, ins, args, device, False, chunk)),
-                          (d, dap_block_step(block, contexts[d].with_async(True), ins, args,
-                                             device, False, chunk))):
-            prof, steps, wall = _profiled(step, args, device)
-            summ = overlap_summary(prof, device)
-            out.add(suite="profile-inference", case=f"{n_seq}x{n_res}", provider="dap", dap=dap,
-                    dp=1, n_seq=n_seq, n_res=n_res, mode="inference", **{"async": dap > 1},
-                    steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
-                    busy_ms_per_step=round(summ["busy_ms"] / steps, 3), **summ)
-            report.append(f"== inference {n_seq}x{n_res} DAP {dap}: wall {wall * 1e3 / steps:.2f} "
-                          f"ms/step, busy {summ['busy_ms'] / steps:.2f} ms/step (rank "
-                          f"{dist.get_rank()})\n" + kernel_table(prof, steps, limit=40))
-            dist.barrier()
-    if dist.get_rank() == 0:
-        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-        text = "\n\n".join(report) + "\n"
-        (Path(args.profile_dir) / "inference_kernels.txt").write_text(text)
-        print(text, flush=True)
+        _kernel_report(out, "profile-inference", "dap", "inference", n_seq, n_res,
+                       [("inference", dap, a, (lambda st=st: st)) for dap, a, st in steps],
+                       args, device, "inference_kernels.txt", limit=40)
 
 
 def main(argv=None) -> int:
