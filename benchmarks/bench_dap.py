@@ -8,10 +8,11 @@ Suites (``--suites``, default all):
 - ``strong``: one Evoformer block, training fwd+bwd, at N_seq x N_res = 128 x 256 and 512 x 384,
   DAP size 1 (one process: stock OpenFold and the plugin) vs every DAP size that divides the world
   (the sharded block as it runs inside a stack), async overlap on and off: strong scaling.
-- ``strong-graphed``: the ``strong`` cases with the block's forward and backward captured in CUDA
-  graphs (``torch.cuda.make_graphed_callables``) at DAP 1 (the plugin) and at every DAP size
-  (async and sync; the collectives are captured too): what the step costs once the host no longer
-  issues each launch. GPUs only; a case that cannot be captured records the error.
+- ``strong-graphed``: the ``strong`` cases captured in CUDA graphs at DAP 1 (the plugin) and at
+  every DAP size (async and sync; the collectives are captured too), two ways: forward and
+  backward as two graphs (``torch.cuda.make_graphed_callables``, provider ``*_cudagraph``) and
+  the whole step in one (``*_graphstep``): what the step costs once the host no longer issues
+  each launch. GPUs only; a case that cannot be captured records the error.
 - ``inference``: one Evoformer block, inference (no grad, in place, chunked), N_res 2048 and 4096
   (N_seq 128): speed-up and peak memory per GPU. As in OpenFold's in-place inference stack, the
   block works on the caller's m and z (the values drift from step to step; the work does not):
@@ -24,8 +25,8 @@ Suites (``--suites``, default all):
 - ``profile``: a torch.profiler trace of a DAP block step (async and sync), with a summary of the
   time collectives spend running concurrently with compute kernels (the overlap of NCCL kernels
   with compute kernels on other streams); Chrome traces go to ``--profile-dir``.
-- ``profile-graphed``: the ``strong-graphed`` whole-step capture at 512 x 384, DAP 1 and the smallest DAP size
-  (async and sync): busy time, the collectives' overlap with compute and the per-kernel GPU time
+- ``profile-graphed``: the ``strong-graphed`` whole-step capture at 512 x 384, DAP 1 and the
+  smallest DAP size (async and sync): busy time, the collectives' overlap with compute and the per-kernel GPU time
   table (rank 0's), to ``<--profile-dir>/graphed_kernels.txt`` (where the captured step's time
   goes once the host is out of it).
 - ``profile-inference``: the inference block at N_res 2048, DAP 1 and the smallest DAP size
@@ -276,30 +277,43 @@ def single_process_step(block, ins, args, device, train: bool, chunk_size=None):
     return step
 
 
-def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
-    """The sharded block as it runs inside a DAP stack. Training: on shards split once
-    (as the stack's blocks get them). Inference: the stack's way in each step (pad, this rank's
-    shards as views of the full inputs, which the block then updates in place), then the block."""
+def _dap_fn(block, ctx, ins, args, device):
+    """(fn(m_s, z_s) of the sharded training block, m_s, z_s): this rank's shards, split once
+    (as the stack's blocks get them)."""
     from fastfold_plugin.kernels import get_ops
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
     m, z, mm, pm = ins
-    backend = op_backend(args, device)
-    run = _Run(ctx, get_ops(backend), z.shape[-2], m.shape[-3], chunk_size,
-               inplace_safe=not train, mask_trans=True)
+    run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], None,
+               inplace_safe=False, mask_trans=True)
+    with torch.no_grad():
+        m_s, z_s = _enter_msa(run, m, z, mm, pm)
+    return (lambda mi, zi: _msa_block_sharded(block, run, mi, zi)), m_s, z_s
+
+
+def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
+    """The sharded block as it runs inside a DAP stack. Training: on shards split once
+    (``_dap_fn``). Inference: the stack's way in each step (pad, this rank's shards as views of
+    the full inputs, which the block then updates in place), then the block."""
+    from fastfold_plugin.kernels import get_ops
+    from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
+
     if train:
-        with torch.no_grad():
-            m_s, z_s = _enter_msa(run, m, z, mm, pm)
+        fn, m_s, z_s = _dap_fn(block, ctx, ins, args, device)
+
+        def train_step():
+            with autocast(args, device):
+                mo, zo = fn(m_s.detach().requires_grad_(), z_s.detach().requires_grad_())
+                (mo.float().sum() + zo.float().sum()).backward()
+        return train_step
+
+    m, z, mm, pm = ins
+    run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], chunk_size,
+               inplace_safe=True, mask_trans=True)
 
     def step():
-        with autocast(args, device):
-            if train:
-                mi, zi = m_s.detach().requires_grad_(), z_s.detach().requires_grad_()
-                mo, zo = _msa_block_sharded(block, run, mi, zi)
-                (mo.float().sum() + zo.float().sum()).backward()
-            else:
-                with torch.no_grad():
-                    _msa_block_sharded(block, run, *_enter_msa(run, m, z, mm, pm))
+        with autocast(args, device), torch.no_grad():
+            _msa_block_sharded(block, run, *_enter_msa(run, m, z, mm, pm))
     return step
 
 
@@ -361,19 +375,6 @@ def captured_step(fn, m, z, args, device):
 def _single_process_fn(block, ins):
     m, z, mm, pm = ins
     return lambda mi, zi: block(mi, zi, msa_mask=mm, pair_mask=pm, chunk_size=None)
-
-
-def _dap_fn(block, ctx, ins, args, device):
-    """(fn(m_s, z_s) of the sharded block, m_s, z_s): this rank's shards, split once."""
-    from fastfold_plugin.kernels import get_ops
-    from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
-
-    m, z, mm, pm = ins
-    run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], None,
-               inplace_safe=False, mask_trans=True)
-    with torch.no_grad():
-        m_s, z_s = _enter_msa(run, m, z, mm, pm)
-    return (lambda mi, zi: _msa_block_sharded(block, run, mi, zi)), m_s, z_s
 
 
 def graphed_single_process_step(block, ins, args, device, whole: bool = False):

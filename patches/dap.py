@@ -141,12 +141,7 @@ class _Run:
         [*, 1, H, N, N_keys] bias (waits for the gather). The gathered [*, N, H, N] needs no
         copy: its transpose has contiguous keys."""
         pend = self.all_gather(head_bias(x, weight), -3)
-        n = self.n_res
-
-        def pair_bias():
-            b = pend.wait().transpose(-2, -3).unsqueeze(-4)
-            return b if b.shape[-1] == n else b[..., :n]
-        return pair_bias
+        return lambda: pend.wait().transpose(-2, -3).unsqueeze(-4)[..., :self.n_res]
 
     def into(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """`x` when a row-chunked update may be added straight into it (OpenFold's in-place
@@ -234,8 +229,9 @@ def _chunked(fn: Callable, chunk_size: Optional[int], n: int, *args,
     residual stream anyway); or, with `sink`, handed to ``sink(start, end, output)`` one by one
     (returns None)."""
     def cut(t, dim, s, e):
-        # (the whole tensor as it is: a full-length narrow would cost autograd a zero-filled
-        # gradient and a copy into it in backward)
+        # (the whole tensor as it is: autograd builds a full-length narrow's gradient by
+        # zero-filling a tensor of its input's size and copying into it; a full Python slice
+        # would be an alias, narrow is not)
         return t if s == 0 and e == t.shape[dim] else t.narrow(dim, s, e - s)
 
     def piece(s, e):
@@ -318,8 +314,7 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
     def attend(xc, mbc, pb):
         xc = fd.dense(cast_once(xc))  # (a view's copy made once, not by every projection)
         q = heads(F.linear(xc, wq)) / scale
-        # (no slice when every key is real: autograd would zero-fill and copy its gradient)
-        kv = xc if n_keys == xc.shape[-2] else xc[..., :n_keys, :]
+        kv = xc[..., :n_keys, :]
         k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))
         gate = None
         if gw is not None:

@@ -263,8 +263,9 @@ def check_rng_synced(ctx: DAPContext, device: torch.device) -> None:
     """Raise unless every rank of the DAP group has the same torch RNG state for `device`.
 
     DAP dropout draws each full-size mask on every rank and keeps the local block, so the ranks
-    of a group must draw the same numbers. Skipped while a CUDA graph is being captured (the
-    comparison reads the result on the host; the warm-up before a capture runs it)."""
+    of a group must draw the same numbers. Skipped while a CUDA graph is being captured: torch's
+    CUDA generator does not report its state then, and the comparison is read on the host (the
+    eager warm-up before a capture checks it)."""
     if ctx.size == 1 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return
     fp = _rng_fingerprint(device)
