@@ -23,6 +23,7 @@ _OP_MODULES: Dict[str, str] = {
     "outer_product_mean_rows": "outer_product_mean",
     "global_attention": "global_attention",
     "dropout_add": "dropout_add",
+    "cast_fanout": "cast_fanout",
 }
 
 class _OpTable:

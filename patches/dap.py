@@ -313,14 +313,16 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
 
     def attend(xc, mbc, pb):
         xc = fd.dense(cast_once(xc))  # (a view's copy made once, not by every projection)
-        q = heads(F.linear(xc, wq)) / scale
-        kv = xc[..., :n_keys, :]
-        k, v = heads(F.linear(kv, wk)), heads(F.linear(kv, wv))
+        # q, k, v (and the gate) read xc: rounded once under autocast (``cast_fanout``)
+        xs = run.ops.cast_fanout(xc, 3 if gw is None else 4)
+        q = heads(F.linear(xs[0], wq)) / scale
+        k = heads(F.linear(xs[1][..., :n_keys, :], wk))
+        v = heads(F.linear(xs[2][..., :n_keys, :], wv))
         gate = None
         if gw is not None:
-            g = F.linear(xc, gw, gb)
+            g = F.linear(xs[3], gw, gb)
             gate = g.view(g.shape[:-1] + (h, -1))
-        xc = kv = None  # the rounded copy is not needed past the projections
+        xc = xs = None  # the rounded copies are not needed past the projections
         if callable(pb):
             pb = pb()
         o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate)

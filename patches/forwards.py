@@ -105,9 +105,17 @@ def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
     same = kv_x is q_x
     q_x = cast_once(q_x)
     kv_x = q_x if same else cast_once(kv_x)
-    q = mha.linear_q(q_x)
-    k = mha.linear_k(kv_x)
-    v = mha.linear_v(kv_x)
+    # the projections' inputs: q (and the gate) read q_x, k and v read kv_x; under autocast
+    # each input is rounded once for all of them, its gradient one fp32 sum (``cast_fanout``)
+    n_q = 2 if mha.linear_g is not None else 1
+    if same:
+        xs = ops.cast_fanout(q_x, n_q + 2)
+        xq, xkv = xs[:n_q], xs[n_q:]
+    else:
+        xq, xkv = ops.cast_fanout(q_x, n_q), ops.cast_fanout(kv_x, 2)
+    q = mha.linear_q(xq[0])
+    k = mha.linear_k(xkv[0])
+    v = mha.linear_v(xkv[1])
     # [*, H, Q/K, C_hidden] views of the projections
     q = q.view(q.shape[:-1] + (h, -1)).transpose(-2, -3)
     k = k.view(k.shape[:-1] + (h, -1)).transpose(-2, -3)
@@ -115,9 +123,9 @@ def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
     q = q / math.sqrt(mha.c_hidden)
     gate = None
     if mha.linear_g is not None:
-        g = mha.linear_g(q_x)
+        g = mha.linear_g(xq[1])
         gate = g.view(g.shape[:-1] + (h, -1))
-    q_x = kv_x = None  # cast_once's copy is not needed past the projections
+    q_x = kv_x = xq = xkv = xs = None  # the rounded copies are not needed past the projections
     # [*, Q, H, C_hidden]
     o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate)
     return mha.linear_o(flatten_final_dims(o, 2))
