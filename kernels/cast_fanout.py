@@ -11,8 +11,10 @@ are the same as under stock autocast, and the gradient of ``x`` is the same fp32
 order of the fp32 additions may differ from autograd's.
 
 ``cast_fanout_reference(x, n)`` is ``(x,) * n``: each consumer casts as in stock OpenFold.
-Both return ``(x,) * n`` when autocast is off for ``x``'s device, ``x`` is not fp32, or ``x`` is
-a leaf that requires grad (autocast caches its cast of such a tensor, as stock relies on).
+Both return ``(x,) * n`` when autocast is off for ``x``'s device, ``x`` is not fp32, ``n`` is 1,
+or ``x`` is a leaf that requires grad while autocast's cache is on (autocast then casts it once
+and sums the gradients in its dtype, as stock does). Double backward goes through a
+differentiable torch sum (the kernel's output has no graph).
 """
 from typing import Optional, Tuple
 
@@ -70,6 +72,7 @@ def _sum_grads(grads, shape: torch.Size, device: torch.device) -> torch.Tensor:
 class _CastFanout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, n: int, dtype: torch.dtype):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (not summed)
         ctx.shape, ctx.device = x.shape, x.device
         y = x.to(dtype)
         return tuple(y.view_as(y) for _ in range(n))
@@ -79,6 +82,11 @@ class _CastFanout(torch.autograd.Function):
         present = [g for g in grads if g is not None]
         if not present:
             return None, None, None
+        if torch.is_grad_enabled():  # double backward: the same sum, differentiable
+            out = present[0].float()
+            for g in present[1:]:
+                out = out + g.float()
+            return out, None, None
         return _sum_grads(present, ctx.shape, ctx.device), None, None
 
 
@@ -96,9 +104,11 @@ def cast_fanout(x: torch.Tensor, n: int) -> Tuple[torch.Tensor, ...]:
     if n < 1:
         raise ValueError(f"cast_fanout needs n >= 1 consumers, got {n}")
     dt = _fan_dtype(x)
-    if dt is None or (x.is_leaf and x.requires_grad):
-        # (autocast caches its cast of a leaf that requires grad: one rounding already, and
-        # the gradients summed at the cast's output, in its dtype; left to autocast)
+    if dt is None or n == 1 or (x.is_leaf and x.requires_grad
+                                and torch.is_autocast_cache_enabled()):
+        # (one consumer rounds once anyway; and autocast caches its cast of a leaf that
+        # requires grad: one rounding already, the gradients summed at the cast's output in its
+        # dtype, as stock does: left to autocast)
         return (x,) * n
     if not (torch.is_grad_enabled() and x.requires_grad):
         y = x.to(dt)

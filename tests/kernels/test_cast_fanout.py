@@ -69,6 +69,10 @@ def test_no_rounding_outside_autocast_or_for_low_precision_inputs():
     assert all(y is x for y in cf.cast_fanout(x, 3))  # autocast off
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert all(y is leaf for y in cf.cast_fanout(leaf, 2))  # autocast's cached leaf cast
+        assert cf.cast_fanout(x, 1) == (x,)  # one consumer rounds once anyway
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        ys = cf.cast_fanout(leaf, 2)  # no cache: stock rounds per consumer, so fan out
+    assert ys[0].dtype == torch.bfloat16 and ys[0] is not leaf
     xb = torch.randn(4, 8).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert all(y is xb for y in cf.cast_fanout(xb, 2))  # already the autocast dtype
@@ -77,3 +81,57 @@ def test_no_rounding_outside_autocast_or_for_low_precision_inputs():
     assert ys[0] is ys[1] is ys[2] and ys[0].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="n >= 1"):
         cf.cast_fanout(x, 0)
+
+
+def test_double_backward_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(4, 6, generator=g)
+    w1, w2 = torch.randn(5, 6, generator=g), torch.randn(3, 6, generator=g)
+
+    def second(fan):
+        leaf = x0.clone().requires_grad_()
+        x = leaf * 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a, b = fan(x, 2)
+            y = sum((torch.nn.functional.linear(t, w).float() ** 2).sum()
+                    for t, w in ((a, w1), (b, w2)))
+        (gx,) = torch.autograd.grad(y, leaf, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.sum(), leaf)
+        return gx.detach(), ggx
+
+    gx_r, ggx_r = second(cf.cast_fanout_reference)
+    gx_t, ggx_t = second(cf.cast_fanout)
+    torch.testing.assert_close(gx_t, gx_r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ggx_t, ggx_r, rtol=1e-6, atol=1e-6)
+
+
+def test_unused_outputs_get_no_gradient_buffers(monkeypatch):
+    seen = []
+    real = cf._sum_grads
+    monkeypatch.setattr(cf, "_sum_grads", lambda grads, *a: seen.append(len(grads)) or real(grads, *a))
+    x = torch.randn(3, 8, requires_grad=True) * 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = cf.cast_fanout(x, 4)
+    ys[1].float().sum().backward()
+    assert seen == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [4, 6])
+def test_gpu_kernel_sums_in_fp32_in_order(dtype, n):
+    """The compiled kernel (CUDA autocast; a partial last block; n = 6 in two launches)."""
+    if not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU")
+    g = torch.Generator().manual_seed(n)
+    leaf = torch.randn(3, 1000, 7, generator=g).cuda().requires_grad_()
+    x = leaf * 1.0
+    grads = [torch.randn(3, 1000, 7, generator=g).cuda().to(dtype) for _ in range(n)]
+    with torch.autocast("cuda", dtype=dtype):
+        ys = cf.cast_fanout(x, n)
+    assert all(y.dtype == dtype and torch.equal(y, x.detach().to(dtype)) for y in ys)
+    torch.autograd.backward(list(ys), grads)
+    expected = grads[0].float()
+    for gr in grads[1:]:
+        expected = expected + gr.float()
+    assert torch.equal(leaf.grad, expected)

@@ -69,9 +69,10 @@ def _compare(ref, fan):
     return n_r, n_f
 
 
+@pytest.mark.parametrize("gating", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
-def test_openfold_attention_rounds_its_input_once(cross):
-    att = randomize_parameters_(Attention(16, 16, 16, 8, 2, gating=True), seed=0)
+def test_openfold_attention_rounds_its_input_once(cross, gating):
+    att = randomize_parameters_(Attention(16, 16, 16, 8, 2, gating=gating), seed=0)
     g = torch.Generator().manual_seed(1)
     q_x = torch.randn(3, 5, 16, generator=g)
     kv_x = torch.randn(3, 5, 16, generator=g)
@@ -83,8 +84,11 @@ def test_openfold_attention_rounds_its_input_once(cross):
         return _step(fn, list(att.parameters()), inputs, seed=2)
 
     n_ref, n_fan = _compare(run(get_ops("reference")), run(_FanoutOnly()))
-    # q_x: four projections (q, k, v, gate) or two (q, gate) and kv_x two
-    assert (n_ref, n_fan) == ((4, 1) if not cross else (4, 2))
+    # roundings of q_x-sized tensors: self-attention q, k, v (, gate) -> once; cross-attention
+    # q (, gate) and kv_x's k, v -> once each (q alone: once either way)
+    n_q = 2 if gating else 1
+    expected = (n_q + 2, 1) if not cross else (n_q + 2, 2)
+    assert (n_ref, n_fan) == expected
 
 
 def test_sharded_block_attention_rounds_its_input_once():
