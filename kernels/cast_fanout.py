@@ -48,13 +48,18 @@ def _sum_grads_kernel(G0, G1, G2, G3, OUT, N, N_IN: tl.constexpr, ACCUMULATE: tl
     tl.store(OUT + offs, acc, mask=ok)
 
 
+def _sum_in_order(grads) -> torch.Tensor:
+    """sum(g.float() for g in grads), in order, with torch ops (differentiable)."""
+    out = grads[0].float()
+    for g in grads[1:]:
+        out = out + g.float()
+    return out
+
+
 def _sum_grads(grads, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """sum(g.float() for g in grads), in order, as a contiguous fp32 tensor of `shape`."""
     if not (device.type == "cuda" or is_interpreter()):
-        out = grads[0].float()
-        for g in grads[1:]:
-            out = out + g.float()
-        return out
+        return _sum_in_order(grads)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     n = out.numel()
     if n == 0:
@@ -83,10 +88,7 @@ class _CastFanout(torch.autograd.Function):
         if not present:
             return None, None, None
         if torch.is_grad_enabled():  # double backward: the same sum, differentiable
-            out = present[0].float()
-            for g in present[1:]:
-                out = out + g.float()
-            return out, None, None
+            return _sum_in_order(present), None, None
         return _sum_grads(present, ctx.shape, ctx.device), None, None
 
 
