@@ -91,11 +91,12 @@ never reduces them.  Padded pairs (mask 0) give a = b = 0, hence contribute exac
 Inference (nothing needs a gradient: ``_sharded_inference``): G is all-gathered one channel
 chunk at a time into two alternating buffers (its whole ``[N, Bt * C_h, N]`` is the largest
 buffer of the update), the next chunk's all-gather running during the current chunk's GEMMs.
-The incoming update can also run on a row shard in inference (``shard="rows"``,
-``_sharded_inference_rows``): the projection kernel writes both operands in the gathered layout
-(``G_SIDE`` 2), one all-to-all brings this rank's columns of a from every rank, b is all-gathered
-in channel chunks, and each chunk's contraction runs over every rank's rows in one GEMM; the DAP
-block then needs no switch of z around the incoming update.
+The incoming update can also run on a row shard (``shard="rows"``: ``_TriMulRowsFn`` in
+training, ``_sharded_inference_rows`` in inference): the projection kernel writes both operands
+in the gathered layout (``G_SIDE`` 2), one all-to-all brings this rank's columns of a from every
+rank, b is all-gathered (in inference in channel chunks), and the contraction runs over every
+rank's rows in one GEMM (per chunk); backward: the all-to-all back and a reduce-scatter, the
+adjoints.  The DAP block then needs no switch of z around the incoming update.
 ``triangle_multiplication_sharded_reference`` is the same on OpenFold's decomposed maths (an
 autograd all-gather / reduce-scatter pair around the torch contraction, synchronous).
 """
@@ -594,7 +595,7 @@ def _trimul_proj_bwd_kernel(
             p = _dot(zn, tl.trans(wp), DOT_PREC, INTERP) + bp[None, :]
             s = tl.sigmoid(_dot(zn, tl.trans(wg), DOT_PREC, INTERP) + bg[None, :])
             offs = g_offs
-            if side == G_SIDE:
+            if side == G_SIDE or G_SIDE == 2:
                 offs = gg_row[:, None] + _wide(h, I64)[None, :] * NJ
             if side == 0:
                 d = tl.load(DA + offs, mask=o_ok, other=0.0).to(tl.float32)
@@ -1325,6 +1326,92 @@ class _TriMulShardedFn(torch.autograd.Function):
         return (dz.view(z_shape), None, None, None, None, None, None, *grads)
 
 
+class _TriMulRowsFn(torch.autograd.Function):
+    """Training: the incoming update of a row shard z ``[*, R, N, C_z]`` (rows block `rank`),
+    ``x[i, j] = sum_k a[k, i] b[k, j]`` for this rank's rows i, k over every rank's rows.  The
+    projection kernel writes this rank's rows of a and b in the gathered layout
+    ``[R, Bt * C_h, N]`` (``G_SIDE`` 2); one all-to-all brings this rank's columns of a from
+    every rank (``[N (k), Bt * C_h, R (i)]``) while b is all-gathered (``[N (k), Bt * C_h,
+    N (j)]``); the contraction over all of k is one batched GEMM (x accumulates in fp32 over
+    every k, as on one device); the output kernel as on one device.  Backward: the output
+    kernel's backward gives dx; ``d(a's columns) = dx @ b^T`` goes back by the all-to-all (its
+    adjoint) while ``d(b) = a's columns^T @ dx`` is formed, then reduce-scattered (the
+    all-gather's adjoint); then the projection backward.  Per call one all-to-all of a (half
+    its shard leaves the rank) and one all-gather of b, each way: the DAP block keeps z in rows
+    instead of switching the fp32 pair shard to columns and back around the update."""
+
+    @staticmethod
+    def forward(ctx, z, mask, eps, comm, overlap, *weights):
+        w = TriMulWeights(*weights)
+        cdt, xdt, out_dtype = _dtypes(z)
+        P = comm.size
+        CZ, CH = z.shape[-1], w.a_p_w.shape[0]
+        R, N = z.shape[-3], z.shape[-2]
+        g = _Grid(math.prod(z.shape[:-3]), R, N, trans=False, g_side=2)
+        BC = g.Bt * CH
+        with torch.autocast(z.device.type, enabled=False):
+            z2, m2 = _rows(z, mask, g.M, CZ)
+            pk = _pack(w, cdt)
+            meta = _meta(cdt, g.M, CZ, CH)
+            a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
+            b_rows = torch.empty_like(a_rows)
+            _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
+            # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)]
+            send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))
+            del a_rows
+            a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
+            work_a = comm.all_to_all(a_cols, send, overlap)
+            b_full = b_rows.new_empty((P * R, BC, N))
+            work_b = comm.all_gather(b_full, b_rows, overlap)
+            work_a.wait()
+            work_b.wait()
+            del send, b_rows
+            a_cols = a_cols.view(P * R, BC, R)
+            x = torch.empty((BC, R, N), device=z.device, dtype=xdt)
+            # [BC, R (i), N (k)] @ [BC, N (k), N (j)], both read through strides
+            torch.bmm(a_cols.permute(1, 2, 0), b_full.permute(1, 0, 2), out=x)
+            out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
+        ctx.save_for_backward(z2, m2, a_cols, b_full, x, *pk, *weights)
+        ctx.meta = (eps, cdt, z.dtype, z.shape, g, comm, overlap)
+        return out.view(z.shape[:-1] + (CZ,))
+
+    @staticmethod
+    def backward(ctx, dout):
+        z2, m2, a_cols, b_full, x, *rest = ctx.saved_tensors
+        pk, weights = _Packed(*rest[:6]), rest[6:]
+        w = TriMulWeights(*weights)
+        eps, cdt, z_dtype, z_shape, g, comm, overlap = ctx.meta
+        P = comm.size
+        CZ, CH = z2.shape[1], w.a_p_w.shape[0]
+        BC, R, N = g.Bt * CH, g.NI, g.NJ
+        meta = _meta(cdt, g.M, CZ, CH)
+        with torch.autocast(z2.device.type, enabled=False):
+            dout2 = dout.reshape(g.M, CZ).contiguous()
+            bw = _backward_launches(g, CZ, CH, eps, meta, m2 is not None)
+            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, cdt, bw)
+            del x
+            dx3 = dx.view(BC, R, N)
+            # d(a's columns) [N (k), BC, R (i)] = (dx @ b^T), block q to rank q (its rows k)
+            d_cols = torch.empty_like(a_cols)
+            torch.bmm(dx3, b_full.permute(1, 2, 0), out=d_cols.permute(1, 2, 0))
+            d_recv = torch.empty_like(d_cols).view(P, R, BC, R)  # [P (from), R (k), BC, R (i)]
+            work_a = comm.all_to_all(d_recv, d_cols.view(P, R, BC, R), overlap)
+            # d(b) [N (k), BC, N (j)] = a's columns^T @ dx: every rank's rows k, summed over ranks
+            d_full = torch.empty_like(b_full)
+            torch.bmm(a_cols.permute(1, 0, 2), dx3, out=d_full.permute(1, 0, 2))
+            del dx, dx3
+            db = b_full.new_empty((R, BC, N))
+            work_b = comm.reduce_scatter(db, d_full, overlap)
+            work_a.wait()
+            da = dense_runs(d_recv.permute(1, 2, 0, 3)).view(R, BC, N)  # my rows k, every i
+            work_b.wait()
+            del d_cols, d_recv, d_full
+            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, z_dtype, bw)
+            del da, db
+            grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
+        return (dz.view(z_shape), None, None, None, None, *grads)
+
+
 # Inference: the largest buffer of a rank's update is the gathered operand, [N, Bt * C_h, N]
 # (at N_res 4096, C_h 128, bf16: 4 GiB, as much as the rank's fp32 z shard).  Without a backward
 # to feed, it is all-gathered a channel chunk of at most this many bytes at a time.
@@ -1575,9 +1662,9 @@ def triangle_multiplication_sharded(
     gradient is needed is an error.  The reference takes and ignores it.
 
     `shard`: "rows" runs the incoming update on a row shard z ``[*, N/P, N, C_z]`` (mask
-    ``[*, N/P, N]``; ``_sharded_inference_rows``: an all-to-all of a and an all-gather of b
-    instead of the caller switching z to columns and back); forward only here (the reference
-    also has its backward).  None: rows for outgoing, columns for incoming.
+    ``[*, N/P, N]``: an all-to-all of a and an all-gather of b, backward their adjoints,
+    instead of the caller switching z to columns and back).  None: rows for outgoing, columns
+    for incoming.
 
     `timeout`: seconds a copy-engine all-gather (inference on GPUs) waits for the other ranks
     before it traps the device (None: 10 minutes); the DAP forwards pass their context's
@@ -1593,8 +1680,7 @@ def triangle_multiplication_sharded(
     training = _training(z, w, inference)
     if rows and not outgoing:
         if training:
-            raise ValueError("triangle_multiplication_sharded: the incoming update on a row shard "
-                             "(shard='rows') is forward-only; for training pass a column shard")
+            return _TriMulRowsFn.apply(z, mask, float(eps), comm, bool(overlap), *w)
         return _sharded_inference_rows(z, mask, w, float(eps), comm, bool(overlap))
     return _TriMulShardedFn.apply(z, mask, bool(outgoing), float(eps), comm, bool(overlap),
                                   training, *w)

@@ -28,10 +28,10 @@ outer product mean          a local [*, S, N/P, c], b all-gathered   all-gather 
                             -> [*, N/P, N, C_z] (pair rows)
 triangle mult. outgoing     pair rows [*, N/P, N, C_z]               all-gather b (rows);
                                                                      bwd: reduce-scatter db
-triangle mult. incoming     pair columns [*, N, N/P, C_z]            all-gather a (columns);
-                                                                     bwd: reduce-scatter da
-  (inference)               pair rows (no switch before or after)    all-to-all a (its columns),
-                                                                     all-gather b (rows)
+triangle mult. incoming     pair rows (no switch before or after)    all-to-all a (its columns),
+                                                                     all-gather b (rows); bwd:
+                                                                     the all-to-all back,
+                                                                     reduce-scatter db
 triangle att. starting      pair rows                                all-gather the H-channel
                                                                      triangle bias
 triangle att. ending        pair columns (rows of z^T)               all-gather the bias
@@ -39,8 +39,9 @@ triangle att. ending        pair columns (rows of z^T)               all-gather 
                             autocast dtype) to columns, the update   and of the update; the
                             back to rows                             bias all-gathered
 pair transition             pair columns (inference: rows)           none
-pair row <-> column         all-to-all (4 per block in training;
-                                                                     none in inference)
+pair row <-> column         all-to-all (2 per block in training,
+                            around the ending-node attention; none
+                            in inference)
 ==========================  =======================================  ===========================
 
 Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
@@ -443,9 +444,9 @@ def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tens
 def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask: torch.Tensor,
                              outgoing: bool, shard: Optional[str] = None) -> torch.Tensor:
     """Outgoing: z [*, N/P, N, C] (rows), b all-gathered along rows. Incoming: z [*, N, N/P, C]
-    (columns), a all-gathered along columns; or, in inference (`shard` "rows"), z's rows, with
-    this rank's columns of a by an all-to-all and b all-gathered along rows (no switch of z).
-    Returns the update in z's layout.
+    (columns), a all-gathered along columns; or, with `shard` "rows" (the blocks' choice), z's
+    rows, with this rank's columns of a by an all-to-all and b all-gathered along rows (no
+    switch of z). Returns the update in z's layout.
 
     The op table's ``triangle_multiplication_sharded``: fused kernels on the shard (Triton; the
     all-gather overlaps the local block's contraction, the backward reduce-scatter the local
@@ -502,17 +503,14 @@ def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor)
     return run.add(z, sw.columns().transpose(-2, -3))
 
 
-def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead,
-               col_shard: bool = False) -> Optional[torch.Tensor]:
-    """A pair dropout mask drawn for the full [*lead, N, N, C] update (OpenFold's shape), padded,
-    and cut to the column shard if `col_shard`."""
+def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead) -> Optional[torch.Tensor]:
+    """A pair dropout mask drawn for the full [*lead, N, N, C] update (OpenFold's shape), padded.
+    (Every pair dropout the sharded blocks apply shares its mask along the shard's split
+    dimension, so each rank uses it whole.)"""
     keep = _draw_keep(drop, (*lead, run.n_res, run.n_res, like.shape[-1]), like)
     if keep is None:
         return None
-    keep = fd.pad_to(keep, {d: run.np_res for d in (-3, -2) if keep.shape[d] != 1})
-    if col_shard and keep.shape[-2] != 1:
-        keep = run.block(keep, -2)
-    return keep
+    return fd.pad_to(keep, {d: run.np_res for d in (-3, -2) if keep.shape[d] != 1})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,20 +537,15 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
 
     z = run.add(z, _outer_product_mean(block, W, run, m))
 
-    # pair stack: rows -> columns -> rows -> columns -> rows
+    # pair stack on rows; in training switched to columns for the ending-node attention and
+    # the transition
     upd = _triangle_multiplication(core.tri_mul_out, W, "core.tri_mul_out", run, z,
                                    run.pair_mask_row, True)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
-    if run.inference:  # the incoming update on the row shard: no switch of z
-        upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
-                                       run.pair_mask_row, False, shard="rows")
-        z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
-    else:
-        z = run.to_cols(z)
-        upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
-                                       run.pair_mask_col, False)
-        z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead, col_shard=True))
-        z = run.to_rows(z)
+    # the incoming update on the row shard: no switch of z
+    upd = _triangle_multiplication(core.tri_mul_in, W, "core.tri_mul_in", run, z,
+                                   run.pair_mask_row, False, shard="rows")
+    z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
     # (the attentions draw no random numbers: drawing their masks first keeps OpenFold's order)
     keep = _pair_keep(run, drop, z, lead)
     into = run.into(z, keep)
@@ -609,8 +602,7 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
             keeps["start"].append(_pair_keep(run, block.dropout_row, t, one))
             keeps["end"].append(_pair_keep(run, block.dropout_col, t, one))
             keeps["out"].append(_pair_keep(run, block.dropout_row, t, one))
-            keeps["in"].append(_pair_keep(run, block.dropout_row, t, one,
-                                          col_shard=not run.inference))
+            keeps["in"].append(_pair_keep(run, block.dropout_row, t, one))
     keep = {k: (torch.cat(v, dim=-4) if v else None) for k, v in keeps.items()}
 
     into = run.into(t, keep["start"])
@@ -625,19 +617,12 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
     upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
                                    run.pair_mask_row, True)
     t = _residual(run, block.dropout_row, t, upd, keep["out"])
-    if run.inference:  # the incoming update and the transition on the row shard: no switch
-        upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t,
-                                       run.pair_mask_row, False, shard="rows")
-        t = _residual(run, block.dropout_row, t, upd, keep["in"])
-        return run.add(t, _transition(run, W, "pair_transition", block.pair_transition, t,
-                                      run.pair_mask_row if run.mask_trans else None))
-    t = run.to_cols(t)
-    upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t, run.pair_mask_col,
-                                   False)
+    # the incoming update and the transition on the row shard: no switch of t
+    upd = _triangle_multiplication(block.tri_mul_in, W, "tri_mul_in", run, t, run.pair_mask_row,
+                                   False, shard="rows")
     t = _residual(run, block.dropout_row, t, upd, keep["in"])
-    t = run.add(t, _transition(run, W, "pair_transition", block.pair_transition, t,
-                               run.pair_mask_col if run.mask_trans else None))
-    return run.to_rows(t)
+    return run.add(t, _transition(run, W, "pair_transition", block.pair_transition, t,
+                                  run.pair_mask_row if run.mask_trans else None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -150,11 +150,12 @@ def inference_paths(ctx, z, mask, w, g, outgoing, shard, exp_out, tag):
 
 @scenario
 def sharded_trimul(args):
-    """For each case (N_res, batch dims, c_z, c_hidden, dtype) and direction: the Triton
-    sharded op on this group equals the single-process fused op (output, dz and all 16 weight
-    gradients after the DAP reduction, fp32), with and without overlap (bit-identical); and the
-    reference sharded op equals the single-process reference. bf16 cases (autocast): the
-    sharded op's error against the fp32 reference is at most twice the single-process op's."""
+    """For each case (N_res, batch dims, c_z, c_hidden, dtype) and direction (incoming: on a
+    column shard and on a row shard): the Triton sharded op on this group equals the
+    single-process fused op (output, dz and all 16 weight gradients after the DAP reduction,
+    fp32), with and without overlap (bit-identical); and the reference sharded op equals the
+    single-process reference. bf16 cases (autocast): the sharded op's error against the fp32
+    reference is at most twice the single-process op's."""
     dev = device()
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=120)
     names = ("z",) + TriMulWeights._fields
@@ -168,14 +169,16 @@ def sharded_trimul(args):
                 truth = single_process(ref.triangle_multiplication, z, mask, w, g, outgoing)
                 one = single_process(tri.triangle_multiplication, z, mask, w, g, outgoing,
                                      torch.bfloat16)
-                got = sharded(tri.triangle_multiplication_sharded, ctx, z, mask, w, g, outgoing,
-                              True, torch.bfloat16)
-                for nm, a, o, t in zip(("out",) + names, [got[0], got[1]] + got[2],
-                                       [one[0], one[1]] + one[2], [truth[0], truth[1]] + truth[2],
-                                       strict=True):
-                    e_got, e_one = rel_err(a, t), rel_err(o, t)
-                    assert e_got <= 2.0 * e_one + 1e-6, \
-                        f"{tag} bf16 {nm}: sharded error {e_got:.2e} vs one process {e_one:.2e}"
+                for shard in (None, "rows") if not outgoing else (None,):
+                    got = sharded(tri.triangle_multiplication_sharded, ctx, z, mask, w, g,
+                                  outgoing, True, torch.bfloat16, shard=shard)
+                    for nm, a, o, t in zip(("out",) + names, [got[0], got[1]] + got[2],
+                                           [one[0], one[1]] + one[2],
+                                           [truth[0], truth[1]] + truth[2], strict=True):
+                        e_got, e_one = rel_err(a, t), rel_err(o, t)
+                        assert e_got <= 2.0 * e_one + 1e-6, \
+                            f"{tag} {shard} bf16 {nm}: sharded error {e_got:.2e} vs one " \
+                            f"process {e_one:.2e}"
                 continue
             for name, ops in (("triton", tri), ("reference", ref)):
                 exp = single_process(ops.triangle_multiplication, z, mask, w, g, outgoing)
@@ -193,16 +196,19 @@ def sharded_trimul(args):
                     inference_paths(ctx, z, mask, w, g, outgoing, None, exp[0], f"{tag} triton")
                 if outgoing:
                     continue
-                # the incoming update on row shards (DAP inference): the reference with every
-                # gradient, the Triton forward (forward-only; as above)
-                if name == "reference":
-                    rows = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g,
-                                   False, True, shard="rows")
-                    check(f"{tag} reference rows out", rows[0], exp[0])
-                    for nm, a, e in zip(names, [rows[1]] + rows[2], [exp[1]] + exp[2],
-                                        strict=True):
-                        check(f"{tag} reference rows d{nm}", a, e)
-                else:
+                # the incoming update on row shards (the DAP blocks' choice): every gradient;
+                # Triton: with overlap on and off (bit-identical) and the forward-only path
+                rows = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g,
+                               False, True, shard="rows")
+                check(f"{tag} {name} rows out", rows[0], exp[0])
+                for nm, a, e in zip(names, [rows[1]] + rows[2], [exp[1]] + exp[2], strict=True):
+                    check(f"{tag} {name} rows d{nm}", a, e)
+                if name == "triton":
+                    sync = sharded(ops.triangle_multiplication_sharded, ctx, z, mask, w, g,
+                                   False, False, shard="rows")
+                    for a, b in zip([rows[0], rows[1]] + rows[2], [sync[0], sync[1]] + sync[2],
+                                    strict=True):
+                        assert torch.equal(a, b), f"{tag} rows: overlap on/off differ"
                     inference_paths(ctx, z, mask, w, g, False, "rows", exp[0],
                                     f"{tag} triton rows")
         result(ok=True, size=ctx.size, **case)
