@@ -56,6 +56,13 @@ def _sum_in_order(grads) -> torch.Tensor:
     return out
 
 
+def sum_fp32(grads) -> torch.Tensor:
+    """sum(g.float() for g in grads) of same-shape tensors, in order, in fp32: one Triton pass
+    on GPUs (and under the interpreter; a contiguous result), torch ops elsewhere. Not
+    differentiable on the kernel path (a backward's building block)."""
+    return _sum_grads(grads, grads[0].shape, grads[0].device)
+
+
 def _sum_grads(grads, shape: torch.Size, device: torch.device) -> torch.Tensor:
     """sum(g.float() for g in grads), in order, as a contiguous fp32 tensor of `shape`."""
     if not (device.type == "cuda" or is_interpreter()):
@@ -92,7 +99,7 @@ class _CastFanout(torch.autograd.Function):
         return _sum_grads(present, ctx.shape, ctx.device), None, None
 
 
-def _fan_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+def fan_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     """The autocast dtype `x` would be rounded to by each consumer, or None (no rounding)."""
     dt = autocast_dtype(x.device.type)
     if dt is None or x.dtype != torch.float32 or dt == torch.float32:
@@ -105,7 +112,7 @@ def cast_fanout(x: torch.Tensor, n: int) -> Tuple[torch.Tensor, ...]:
     gradients in backward); ``(x,) * n`` when autocast would not round `x`."""
     if n < 1:
         raise ValueError(f"cast_fanout needs n >= 1 consumers, got {n}")
-    dt = _fan_dtype(x)
+    dt = fan_dtype(x)
     if dt is None or n == 1 or (x.is_leaf and x.requires_grad
                                 and torch.is_autocast_cache_enabled()):
         # (one consumer rounds once anyway; and autocast caches its cast of a leaf that

@@ -34,14 +34,12 @@ triangle mult. incoming     pair rows (no switch before or after)    all-to-all 
                                                                      reduce-scatter db
 triangle att. starting      pair rows                                all-gather the H-channel
                                                                      triangle bias
-triangle att. ending        pair columns (rows of z^T)               all-gather the bias
-  (inference)               pair rows: its LayerNorm output (in the  all-to-all of that output
-                            autocast dtype) to columns, the update   and of the update; the
-                            back to rows                             bias all-gathered
-pair transition             pair columns (inference: rows)           none
-pair row <-> column         all-to-all (2 per block in training,
-                            around the ending-node attention; none
-                            in inference)
+triangle att. ending        z stays in rows: its LayerNorm output    all-to-all of that output
+                            (rounded to the autocast dtype) goes to  and of the update; the
+                            columns (the rows of z^T), the update    bias all-gathered; bwd:
+                            comes back to rows                       the adjoints (the output's
+                                                                     gradient in fp32)
+pair transition             pair rows                                none
 ==========================  =======================================  ===========================
 
 Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
@@ -294,14 +292,16 @@ def _residual(run: _Run, drop: nn.Module, x: torch.Tensor, update: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 # Sub-modules on shards
 
-def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int,
+def _attend(run: _Run, W, pfx: str, mha: nn.Module, x, n_keys: int,
             mask_bias: torch.Tensor, pair_bias: Optional[Callable], chunk_size: Optional[int],
             into: Optional[torch.Tensor] = None, sink: Optional[Callable] = None):
     """OpenFold's gated multi-head attention of each row of `x` [*, R, Q, C] over its first
     `n_keys` entries. mask_bias [*, R, 1, 1, n_keys]; pair_bias() -> [*, 1, H, Q, n_keys] is
     called after the projections (it may wait for a collective). Returns the update, or, with
     `into` (the residual stream, `x`'s shape), adds it into `into` chunk by chunk and returns
-    `into`; with `sink`, hands it over chunk by chunk (see ``_chunked``)."""
+    `into`; with `sink`, hands it over chunk by chunk (see ``_chunked``). `x` may also be the
+    projections' inputs already fanned out (q, k, v and, when gated, the gate's: aliases of one
+    rounded tensor, e.g. from ``fd.row_to_col_fanout``)."""
     h = mha.no_heads
     wq, wk, wv = W[f"{pfx}.linear_q.weight"], W[f"{pfx}.linear_k.weight"], W[f"{pfx}.linear_v.weight"]
     wo, bo = W[f"{pfx}.linear_o.weight"], W[f"{pfx}.linear_o.bias"]
@@ -312,10 +312,11 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
     def heads(t):
         return t.view(t.shape[:-1] + (h, -1)).transpose(-2, -3)
 
-    def attend(xc, mbc, pb):
-        xc = fd.dense(cast_once(xc))  # (a view's copy made once, not by every projection)
-        # q, k, v (and the gate) read xc: rounded once under autocast (``cast_fanout``)
-        xs = run.ops.cast_fanout(xc, 3 if gw is None else 4)
+    def attend(mbc, pb, *xs):
+        if len(xs) == 1:
+            xc = fd.dense(cast_once(xs[0]))  # (a view's copy made once, not by every projection)
+            # q, k, v (and the gate) read xc: rounded once under autocast (``cast_fanout``)
+            xs = run.ops.cast_fanout(xc, 3 if gw is None else 4)
         q = heads(F.linear(xs[0], wq)) / scale
         k = heads(F.linear(xs[1][..., :n_keys, :], wk))
         v = heads(F.linear(xs[2][..., :n_keys, :], wv))
@@ -329,11 +330,14 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x: torch.Tensor, n_keys: int
         o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate)
         return F.linear(o.flatten(-2), wo, bo)
 
-    n = x.shape[-3]
+    xs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+    if len(xs) not in (1, 3 if gw is None else 4):
+        raise ValueError(f"_attend: {len(xs)} fanned-out inputs for {pfx}")
+    n = xs[0].shape[-3]
     if chunk_size is not None and chunk_size < n and callable(pair_bias):
         pair_bias = pair_bias()  # shared by the chunks: waited for before the first one
-    return _chunked(attend, chunk_size, n, (x, -3), (mask_bias, -4), pair_bias, into=into,
-                    sink=sink)
+    return _chunked(attend, chunk_size, n, (mask_bias, -4), pair_bias, *[(t, -3) for t in xs],
+                    into=into, sink=sink)
 
 
 def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -503,6 +507,35 @@ def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor)
     return run.add(z, sw.columns().transpose(-2, -3))
 
 
+def _ending_node_attention_switched(mod, W, pfx: str, run: _Run, z: torch.Tensor,
+                                    drop: nn.Module, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ending-node triangle attention of the row shard z [*, R, N, C] plus its (dropped-out)
+    residual, z keeping its layout (training, and inference outside OpenFold's in-place mode).
+    The attention reads z's columns only through their LayerNorm output, which every projection
+    and the bias Linear round to the autocast dtype, so that output switches axis instead of z:
+    ``fd.row_to_col_fanout`` rounds it once and moves half the bytes of fp32 under bf16 (its
+    backward moves the consumers' fp32 gradient sum). The attention runs on the rows of its
+    transpose (OpenFold: a starting-node attention on z^T, whose rows are z's columns), and its
+    update, in the output projection's dtype, comes back to rows (``fd.col_to_row``) for the
+    residual: the values OpenFold forms, for two switches of half-size tensors where switching
+    the fp32 z to columns and back moves twice the bytes. `keep`: the dropout mask in z's frame,
+    shared along columns ([*, N, 1, C]), padded; None when not dropping."""
+    ln = run.ops.layer_norm(z, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
+                            mod.layer_norm.eps)
+    n_proj = 4 if f"{pfx}.mha.linear_g.weight" in W else 3  # q, k, v (and the gate)
+    xs = fd.row_to_col_fanout(ln, n_proj + 1, run.group)  # [*, R (local j), N (i), C]
+    del ln
+    tri_bias = run.gathered_bias(xs[-1], W[f"{pfx}.linear.weight"])
+    mask_bias = _mask_bias(run.pair_mask_col.transpose(-1, -2), mod.inf, run.n_res)
+    upd = _attend(run, W, f"{pfx}.mha", mod.mha, xs[:-1], run.n_res, mask_bias, tri_bias,
+                  run.chunk_size)  # the update's rows j
+    xs = tri_bias = None
+    upd = fd.col_to_row(upd.transpose(-2, -3), run.group)  # [*, R (local i), N (j), C]
+    if keep is not None and keep.shape[-3] != 1:
+        keep = run.block(keep, -3)
+    return _residual(run, drop, z, upd, keep)
+
+
 def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead) -> Optional[torch.Tensor]:
     """A pair dropout mask drawn for the full [*lead, N, N, C] update (OpenFold's shape), padded.
     (Every pair dropout the sharded blocks apply shares its mask along the shard's split
@@ -537,8 +570,7 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
 
     z = run.add(z, _outer_product_mean(block, W, run, m))
 
-    # pair stack on rows; in training switched to columns for the ending-node attention and
-    # the transition
+    # pair stack: z stays in rows
     upd = _triangle_multiplication(core.tri_mul_out, W, "core.tri_mul_out", run, z,
                                    run.pair_mask_row, True)
     z = _residual(run, drop, z, upd, _pair_keep(run, drop, z, lead))
@@ -553,38 +585,17 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
                                    run.pair_mask_row, into)
     if into is None:
         z = _residual(run, drop, z, upd, keep)
+    # ending node: OpenFold runs a starting-node attention and its dropout on z^T (the mask is
+    # drawn in that frame: transposed, it is z's)
     keep = _pair_keep(run, drop, z, lead)
-    on_rows = run.consume and keep is None  # inference: z stays in rows for the rest of the block
-    if on_rows:
+    if run.consume and keep is None:  # in-place inference: switched chunk by chunk
         z = _ending_node_attention_on_rows(core.tri_att_end, W, "core.tri_att_end", run, z)
     else:
-        z = run.to_cols(z)
-        # ending node: OpenFold transposes z and runs a starting-node attention (and its
-        # dropout) on z^T, whose rows are the local columns of z
-        zt = z.transpose(-2, -3)
-        into = run.into(zt, keep)
-        upd = _triangle_attention_rows(core.tri_att_end, W, "core.tri_att_end", run, zt,
-                                       run.pair_mask_col.transpose(-1, -2), into)
-        if into is None:
-            z = _residual(run, drop, zt, upd, keep).transpose(-2, -3)
-    mask = run.pair_mask_row if on_rows else run.pair_mask_col
+        z = _ending_node_attention_switched(core.tri_att_end, W, "core.tri_att_end", run, z, drop,
+                                            None if keep is None else keep.transpose(-2, -3))
     z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
-                               mask if run.mask_trans else None))
-    if not on_rows:
-        z = run.to_rows(z)
+                               run.pair_mask_row if run.mask_trans else None))
     return (m if final else m_next.wait()), z
-
-
-def _template_ending_node_on_columns(block, W, run: _Run, t: torch.Tensor,
-                                     keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """The template block's ending-node attention with t switched to columns and back."""
-    t = run.to_cols(t)
-    into = run.into(t.transpose(-2, -3), keep)
-    upd = _triangle_attention_rows(block.tri_att_end, W, "tri_att_end", run, t.transpose(-2, -3),
-                                   run.pair_mask_col.transpose(-1, -2), into)
-    if into is None:
-        t = _residual(run, block.dropout_col, t, upd.transpose(-2, -3), keep)
-    return run.to_rows(t)
 
 
 def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
@@ -610,10 +621,11 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
                                    run.pair_mask_row, into)
     if into is None:
         t = _residual(run, block.dropout_row, t, upd, keep["start"])
-    if run.consume and keep["end"] is None:  # inference: t stays in rows (no switch of t)
+    if run.consume and keep["end"] is None:  # in-place inference: switched chunk by chunk
         t = _ending_node_attention_on_rows(block.tri_att_end, W, "tri_att_end", run, t)
-    else:
-        t = _template_ending_node_on_columns(block, W, run, t, keep["end"])
+    else:  # (OpenFold's column-wise dropout: the mask is drawn in t's frame)
+        t = _ending_node_attention_switched(block.tri_att_end, W, "tri_att_end", run, t,
+                                            block.dropout_col, keep["end"])
     upd = _triangle_multiplication(block.tri_mul_out, W, "tri_mul_out", run, t,
                                    run.pair_mask_row, True)
     t = _residual(run, block.dropout_row, t, upd, keep["out"])

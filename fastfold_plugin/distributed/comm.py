@@ -338,6 +338,64 @@ def col_to_row(x: torch.Tensor, group) -> torch.Tensor:
     return all_to_all(x, -3, -2, group)
 
 
+class _RowToColFanout(Function):
+    """x [*, I/P, J, C] -> `n` aliases of [*, J/P, I, C] (this rank's columns, transposed:
+    the rows of x^T's shard), rounded to `dtype` (None: not rounded) before the all-to-all.
+    Backward: the consumers' gradients summed (rounded: in fp32, in one pass), moved back."""
+
+    @staticmethod
+    def forward(ctx, x, n, dtype, group):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        ctx.group, ctx.rounded = group, dtype is not None
+        nd = x.dim()
+        y = x if dtype is None else x.to(dtype)
+        if group_size(group) > 1:
+            y = _all_to_all(y, nd - 2, nd - 3, group)  # [*, I, J/P, C]
+        yt = dense(y.transpose(-2, -3))
+        return tuple(yt.view_as(yt) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        from fastfold_plugin.kernels.cast_fanout import sum_fp32
+        if torch.is_grad_enabled():
+            raise RuntimeError("row_to_col_fanout has no double backward (create_graph=True)")
+        present = [g for g in grads if g is not None]
+        if not present:
+            return None, None, None, None
+        if ctx.rounded:  # the gradients of the rounded copies, summed in fp32 (x's dtype)
+            g = sum_fp32(present)
+        else:  # x's own dtype, as autograd sums them
+            g = present[0]
+            for t in present[1:]:
+                g = g + t
+        g = g.transpose(-2, -3)  # [*, I, J/P, C]
+        if group_size(ctx.group) == 1:
+            return g, None, None, None
+        nd = g.dim()
+        return _all_to_all(g, nd - 3, nd - 2, ctx.group), None, None, None
+
+
+def row_to_col_fanout(x: torch.Tensor, n: int, group) -> Tuple[torch.Tensor, ...]:
+    """The rows x [*, I/P, J, C] (an fp32 activation, e.g. a LayerNorm output) switched to this
+    rank's columns and transposed, [*, J/P, I, C] (contiguous: the rows of x^T's shard), as `n`
+    aliases for `n` consumers (Linears) that autocast would each round x for.
+
+    Under autocast (x fp32, a lower autocast dtype) x is rounded once before the all-to-all,
+    which then moves half the bytes of fp32 (bf16 / fp16), and the consumers read the values
+    autocast would give them; backward sums their gradients in fp32 in one pass
+    (``kernels.cast_fanout.sum_fp32``) and moves that sum back to rows: x's gradient is the fp32
+    sum autograd forms, up to the order of the additions. Otherwise x moves as it is. Backward
+    is the exact adjoint (the all-to-all back). At group size 1: x^T's rows locally."""
+    if n < 1:
+        raise ValueError(f"row_to_col_fanout needs n >= 1 consumers, got {n}")
+    if x.dim() < 3:
+        raise ValueError(f"row_to_col_fanout: x must be [*, I/P, J, C], got {tuple(x.shape)}")
+    if group_size(group) > 1:
+        _check_divisible(x, x.dim() - 2, group_size(group), "row_to_col_fanout")
+    from fastfold_plugin.kernels.cast_fanout import fan_dtype
+    return _RowToColFanout.apply(x, n, fan_dtype(x), group)
+
+
 def sum_grads(tensors: Sequence[torch.Tensor], group) -> Tuple[torch.Tensor, ...]:
     """Identity on `tensors`; in backward, their gradients are summed over the group (one
     flattened all-reduce per dtype). Wrap replicated weights with it where they are applied to

@@ -210,6 +210,53 @@ def _check_consuming(ctx):
             raise AssertionError(f"{name} accepted a tensor that needs a gradient")
 
 
+def _check_row_to_col_fanout(ctx):
+    """fd.row_to_col_fanout: this rank's columns of x, transposed, handed to n consumers; under
+    autocast rounded once (the consumers read what autocast would give each of them) and the
+    consumers' gradients summed in fp32; unused outputs contribute nothing."""
+    g, p, r = ctx.group, ctx.size, ctx.rank
+    full = randn((2, 3 * p, 2 * p, 8), 21, torch.float32)  # [*, I, J, C]
+    exp = full.transpose(-2, -3).chunk(p, -3)[r]  # the rows of x^T's shard: [*, J/P, I, C]
+    ups = [randn((2, 2 * p, 3 * p, 8), 22 + k, torch.float32) for k in range(3)]  # x^T frame
+    x = full.chunk(p, -3)[r].clone().requires_grad_()
+    outs = fd.row_to_col_fanout(x, 3, g)
+    assert len(outs) == 3 and all(o.is_contiguous() for o in outs)
+    for o in outs:
+        assert torch.equal(o, exp), "row_to_col_fanout fwd (fp32)"
+    # outs[1] unused: x's gradient is the adjoint of the other two's
+    torch.autograd.backward([outs[0], outs[2]], [ups[0].chunk(p, -3)[r], ups[2].chunk(p, -3)[r]])
+    want = (ups[0] + ups[2]).transpose(-2, -3).chunk(p, -3)[r]
+    assert torch.equal(x.grad, want), "row_to_col_fanout bwd (fp32)"
+
+    # bf16 autocast: two Linears read the output; stock: each rounds the fp32 switch
+    w0, w1 = randn((5, 8), 30, torch.float32), randn((5, 8), 31, torch.float32)
+    up0, up1 = randn((2, 2 * p, 3 * p, 5), 32, torch.float32), randn((2, 2 * p, 3 * p, 5), 33,
+                                                                      torch.float32)
+    res = {}
+    for kind in ("fanout", "stock"):
+        xk = full.chunk(p, -3)[r].clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if kind == "fanout":
+                a, b = fd.row_to_col_fanout(xk, 2, g)
+                assert a.dtype == torch.bfloat16, a.dtype
+            else:
+                a = b = fd.row_to_col(xk, g).transpose(-2, -3)
+            y0, y1 = torch.nn.functional.linear(a, w0), torch.nn.functional.linear(b, w1)
+        torch.autograd.backward([y0, y1], [up0.chunk(p, -3)[r].to(y0.dtype),
+                                           up1.chunk(p, -3)[r].to(y1.dtype)])
+        res[kind] = (y0.detach(), y1.detach(), xk.grad)
+    for name, got, want in zip(("y0", "y1", "dx"), res["fanout"], res["stock"], strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want), f"row_to_col_fanout bf16 {name}"
+    for bad in (lambda: fd.row_to_col_fanout(x, 0, g),
+                lambda: fd.row_to_col_fanout(x[0, 0], 2, g)):
+        try:
+            bad()
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("row_to_col_fanout accepted a bad argument")
+
+
 @scenario
 def primitives(args):
     ctx = fd.init(dap_size=int(os.environ["WORLD_SIZE"]), timeout=60)
@@ -232,6 +279,7 @@ def primitives(args):
     assert torch.equal(fd.col_to_row_start(cols, ctx.group).wait(), rows)
     assert torch.equal(fd.row_to_col_start(rows, ctx.group).wait(), cols)
     _check_consuming(ctx)
+    _check_row_to_col_fanout(ctx)
 
     # sum_grads: identity forward, gradient summed over the group
     w = randn((3, 4), 11).requires_grad_()
