@@ -20,6 +20,9 @@ Design of the Triton path:
    pair row i and a block of j it contracts O's ``(c, e)`` directly in the ``(i, c, j, e)`` layout
    (tiles of several c at once, no permute copy) against w_out and writes ``[*, N_res, N_res, C_z]``.
 
+The same kernels serve a block of pair rows from projected operands (``outer_product_mean_rows``,
+DAP's outer product mean: a of the local residues, b of every residue), forward and backward.
+
 Backward, per chunk of rows i: ``_opm_out_bwd_kernel`` forms G = dout / norm and
 dO = G @ w_out in O's layout (and the bias gradient); O is recomputed by the same GEMM and
 ``_opm_dw_kernel`` reduces dw_out = sum_ij G[i, j]^T O[i, :, j, :] over the pairs; two GEMMs give
@@ -241,21 +244,22 @@ def _opm_out_fwd_kernel(
 @triton.jit
 def _opm_out_bwd_kernel(
     DOUT, WO, NORM, DO, PART,
-    RB, R0, R, C, CZ, eps, R_BUCKET,
+    RB, R0, R, NJ, C, CZ, eps, R_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
     """G = DOUT / (NORM + eps);  DO[bt, il, c, j, e] = sum_z G[bt, R0 + il, j, z] WO[z, c C + e];
-    PART[program] = sum_j G (fp32)."""
+    PART[program] = sum_j G (fp32).  R pair rows by NJ columns (DOUT [Bt, R, NJ, CZ], NORM
+    [Bt, R, NJ]; DO one chunk [Bt, RB, C, NJ, C])."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     bt = pid_i // RB
     i = R0 + pid_i % RB
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = j < R
+    j_ok = j < NJ
     z = tl.arange(0, BLOCK_CZ)
     z_ok = z < CZ
-    pair0 = (bt.to(tl.int64) * R + i) * R
+    pair0 = (bt.to(tl.int64) * R + i) * NJ
     nrm = tl.load(NORM + pair0 + j, mask=j_ok, other=1.0)
     g = tl.load(DOUT + pair0 * CZ + j[:, None] * CZ + z[None, :], mask=j_ok[:, None] & z_ok[None, :],
                 other=0.0).to(tl.float32) / (nrm + eps)[:, None]
@@ -263,7 +267,7 @@ def _opm_out_bwd_kernel(
     tl.store(PART + part_row * CZ + z, tl.sum(g, axis=0), mask=z_ok)
     g_c = _cast(g, WO.dtype.element_ty, INTERP)
     k = tl.arange(0, BLOCK_K)
-    do_base = DO + pid_i.to(tl.int64) * C * R * C
+    do_base = DO + pid_i.to(tl.int64) * C * NJ * C
     for c0 in range(0, C, BLOCK_K // BLOCK_C):
         ck = c0 + k // BLOCK_C
         ek = k % BLOCK_C
@@ -271,21 +275,22 @@ def _opm_out_bwd_kernel(
         w = tl.load(WO + z[:, None] * (C * C) + (ck * C + ek)[None, :], mask=z_ok[:, None] & k_ok[None, :],
                     other=0.0)
         d = _dot(g_c, w, DOT_PREC, INTERP)
-        tl.store(do_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
+        tl.store(do_base + ck[None, :] * NJ * C + j[:, None] * C + ek[None, :],
                  _cast(d, DO.dtype.element_ty, INTERP), mask=j_ok[:, None] & k_ok[None, :])
 
 
 @triton.jit
 def _opm_dw_kernel(
     DOUT, OUTER, NORM, PART,
-    RB, R0, R, C, CZ, eps, n_rows, rows_per_program, R_BUCKET,
+    RB, R0, R, NJ, C, CZ, eps, n_rows, rows_per_program, R_BUCKET,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CZ: tl.constexpr,
 ):
     """PART[group, z, c C + e] = sum_{rows of this group} sum_j G[bt, i, j, z] O[bt, il, c, j, e].
 
     Program (column block of w_out's gradient, group of `rows_per_program` of the chunk's
-    n_rows = Bt * RB pair rows); G = DOUT / (NORM + eps) is recomputed on the fly.
+    n_rows = Bt * RB pair rows, of R pair rows by NJ columns); G = DOUT / (NORM + eps) is
+    recomputed on the fly.
     """
     k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     ck = k // BLOCK_C
@@ -301,15 +306,15 @@ def _opm_dw_kernel(
         r_ok = pid_i < n_rows
         bt = pid_i // RB
         i = R0 + pid_i % RB
-        pair0 = (bt * R + i) * R
-        o_base = OUTER + pid_i * C * R * C
-        for j0 in range(0, R, BLOCK_J):
+        pair0 = (bt * R + i) * NJ
+        o_base = OUTER + pid_i * C * NJ * C
+        for j0 in range(0, NJ, BLOCK_J):
             j = j0 + jj
-            j_ok = (j < R) & r_ok
+            j_ok = (j < NJ) & r_ok
             nrm = tl.load(NORM + pair0 + j, mask=j_ok, other=1.0)
             gt = tl.load(DOUT + pair0 * CZ + j[None, :] * CZ + z[:, None], mask=z_ok[:, None] & j_ok[None, :],
                          other=0.0).to(tl.float32) / (nrm + eps)[None, :]
-            o = tl.load(o_base + ck[None, :] * R * C + j[:, None] * C + ek[None, :],
+            o = tl.load(o_base + ck[None, :] * NJ * C + j[:, None] * C + ek[None, :],
                         mask=j_ok[:, None] & k_ok[None, :], other=0.0)
             acc += _dot(_cast(gt, OUTER.dtype.element_ty, INTERP), o, DOT_PREC, INTERP)
     tl.store(PART + group.to(tl.int64) * CZ * C * C + z[:, None] * (C * C) + (ck * C + ek)[None, :], acc,
@@ -431,6 +436,55 @@ def _out_rows_fwd(a, b, norm, wo, bo, eps: float, rb: int, cdt: torch.dtype) -> 
     return out
 
 
+def _out_rows_bwd(dout2, a, b, norm, wo, eps: float, rb: int, cdt: torch.dtype):
+    """Backward of ``_out_rows_fwd`` for dout2 [Bt, R, N, C_z] (contiguous): (da [Bt, N_seq,
+    R * C] in ``cdt``, db [Bt, N_seq, N * C] (fp32 when summed over several chunks), dw_out and
+    db_out in fp32).  Per chunk of rows: ``_opm_out_bwd_kernel`` forms dO in O's layout (and the
+    bias gradient), O is recomputed by the same GEMM, ``_opm_dw_kernel`` reduces dw_out over the
+    pairs, and two GEMMs give the chunk's da and its share of db."""
+    Bt, S, R, C = a.shape
+    N, CZ = b.shape[2], wo.shape[0]
+    dev = a.device
+    interp = is_interpreter()
+    pair_meta = _pair_meta(C, CZ, cdt)
+    out_bwd = _Launcher(_opm_out_bwd_kernel, _out_bwd_tuned, pair_meta)
+    dw = _Launcher(_opm_dw_kernel, _dw_tuned, pair_meta)
+    n_bucket = _bucket(N)
+    min_bj = pair_meta["BLOCK_J"] if interp else _MIN_BLOCK_J
+    dw_cols = C * pair_meta["BLOCK_C"]
+    b3 = b.view(Bt, S, N * C)
+    da = torch.empty((Bt, S, R * C), device=dev, dtype=cdt)
+    db = None
+    dwo = torch.zeros((CZ, C * C), device=dev, dtype=torch.float32)
+    dbo = torch.zeros((CZ,), device=dev, dtype=torch.float32)
+    for r0 in range(0, R, rb):
+        nr = min(rb, R - r0)
+        n_rows = Bt * nr
+        d_o = torch.empty((Bt, nr * C, N * C), device=dev, dtype=cdt)
+        part_b = torch.zeros((n_rows * cdiv(N, min_bj), CZ), device=dev, dtype=torch.float32)
+        out_bwd(lambda mt, n_rows=n_rows: (n_rows, cdiv(N, mt["BLOCK_J"])),
+                (dout2, wo, norm, d_o, part_b, nr, r0, R, N, C, CZ, eps, n_bucket))
+        dbo += part_b.sum(0)
+        del part_b
+        o = _outer_chunk(a, b, r0, nr)
+        groups = min(n_rows, 2 if interp else 64)
+        rows_per_program = cdiv(n_rows, groups)
+        part_w = torch.empty((groups, CZ, C * C), device=dev, dtype=torch.float32)
+        dw(lambda mt, g=groups: (cdiv(dw_cols, mt["BLOCK_K"]), g),
+           (dout2, o, norm, part_w, nr, r0, R, N, C, CZ, eps, n_rows, rows_per_program, n_bucket))
+        dwo += part_w.sum(0)
+        del o, part_w
+        a_rows = a.view(Bt, S, R * C)[:, :, r0 * C: (r0 + nr) * C]
+        da[:, :, r0 * C: (r0 + nr) * C] = torch.bmm(b3, d_o.transpose(1, 2))
+        db_chunk = torch.bmm(a_rows, d_o)
+        if db is None:
+            db = db_chunk if nr == R else db_chunk.float()
+        else:
+            db += db_chunk
+        del d_o, db_chunk
+    return da, db, dwo, dbo
+
+
 def _pair_meta(C: int, CZ: int, cdt: torch.dtype):
     bc = next_power_of_2(C)
     return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), BLOCK_C=bc,
@@ -485,44 +539,9 @@ class _OuterProductMeanFn(torch.autograd.Function):
         M = Bt * S * R
         dev = m2.device
         interp = is_interpreter()
-        pair_meta = _pair_meta(C, CZ, cdt)
-        out_bwd = _Launcher(_opm_out_bwd_kernel, _out_bwd_tuned, pair_meta)
-        dw = _Launcher(_opm_dw_kernel, _dw_tuned, pair_meta)
-        r_bucket = _bucket(R)
-        min_bj = pair_meta["BLOCK_J"] if interp else _MIN_BLOCK_J
-        dw_cols = C * pair_meta["BLOCK_C"]
         with autocast_off(dev.type):
             dout2 = dout.reshape(Bt, R, R, CZ).contiguous()
-            b3 = b.view(Bt, S, R * C)
-            da = torch.empty((Bt, S, R * C), device=dev, dtype=cdt)
-            db = None
-            dwo = torch.zeros((CZ, C * C), device=dev, dtype=torch.float32)
-            dbo = torch.zeros((CZ,), device=dev, dtype=torch.float32)
-            for r0 in range(0, R, rb):
-                nr = min(rb, R - r0)
-                n_rows = Bt * nr
-                d_o = torch.empty((Bt, nr * C, R * C), device=dev, dtype=cdt)
-                part_b = torch.zeros((n_rows * cdiv(R, min_bj), CZ), device=dev, dtype=torch.float32)
-                out_bwd(lambda mt, n_rows=n_rows: (n_rows, cdiv(R, mt["BLOCK_J"])),
-                        (dout2, wo, norm, d_o, part_b, nr, r0, R, C, CZ, eps, r_bucket))
-                dbo += part_b.sum(0)
-                del part_b
-                o = _outer_chunk(a, b, r0, nr)
-                groups = min(n_rows, 2 if interp else 64)
-                rows_per_program = cdiv(n_rows, groups)
-                part_w = torch.empty((groups, CZ, C * C), device=dev, dtype=torch.float32)
-                dw(lambda mt, g=groups: (cdiv(dw_cols, mt["BLOCK_K"]), g),
-                   (dout2, o, norm, part_w, nr, r0, R, C, CZ, eps, n_rows, rows_per_program, r_bucket))
-                dwo += part_w.sum(0)
-                del o, part_w
-                a_rows = a.view(Bt, S, R * C)[:, :, r0 * C: (r0 + nr) * C]
-                da[:, :, r0 * C: (r0 + nr) * C] = torch.bmm(b3, d_o.transpose(1, 2))
-                db_chunk = torch.bmm(a_rows, d_o)
-                if db is None:
-                    db = db_chunk if nr == R else db_chunk.float()
-                else:
-                    db += db_chunk
-                del d_o, db_chunk
+            da, db, dwo, dbo = _out_rows_bwd(dout2, a, b, norm, wo, eps, rb, cdt)
             dp = torch.empty((M, 2 * C), device=dev, dtype=cdt)
             ln_out = torch.empty((M, CM), device=dev, dtype=cdt)
             dm = torch.empty((M, CM), device=dev, dtype=m_dtype)
@@ -613,6 +632,38 @@ def outer_product_mean_rows_reference(
     return out / (norm.unsqueeze(-1) + eps)
 
 
+class _OuterProductMeanRowsFn(torch.autograd.Function):
+    """Pair rows from projected operands (``outer_product_mean_rows``): forward
+    ``_out_rows_fwd``, backward ``_out_rows_bwd`` (O recomputed per chunk of rows)."""
+
+    @staticmethod
+    def forward(ctx, a, b, norm, w_out, b_out, eps, rb):
+        cdt = autocast_dtype(a.device.type) or a.dtype
+        batch, (S, R, C), N = a.shape[:-3], a.shape[-3:], b.shape[-2]
+        Bt = math.prod(batch)
+        with torch.autocast(a.device.type, enabled=False):
+            a3 = a.reshape(Bt, S, R, C).to(cdt).contiguous()
+            b3 = b.reshape(Bt, S, N, C).to(cdt).contiguous()
+            n3 = norm.expand(*batch, R, N).reshape(Bt, R, N).to(torch.float32).contiguous()
+            wo = w_out.to(cdt).contiguous()
+            out = _out_rows_fwd(a3, b3, n3, wo, b_out.to(torch.float32).contiguous(), eps, rb, cdt)
+        ctx.save_for_backward(a3, b3, n3, wo)
+        ctx.meta = (eps, rb, cdt, a.shape, a.dtype, b.shape, b.dtype, w_out.dtype, b_out.dtype)
+        return out.view(*batch, R, N, w_out.shape[0])
+
+    @staticmethod
+    def backward(ctx, dout):
+        a3, b3, n3, wo = ctx.saved_tensors
+        eps, rb, cdt, a_shape, a_dtype, b_shape, b_dtype, wo_dtype, bo_dtype = ctx.meta
+        Bt, _, R, _ = a3.shape
+        N, CZ = b3.shape[2], wo.shape[0]
+        with torch.autocast(a3.device.type, enabled=False):
+            dout2 = dout.reshape(Bt, R, N, CZ).contiguous()
+            da, db, dwo, dbo = _out_rows_bwd(dout2, a3, b3, n3, wo, eps, rb, cdt)
+        return (da.view(a_shape).to(a_dtype), db.view(b_shape).to(b_dtype), None,
+                dwo.to(wo_dtype), dbo.to(bo_dtype), None, None)
+
+
 def outer_product_mean_rows(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -623,18 +674,18 @@ def outer_product_mean_rows(
     chunk_rows: Optional[int] = None,
     inference: Optional[bool] = None,
 ) -> torch.Tensor:
-    """``outer_product_mean_rows_reference`` for inference: the outer product as a cuBLAS GEMM
-    per chunk of rows and ``_opm_out_fwd_kernel`` (linear_out, bias and the division by the
-    norm fused), as the whole op's forward does, without the ``[R, N, C * C]`` intermediate's
-    permute copy. Output in the compute dtype. Forward only: it runs the reference when
-    `inference` is False, or, with `inference` None, when anything needs a gradient (DAP
-    training passes False, so that a checkpoint's gradient-free first pass and its recompute
-    compute the same numbers)."""
+    """``outer_product_mean_rows_reference``, fused: the outer product as a cuBLAS GEMM per chunk
+    of rows and ``_opm_out_fwd_kernel`` (linear_out, bias and the division by the norm fused),
+    as the whole op's forward does, without the ``[R, N, C * C]`` intermediate's permute copy;
+    backward as the whole op's (``_out_rows_bwd``: O recomputed per chunk, dw_out reduced in a
+    kernel, two GEMMs for da and db). Output in the compute dtype (the autocast dtype, else a's);
+    gradients flow to a, b, w_out and b_out (not to norm), each in its own dtype. The same
+    numbers with and without gradients (a checkpoint's gradient-free pass and its recompute
+    agree). `inference` True while a gradient is needed is an error (it is otherwise what the
+    DAP forwards pass, not a choice of path)."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a, b, norm, w_out, b_out))
     if inference and needs_grad:
         raise ValueError("outer_product_mean_rows: inference=True, but a gradient is needed")
-    if not (inference if inference is not None else not needs_grad):
-        return outer_product_mean_rows_reference(a, b, norm, w_out, b_out, eps, chunk_rows)
     if a.dim() < 3 or b.shape[:-2] != a.shape[:-2] or b.shape[-1] != a.shape[-1]:
         raise ValueError(f"outer_product_mean_rows: a {tuple(a.shape)} and b {tuple(b.shape)} "
                          f"must be [*, N_seq, R, C] and [*, N_seq, N, C]")
@@ -648,14 +699,6 @@ def outer_product_mean_rows(
         raise ValueError(f"outer_product_mean_rows: norm {tuple(norm.shape)} does not broadcast "
                          f"to [*, R, N] = {(*a.shape[:-3], R, N)}") from None
     check_launchable(a, b, norm)
-    ac = autocast_dtype(a.device.type)
-    cdt = ac if ac is not None else a.dtype
-    batch, S = a.shape[:-3], a.shape[-3]
-    Bt = math.prod(batch)
+    Bt = math.prod(a.shape[:-3])
     rb = min(R, chunk_rows if chunk_rows else max(1, _CHUNK_ELEMENTS // max(1, Bt * C * N * C)))
-    with torch.autocast(a.device.type, enabled=False):
-        out = _out_rows_fwd(
-            a.reshape(Bt, S, R, C).to(cdt).contiguous(), b.reshape(Bt, S, N, C).to(cdt).contiguous(),
-            norm.expand(*batch, R, N).reshape(Bt, R, N).to(torch.float32).contiguous(),
-            w_out.to(cdt).contiguous(), b_out.to(torch.float32).contiguous(), eps, rb, cdt)
-    return out.view(*batch, R, N, w_out.shape[0])
+    return _OuterProductMeanRowsFn.apply(a, b, norm, w_out, b_out, float(eps), rb)

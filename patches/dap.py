@@ -55,8 +55,8 @@ The single-process math on each shard is the op table's (``ops.attention``,
 triangle multiplication is the sharded op ``ops.triangle_multiplication_sharded`` (Triton: the
 fused kernels on the shard around the all-gather). The outer product mean runs its LayerNorm
 and projections on the local residues, all-gathers b, and forms this rank's pair rows with
-``ops.outer_product_mean_rows`` (Triton, inference: a cuBLAS GEMM per chunk of rows and the
-fused linear_out kernel; in training: OpenFold's decomposed maths). OpenFold's chunk-size tuner
+``ops.outer_product_mean_rows`` (Triton: a cuBLAS GEMM per chunk of rows and the fused
+linear_out kernel, forward and backward). OpenFold's chunk-size tuner
 is off under DAP: ``chunk_size`` (the config's value, the same on every rank) chunks the
 row-wise computations as given.
 """

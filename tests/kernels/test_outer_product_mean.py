@@ -257,9 +257,35 @@ def test_rows_match_the_whole_op(batch, n_seq, n_res, r0, rows, chunk):
     assert_close(got, exp, rtol=1e-4, atol=1e-5 * scale, max_rel=1e-5, name="rows triton")
 
 
+@pytest.mark.parametrize("batch,n_seq,n_res,rows,chunk", [
+    ((), 5, 11, 4, None), ((2,), 3, 7, 7, 2), ((), 1, 6, 1, None), ((), 4, 9, 5, 3)])
+def test_rows_gradients_match_reference(batch, n_seq, n_res, rows, chunk):
+    """fp32: the Triton rows op's output and its gradients for a, b, w_out and b_out equal the
+    reference's (in chunks of rows too); norm gets no gradient."""
+    from fastfold_plugin.kernels.outer_product_mean import (
+        outer_product_mean_rows,
+        outer_product_mean_rows_reference,
+    )
+
+    m, mask = random_inputs(batch, n_seq, n_res, 16, True, seed=11)
+    ps = random_params(16, 8, 12, seed=12)
+    a, b, norm = _projected(m, mask, ps)
+    a, norm = a[..., :rows, :], norm[..., :rows, :]
+    g = None
+    res = []
+    for op in (outer_product_mean_rows, outer_product_mean_rows_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (a, b, ps[6], ps[7])]
+        out = op(leaves[0], leaves[1], norm, leaves[2], leaves[3], 1e-3, chunk)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(13)) if g is None else g
+        res.append([out.detach()] + list(torch.autograd.grad(out, leaves, g)))
+    for name, got, exp in zip(("out", "da", "db", "dw_out", "db_out"), *res, strict=True):
+        scale = exp.abs().max().item()
+        assert_close(got, exp, rtol=1e-4, atol=1e-5 * scale, max_rel=1e-5, name=f"rows {name}")
+
+
 def test_rows_bf16_and_gradients():
-    """bf16 autocast: the rows op's error against an fp64 truth stays within twice the
-    reference's; with gradients the op is the reference (DAP training) and gradients flow."""
+    """bf16 autocast: the rows op's output and gradients stay within twice the reference's
+    error against an fp64 truth, each gradient in its input's dtype."""
     from fastfold_plugin.kernels.outer_product_mean import (
         outer_product_mean_rows,
         outer_product_mean_rows_reference,
@@ -268,36 +294,41 @@ def test_rows_bf16_and_gradients():
     m, mask = random_inputs((), 6, 10, 16, True, seed=5)
     ps = random_params(16, 8, 12, seed=6)
     a, b, norm = _projected(m, mask, ps)
-    truth = outer_product_mean_rows_reference(a.double(), b.double(), norm.double(),
-                                              ps[6].double(), ps[7].double())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = outer_product_mean_rows(a, b, norm, ps[6], ps[7])
-        ref = outer_product_mean_rows_reference(a, b, norm, ps[6], ps[7])
-    assert got.dtype == torch.bfloat16
-    assert rel_err(got, truth) <= 2.0 * rel_err(ref, truth) + 1e-6
-    leaves = [t.clone().requires_grad_() for t in (a, b, ps[6], ps[7])]
-    out = outer_product_mean_rows(leaves[0], leaves[1], norm, leaves[2], leaves[3])
-    exp = outer_product_mean_rows_reference(a, b, norm, ps[6], ps[7])
-    assert out.grad_fn is not None and torch.equal(out, exp)
-    g = torch.randn_like(out)
-    for t, gr in zip(leaves, torch.autograd.grad(out, leaves, g)):
-        assert gr is not None and gr.shape == t.shape and gr.abs().sum() > 0
+    g = torch.randn(a.shape[:-3] + (a.shape[-2], b.shape[-2], 12),
+                    generator=torch.Generator().manual_seed(7))
+    res = {}
+    for name, op, dt, ac in (("truth", outer_product_mean_rows_reference, torch.float64, False),
+                             ("ref", outer_product_mean_rows_reference, torch.float32, True),
+                             ("got", outer_product_mean_rows, torch.float32, True)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (a, b, ps[6], ps[7])]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+            out = op(leaves[0], leaves[1], norm.to(dt), leaves[2], leaves[3])
+        grads = torch.autograd.grad(out, leaves, g.to(out.dtype))
+        assert all(gr.dtype == t.dtype for gr, t in zip(grads, leaves))
+        res[name] = [out.detach()] + list(grads)
+    assert res["got"][0].dtype == torch.bfloat16
+    for i, name in enumerate(("out", "da", "db", "dw_out", "db_out")):
+        e_got, e_ref = rel_err(res["got"][i], res["truth"][i]), rel_err(res["ref"][i], res["truth"][i])
+        assert e_got <= 2.0 * e_ref + 1e-6, f"bf16 rows {name}: {e_got:.2e} vs reference {e_ref:.2e}"
 
 
 def test_rows_inference_switch_and_errors():
-    """inference=False runs the reference even without gradients (a checkpoint's first pass);
-    inference=True with a gradient needed, and weights or norm of the wrong shape, are errors."""
-    from fastfold_plugin.kernels.outer_product_mean import (
-        outer_product_mean_rows,
-        outer_product_mean_rows_reference,
-    )
+    """The same numbers with and without gradients and whatever `inference` says (a checkpoint's
+    first pass and its recompute agree); inference=True with a gradient needed, and weights or
+    norm of the wrong shape, are errors."""
+    from fastfold_plugin.kernels.outer_product_mean import outer_product_mean_rows
 
     m, mask = random_inputs((), 4, 6, 16, True, seed=7)
     ps = random_params(16, 8, 12, seed=8)
     a, b, norm = _projected(m, mask, ps)
+    a = a.detach()
+    with_grad = outer_product_mean_rows(a.clone().requires_grad_(), b, norm, ps[6], ps[7],
+                                        inference=False)
+    assert with_grad.grad_fn is not None
     with torch.no_grad():
-        ref = outer_product_mean_rows_reference(a, b, norm, ps[6], ps[7])
-        assert torch.equal(outer_product_mean_rows(a, b, norm, ps[6], ps[7], inference=False), ref)
+        for flag in (None, False, True):
+            assert torch.equal(outer_product_mean_rows(a, b, norm, ps[6], ps[7], inference=flag),
+                               with_grad.detach())
         with pytest.raises(ValueError, match="w_out"):
             outer_product_mean_rows(a, b, norm, ps[6][:, :-1], ps[7])
         with pytest.raises(ValueError, match="norm"):
