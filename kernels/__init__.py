@@ -21,6 +21,7 @@ _OP_MODULES: Dict[str, str] = {
     "triangle_multiplication_sharded": "triangle_multiplication",
     "outer_product_mean": "outer_product_mean",
     "outer_product_mean_rows": "outer_product_mean",
+    "outer_product_mean_projections": "outer_product_mean",
     "global_attention": "global_attention",
     "dropout_add": "dropout_add",
     "cast_fanout": "cast_fanout",

@@ -436,6 +436,48 @@ def _out_rows_fwd(a, b, norm, wo, bo, eps: float, rb: int, cdt: torch.dtype) -> 
     return out
 
 
+def _row_meta(cdt: torch.dtype, CM: int, C: int) -> dict:
+    return dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(), BLOCK_M=_INTERP["BLOCK_M"],
+                BLOCK_CM=next_power_of_2(CM), BLOCK_C=max(16, next_power_of_2(C)))
+
+
+def _proj_fwd(m2, mk, ln_w, ln_b, w12, b12, ln_eps: float, cdt: torch.dtype):
+    """(a, b) [M, C] in ``cdt`` from m2 [M, C_m] and the fp32 mask mk (M values), through
+    ``_opm_proj_fwd_kernel`` (w12 = [w1; w2] in ``cdt``, b12 = [b1; b2])."""
+    M, CM = m2.shape
+    C = w12.shape[0] // 2
+    a = torch.empty((M, C), device=m2.device, dtype=cdt)
+    b = torch.empty_like(a)
+    _launch(_opm_proj_fwd_kernel, _proj_fwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
+            (m2, mk, ln_w, ln_b, w12, b12.to(torch.float32).contiguous(), a, b, M, CM, C, ln_eps,
+             _bucket(M)), _row_meta(cdt, CM, C))
+    return a, b
+
+
+def _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps: float, cdt: torch.dtype,
+              m_dtype: torch.dtype):
+    """Backward of ``_proj_fwd`` for da, db (M x C values each, any float dtype): (dm [M, C_m]
+    in `m_dtype`, d[w1; w2] [2C, C_m] fp32, the partial sums' total [2C + 2 C_m] fp32: the
+    projection biases', then the LayerNorm weight's and bias's gradients)."""
+    M, CM = m2.shape
+    C = w12.shape[0] // 2
+    dev = m2.device
+    dp = torch.empty((M, 2 * C), device=dev, dtype=cdt)
+    ln_out = torch.empty((M, CM), device=dev, dtype=cdt)
+    dm = torch.empty((M, CM), device=dev, dtype=m_dtype)
+    n_prog = cdiv(M, _INTERP["BLOCK_M"] if is_interpreter() else _MIN_BLOCK_M)
+    part = torch.zeros((n_prog, 2 * C + 2 * CM), device=dev, dtype=torch.float32)
+    _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
+            (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part, M, CM, C, ln_eps,
+             _bucket(M)), _row_meta(cdt, CM, C))
+    return dm, _weight_grad(dp, ln_out), part.sum(0)
+
+
+def _proj_param_grads(dw12, s, C: int, CM: int) -> tuple:
+    """(ln_w, ln_b, w1, b1, w2, b2) gradients from ``_proj_bwd``'s outputs."""
+    return (s[2 * C: 2 * C + CM], s[2 * C + CM:], dw12[:C], s[:C], dw12[C:], s[C: 2 * C])
+
+
 def _out_rows_bwd(dout2, a, b, norm, wo, eps: float, rb: int, cdt: torch.dtype):
     """Backward of ``_out_rows_fwd`` for dout2 [Bt, R, N, C_z] (contiguous): (da [Bt, N_seq,
     R * C] in ``cdt``, db [Bt, N_seq, N * C] (fp32 when summed over several chunks), dw_out and
@@ -514,14 +556,8 @@ class _OuterProductMeanFn(torch.autograd.Function):
             else:
                 mk = mask.expand(m.shape[:-1]).reshape(Bt, S, R).to(torch.float32).contiguous()
             w12 = torch.cat([w1, w2]).to(cdt).contiguous()
-            b12 = torch.cat([b1, b2]).to(torch.float32).contiguous()
-            a = torch.empty((Bt, S, R, C), device=m.device, dtype=cdt)
-            b = torch.empty_like(a)
-            row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=is_interpreter(),
-                            BLOCK_M=_INTERP["BLOCK_M"], BLOCK_CM=next_power_of_2(CM),
-                            BLOCK_C=max(16, next_power_of_2(C)))
-            _launch(_opm_proj_fwd_kernel, _proj_fwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
-                    (m2, mk, ln_w, ln_b, w12, b12, a, b, M, CM, C, ln_eps, _bucket(M)), row_meta)
+            a, b = _proj_fwd(m2, mk, ln_w, ln_b, w12, torch.cat([b1, b2]), ln_eps, cdt)
+            a, b = a.view(Bt, S, R, C), b.view(Bt, S, R, C)
             norm = torch.bmm(mk.transpose(1, 2), mk)  # [Bt, R, R]: exact pair counts
             wo = w_out.to(cdt).contiguous()
             bo = b_out.to(torch.float32).contiguous()
@@ -536,31 +572,12 @@ class _OuterProductMeanFn(torch.autograd.Function):
         eps, ln_eps, rb, cdt, m_dtype, m_shape = ctx.meta
         Bt, S, R, C = a.shape
         CM, CZ = m2.shape[1], wo.shape[0]
-        M = Bt * S * R
-        dev = m2.device
-        interp = is_interpreter()
-        with autocast_off(dev.type):
+        with autocast_off(m2.device.type):
             dout2 = dout.reshape(Bt, R, R, CZ).contiguous()
             da, db, dwo, dbo = _out_rows_bwd(dout2, a, b, norm, wo, eps, rb, cdt)
-            dp = torch.empty((M, 2 * C), device=dev, dtype=cdt)
-            ln_out = torch.empty((M, CM), device=dev, dtype=cdt)
-            dm = torch.empty((M, CM), device=dev, dtype=m_dtype)
-            n_prog = cdiv(M, _INTERP["BLOCK_M"] if interp else _MIN_BLOCK_M)
-            part = torch.zeros((n_prog, 2 * C + 2 * CM), device=dev, dtype=torch.float32)
-            row_meta = dict(DOT_PREC=dot_precision(cdt), INTERP=interp,
-                            BLOCK_M=_INTERP["BLOCK_M"], BLOCK_CM=next_power_of_2(CM),
-                            BLOCK_C=max(16, next_power_of_2(C)))
-            _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
-                    (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part, M, CM, C, ln_eps, _bucket(M)),
-                    row_meta)
+            dm, dw12, s = _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps, cdt, m_dtype)
             del da, db
-            dw12 = _weight_grad(dp, ln_out)  # [2C, CM]
-            s = part.sum(0)
-        grads = (
-            s[2 * C: 2 * C + CM], s[2 * C + CM:],  # ln_w, ln_b
-            dw12[:C], s[:C], dw12[C:], s[C: 2 * C],  # w1, b1, w2, b2
-            dwo, dbo,  # w_out, b_out
-        )
+        grads = _proj_param_grads(dw12, s, C, CM) + (dwo, dbo)
         params = (ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
         return (dm.view(m_shape), None, None, None, None, *grads)
@@ -598,6 +615,69 @@ def outer_product_mean(
     and the eight parameters (not to the mask).
     """
     return _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps, ln_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# the projected, masked operands alone (DAP: a rank's residues, before b's all-gather)
+# ----------------------------------------------------------------------------------------------
+def outer_product_mean_projections_reference(m, mask, ln_w, ln_b, w1, b1, w2, b2, ln_eps=1e-5):
+    """OpenFold's ``OuterProductMean`` up to the outer product: ln = LayerNorm(m) (torch's
+    contract), a = (ln @ w1^T + b1) * mask, b = (ln @ w2^T + b2) * mask, for m
+    ``[*, C_m]`` and mask ``[*]`` (None: all ones) -> (a, b) ``[*, C]`` each."""
+    ln = layer_norm_torch_reference(m, ln_w, ln_b, ln_eps)
+    mk = (m.new_ones(m.shape[:-1]) if mask is None else mask).unsqueeze(-1)
+    return F.linear(ln, w1, b1) * mk, F.linear(ln, w2, b2) * mk
+
+
+class _ProjectionsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, m, mask, ln_eps, ln_w, ln_b, w1, b1, w2, b2):
+        dev = m.device.type
+        cdt = autocast_dtype(dev) or m.dtype
+        CM, C = m.shape[-1], w1.shape[0]
+        M = math.prod(m.shape[:-1])
+        with autocast_off(dev):
+            m2 = m.reshape(M, CM).contiguous()
+            mk = (torch.ones((M,), device=m.device, dtype=torch.float32) if mask is None else
+                  mask.expand(m.shape[:-1]).reshape(M).to(torch.float32).contiguous())
+            w12 = torch.cat([w1, w2]).to(cdt).contiguous()
+            a, b = _proj_fwd(m2, mk, ln_w, ln_b, w12, torch.cat([b1, b2]), ln_eps, cdt)
+        ctx.save_for_backward(m2, mk, w12, ln_w, ln_b, w1, b1, w2, b2)
+        ctx.meta = (ln_eps, cdt, m.dtype, m.shape)
+        shape = m.shape[:-1] + (C,)
+        return a.view(shape), b.view(shape)
+
+    @staticmethod
+    def backward(ctx, da, db):
+        m2, mk, w12, *params = ctx.saved_tensors
+        ln_eps, cdt, m_dtype, m_shape = ctx.meta
+        M, CM = m2.shape
+        C = w12.shape[0] // 2
+        with autocast_off(m2.device.type):  # (an unused output's gradient comes as zeros)
+            dm, dw12, s = _proj_bwd(m2, mk, params[0], params[1], w12,
+                                    da.reshape(M, C).contiguous(), db.reshape(M, C).contiguous(),
+                                    ln_eps, cdt, m_dtype)
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype)
+                 for g, p in zip(_proj_param_grads(dw12, s, C, CM), params)]
+        return (dm.view(m_shape), None, None, *grads)
+
+
+def outer_product_mean_projections(m, mask, ln_w, ln_b, w1, b1, w2, b2, ln_eps=1e-5):
+    """``outer_product_mean_projections_reference`` fused: LayerNorm, both projections and the
+    mask in one pass over m (``_opm_proj_fwd_kernel``; backward ``_opm_proj_bwd_kernel`` and one
+    weight GEMM), a and b in the compute dtype (the autocast dtype, else m's: the values
+    OpenFold's autocast einsum reads). Gradients flow to m and the six parameters."""
+    if m.dim() < 1 or w1.shape[1] != m.shape[-1] or w2.shape != w1.shape:
+        raise ValueError(f"outer_product_mean_projections: m {tuple(m.shape)} and the weights "
+                         f"{tuple(w1.shape)}, {tuple(w2.shape)} must be [*, C_m] and [C, C_m]")
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, m.shape[:-1])
+        except RuntimeError:
+            raise ValueError(f"outer_product_mean_projections: mask {tuple(mask.shape)} does not "
+                             f"broadcast to {tuple(m.shape[:-1])}") from None
+    check_launchable(m, mask)
+    return _ProjectionsFn.apply(m, mask, float(ln_eps), ln_w, ln_b, w1, b1, w2, b2)
 
 
 # ----------------------------------------------------------------------------------------------

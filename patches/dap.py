@@ -54,9 +54,9 @@ The single-process math on each shard is the op table's (``ops.attention``,
 ``ops.layer_norm``, ``ops.transition``, ``ops.global_attention``, ``ops.dropout_add``). The
 triangle multiplication is the sharded op ``ops.triangle_multiplication_sharded`` (Triton: the
 fused kernels on the shard around the all-gather). The outer product mean runs its LayerNorm
-and projections on the local residues, all-gathers b, and forms this rank's pair rows with
-``ops.outer_product_mean_rows`` (Triton: a cuBLAS GEMM per chunk of rows and the fused
-linear_out kernel, forward and backward). OpenFold's chunk-size tuner
+and projections on the local residues (``ops.outer_product_mean_projections``), all-gathers b,
+and forms this rank's pair rows with ``ops.outer_product_mean_rows`` (Triton: a cuBLAS GEMM per
+chunk of rows and the fused linear_out kernel, forward and backward). OpenFold's chunk-size tuner
 is off under DAP: ``chunk_size`` (the config's value, the same on every rank) chunks the
 row-wise computations as given.
 """
@@ -430,12 +430,12 @@ def _outer_product_mean(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
 def _outer_product_mean_impl(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
     mod = block.core.outer_product_mean
     pfx = "core.outer_product_mean"
-    mask = run.msa_mask_col.unsqueeze(-1)  # [*, S, N/P, 1]
-    ln = run.ops.layer_norm_torch(m, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
-                                  mod.layer_norm.eps)
-    a = F.linear(ln, W[f"{pfx}.linear_1.weight"], W[f"{pfx}.linear_1.bias"]) * mask
-    b = F.linear(ln, W[f"{pfx}.linear_2.weight"], W[f"{pfx}.linear_2.bias"]) * mask
-    del ln
+    # LayerNorm, both projections and the mask on the local residues (fused on GPUs: a and b
+    # in the compute dtype, so b's all-gather moves bf16 under bf16 autocast)
+    a, b = run.ops.outer_product_mean_projections(
+        m, run.msa_mask_col, W[f"{pfx}.layer_norm.weight"], W[f"{pfx}.layer_norm.bias"],
+        W[f"{pfx}.linear_1.weight"], W[f"{pfx}.linear_1.bias"], W[f"{pfx}.linear_2.weight"],
+        W[f"{pfx}.linear_2.bias"], mod.layer_norm.eps)
     pend = run.all_gather(b, -2)  # -> [*, S, N, c]
     # pair counts [*, N/P, N]
     norm = torch.einsum("...ab,...ac->...bc", run.msa_mask_col,

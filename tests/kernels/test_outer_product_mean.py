@@ -335,3 +335,62 @@ def test_rows_inference_switch_and_errors():
             outer_product_mean_rows(a, b, norm[:, :-1], ps[6], ps[7])
     with pytest.raises(ValueError, match="gradient is needed"):
         outer_product_mean_rows(a, b, norm, ps[6].requires_grad_(), ps[7], inference=True)
+
+
+# ---- the projected operands alone (DAP: before b's all-gather) -------------------------------
+@pytest.mark.parametrize("batch,n_seq,n_res,masked", [((), 5, 7, True), ((2,), 3, 4, False),
+                                                       ((), 1, 1, True)])
+def test_projections_match_reference(batch, n_seq, n_res, masked):
+    """fp32: the fused projections (a, b) and the gradients of m and all six parameters equal
+    the reference's (OpenFold's LayerNorm, Linears and mask)."""
+    from fastfold_plugin.kernels.outer_product_mean import (
+        outer_product_mean_projections,
+        outer_product_mean_projections_reference,
+    )
+
+    m, mask = random_inputs(batch, n_seq, n_res, 16, masked, seed=21)
+    ps = random_params(16, 8, 12, seed=22)[:6]
+    gen = torch.Generator().manual_seed(23)
+    ga, gb = (torch.randn(*m.shape[:-1], 8, generator=gen) for _ in range(2))
+    res = []
+    for op in (outer_product_mean_projections, outer_product_mean_projections_reference):
+        leaves = [t.detach().clone().requires_grad_() for t in (m, *ps)]
+        a, b = op(leaves[0], mask, *leaves[1:])
+        res.append([a.detach(), b.detach()] + list(torch.autograd.grad((a, b), leaves, (ga, gb))))
+    names = ("a", "b", "dm", "dln_w", "dln_b", "dw1", "db1", "dw2", "db2")
+    for name, got, exp in zip(names, *res, strict=True):
+        scale = exp.abs().max().item()
+        assert_close(got, exp, rtol=1e-4, atol=1e-5 * scale + 1e-30, max_rel=1e-5,
+                     name=f"projections {name}")
+
+
+def test_projections_bf16_and_errors():
+    """bf16 autocast: a and b come in bf16 and, with every gradient, stay within twice the
+    reference's error against an fp64 truth; mismatched weights or mask are errors."""
+    from fastfold_plugin.kernels.outer_product_mean import (
+        outer_product_mean_projections,
+        outer_product_mean_projections_reference,
+    )
+
+    m, mask = random_inputs((), 6, 9, 16, True, seed=24)
+    ps = random_params(16, 8, 12, seed=25)[:6]
+    gen = torch.Generator().manual_seed(26)
+    ga, gb = (torch.randn(*m.shape[:-1], 8, generator=gen) for _ in range(2))
+    res = {}
+    for name, op, dt, ac in (("truth", outer_product_mean_projections_reference, torch.float64,
+                              False),
+                             ("ref", outer_product_mean_projections_reference, torch.float32, True),
+                             ("got", outer_product_mean_projections, torch.float32, True)):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (m, *ps)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+            a, b = op(leaves[0], mask.to(dt), *leaves[1:])
+        grads = torch.autograd.grad((a, b), leaves, (ga.to(a.dtype), gb.to(b.dtype)))
+        res[name] = [a.detach(), b.detach()] + list(grads)
+    assert res["got"][0].dtype == torch.bfloat16
+    for i, t in enumerate(res["truth"]):
+        e_got, e_ref = rel_err(res["got"][i], t), rel_err(res["ref"][i], t)
+        assert e_got <= 2.0 * e_ref + 1e-6, f"bf16 projections output {i}: {e_got:.2e} vs {e_ref:.2e}"
+    with pytest.raises(ValueError, match="weights"):
+        outer_product_mean_projections(m, mask, ps[0], ps[1], ps[2][:, :-1], ps[3], ps[4], ps[5])
+    with pytest.raises(ValueError, match="mask"):
+        outer_product_mean_projections(m, mask[:, :-1], *ps)
