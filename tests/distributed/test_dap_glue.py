@@ -1,8 +1,9 @@
 """What the sharded block's training step launches besides its maths: no full-size slice whose
 gradient autograd would build by zero-filling a tensor and copying into it (the sharded forwards
 used to take such a slice of every unchunked input; ``benchmarks/census_dap_ops.py`` lists
-every op of a step by call site). One process, a DAP context of size 1, the reference ops: the
-sharded code path without collectives."""
+every op of a step by call site); and no axis switch of the pair tensor z (only the MSA
+switches). One process, a DAP context of size 1, the reference ops: the sharded code path
+without collectives."""
 import collections
 
 import torch
@@ -33,7 +34,7 @@ def _block():
     return randomize_parameters_(block, seed=0).train()
 
 
-def _step_ops(chunk_size):
+def _step_ops(chunk_size, switches=None):
     g = torch.Generator().manual_seed(0)
     n_seq, n_res = 5, 7
     m = torch.randn(n_seq, n_res, 16, generator=g)
@@ -45,6 +46,17 @@ def _step_ops(chunk_size):
         m_s, z_s = _enter_msa(run, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
     m_s.requires_grad_()
     z_s.requires_grad_()
+    if switches is not None:  # record what the block's synchronous switches move
+        def recorder(name):
+            fn = getattr(run, name)
+
+            def record(x):
+                switches.append((name, x.shape[-1]))
+                return fn(x)
+            return record
+
+        for name in ("to_cols", "to_rows"):
+            setattr(run, name, recorder(name))
     counter = _OpCounter()
     with counter:
         mo, zo = _msa_block_sharded(block, run, m_s, z_s)
@@ -61,3 +73,11 @@ def test_sharded_training_step_takes_no_full_size_slices():
 def test_chunked_training_step_still_slices_its_chunks():
     # the same code path with chunks: each chunk is a slice, and its gradient is built so
     assert _step_ops(chunk_size=2)["slice_backward"] > 0
+
+
+def test_pair_tensor_never_switches_axis_in_training():
+    """z stays in rows through the training block (the incoming triangle multiplication and the
+    ending-node attention run on the row shard): the one synchronous switch is the MSA's."""
+    switches = []
+    _step_ops(chunk_size=None, switches=switches)
+    assert switches == [("to_cols", 16)], switches  # (C_m 16; C_z is 8)
