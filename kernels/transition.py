@@ -221,7 +221,10 @@ def transition(
     cdt = autocast_dtype(x.device.type) or x.dtype
     out_dtype = torch.promote_types(cdt, mask.dtype)
     rows = x.shape[:-1]
-    mask_rows = mask.detach().expand(*rows, 1).reshape(-1).to(torch.promote_types(mask.dtype, cdt))
+    # (contiguous: the backward kernel reads one value per row; a reshape of a strided view, e.g.
+    # a DAP column shard's mask one column wide, can stay a strided view)
+    mask_rows = mask.detach().expand(*rows, 1).reshape(-1).to(
+        torch.promote_types(mask.dtype, cdt)).contiguous()
     return _TransitionFn.apply(x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype)
 
 

@@ -28,8 +28,11 @@ def test_dap_on_gpus_matches_one_gpu(run_workers, nprocs, args):
 
 
 @pytest.mark.parametrize("args", [dict(n_res=7, n_seq=3),
-                                  dict(n_res=8, n_seq=4, gather_chunk_bytes=64)],
-                         ids=["padded", "unpadded-chunked"])
+                                  dict(n_res=8, n_seq=4, gather_chunk_bytes=64),
+                                  # one residue per rank: the MSA transition's mask on the column
+                                  # shard is a strided view one column wide
+                                  dict(n_res=1, n_seq=2)],
+                         ids=["padded", "unpadded-chunked", "one-column-shards"])
 def test_dap_triton_ops_on_cpu_with_poisoned_memory(run_workers, args):
     results = run_workers("triton_stacks", 2, dict(args, device="cpu", poison=True), deadline=900)
     for r in results:

@@ -129,6 +129,23 @@ def test_mask_broadcast_over_rows():
         assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
+def test_strided_mask_views():
+    """Masks that are strided views whose rows flatten to a strided vector (a DAP column shard's
+    mask one column wide: [S, N, 1] cut to [S, 1, 1]; every other row of a mask): output and
+    every gradient equal the reference's (the backward reads one mask value per row)."""
+    args = make_inputs((6, 1, 16), 2, torch.float32, torch.float32, "cpu")
+    full = (torch.rand(6, 4, generator=torch.Generator().manual_seed(5)) > 0.5).float()
+    full[0, 1], full[1, 1] = 1.0, 0.0  # both values in the shard
+    for mask in (full[:, 1:2].unsqueeze(-1), full.t().reshape(4, 6, 1)[1:2].transpose(0, 1)):
+        assert not mask.is_contiguous() and mask.shape == (6, 1, 1)
+        args[1] = mask
+        out, grads, g = run(transition, args)
+        out_ref, grads_ref, _ = run(transition_reference, args, g)
+        for name, a, e in zip(("out",) + GRAD_NAMES, (out,) + grads, (out_ref,) + grads_ref,
+                              strict=True):
+            assert_close(a, e, rtol=1e-5, atol=1e-5 * e.abs().max().item(), name=name)
+
+
 def test_non_contiguous_x_and_no_weight_grads():
     args = make_inputs((6, 4, 16), 4, torch.float32, torch.float32, "cpu")
     x = args[0].detach().transpose(0, 1).requires_grad_()  # [4, 6, 16], non-contiguous
