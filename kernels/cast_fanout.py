@@ -58,7 +58,8 @@ def _sum_in_order(grads) -> torch.Tensor:
 
 def sum_fp32(grads) -> torch.Tensor:
     """sum(g.float() for g in grads) of same-shape tensors, in order, in fp32: one Triton pass
-    on GPUs (and under the interpreter; a contiguous result), torch ops elsewhere. Not
+    per four gradients on GPUs (and under the interpreter; a contiguous result), torch ops
+    elsewhere. Not
     differentiable on the kernel path (a backward's building block)."""
     return _sum_grads(grads, grads[0].shape, grads[0].device)
 

@@ -1336,8 +1336,8 @@ class _TriMulRowsFn(torch.autograd.Function):
     every k, as on one device); the output kernel as on one device.  Backward: the output
     kernel's backward gives dx; ``d(a's columns) = dx @ b^T`` goes back by the all-to-all (its
     adjoint) while ``d(b) = a's columns^T @ dx`` is formed, then reduce-scattered (the
-    all-gather's adjoint); then the projection backward.  Per call one all-to-all of a (half
-    its shard leaves the rank) and one all-gather of b, each way: the DAP block keeps z in rows
+    all-gather's adjoint); then the projection backward.  Per call one all-to-all of a
+    ((P - 1) / P of its shard leaves the rank) and one all-gather of b, each way: the DAP block keeps z in rows
     instead of switching the fp32 pair shard to columns and back around the update."""
 
     @staticmethod

@@ -162,12 +162,8 @@ class _Run:
         return self.p > 1 and self.inference
 
     def to_cols(self, x: torch.Tensor) -> torch.Tensor:
-        """Rows -> columns of a pair tensor (or the MSA), synchronously."""
+        """Rows -> columns of the MSA, synchronously (the pair tensor stays in rows)."""
         return fd.row_to_col_(x, self.group) if self.consume else fd.row_to_col(x, self.group)
-
-    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Columns -> rows, synchronously."""
-        return fd.col_to_row_(x, self.group) if self.consume else fd.col_to_row(x, self.group)
 
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's block along `dim` of a replicated (padded) input: a view of it when
@@ -467,7 +463,8 @@ def _triangle_multiplication(mod, W, pfx: str, run: _Run, z: torch.Tensor, mask:
 def _triangle_attention_rows(mod, W, pfx: str, run: _Run, x: torch.Tensor,
                              mask: torch.Tensor, into: Optional[torch.Tensor] = None):
     """Starting-node triangle attention of the rows `x` [*, N/P, N, C] (mask [*, N/P, N]); the
-    H-channel triangle bias is all-gathered. Ending-node attention is this on the rows of z^T.
+    H-channel triangle bias is all-gathered. (The ending-node attention is the same on the rows
+    of z^T, which it reaches by switching z's LayerNorm output: ``_ending_node_attention_*``.)
     With `into` (x itself: ``run.into``), the update is added into it (see ``_attend``)."""
     # (rounded to the autocast dtype once: the bias and every chunk's projections read it)
     xl = cast_once(run.ops.layer_norm(x, W[f"{pfx}.layer_norm.weight"],
@@ -510,7 +507,8 @@ def _ending_node_attention_on_rows(mod, W, pfx: str, run: _Run, z: torch.Tensor)
 def _ending_node_attention_switched(mod, W, pfx: str, run: _Run, z: torch.Tensor,
                                     drop: nn.Module, keep: Optional[torch.Tensor]) -> torch.Tensor:
     """The ending-node triangle attention of the row shard z [*, R, N, C] plus its (dropped-out)
-    residual, z keeping its layout (training, and inference outside OpenFold's in-place mode).
+    residual, z keeping its layout (training, and inference outside OpenFold's in-place mode;
+    the update is formed whole, then added).
     The attention reads z's columns only through their LayerNorm output, which every projection
     and the bias Linear round to the autocast dtype, so that output switches axis instead of z:
     ``fd.row_to_col_fanout`` rounds it once and moves half the bytes of fp32 under bf16 (its
@@ -538,8 +536,9 @@ def _ending_node_attention_switched(mod, W, pfx: str, run: _Run, z: torch.Tensor
 
 def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead) -> Optional[torch.Tensor]:
     """A pair dropout mask drawn for the full [*lead, N, N, C] update (OpenFold's shape), padded.
-    (Every pair dropout the sharded blocks apply shares its mask along the shard's split
-    dimension, so each rank uses it whole.)"""
+    (The row-wise masks of the updates added in rows are shared along the rows, so each rank
+    uses them whole; the ending-node attention's mask varies along z's rows and is cut to the
+    shard by ``_ending_node_attention_switched``.)"""
     keep = _draw_keep(drop, (*lead, run.n_res, run.n_res, like.shape[-1]), like)
     if keep is None:
         return None

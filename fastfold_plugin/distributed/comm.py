@@ -341,7 +341,7 @@ def col_to_row(x: torch.Tensor, group) -> torch.Tensor:
 class _RowToColFanout(Function):
     """x [*, I/P, J, C] -> `n` aliases of [*, J/P, I, C] (this rank's columns, transposed:
     the rows of x^T's shard), rounded to `dtype` (None: not rounded) before the all-to-all.
-    Backward: the consumers' gradients summed (rounded: in fp32, in one pass), moved back."""
+    Backward: the consumers' gradients summed (rounded: in fp32, ``sum_fp32``), moved back."""
 
     @staticmethod
     def forward(ctx, x, n, dtype, group):
@@ -382,7 +382,7 @@ def row_to_col_fanout(x: torch.Tensor, n: int, group) -> Tuple[torch.Tensor, ...
 
     Under autocast (x fp32, a lower autocast dtype) x is rounded once before the all-to-all,
     which then moves half the bytes of fp32 (bf16 / fp16), and the consumers read the values
-    autocast would give them; backward sums their gradients in fp32 in one pass
+    autocast would give them; backward sums their gradients in fp32
     (``kernels.cast_fanout.sum_fp32``) and moves that sum back to rows: x's gradient is the fp32
     sum autograd forms, up to the order of the additions. Otherwise x moves as it is. Backward
     is the exact adjoint (the all-to-all back). At group size 1: x^T's rows locally."""

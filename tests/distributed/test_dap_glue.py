@@ -55,8 +55,8 @@ def _step_ops(chunk_size, switches=None):
                 return fn(x)
             return record
 
-        for name in ("to_cols", "to_rows"):
-            setattr(run, name, recorder(name))
+        run.to_cols = recorder("to_cols")
+        run.col_to_row = recorder("col_to_row")  # (async: the MSA back to rows for the next block)
     counter = _OpCounter()
     with counter:
         mo, zo = _msa_block_sharded(block, run, m_s, z_s)
@@ -77,7 +77,8 @@ def test_chunked_training_step_still_slices_its_chunks():
 
 def test_pair_tensor_never_switches_axis_in_training():
     """z stays in rows through the training block (the incoming triangle multiplication and the
-    ending-node attention run on the row shard): the one synchronous switch is the MSA's."""
+    ending-node attention run on the row shard): the block's whole-tensor switches are the
+    MSA's, to columns and back."""
     switches = []
     _step_ops(chunk_size=None, switches=switches)
-    assert switches == [("to_cols", 16)], switches  # (C_m 16; C_z is 8)
+    assert switches == [("to_cols", 16), ("col_to_row", 16)], switches  # (C_m 16; C_z is 8)
