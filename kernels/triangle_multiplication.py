@@ -1252,6 +1252,34 @@ def _contract_rows(x3: torch.Tensor, l3: torch.Tensor, g_rows: torch.Tensor, q0:
     torch.bmm(l3, g_rows.permute(1, 2, 0), out=x3[:, :, q0:q0 + q])
 
 
+class _OutStage(NamedTuple):
+    """What the output stage's backward leaves for the input stage's (``_out_stage_bwd``)."""
+    dy: torch.Tensor
+    xn: torch.Tensor
+    dp: torch.Tensor
+    part: torch.Tensor
+    bw: "_Backward"
+
+
+def _out_stage_bwd(dout, x, z2, m2, w: TriMulWeights, pk: "_Packed", g: "_Grid", eps: float,
+                   cdt) -> tuple:
+    """A sharded Function's backward, first part: the output kernel's backward; (dx as
+    [Bt * C_h, NI, NJ], what the input stage needs)."""
+    CZ, CH = z2.shape[1], w.a_p_w.shape[0]
+    meta = _meta(cdt, g.M, CZ, CH)
+    bw = _backward_launches(g, CZ, CH, eps, meta, m2 is not None)
+    dx, dy, xn, dp, part = _out_bwd(dout.reshape(g.M, CZ).contiguous(), x, z2, w, pk, g, cdt, bw)
+    return dx.view(g.Bt * CH, g.NI, g.NJ), _OutStage(dy, xn, dp, part, bw)
+
+
+def _in_stage_bwd(z2, m2, w: TriMulWeights, pk: "_Packed", da, db, g: "_Grid", cdt, z_dtype,
+                  out: _OutStage, weights) -> tuple:
+    """A sharded Function's backward, last part: the projection backward given da and db in
+    the projection kernel's layouts; (dz [M, C_z], the 16 weights' gradients)."""
+    zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, out.dp, g, cdt, z_dtype, out.bw)
+    return dz, _param_grads(out.dp, zn, out.dy, out.xn, out.part, part_in, weights)
+
+
 class _TriMulShardedFn(torch.autograd.Function):
     """One rank's shard of the update.  Logical grid [R, N] (outgoing: z's local rows; incoming:
     the local columns, i.e. the rows of z^T, read and written in z's layout by the kernels):
@@ -1292,7 +1320,7 @@ class _TriMulShardedFn(torch.autograd.Function):
             out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
         ctx.save_for_backward(z2, m2, own, full, x, *pk, *weights)
         ctx.meta = (outgoing, eps, cdt, z.dtype, z.shape, g, comm, overlap)
-        return out.view(z.shape[:-1] + (CZ,))
+        return out.view(z.shape[:-1] + (z.shape[-1],))
 
     @staticmethod
     def backward(ctx, dout):
@@ -1300,15 +1328,11 @@ class _TriMulShardedFn(torch.autograd.Function):
         pk, weights = _Packed(*rest[:6]), rest[6:]
         w = TriMulWeights(*weights)
         outgoing, eps, cdt, z_dtype, z_shape, g, comm, overlap = ctx.meta
-        CZ, CH = z2.shape[1], w.a_p_w.shape[0]
+        CH = w.a_p_w.shape[0]
         BC, R, N = g.Bt * CH, g.NI, g.NJ
-        meta = _meta(cdt, g.M, CZ, CH)
         with torch.autocast(z2.device.type, enabled=False):
-            dout2 = dout.reshape(g.M, CZ).contiguous()
-            bw = _backward_launches(g, CZ, CH, eps, meta, m2 is not None)
-            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, cdt, bw)
+            dx3, out_stage = _out_stage_bwd(dout, x, z2, m2, w, pk, g, eps, cdt)
             del x
-            dx3 = dx.view(BC, R, N)
             # every row of G gets gradient from this rank: dG = dx^T @ L, summed over ranks by
             # the reduce-scatter (the adjoint of the all-gather), which runs during dL = dx @ G
             d_full = torch.empty_like(full)
@@ -1316,14 +1340,53 @@ class _TriMulShardedFn(torch.autograd.Function):
             d_mine = full.new_empty((R, BC, N))
             work = comm.reduce_scatter(d_mine, d_full, overlap)
             d_own = torch.bmm(dx3, full.permute(1, 0, 2)).view(g.Bt, CH, R, N)
-            del dx, dx3
+            del dx3
             work.wait()
             del d_full
             da, db = (d_own, d_mine) if outgoing else (d_mine, d_own)
-            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, z_dtype, bw)
-            del da, db, d_own, d_mine
-            grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
+            del d_own, d_mine
+            dz, grads = _in_stage_bwd(z2, m2, w, pk, da, db, g, cdt, z_dtype, out_stage, weights)
         return (dz.view(z_shape), None, None, None, None, None, None, *grads)
+
+
+class _RowsOperands(NamedTuple):
+    """The incoming update on a row shard up to its collectives (``_rows_operands``)."""
+    cdt: torch.dtype
+    out_dtype: torch.dtype
+    g: "_Grid"
+    z2: torch.Tensor
+    m2: Optional[torch.Tensor]
+    pk: "_Packed"
+    meta: dict
+    a_cols: torch.Tensor  # [N (k), Bt * C_h, R (i)]: valid once `work` is waited for
+    work: "_Work"
+    send: torch.Tensor  # a's send buffer (kept alive until `work` completes)
+    b_rows: torch.Tensor  # [R (k), Bt * C_h, N]
+
+
+def _rows_operands(z, mask, w: TriMulWeights, eps: float, comm, overlap: bool) -> _RowsOperands:
+    """The incoming update of a row shard z ``[*, R, N, C_z]``, up to its operands: the
+    projection kernel writes this rank's rows of a and b in the gathered layout
+    ``[R, Bt * C_h, N]`` (``G_SIDE`` 2) and the all-to-all that brings this rank's columns of a
+    from every rank is issued (autocast off: the caller's)."""
+    cdt, xdt, out_dtype = _dtypes(z)
+    P = comm.size
+    CZ, CH = z.shape[-1], w.a_p_w.shape[0]
+    R, N = z.shape[-3], z.shape[-2]
+    g = _Grid(math.prod(z.shape[:-3]), R, N, trans=False, g_side=2)
+    BC = g.Bt * CH
+    z2, m2 = _rows(z, mask, g.M, CZ)
+    pk = _pack(w, cdt)
+    meta = _meta(cdt, g.M, CZ, CH)
+    a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
+    b_rows = torch.empty_like(a_rows)
+    _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
+    # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)] (runs of R)
+    send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))
+    a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
+    work = comm.all_to_all(a_cols, send, overlap)
+    return _RowsOperands(cdt, out_dtype, g, z2, m2, pk, meta, a_cols.view(P * R, BC, R), work,
+                         send, b_rows)
 
 
 class _TriMulRowsFn(torch.autograd.Function):
@@ -1343,37 +1406,22 @@ class _TriMulRowsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, mask, eps, comm, overlap, *weights):
         w = TriMulWeights(*weights)
-        cdt, xdt, out_dtype = _dtypes(z)
-        P = comm.size
-        CZ, CH = z.shape[-1], w.a_p_w.shape[0]
-        R, N = z.shape[-3], z.shape[-2]
-        g = _Grid(math.prod(z.shape[:-3]), R, N, trans=False, g_side=2)
-        BC = g.Bt * CH
         with torch.autocast(z.device.type, enabled=False):
-            z2, m2 = _rows(z, mask, g.M, CZ)
-            pk = _pack(w, cdt)
-            meta = _meta(cdt, g.M, CZ, CH)
-            a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
-            b_rows = torch.empty_like(a_rows)
-            _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
-            # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)]
-            send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))
-            del a_rows
-            a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
-            work_a = comm.all_to_all(a_cols, send, overlap)
-            b_full = b_rows.new_empty((P * R, BC, N))
-            work_b = comm.all_gather(b_full, b_rows, overlap)
-            work_a.wait()
+            st = _rows_operands(z, mask, w, eps, comm, overlap)
+            g = st.g
+            b_full = st.b_rows.new_empty((comm.size * g.NI,) + st.b_rows.shape[1:])
+            work_b = comm.all_gather(b_full, st.b_rows, overlap)
+            st.work.wait()
             work_b.wait()
-            del send, b_rows
-            a_cols = a_cols.view(P * R, BC, R)
-            x = torch.empty((BC, R, N), device=z.device, dtype=xdt)
+            x = torch.empty(st.b_rows.shape[1:2] + (g.NI, g.NJ), device=z.device,
+                            dtype=st.b_rows.dtype)
+            st = st._replace(send=None, b_rows=None)  # (a's send buffer and b's rows freed)
             # [BC, R (i), N (k)] @ [BC, N (k), N (j)], both read through strides
-            torch.bmm(a_cols.permute(1, 2, 0), b_full.permute(1, 0, 2), out=x)
-            out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
-        ctx.save_for_backward(z2, m2, a_cols, b_full, x, *pk, *weights)
-        ctx.meta = (eps, cdt, z.dtype, z.shape, g, comm, overlap)
-        return out.view(z.shape[:-1] + (CZ,))
+            torch.bmm(st.a_cols.permute(1, 2, 0), b_full.permute(1, 0, 2), out=x)
+            out = _out_fwd(x, st.z2, w, st.pk, g, eps, st.meta, st.out_dtype)
+        ctx.save_for_backward(st.z2, st.m2, st.a_cols, b_full, x, *st.pk, *weights)
+        ctx.meta = (eps, st.cdt, z.dtype, z.shape, g, comm, overlap)
+        return out.view(z.shape[:-1] + (z.shape[-1],))
 
     @staticmethod
     def backward(ctx, dout):
@@ -1382,15 +1430,10 @@ class _TriMulRowsFn(torch.autograd.Function):
         w = TriMulWeights(*weights)
         eps, cdt, z_dtype, z_shape, g, comm, overlap = ctx.meta
         P = comm.size
-        CZ, CH = z2.shape[1], w.a_p_w.shape[0]
-        BC, R, N = g.Bt * CH, g.NI, g.NJ
-        meta = _meta(cdt, g.M, CZ, CH)
+        BC, R, N = g.Bt * w.a_p_w.shape[0], g.NI, g.NJ
         with torch.autocast(z2.device.type, enabled=False):
-            dout2 = dout.reshape(g.M, CZ).contiguous()
-            bw = _backward_launches(g, CZ, CH, eps, meta, m2 is not None)
-            dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, cdt, bw)
+            dx3, out_stage = _out_stage_bwd(dout, x, z2, m2, w, pk, g, eps, cdt)
             del x
-            dx3 = dx.view(BC, R, N)
             # d(a's columns) [N (k), BC, R (i)] = (dx @ b^T), block q to rank q (its rows k)
             d_cols = torch.empty_like(a_cols)
             torch.bmm(dx3, b_full.permute(1, 2, 0), out=d_cols.permute(1, 2, 0))
@@ -1399,16 +1442,14 @@ class _TriMulRowsFn(torch.autograd.Function):
             # d(b) [N (k), BC, N (j)] = a's columns^T @ dx: every rank's rows k, summed over ranks
             d_full = torch.empty_like(b_full)
             torch.bmm(a_cols.permute(1, 0, 2), dx3, out=d_full.permute(1, 0, 2))
-            del dx, dx3
+            del dx3
             db = b_full.new_empty((R, BC, N))
             work_b = comm.reduce_scatter(db, d_full, overlap)
             work_a.wait()
             da = dense_runs(d_recv.permute(1, 2, 0, 3)).view(R, BC, N)  # my rows k, every i
             work_b.wait()
             del d_cols, d_recv, d_full
-            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, z_dtype, bw)
-            del da, db
-            grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
+            dz, grads = _in_stage_bwd(z2, m2, w, pk, da, db, g, cdt, z_dtype, out_stage, weights)
         return (dz.view(z_shape), None, None, None, None, *grads)
 
 
@@ -1498,7 +1539,7 @@ def _sharded_inference(z, mask, w: TriMulWeights, outgoing: bool, eps: float, co
                               out=x[c0:c1, :, q * R:(q + 1) * R])
         own = mine = bufs = gathered = got = None  # freed before the output stage
         out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
-    return out.view(z.shape[:-1] + (CZ,))
+    return out.view(z.shape[:-1] + (z.shape[-1],))
 
 
 def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap: bool):
@@ -1512,26 +1553,15 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
     in fp32 over every k as on one device.  This spares the DAP block the two axis switches of
     z around the incoming update (the fp32 pair shard, each way) for one all-to-all of a (in
     the contraction dtype).  Peak: b's rows, a's columns, x and the two chunks."""
-    cdt, xdt, out_dtype = _dtypes(z)
     P = comm.size
-    CZ, CH = z.shape[-1], w.a_p_w.shape[0]
-    R, N = z.shape[-3], z.shape[-2]
-    g = _Grid(math.prod(z.shape[:-3]), R, N, trans=False, g_side=2)
-    BC = g.Bt * CH
     with torch.autocast(z.device.type, enabled=False):
-        z2, m2 = _rows(z, mask, g.M, CZ)
-        pk = _pack(w, cdt)
-        meta = _meta(cdt, g.M, CZ, CH)
-        a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
-        b_rows = torch.empty_like(a_rows)
-        _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
-        # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)]
-        send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))  # (runs of R)
-        a_rows = None
-        a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
-        comm.all_to_all(a_cols, send, False).wait()
-        send = None
-        at = a_cols.view(P * R, BC, R).permute(1, 2, 0)  # [BC, R (i), N (k)], strided
+        st = _rows_operands(z, mask, w, eps, comm, False)
+        st.work.wait()
+        g, b_rows, a_cols = st.g, st.b_rows, st.a_cols
+        R, N, BC = g.NI, g.NJ, b_rows.shape[1]
+        z2, pk, meta, xdt = st.z2, st.pk, st.meta, b_rows.dtype
+        st = None  # (a's send buffer freed)
+        at = a_cols.permute(1, 2, 0)  # [BC, R (i), N (k)], strided
         x = torch.empty((BC, R, N), device=z.device, dtype=xdt)
         cc = max(1, min(BC, _GATHER_CHUNK_BYTES // (P * R * N * a_cols.element_size())))
         chunks = [(c0, min(c0 + cc, BC)) for c0 in range(0, BC, cc)]
@@ -1556,8 +1586,8 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
         for (c0, c1), (got, _, _) in zip(chunks, gathered):
             torch.bmm(at[c0:c1], got.permute(1, 0, 2), out=x[c0:c1])  # [c, R, N (k)] @ [c, N, N]
         a_cols = at = b_rows = bufs = gathered = got = None  # freed before the output stage
-        out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
-    return out.view(z.shape[:-1] + (CZ,))
+        out = _out_fwd(x, z2, w, pk, g, eps, meta, _dtypes(z)[2])
+    return out.view(z.shape[:-1] + (z.shape[-1],))
 
 
 # ----------------------------------------------------------------------------------------------
