@@ -1368,23 +1368,24 @@ def _rows_operands(z, mask, w: TriMulWeights, eps: float, comm, overlap: bool) -
     """The incoming update of a row shard z ``[*, R, N, C_z]``, up to its operands: the
     projection kernel writes this rank's rows of a and b in the gathered layout
     ``[R, Bt * C_h, N]`` (``G_SIDE`` 2) and the all-to-all that brings this rank's columns of a
-    from every rank is issued (autocast off: the caller's)."""
+    from every rank is issued.  The dtypes follow the caller's autocast state."""
     cdt, xdt, out_dtype = _dtypes(z)
     P = comm.size
     CZ, CH = z.shape[-1], w.a_p_w.shape[0]
     R, N = z.shape[-3], z.shape[-2]
     g = _Grid(math.prod(z.shape[:-3]), R, N, trans=False, g_side=2)
     BC = g.Bt * CH
-    z2, m2 = _rows(z, mask, g.M, CZ)
-    pk = _pack(w, cdt)
-    meta = _meta(cdt, g.M, CZ, CH)
-    a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
-    b_rows = torch.empty_like(a_rows)
-    _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
-    # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)] (runs of R)
-    send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))
-    a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
-    work = comm.all_to_all(a_cols, send, overlap)
+    with torch.autocast(z.device.type, enabled=False):
+        z2, m2 = _rows(z, mask, g.M, CZ)
+        pk = _pack(w, cdt)
+        meta = _meta(cdt, g.M, CZ, CH)
+        a_rows = torch.empty((R, BC, N), device=z.device, dtype=xdt)  # rows k, every column
+        b_rows = torch.empty_like(a_rows)
+        _proj_fwd(z2, m2, w, pk, a_rows, b_rows, g, eps, meta)
+        # block q of a's columns goes to rank q: [P (to), R (k), BC, R (i)] (runs of R)
+        send = dense_runs(a_rows.view(R, BC, P, R).permute(2, 0, 1, 3))
+        a_cols = torch.empty_like(send)  # [P (from), R (its k), BC, R (my i)] = [N, BC, R]
+        work = comm.all_to_all(a_cols, send, overlap)
     return _RowsOperands(cdt, out_dtype, g, z2, m2, pk, meta, a_cols.view(P * R, BC, R), work,
                          send, b_rows)
 
@@ -1406,8 +1407,8 @@ class _TriMulRowsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, mask, eps, comm, overlap, *weights):
         w = TriMulWeights(*weights)
+        st = _rows_operands(z, mask, w, eps, comm, overlap)
         with torch.autocast(z.device.type, enabled=False):
-            st = _rows_operands(z, mask, w, eps, comm, overlap)
             g = st.g
             b_full = st.b_rows.new_empty((comm.size * g.NI,) + st.b_rows.shape[1:])
             work_b = comm.all_gather(b_full, st.b_rows, overlap)
@@ -1554,12 +1555,12 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
     z around the incoming update (the fp32 pair shard, each way) for one all-to-all of a (in
     the contraction dtype).  Peak: b's rows, a's columns, x and the two chunks."""
     P = comm.size
+    st = _rows_operands(z, mask, w, eps, comm, False)
     with torch.autocast(z.device.type, enabled=False):
-        st = _rows_operands(z, mask, w, eps, comm, False)
         st.work.wait()
         g, b_rows, a_cols = st.g, st.b_rows, st.a_cols
         R, N, BC = g.NI, g.NJ, b_rows.shape[1]
-        z2, pk, meta, xdt = st.z2, st.pk, st.meta, b_rows.dtype
+        z2, pk, meta, xdt, out_dtype = st.z2, st.pk, st.meta, b_rows.dtype, st.out_dtype
         st = None  # (a's send buffer freed)
         at = a_cols.permute(1, 2, 0)  # [BC, R (i), N (k)], strided
         x = torch.empty((BC, R, N), device=z.device, dtype=xdt)
@@ -1586,7 +1587,7 @@ def _sharded_inference_rows(z, mask, w: TriMulWeights, eps: float, comm, overlap
         for (c0, c1), (got, _, _) in zip(chunks, gathered):
             torch.bmm(at[c0:c1], got.permute(1, 0, 2), out=x[c0:c1])  # [c, R, N (k)] @ [c, N, N]
         a_cols = at = b_rows = bufs = gathered = got = None  # freed before the output stage
-        out = _out_fwd(x, z2, w, pk, g, eps, meta, _dtypes(z)[2])
+        out = _out_fwd(x, z2, w, pk, g, eps, meta, out_dtype)
     return out.view(z.shape[:-1] + (z.shape[-1],))
 
 

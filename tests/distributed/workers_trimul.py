@@ -175,6 +175,7 @@ def sharded_trimul(args):
                     for nm, a, o, t in zip(("out",) + names, [got[0], got[1]] + got[2],
                                            [one[0], one[1]] + one[2],
                                            [truth[0], truth[1]] + truth[2], strict=True):
+                        assert a.dtype == o.dtype, f"{tag} {shard} bf16 {nm}: dtype {a.dtype} vs {o.dtype}"
                         e_got, e_one = rel_err(a, t), rel_err(o, t)
                         assert e_got <= 2.0 * e_one + 1e-6, \
                             f"{tag} {shard} bf16 {nm}: sharded error {e_got:.2e} vs one " \
