@@ -63,16 +63,8 @@ def provider_fn(name, p, device):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__.splitlines()[0], argv)
-    device = harness.setup_device(args)
-    rec = harness.Recorder("opm_shard", args, device)
-    available = harness.available_providers(rec, args, PROVIDERS, lambda name: None)
-    for params in sweep(args):
-        for name in available:
-            row = dict(op="opm_shard", provider=name, **params, dtype="fp32-autocast")
-            harness.run_provider(rec, row, lambda n=name, p=params: provider_fn(n, p, device),
-                                 args, device)
-    rec.done()
+    harness.run_sweep("opm_shard", __doc__.splitlines()[0], PROVIDERS, sweep, provider_fn, argv,
+                      dtype="fp32-autocast")
 
 
 if __name__ == "__main__":

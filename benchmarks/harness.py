@@ -279,3 +279,20 @@ def run_provider(recorder: Recorder, row: dict, make: Callable[[], tuple], args,
     del forward, grad_inputs
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def run_sweep(benchmark: str, description: str, providers: Sequence[str],
+              sweep: Callable[[argparse.Namespace], List[dict]],
+              provider_fn: Callable[[str, dict, torch.device], tuple], argv=None, **row) -> None:
+    """A benchmark whose every provider runs on every sweep point: parse the common options,
+    then record `provider_fn(name, params, device)` -> (forward, grad_inputs) for each (params,
+    provider), rows tagged ``op=benchmark`` and `row`'s extra fields."""
+    args = parse_args(description, argv)
+    device = setup_device(args)
+    rec = Recorder(benchmark, args, device)
+    available = available_providers(rec, args, providers, lambda name: None)
+    for params in sweep(args):
+        for name in available:
+            run_provider(rec, dict(op=benchmark, provider=name, **params, **row),
+                         lambda n=name, p=params: provider_fn(n, p, device), args, device)
+    rec.done()
