@@ -165,17 +165,6 @@ class _Run:
         """Rows -> columns of the MSA, synchronously (the pair tensor stays in rows)."""
         return fd.row_to_col_(x, self.group) if self.consume else fd.row_to_col(x, self.group)
 
-    def to_cols_start(self, x: torch.Tensor) -> fd.Pending:
-        """Rows -> columns, async (the MSA's switch during the row attention)."""
-        return fd.row_to_col_start(x, self.group)
-
-    @property
-    def switch_update(self) -> bool:
-        """Whether the row attention switches the MSA to columns during its compute and its
-        update after it (async comms, not OpenFold's in-place inference): see
-        ``_msa_row_attention``."""
-        return self.async_comm and not self.consume
-
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's block along `dim` of a replicated (padded) input: a view of it when
         consuming and the block is contiguous, else a copy (``fd.scatter``)."""
@@ -347,12 +336,8 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x, n_keys: int,
                     into=into, sink=sink)
 
 
-def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor,
-                       to_cols: bool = False) -> torch.Tensor:
-    """m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z] (rows) -> m + dropout(row attention), in
-    rows; or, with `to_cols`, in columns [*, S, N/P, C_m]: then m itself switches (async, fp32)
-    while the attention computes, and only the update (the autocast dtype, half the bytes under
-    bf16) switches after it; the residual add is the same elementwise sum on the columns."""
+def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z] (rows) -> m + dropout(row attention)."""
     mod = block.msa_att_row
     lnz, lnm = mod.layer_norm_z, mod.layer_norm_m
     # the pair bias of the local pair rows, gathered: H channels, not z
@@ -360,8 +345,6 @@ def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor,
                             W["msa_att_row.layer_norm_z.bias"], lnz.eps)
     pair_bias = run.gathered_bias(zb, W["msa_att_row.linear_z.weight"])
     del zb
-    # (launched after the pair bias's gather, which the attention waits for first)
-    m_cols = run.to_cols_start(m) if to_cols else None
     ml = run.ops.layer_norm(m, W["msa_att_row.layer_norm_m.weight"],
                             W["msa_att_row.layer_norm_m.bias"], lnm.eps)
 
@@ -369,19 +352,11 @@ def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor,
     keep = _draw_keep(block.msa_dropout_layer, (*m.shape[:-3], run.n_seq, run.n_res, m.shape[-1]), m)
     if keep is not None:
         keep = fd.pad_to(keep, {-2: run.np_res})
-    into = None if to_cols else run.into(m, keep)
+    into = run.into(m, keep)
     upd = _attend(run, W, "msa_att_row.mha", mod.mha, ml, run.n_res,
                   _mask_bias(run.msa_mask_row, mod.inf, run.n_res), pair_bias, run.chunk_size,
                   into)
-    if into is not None:
-        return m
-    if to_cols:
-        # waited for before the update's switch: in backward the update's gradient then switches
-        # first (the row attention's backward needs it) and m's overlaps that backward
-        m = m_cols.wait()
-        upd = run.to_cols(upd)
-        keep = None if keep is None or keep.shape[-2] == 1 else run.block(keep, -2)
-    return _residual(run, block.msa_dropout_layer, m, upd, keep)
+    return m if into is not None else _residual(run, block.msa_dropout_layer, m, upd, keep)
 
 
 def _msa_column_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
@@ -581,10 +556,8 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
     lead = z.shape[:-3]
     drop = core.ps_dropout_row_layer
 
-    if run.switch_update:
-        m = _msa_row_attention(block, W, run, m, z, to_cols=True)  # [*, S, N/P, C_m]
-    else:
-        m = run.to_cols(_msa_row_attention(block, W, run, m, z))
+    m = _msa_row_attention(block, W, run, m, z)
+    m = run.to_cols(m)  # [*, S, N/P, C_m]
     if isinstance(block, ExtraMSABlock):
         m = _msa_column_global_attention(block, W, run, m)
     else:

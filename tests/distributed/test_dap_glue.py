@@ -34,7 +34,7 @@ def _block():
     return randomize_parameters_(block, seed=0).train()
 
 
-def _step_ops(chunk_size, switches=None, switch_update=False):
+def _step_ops(chunk_size, switches=None):
     g = torch.Generator().manual_seed(0)
     n_seq, n_res = 5, 7
     m = torch.randn(n_seq, n_res, 16, generator=g)
@@ -44,7 +44,6 @@ def _step_ops(chunk_size, switches=None, switch_update=False):
                inplace_safe=False, mask_trans=True)
     with torch.no_grad():
         m_s, z_s = _enter_msa(run, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
-    run.async_comm = switch_update  # (the switches are no-ops at size 1: the path is the same)
     m_s.requires_grad_()
     z_s.requires_grad_()
     if switches is not None:  # record what the block's synchronous switches move
@@ -52,12 +51,11 @@ def _step_ops(chunk_size, switches=None, switch_update=False):
             fn = getattr(run, name)
 
             def record(x):
-                switches.append((name, x.shape[-1], x.requires_grad))
+                switches.append((name, x.shape[-1]))
                 return fn(x)
             return record
 
         run.to_cols = recorder("to_cols")
-        run.to_cols_start = recorder("to_cols_start")
         run.col_to_row = recorder("col_to_row")  # (async: the MSA back to rows for the next block)
     counter = _OpCounter()
     with counter:
@@ -83,37 +81,4 @@ def test_pair_tensor_never_switches_axis_in_training():
     MSA's, to columns and back."""
     switches = []
     _step_ops(chunk_size=None, switches=switches)
-    assert switches == [("to_cols", 16, True), ("col_to_row", 16, True)], switches  # (C_z is 8)
-
-
-def test_row_attention_switches_its_update_with_async_comms():
-    """With async comms the MSA switches to columns while the row attention computes (started
-    before the attention: the block's input m) and the attention's update after it; the result
-    is the same sum, formed on the columns."""
-    switches = []
-    ops = _step_ops(chunk_size=None, switches=switches, switch_update=True)
-    assert switches == [("to_cols_start", 16, True), ("to_cols", 16, True),
-                        ("col_to_row", 16, True)], switches
-    assert ops["slice_backward"] == 0, dict(ops)
-    got, got_grads = _block_outputs(switch_update=True)
-    exp, exp_grads = _block_outputs(switch_update=False)
-    for a, b in zip(list(got) + got_grads, list(exp) + exp_grads):
-        assert torch.equal(a, b)
-
-
-def _block_outputs(switch_update):
-    """(outputs, gradients of the inputs and parameters) of one training step on the sharded
-    path at size 1, the dropout masks drawn from one seed."""
-    g = torch.Generator().manual_seed(1)
-    n_seq, n_res = 5, 7
-    m = torch.randn(n_seq, n_res, 16, generator=g, requires_grad=True)
-    z = torch.randn(n_res, n_res, 8, generator=g, requires_grad=True)
-    block = _block()
-    run = _Run(fd.DAPContext(), get_ops("reference"), n_res, n_seq, None,
-               inplace_safe=False, mask_trans=True)
-    run.async_comm = switch_update
-    ms, zs = _enter_msa(run, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
-    torch.manual_seed(2)
-    mo, zo = _msa_block_sharded(block, run, ms, zs)
-    (mo.pow(2).sum() + zo.pow(2).sum()).backward()
-    return (mo, zo), [m.grad, z.grad] + [p.grad for p in block.parameters()]
+    assert switches == [("to_cols", 16), ("col_to_row", 16)], switches  # (C_m 16; C_z is 8)
