@@ -25,6 +25,7 @@ _OP_MODULES: Dict[str, str] = {
     "global_attention": "global_attention",
     "dropout_add": "dropout_add",
     "cast_fanout": "cast_fanout",
+    "linear": "linear",
 }
 
 class _OpTable:

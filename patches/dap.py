@@ -318,13 +318,13 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x, n_keys: int,
         v = heads(F.linear(xs[2][..., :n_keys, :], wv))
         gate = None
         if gw is not None:
-            g = F.linear(xs[3], gw, gb)
+            g = run.ops.linear(xs[3], gw, gb)
             gate = g.view(g.shape[:-1] + (h, -1))
         xc = xs = None  # the rounded copies are not needed past the projections
         if callable(pb):
             pb = pb()
         o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate)
-        return F.linear(o.flatten(-2), wo, bo)
+        return run.ops.linear(o.flatten(-2), wo, bo)
 
     xs = (x,) if isinstance(x, torch.Tensor) else tuple(x)
     if len(xs) not in (1, 3 if gw is None else 4):

@@ -123,12 +123,12 @@ def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
     q = q / math.sqrt(mha.c_hidden)
     gate = None
     if mha.linear_g is not None:
-        g = mha.linear_g(xq[1])
+        g = ops.linear(xq[1], mha.linear_g.weight, mha.linear_g.bias)
         gate = g.view(g.shape[:-1] + (h, -1))
     q_x = kv_x = xq = xkv = xs = None  # the rounded copies are not needed past the projections
     # [*, Q, H, C_hidden]
     o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate)
-    return mha.linear_o(flatten_final_dims(o, 2))
+    return ops.linear(flatten_final_dims(o, 2), mha.linear_o.weight, mha.linear_o.bias)
 
 
 def attention_forward(self: Attention, q_x, kv_x, biases=None, use_memory_efficient_kernel=False,

@@ -1,0 +1,106 @@
+"""kernels/linear.py: a Linear whose bias gradient is the column-sum kernel's, against
+``F.linear`` (the reference): the forward bit for bit, dx and dW as autograd forms them, the bias
+gradient as the same fp32 sum in another order."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastfold_plugin.kernels import get_ops
+from fastfold_plugin.kernels import linear as lin
+
+
+def _case(lead, c_in, c_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, c_in, generator=g)
+    w = torch.randn(c_out, c_in, generator=g) / c_in ** 0.5
+    b = torch.randn(c_out, generator=g)
+    dout = torch.randn(*lead, c_out, generator=g)
+    return x, w, b, dout
+
+
+def _run(backend, x0, w0, b0, dout, autocast_dtype):
+    x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    h = x * 1.0  # not a leaf (an activation)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        out = get_ops(backend).linear(h, w, b)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16-autocast", "fp16-autocast"])
+@pytest.mark.parametrize("lead,c_in,c_out", [((3, 37), 24, 16), ((2, 5, 7), 8, 200), ((1,), 4, 3)],
+                         ids=["rows-111", "batch-wide-out", "one-row"])
+def test_matches_reference(autocast_dtype, lead, c_in, c_out):
+    x, w, b, dout = _case(lead, c_in, c_out, seed=c_out)
+    ref = _run("reference", x, w, b, dout, autocast_dtype)
+    got = _run("triton", x, w, b, dout, autocast_dtype)
+    assert torch.equal(got[0], ref[0]) and got[0].dtype == ref[0].dtype  # the same F.linear
+    for name, a, e in zip(("dx", "dW"), got[1:3], ref[1:3]):
+        assert a.dtype == e.dtype == torch.float32, name
+        torch.testing.assert_close(a, e, rtol=0, atol=0, msg=name)  # autograd's own GEMMs
+    assert got[3].dtype == torch.float32
+    if autocast_dtype is None:  # fp32 sums of the same terms in another order
+        torch.testing.assert_close(got[3], ref[3], rtol=1e-5, atol=1e-5, msg="db")
+    else:  # each an fp32 sum rounded once to the autocast dtype: at most one step apart
+        step = 2.0 ** (-7 if autocast_dtype == torch.bfloat16 else -10)
+        assert ((got[3] - ref[3]).abs() <= ref[3].abs() * step + 1e-6).all(), (got[3], ref[3])
+
+
+def test_column_sum_is_an_fp32_sum_rounded_once():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(5000, 70, generator=g).to(torch.bfloat16)  # several programs, partial tiles
+    got = lin.column_sum(t, torch.bfloat16)
+    exact = t.double().sum(0)
+    assert got.dtype == torch.bfloat16
+    # within one bf16 rounding of the exact sum (an fp32 sum of 5000 terms is far closer)
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+    assert torch.equal(lin.column_sum(t[:0], torch.float32), torch.zeros(70))
+
+
+def test_no_grad_and_no_bias_are_plain_linear(monkeypatch):
+    calls = []
+    monkeypatch.setattr(lin._LinearFn, "apply", lambda *a: calls.append(a) or F.linear(*a))
+    x, w, b, _ = _case((4,), 6, 5, seed=0)
+    with torch.no_grad():
+        assert torch.equal(lin.linear(x, w.requires_grad_(), b), F.linear(x, w, b))
+    assert torch.equal(lin.linear(x, w, None), F.linear(x, w))
+    assert not calls
+    lin.linear(x, w, b)
+    assert len(calls) == 1
+
+
+def test_double_backward_is_refused():
+    x, w, b, _ = _case((3,), 4, 2, seed=1)
+    x.requires_grad_()
+    out = lin.linear(x, w, b.requires_grad_())
+    (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,c", [(512 * 384, 256), (384 * 384, 128), (1, 8)])
+def test_gpu_matches_reference(rows, c):
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, c, generator=g).to(dev)
+    w = (torch.randn(c, c, generator=g) / c ** 0.5).to(dev)
+    b = torch.randn(c, generator=g).to(dev)
+    dout = torch.randn(rows, c, generator=g).to(dev)
+    ref = _run_dev("reference", x, w, b, dout)
+    got = _run_dev("triton", x, w, b, dout)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=0)
+    # db: bf16 roundings of fp32 sums in different orders: at most one bf16 step apart
+    assert ((got[3] - ref[3]).abs() <= ref[3].abs() * 2 ** -7 + 1e-3).all()
+
+
+def _run_dev(backend, x0, w0, b0, dout):
+    x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = get_ops(backend).linear(x * 1.0, w, b)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), x.grad, w.grad, b.grad
