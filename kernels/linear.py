@@ -13,7 +13,15 @@ Precision contract: forward exactly ``F.linear`` in the dtype autocast would run
 and bias rounded to the autocast dtype first, as autocast does); dx and dW as autograd computes
 them; the bias gradient summed in fp32 and rounded once to the bias's compute dtype, as torch's
 sum does (only the order of the fp32 additions differs). ``linear_reference`` is ``F.linear``.
-Without gradients, or on a CPU without the interpreter, ``linear`` is ``F.linear``.
+Without gradients, without a trainable bias, for fp64, or on a CPU without the interpreter,
+``linear`` is ``F.linear``.
+
+Differences from autograd's F.linear: under autocast with its cache on, a leaf weight used by
+several calls in one autocast region is rounded once by autocast and its gradients summed in
+bf16; here each call rounds it and the gradients are summed in fp32 by the accumulation (only
+when the same Linear runs on several chunks in training, which OpenFold's training configs do
+not do). The backward is once-differentiable (double backward raises), and forward-mode AD and
+``torch.func`` transforms are not supported.
 
 Host time: the launch geometry is worked out once per (rows, channels, device, interpreter).
 """
@@ -72,6 +80,8 @@ def column_sum(g2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     m, c = g2.shape
     if m == 0:
         return g2.new_zeros((c,), dtype=out_dtype)
+    if g2.stride(1) != 1 and c > 1:
+        raise ValueError(f"column_sum: g2 needs a unit column stride, got strides {g2.stride()}")
     plan = _plan(m, c, g2.device, is_interpreter())
     part = torch.empty((plan.grid[0], c), dtype=torch.float32, device=g2.device)
     _column_sum_kernel[plan.grid](g2, part, m, c, g2.stride(0), plan.rows_per_program,
@@ -84,7 +94,10 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # what the backward reads, as autograd's addmm saves it: x for dW, the weight for dx
+        ctx.save_for_backward(x if weight.requires_grad else None,
+                              weight if x.requires_grad else None)
+        ctx.x_shape = x.shape
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -96,7 +109,7 @@ class _LinearFn(torch.autograd.Function):
             g2 = g2.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = (g2 @ weight).view(x.shape)
+            dx = (g2 @ weight).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dw = g2.t() @ x.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[2]:
@@ -111,16 +124,18 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor,
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; in training with a bias, its gradient by the column-sum
-    kernel (see the module docstring)."""
-    if (bias is None or not torch.is_grad_enabled()
-            or not (x.requires_grad or weight.requires_grad or bias.requires_grad)
-            or not (x.is_cuda or is_interpreter())):
+    """``F.linear(x, weight, bias)``; when the bias needs a gradient, that gradient by the
+    column-sum kernel (see the module docstring). ``F.linear`` itself without gradients, without
+    a trainable bias, for fp64 or empty tensors, and on a CPU without the interpreter."""
+    if (bias is None or not bias.requires_grad or not torch.is_grad_enabled()
+            or not (x.is_cuda or is_interpreter()) or weight.shape[0] == 0
+            or torch.float64 in (x.dtype, weight.dtype, bias.dtype)):
         return F.linear(x, weight, bias)
     dt = autocast_dtype(x.device.type)
-    if dt is not None:
-        # as autocast: every floating input rounded to its dtype (no-ops where already)
-        x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
-        with torch.autocast(x.device.type, enabled=False):
-            return _LinearFn.apply(x, weight, bias)
-    return _LinearFn.apply(x, weight, bias)
+    if dt is None:
+        return _LinearFn.apply(x, weight, bias)
+    # as autocast: the inputs rounded to its dtype (no-ops where they are already), each call
+    # (autocast would reuse one cached cast of a leaf weight across calls in one region)
+    x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearFn.apply(x, weight, bias)

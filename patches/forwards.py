@@ -95,6 +95,20 @@ def head_bias(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(weight.expand(xt.shape[:-2] + weight.shape), xt)
 
 
+def _plain_linear(mod: nn.Module) -> bool:
+    """Whether calling `mod` is ``F.linear`` of its own weight and bias: an ``nn.Linear``
+    forward (OpenFold's Linear keeps torch's) with no module hooks, local or global."""
+    return (type(mod).forward is nn.Linear.forward and not mod._forward_hooks
+            and not mod._forward_pre_hooks and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
+def _project(ops, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mod(x)``: the op table's ``linear`` (its bias gradient fused) for a plain Linear, the
+    module itself otherwise (a wrapper or a hook sees its call as in stock OpenFold)."""
+    return ops.linear(x, mod.weight, mod.bias) if _plain_linear(mod) else mod(x)
+
+
 def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
          mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """OpenFold's Attention (projections, gated biased attention, output projection).
@@ -123,12 +137,12 @@ def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
     q = q / math.sqrt(mha.c_hidden)
     gate = None
     if mha.linear_g is not None:
-        g = ops.linear(xq[1], mha.linear_g.weight, mha.linear_g.bias)
+        g = _project(ops, mha.linear_g, xq[1])
         gate = g.view(g.shape[:-1] + (h, -1))
     q_x = kv_x = xq = xkv = xs = None  # the rounded copies are not needed past the projections
     # [*, Q, H, C_hidden]
     o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate)
-    return ops.linear(flatten_final_dims(o, 2), mha.linear_o.weight, mha.linear_o.bias)
+    return _project(ops, mha.linear_o, flatten_final_dims(o, 2))
 
 
 def attention_forward(self: Attention, q_x, kv_x, biases=None, use_memory_efficient_kernel=False,

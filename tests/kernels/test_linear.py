@@ -30,8 +30,9 @@ def _run(backend, x0, w0, b0, dout, autocast_dtype):
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16-autocast", "fp16-autocast"])
-@pytest.mark.parametrize("lead,c_in,c_out", [((3, 37), 24, 16), ((2, 5, 7), 8, 200), ((1,), 4, 3)],
-                         ids=["rows-111", "batch-wide-out", "one-row"])
+@pytest.mark.parametrize("lead,c_in,c_out", [((3, 37), 24, 16), ((2, 5, 7), 8, 200), ((1,), 4, 3),
+                                             ((2, 2100), 8, 5)],
+                         ids=["rows-111", "batch-wide-out", "one-row", "several-tiles-a-program"])
 def test_matches_reference(autocast_dtype, lead, c_in, c_out):
     x, w, b, dout = _case(lead, c_in, c_out, seed=c_out)
     ref = _run("reference", x, w, b, dout, autocast_dtype)
@@ -46,6 +47,58 @@ def test_matches_reference(autocast_dtype, lead, c_in, c_out):
     else:  # each an fp32 sum rounded once to the autocast dtype: at most one step apart
         step = 2.0 ** (-7 if autocast_dtype == torch.bfloat16 else -10)
         assert ((got[3] - ref[3]).abs() <= ref[3].abs() * step + 1e-6).all(), (got[3], ref[3])
+
+
+@pytest.mark.parametrize("frozen", ["x", "weight", "none"])
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
+def test_strided_input_and_frozen_operands(frozen, layout):
+    """A transposed input (as OpenFold's column attention projects m transposed), and x or the
+    weight without a gradient: the same values and gradients as F.linear, and only the tensors
+    the backward reads are saved (as autograd's addmm)."""
+    x0, w0, b0, dout = _case((6, 5), 12, 7, seed=11)
+    x = x0.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(frozen != "x")
+    if layout == "contiguous":
+        x = x.detach().contiguous().requires_grad_(frozen != "x")
+    w = w0.clone().requires_grad_(frozen != "weight")
+    b = b0.clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    def run(fn):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(x * 1.0 if frozen != "x" else x, w, b)
+        grads = torch.autograd.grad(out, [t for t in (x, w, b) if t.requires_grad], dout)
+        return out, grads
+
+    out_r, grads_r = run(F.linear)
+    n_ref = len(saved)
+    saved.clear()
+    out_t, grads_t = run(lin.linear)
+    assert torch.equal(out_t, out_r)
+    for a, e in zip(grads_t, grads_r):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    assert len(saved) == n_ref, (saved, n_ref)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_under_activation_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    x0, w0, b0, dout = _case((4, 9), 6, 5, seed=12)
+
+    def grads(fn, ckpt):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = (checkpoint(fn, x * 1.0, w, b, use_reentrant=reentrant) if ckpt
+                   else fn(x * 1.0, w, b))
+        out.backward(dout.to(out.dtype))
+        return [out.detach(), x.grad, w.grad, b.grad]
+
+    for a, e in zip(grads(lin.linear, True), grads(lin.linear, False)):
+        assert torch.equal(a, e)
 
 
 def test_column_sum_is_an_fp32_sum_rounded_once():
@@ -67,7 +120,9 @@ def test_no_grad_and_no_bias_are_plain_linear(monkeypatch):
         assert torch.equal(lin.linear(x, w.requires_grad_(), b), F.linear(x, w, b))
     assert torch.equal(lin.linear(x, w, None), F.linear(x, w))
     assert not calls
-    lin.linear(x, w, b)
+    lin.linear(x, w, b)  # the bias needs no gradient: nothing to fuse
+    assert not calls
+    lin.linear(x, w, b.requires_grad_())
     assert len(calls) == 1
 
 
