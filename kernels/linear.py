@@ -34,7 +34,14 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._triton_utils import autocast_dtype, cdiv, check_devices, is_interpreter, max_programs
+from ._triton_utils import (
+    autocast_dtype,
+    cdiv,
+    check_devices,
+    is_interpreter,
+    max_programs,
+    next_power_of_2,
+)
 
 
 @triton.jit
@@ -64,7 +71,7 @@ class _Plan(NamedTuple):
 def _plan(m: int, c: int, device: torch.device, interp: bool) -> _Plan:
     """The launch geometry of the column sum of `m` (> 0) rows of `c` channels on `device`."""
     check_devices(device)
-    block_c = min(triton.next_power_of_2(c), 128)
+    block_c = min(next_power_of_2(c), 128)
     block_m = max(1, min(64, (32768 if interp else 4096) // block_c))
     col_blocks = cdiv(c, block_c)
     n_tiles = cdiv(m, block_m)
