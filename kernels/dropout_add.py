@@ -18,8 +18,13 @@ gets no gradient.
 
 Host time. A block step calls this ~15 times on small tensors, so the Python around a launch
 counts. The launch geometry (the mask's broadcast folded against the output, block sizes, grid,
-every scalar argument) is worked out once per (output shape, mask shape and strides, devices,
-interpreter or not) by ``_plan``; the backward launches with its forward's plan.
+every scalar argument) is worked out once per (output shape, mask shape and strides, the
+residual's or the gradient's strides, devices, interpreter or not) by ``_plan``.
+
+Layouts: the output is written in the residual's layout when the residual is a permuted dense
+tensor (a transposed view: OpenFold's ending-node attention adds its update to z transposed),
+so neither the residual nor, transposed back, the output needs a copy; the output's gradient is
+read in whatever layout it comes in. Other layouts are made contiguous first.
 """
 import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -59,38 +64,53 @@ def _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner):
 
 
 @triton.jit
+def _strided_offsets(rows, cols, n_inner, R1, R2, s0, s1, s2, s_inner, STRIDED: tl.constexpr):
+    """Offsets of the [rows, cols] tile in a tensor with the collapsed strides (s0, s1, s2,
+    s_inner) (``STRIDED``), or in the contiguous output layout."""
+    if STRIDED:
+        r2 = rows % R2
+        t = rows // R2
+        return (t // R1 * s0 + t % R1 * s1 + r2 * s2)[:, None] + cols[None, :] * s_inner
+    else:
+        return rows[:, None] * n_inner + cols[None, :]
+
+
+@triton.jit
 def _dropout_add_fwd_kernel(
     RES, UPD, KEEP, OUT,
-    n_rows, n_inner, R1, R2, k0, k1, k2, k_inner,
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    n_rows, n_inner, R1, R2, k0, k1, k2, k_inner, s0, s1, s2, s_inner,
+    STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     """OUT = RES + round_upd(UPD * KEEP) over a [BLOCK_R, BLOCK_I] tile of the [n_rows, n_inner]
-    view of the contiguous output."""
+    view of the output. UPD is contiguous; RES and OUT share one layout (RES's: strides s*
+    when ``STRIDED``, e.g. a transposed view, else contiguous)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok = (rows < n_rows)[:, None] & (cols < n_inner)[None, :]
     offs = rows[:, None] * n_inner + cols[None, :]
+    s_offs = _strided_offsets(rows, cols, n_inner, R1, R2, s0, s1, s2, s_inner, STRIDED)
     keep = tl.load(KEEP + _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner), mask=ok, other=0.0)
     u = tl.load(UPD + offs, mask=ok, other=0.0)
     prod = (u.to(tl.float32) * keep.to(tl.float32)).to(u.dtype)  # in place in update's dtype
-    res = tl.load(RES + offs, mask=ok, other=0.0)
+    res = tl.load(RES + s_offs, mask=ok, other=0.0)
     out = res.to(tl.float32) + prod.to(tl.float32)
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
+    tl.store(OUT + s_offs, out.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _dropout_add_bwd_kernel(
     G, KEEP, DUPD,
-    n_rows, n_inner, R1, R2, k0, k1, k2, k_inner,
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    n_rows, n_inner, R1, R2, k0, k1, k2, k_inner, s0, s1, s2, s_inner,
+    STRIDED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    """DUPD = round_upd(round_upd(G) * KEEP)."""
+    """DUPD = round_upd(round_upd(G) * KEEP); G in strides s* when ``STRIDED``, DUPD contiguous."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     ok = (rows < n_rows)[:, None] & (cols < n_inner)[None, :]
     offs = rows[:, None] * n_inner + cols[None, :]
     keep = tl.load(KEEP + _keep_offsets(rows, cols, R1, R2, k0, k1, k2, k_inner), mask=ok, other=0.0)
-    g = tl.load(G + offs, mask=ok, other=0.0).to(DUPD.dtype.element_ty)
+    g = tl.load(G + _strided_offsets(rows, cols, n_inner, R1, R2, s0, s1, s2, s_inner, STRIDED),
+                mask=ok, other=0.0).to(DUPD.dtype.element_ty)
     d = g.to(tl.float32) * keep.to(tl.float32)
     tl.store(DUPD + offs, d.to(DUPD.dtype.element_ty), mask=ok)
 
@@ -102,71 +122,103 @@ class _Plan(NamedTuple):
     """A call's launch geometry (see ``_plan``)."""
     expand_keep: bool  # the kernels take keep expanded to the output's shape and made contiguous
     grid: tuple
-    args: tuple        # n_rows, n_inner, R1, R2, k0, k1, k2, k_inner
-    kwargs: dict       # BLOCK_R, BLOCK_I
+    args: tuple        # n_rows, n_inner, R1, R2, k0, k1, k2, k_inner, s0, s1, s2, s_inner
+    kwargs: dict       # STRIDED, BLOCK_R, BLOCK_I
+
+
+def _contiguous_strides(shape) -> tuple:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(shape: torch.Size, keep_shape: torch.Size, keep_strides: tuple,
-          devices: Tuple[torch.device, ...], interp: bool) -> _Plan:
-    """The launch geometry for the contiguous output of `shape` and a keep-mask of `keep_shape`
-    and `keep_strides` broadcast to it, for tensors on `devices` (residual, update, keep), under
-    the interpreter (`interp`) or not. Raises (and caches nothing) for a device the kernels cannot
-    run on."""
+def _plan(shape: torch.Size, keep_shape: torch.Size, keep_strides: tuple, strides: tuple,
+          devices: Tuple[torch.device, ...], interp: bool) -> Optional[_Plan]:
+    """The launch geometry for an output of `shape`, a keep-mask of `keep_shape` and
+    `keep_strides` broadcast to it, and one strided operand of `strides` (the residual and the
+    output forward, the output's gradient backward; the update and its gradient are
+    contiguous), for tensors on `devices`, under the interpreter (`interp`) or not. None when
+    the strided operand's layout takes more dims than the kernels address (the caller makes it
+    contiguous). Raises (and caches nothing) for a device the kernels cannot run on."""
     check_devices(*devices)
     keep = torch.empty_strided(keep_shape, keep_strides, device="meta")
-    sizes, (strides,) = collapse_dims(shape, [broadcast_strides(keep, shape)])
+    contig = _contiguous_strides(shape)
+    strided = tuple(strides) != contig
+    cols = [broadcast_strides(keep, shape), contig] + ([list(strides)] if strided else [])
+    sizes, collapsed = collapse_dims(shape, cols)
     expand_keep = len(sizes) > 4  # more than 3 alternating shared / not shared outer groups: rare
     if expand_keep:
+        if strided:
+            return None
         keep = keep.expand(shape).contiguous()
-        sizes, (strides,) = collapse_dims(shape, [keep.stride()])
-    dims = list(zip(sizes, strides, strict=True)) or [(1, 0)]
-    outer = [(1, 0)] * (4 - len(dims)) + dims[:-1]
-    (r0, k0), (r1, k1), (r2, k2) = outer
-    n_inner, k_inner = dims[-1]
+        sizes, collapsed = collapse_dims(shape, [keep.stride(), contig])
+    k_strides = collapsed[0]
+    s_strides = collapsed[2] if strided else collapsed[1]
+    dims = list(zip(sizes, k_strides, s_strides, strict=True)) or [(1, 0, 1)]
+    outer = [(1, 0, 0)] * (4 - len(dims)) + dims[:-1]
+    (r0, k0, s0), (r1, k1, s1), (r2, k2, s2) = outer
+    n_inner, k_inner, s_inner = dims[-1]
     n_rows = r0 * r1 * r2
     block_i = min(next_power_of_2(n_inner), 1024)
     elems = 16384 if interp else 2048
     block_r = max(1, min(elems // block_i, next_power_of_2(n_rows)))
     grid = (cdiv(n_rows, block_r), cdiv(n_inner, block_i))
-    return _Plan(expand_keep, grid, (n_rows, n_inner, r1, r2, k0, k1, k2, k_inner),
-                 dict(BLOCK_R=block_r, BLOCK_I=block_i))
+    return _Plan(expand_keep, grid,
+                 (n_rows, n_inner, r1, r2, k0, k1, k2, k_inner, s0, s1, s2, s_inner),
+                 dict(STRIDED=strided, BLOCK_R=block_r, BLOCK_I=block_i))
 
 
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
+def _keep_arg(keep: torch.Tensor, shape, plan: _Plan) -> torch.Tensor:
+    return keep.expand(shape).contiguous() if plan.expand_keep else keep
+
+
 class _DropoutAddFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, residual, update, keep):
         out_dtype = torch.promote_types(residual.dtype, update.dtype)
-        res = residual.contiguous()
         upd = update.contiguous()
         shape = update.shape
-        out = torch.empty(shape, dtype=out_dtype, device=update.device)
-        plan = None  # none for an empty output: nothing to launch, forward or backward
+        devices = (residual.device, upd.device, keep.device)
+        interp = is_interpreter()
+        # the output in the residual's layout when the residual is a permuted dense tensor (e.g.
+        # OpenFold's transposed z around the ending-node attention): no copy of the residual, and
+        # the output transposed back is contiguous again
+        out = torch.empty_like(residual, dtype=out_dtype)
+        res, plan = residual, None
         if out.numel() > 0:
-            plan = _plan(shape, keep.shape, keep.stride(), (res.device, upd.device, keep.device),
-                         is_interpreter())
+            if out.stride() == residual.stride():
+                plan = _plan(shape, keep.shape, keep.stride(), residual.stride(), devices, interp)
+            if plan is None:
+                res = residual.contiguous()
+                out = torch.empty(shape, dtype=out_dtype, device=update.device)
+                plan = _plan(shape, keep.shape, keep.stride(), out.stride(), devices, interp)
             _dropout_add_fwd_kernel[plan.grid](
-                res, upd, keep.expand(shape).contiguous() if plan.expand_keep else keep, out,
-                *plan.args, **plan.kwargs,
+                res, upd, _keep_arg(keep, shape, plan), out, *plan.args, **plan.kwargs,
                 enable_fp_fusion=False,  # mul and add rounded separately, as OpenFold's two ops
             )
         ctx.save_for_backward(keep)
-        ctx.meta = (shape, residual.dtype, update.dtype, plan)
+        ctx.meta = (shape, residual.dtype, update.dtype, devices, interp)
         return out
 
     @staticmethod
     def backward(ctx, g):
         (keep,) = ctx.saved_tensors
-        shape, res_dtype, upd_dtype, plan = ctx.meta
+        shape, res_dtype, upd_dtype, devices, interp = ctx.meta
         d_res = g if g.dtype == res_dtype else g.to(res_dtype)
         d_upd = torch.empty(shape, dtype=upd_dtype, device=g.device)
-        if plan is not None:
+        if d_upd.numel() > 0:
+            plan = _plan(shape, keep.shape, keep.stride(), g.stride(), devices, interp)
+            if plan is None:
+                g = g.contiguous()
+                plan = _plan(shape, keep.shape, keep.stride(), g.stride(), devices, interp)
             _dropout_add_bwd_kernel[plan.grid](
-                g.contiguous(), keep.expand(shape).contiguous() if plan.expand_keep else keep,
-                d_upd, *plan.args, **plan.kwargs,
+                g, _keep_arg(keep, shape, plan), d_upd, *plan.args, **plan.kwargs,
             )
         return d_res, d_upd, None
 

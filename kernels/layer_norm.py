@@ -31,6 +31,7 @@ from ._triton_utils import (
     autocast_dtype,
     cdiv,
     check_devices,
+    collapse_dims,
     is_interpreter,
     max_programs,
     next_power_of_2,
@@ -43,18 +44,30 @@ MAX_C = 16384  # one row is one block of registers
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _row_offsets(rows, stride, R_IN, stride_in, TWO_LEVEL: tl.constexpr):
+    if TWO_LEVEL:
+        return (rows // R_IN) * stride + (rows % R_IN) * stride_in
+    else:
+        return rows * stride
+
+
+@triton.jit
 def _layer_norm_fwd_kernel(
     X, W, B, Y, MEAN, RSTD,
-    M, C, stride_x, stride_y, eps,
+    M, C, stride_x, stride_y, eps, R_IN, stride_x_in,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STORE_STATS: tl.constexpr,
+    TWO_LEVEL: tl.constexpr,
 ):
-    """Y[r] = (X[r] - mean) * rstd * W + B for BLOCK_M rows of length C; fp32 statistics."""
+    """Y[r] = (X[r] - mean) * rstd * W + B for BLOCK_M rows of length C; fp32 statistics.
+    X's row r is at r * stride_x, or with ``TWO_LEVEL`` at (r // R_IN) * stride_x +
+    (r % R_IN) * stride_x_in (a transposed view: see ``_row_layout``)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < M
     col_ok = cols < C
     ok = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    x_rows = _row_offsets(rows, stride_x, R_IN, stride_x_in, TWO_LEVEL)
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(ok, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
@@ -71,10 +84,11 @@ def _layer_norm_fwd_kernel(
 @triton.jit
 def _layer_norm_bwd_kernel(
     X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART,
-    M, C, stride_x, stride_dy, stride_dx, rows_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C, stride_x, stride_dy, stride_dx, rows_per_program, R_IN, stride_x_in, stride_dx_in,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TWO_LEVEL: tl.constexpr,
 ):
     """dx for `rows_per_program` rows, and this program's partial sums of dweight and dbias.
+    X and DX rows as in the forward (``TWO_LEVEL``: each with its own strides, one R_IN).
 
     xhat = (x - mean) * rstd;  dx = rstd * (w*dy - mean_c(w*dy * xhat) * xhat - mean_c(w*dy));
     dweight = sum_rows dy * xhat;  dbias = sum_rows dy.
@@ -90,7 +104,8 @@ def _layer_norm_bwd_kernel(
         rows = row0 + i + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        x_rows = _row_offsets(rows, stride_x, R_IN, stride_x_in, TWO_LEVEL)
+        x = tl.load(X + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
@@ -99,7 +114,8 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(xhat * wdy, axis=1) / C
         c2 = tl.sum(wdy, axis=1) / C
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+        dx_rows = _row_offsets(rows, stride_dx, R_IN, stride_dx_in, TWO_LEVEL)
+        tl.store(DX + dx_rows[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
         dw_acc += tl.sum(dy * xhat, axis=0)
         db_acc += tl.sum(dy, axis=0)
     tl.store(DW_PART + pid * C + cols, dw_acc, mask=col_ok)
@@ -176,16 +192,54 @@ def _bwd_plan(m: int, c: int, device: torch.device, interp: bool) -> _BwdPlan:
     )
 
 
+class RowLayout(NamedTuple):
+    """Where row r (of m) of a [*, C] tensor with unit column stride starts: r * stride, or,
+    when `r_in` is set, (r // r_in) * stride + (r % r_in) * stride_in."""
+    m: int
+    stride: int
+    r_in: Optional[int] = None
+    stride_in: int = 0
+
+
+def _row_layout(x: torch.Tensor) -> Optional[RowLayout]:
+    """x's rows as a ``RowLayout`` without a copy (unit column stride, rows that collapse to at
+    most two strided dims: any contiguous tensor, and transposed views such as OpenFold's
+    ``m.transpose(-2, -3)`` or ``z.transpose(-2, -3)``), else None."""
+    c = x.shape[-1]
+    if x.stride(-1) != 1 and c > 1:
+        return None
+    m = x.numel() // c if c else 0
+    sizes, (strides,) = collapse_dims(x.shape[:-1], [x.stride()[:-1]])
+    if len(sizes) == 0:
+        return RowLayout(m, c)
+    if len(sizes) == 1:
+        return RowLayout(m, strides[0])
+    if len(sizes) == 2:
+        return RowLayout(m, strides[0], sizes[1], strides[1])
+    return None
+
+
+def _kernel_rows(layout: RowLayout) -> tuple:
+    """(stride, R_IN, stride_in, TWO_LEVEL) kernel arguments of `layout`."""
+    if layout.r_in is None:
+        return layout.stride, 1, 0, False
+    return layout.stride, layout.r_in, layout.stride_in, True
+
+
 def layer_norm_fwd_rows(
     x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     out_dtype: torch.dtype, store_stats: bool = True, interp: Optional[bool] = None,
+    layout: Optional[RowLayout] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Normalise the rows of `x2` [M, C] (unit column stride): (y [M, C] out_dtype, mean, rstd).
 
-    mean and rstd are fp32 [M] (None unless `store_stats`). weight/bias are used in their own
-    dtype (cast to fp32 in the kernel). `interp`: ``is_interpreter()`` (read here if None).
+    With `layout`, `x2` is any tensor whose rows `layout` addresses (``_row_layout``). mean and
+    rstd are fp32 [M] (None unless `store_stats`). weight/bias are used in their own dtype (cast
+    to fp32 in the kernel). `interp`: ``is_interpreter()`` (read here if None).
     """
-    m, c = x2.shape
+    if layout is None:
+        layout = RowLayout(x2.shape[0], x2.stride(0))
+    m, c = layout.m, x2.shape[-1]
     device = x2.device
     plan = _fwd_plan(m, c, device, is_interpreter() if interp is None else interp, store_stats)
     y = torch.empty((m, c), dtype=out_dtype, device=device)
@@ -195,10 +249,12 @@ def layer_norm_fwd_rows(
         rstd = torch.empty((m,), dtype=torch.float32, device=device)
     if m == 0:
         return y, mean, rstd
+    stride_x, r_in, stride_x_in, two_level = _kernel_rows(layout)
     _layer_norm_fwd_kernel[plan.grid](
         x2, weight.contiguous(), bias.contiguous(), y,
         mean if store_stats else y, rstd if store_stats else y,
-        m, c, x2.stride(0), plan.stride_y, float(eps), **plan.kwargs,
+        m, c, stride_x, plan.stride_y, float(eps), r_in, stride_x_in, TWO_LEVEL=two_level,
+        **plan.kwargs,
     )
     return y, mean, rstd
 
@@ -206,21 +262,39 @@ def layer_norm_fwd_rows(
 def layer_norm_bwd_rows(
     x2: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     dy2: torch.Tensor, dx_dtype: torch.dtype, interp: Optional[bool] = None,
+    layout: Optional[RowLayout] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [M, C] dx_dtype, dweight fp32 [C], dbias fp32 [C]) for rows normalised by the forward.
+    With `layout` (the forward's), dx has `x2`'s shape and, where `x2` is a permuted dense tensor,
+    its strides (a transposed view's gradient is then contiguous once transposed back).
     `interp`: ``is_interpreter()`` (read here if None)."""
-    m, c = x2.shape
+    c = x2.shape[-1]
     device = x2.device
-    dx = torch.empty((m, c), dtype=dx_dtype, device=device)
+    if layout is None:
+        layout = RowLayout(x2.shape[0], x2.stride(0))
+        dx = torch.empty((layout.m, c), dtype=dx_dtype, device=device)
+        dx_layout = RowLayout(layout.m, c)
+    else:
+        dx = torch.empty_like(x2, dtype=dx_dtype)
+        if dx.stride() == x2.stride():
+            dx_layout = layout
+        else:  # x is not dense (a slice): dx contiguous
+            dx = torch.empty(x2.shape, dtype=dx_dtype, device=device)
+            dx_layout = RowLayout(layout.m, c) if layout.r_in is None else \
+                RowLayout(layout.m, layout.r_in * c, layout.r_in, c)
+    m = layout.m
     if m == 0:
         z = torch.zeros((c,), dtype=torch.float32, device=device)
         return dx, z, z.clone()
     plan = _bwd_plan(m, c, device, is_interpreter() if interp is None else interp)
     dw_part = torch.empty((plan.n_prog, c), dtype=torch.float32, device=device)
     db_part = torch.empty((plan.n_prog, c), dtype=torch.float32, device=device)
+    stride_x, r_in, stride_x_in, two_level = _kernel_rows(layout)
+    stride_dx, _, stride_dx_in, _ = _kernel_rows(dx_layout)
     _layer_norm_bwd_kernel[(plan.n_prog,)](
         x2, weight.contiguous(), dy2, dx, mean, rstd, dw_part, db_part,
-        m, c, x2.stride(0), dy2.stride(0), plan.stride_dx, plan.rows_per_program, **plan.kwargs,
+        m, c, stride_x, dy2.stride(0), stride_dx, plan.rows_per_program, r_in, stride_x_in,
+        stride_dx_in, TWO_LEVEL=two_level, **plan.kwargs,
     )
     return dx, dw_part.sum(0), db_part.sum(0)
 
@@ -236,19 +310,23 @@ class _LayerNormFn(torch.autograd.Function):
         c = x.shape[-1]
         w = weight if param_dtype is None else weight.to(param_dtype)
         b = bias if param_dtype is None else bias.to(param_dtype)
-        x2 = _rows(x, c)
+        # x read where it lies when its rows are at most two strided dims (a transposed view:
+        # no copy), else as [M, C] rows (a copy only if it must); y is contiguous
+        layout = _row_layout(x)
+        xs = x if layout is not None else _rows(x, c)
         interp = is_interpreter()
-        y, mean, rstd = layer_norm_fwd_rows(x2, w, b, eps, out_dtype, interp=interp)
-        ctx.save_for_backward(x2, w, mean, rstd)
+        y, mean, rstd = layer_norm_fwd_rows(xs, w, b, eps, out_dtype, interp=interp, layout=layout)
+        ctx.save_for_backward(xs, w, mean, rstd)
+        ctx.layout = layout
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, interp)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, w, mean, rstd = ctx.saved_tensors
+        xs, w, mean, rstd = ctx.saved_tensors
         shape, x_dtype, w_dtype, b_dtype, interp = ctx.meta
-        dx, dw, db = layer_norm_bwd_rows(x2, w, mean, rstd, _rows(dy, x2.shape[1]), x_dtype,
-                                         interp=interp)
+        dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, _rows(dy, shape[-1]), x_dtype,
+                                         interp=interp, layout=ctx.layout)
         return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None
 
 

@@ -82,6 +82,41 @@ def test_mask_of_fewer_dims_and_non_contiguous_inputs():
     assert torch.equal(torch.autograd.grad(out, upd, g)[0], torch.autograd.grad(out_ref, upd, g)[0])
 
 
+@pytest.mark.parametrize("res_dtype,upd_dtype,ulps", DTYPES)
+def test_transposed_residual_keeps_its_layout(res_dtype, upd_dtype, ulps):
+    """OpenFold's ending-node attention: z transposed is the residual, the update contiguous in
+    the transposed frame. The output is written in the residual's layout (no copy of it), so
+    transposed back it is contiguous; the output's gradient is read in any layout (transposed,
+    or the zero strides of a sum's gradient)."""
+    res0, _, g = _inputs((7, 9, 2, 8), res_dtype, upd_dtype, seed=4)  # (a leading dim of 2)
+    res = res0.transpose(0, 1)  # [9, 7, 2, 8], strided
+    gen = torch.Generator().manual_seed(5)
+    upd = torch.randn(res.shape, generator=gen).to(upd_dtype).requires_grad_()
+    keep = (torch.rand(1, 7, 2, 8, generator=gen) > 0.3).to(upd_dtype) / 0.7  # row-shared
+    out = dropout_add(res, upd, 0.3, True, -4, mask=keep)
+    out_ref = dropout_add_reference(res, upd, 0.3, True, -4, mask=keep)
+    assert out.stride() == res.stride() and out.transpose(0, 1).is_contiguous()
+    product = (upd.detach().double() * keep.double()).abs()
+    _equal_within_ulps(out, out_ref, ulps, "out", scale=torch.finfo(upd_dtype).eps * product)
+    for name, gout in (("transposed", g.transpose(0, 1)), ("contiguous", g.transpose(0, 1).contiguous()),
+                       ("zero strides", torch.ones((), dtype=g.dtype).expand(res.shape))):
+        got = torch.autograd.grad(out, (res0, upd), gout, retain_graph=True)
+        exp = torch.autograd.grad(out_ref, (res0, upd), gout, retain_graph=True)
+        _equal_within_ulps(got[0], exp[0], 0, f"{name} d_res")
+        _equal_within_ulps(got[1], exp[1], ulps, f"{name} d_upd")
+
+
+def test_layouts_beyond_the_kernels_dims_are_copied():
+    res0, upd, g = _inputs((2, 3, 4, 5, 8), torch.float32, torch.float32, seed=6)
+    res = res0.permute(1, 0, 3, 2, 4)  # no two adjacent dims merge: four outer dims
+    gen = torch.Generator().manual_seed(7)
+    upd = torch.randn(res.shape, generator=gen).requires_grad_()
+    keep = (torch.rand(res.shape, generator=gen) > 0.5).float() * 2.0
+    out = dropout_add(res, upd, 0.5, True, [], mask=keep)
+    assert torch.equal(out, dropout_add_reference(res, upd, 0.5, True, [], mask=keep))
+    assert out.is_contiguous()
+
+
 def test_cached_plans_are_keyed_on_everything_they_fix():
     """Calls on the same shape that differ in one thing a cached launch plan fixes or leaves to
     the call, made in turn, each match the reference bit for bit: the mask's strides (shared

@@ -125,6 +125,54 @@ def test_non_contiguous_input_and_grad():
         assert_close(a, e, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
+@pytest.mark.parametrize("make", [
+    lambda t: t.transpose(-2, -3),                       # OpenFold's m / z transposed: two levels
+    lambda t: t.transpose(-2, -3)[..., 1:, :, :],        # a slice of it: not dense, dx contiguous
+    lambda t: t.unsqueeze(0).transpose(-2, -3),          # a leading dim of one
+    lambda t: t.permute(1, 0, 2)[:, ::2],                # rows of strided steps
+], ids=["transposed", "sliced", "batch-of-one", "stepped"])
+def test_strided_rows_are_read_in_place(make, dtype, tol):
+    """Rows that collapse to at most two strided dims are normalised where they lie (no copy of
+    x), and x's gradient comes back in x's layout when x is a permuted dense tensor (transposed
+    back, contiguous: autograd then adds it to the residual's other gradients contiguously)."""
+    from fastfold_plugin.kernels import layer_norm as ln_mod
+
+    x, w, b = _inputs((6, 5, 48), dtype, "cpu", seed=3)
+    xv = make(x)
+    assert ln_mod._row_layout(xv) is not None
+    copies = []
+    orig = ln_mod._rows
+    ln_mod._rows = lambda t, c: copies.append(t.shape) or orig(t, c)
+    try:
+        out, grads, g = _run(layer_norm, [xv, w, b])
+    finally:
+        ln_mod._rows = orig
+    assert copies == [out.shape]  # only the (contiguous) output gradient goes through _rows
+    out_r, grads_r, _ = _run(layer_norm_reference, [xv, w, b], g)
+    assert out.is_contiguous() and out.dtype == out_r.dtype
+    assert_close(out.float(), out_r.float(), rtol=tol, atol=tol)
+    for a, e in zip(grads, grads_r, strict=True):
+        assert_close(a.float(), e.float(), rtol=tol, atol=tol * 10)
+    # the gradient of the transposed view, in its layout: x's own gradient is contiguous
+    if xv.is_contiguous() is False and xv.numel() == x.numel():
+        (gx,) = torch.autograd.grad(layer_norm(xv, w, b), x, g)
+        assert gx.is_contiguous()
+
+
+def test_three_strided_levels_are_copied():
+    from fastfold_plugin.kernels import layer_norm as ln_mod
+
+    x, w, b = _inputs((2, 3, 4, 16), torch.float32, "cpu")
+    xv = x.permute(1, 0, 2, 3)[:, :, ::2]  # rows over three strided dims
+    assert ln_mod._row_layout(xv) is None
+    out, grads, g = _run(layer_norm, [xv, w, b])
+    out_r, grads_r, _ = _run(layer_norm_reference, [xv, w, b], g)
+    assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, grads_r, strict=True):
+        assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
 def test_empty_input():
     x, w, b = _inputs((0, 3, 16), torch.float32, "cpu")
     out = layer_norm(x, w, b)
