@@ -16,6 +16,17 @@ sum does (only the order of the fp32 additions differs). ``linear_reference`` is
 Without gradients, without a trainable bias, for fp64, or on a CPU without the interpreter,
 ``linear`` is ``F.linear``.
 
+When: on a GPU, ``linear`` takes the column sum only while the current stream is being captured
+into a CUDA graph, and is ``F.linear`` in eager mode (``linear_fused`` always takes it). The
+kernel saves GPU time (on an H100, the backward of the MSA's [512 * 384, 256] projection 0.45 ->
+0.41 ms of kernel time; the captured block step 27.14 -> 26.60 ms at 512 x 384), but an autograd
+Function in Python costs more host time per call than autograd's own ``F.linear`` (the same
+backward timed eagerly, alone: 0.46 -> 0.60 ms, and 0.32 -> 0.58 ms for a pair projection at
+N_res 256; ``benchmarks/profile_linear.py``), and the plugin's eager block step is host-bound
+at training crops such as 128 x 256 (on an H100, 28.5 ms of wall for ~8.8 ms of GPU kernel time:
+``docs/benchmarks.md``): there the kernel would cost more than it saves. In a replayed graph
+the host drops out.
+
 Differences from autograd's F.linear: under autocast with its cache on, a leaf weight used by
 several calls in one autocast region is rounded once by autocast and its gradients summed in
 bf16; here each call rounds it and the gradients are summed in fp32 by the accumulation (only
@@ -131,6 +142,16 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor,
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; on a GPU while a CUDA graph is being captured (and on a
+    CPU under the interpreter), ``linear_fused``: the bias gradient by the column-sum kernel
+    (see the module docstring, "When")."""
+    if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+        return F.linear(x, weight, bias)
+    return linear_fused(x, weight, bias)
+
+
+def linear_fused(x: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; when the bias needs a gradient, that gradient by the
     column-sum kernel (see the module docstring). ``F.linear`` itself without gradients, without
     a trainable bias, for fp64 or empty tensors, and on a CPU without the interpreter."""

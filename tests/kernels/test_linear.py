@@ -138,24 +138,76 @@ def test_double_backward_is_refused():
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,c", [(512 * 384, 256), (384 * 384, 128), (1, 8)])
 def test_gpu_matches_reference(rows, c):
+    x, w, b, dout = _gpu_case(rows, c)
+    ref = _run_dev(F.linear, x, w, b, dout)
+    got = _run_dev(lin.linear_fused, x, w, b, dout)
+    assert torch.equal(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=0)
+    _assert_bias_grad_close(got[3], ref[3])
+
+
+@pytest.mark.gpu
+def test_gpu_fused_only_inside_a_captured_graph(monkeypatch):
+    """Eager on a GPU, ``linear`` is F.linear (bit for bit, the bias gradient too); captured
+    into a CUDA graph (forward and backward), it is ``linear_fused``, and the replayed graph
+    gives F.linear's values (the bias gradient within one bf16 step)."""
+    calls = []
+    fused_apply = lin._LinearFn.apply
+    monkeypatch.setattr(lin._LinearFn, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    x, w, b, dout = _gpu_case(384 * 384, 128)
+    ref = _run_dev(F.linear, x, w, b, dout)
+    eager = _run_dev(lin.linear, x, w, b, dout)
+    assert not calls
+    for got, want in zip(eager, ref):
+        assert torch.equal(got, want)
+
+    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+    _run_dev(lin.linear_fused, x, w, b, dout)  # the kernel compiled before the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (eager: F.linear), as torch's capture recipe does
+        for _ in range(2):
+            _step(lin.linear, xs, ws, bs, dout)
+    torch.cuda.current_stream().wait_stream(side)
+    calls.clear()
+    for t in (xs, ws, bs):
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _step(lin.linear, xs, ws, bs, dout)
+    assert calls == [1]
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(xs.grad, ref[1], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ws.grad, ref[2], rtol=1e-2, atol=1e-2)
+    _assert_bias_grad_close(bs.grad, ref[3])
+
+
+def _gpu_case(rows, c):
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, c, generator=g).to(dev)
     w = (torch.randn(c, c, generator=g) / c ** 0.5).to(dev)
     b = torch.randn(c, generator=g).to(dev)
     dout = torch.randn(rows, c, generator=g).to(dev)
-    ref = _run_dev("reference", x, w, b, dout)
-    got = _run_dev("triton", x, w, b, dout)
-    assert torch.equal(got[0], ref[0])
-    torch.testing.assert_close(got[1], ref[1], rtol=0, atol=0)
-    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=0)
-    # db: bf16 roundings of fp32 sums in different orders: at most one bf16 step apart
-    assert ((got[3] - ref[3]).abs() <= ref[3].abs() * 2 ** -7 + 1e-3).all()
+    return x, w, b, dout
 
 
-def _run_dev(backend, x0, w0, b0, dout):
-    x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = get_ops(backend).linear(x * 1.0, w, b)
+def _step(fn, x, w, b, dout):
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        out = fn(x * 1.0, w, b)
     out.backward(dout.to(out.dtype))
+    return out
+
+
+def _run_dev(fn, x0, w0, b0, dout):
+    x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    out = _step(fn, x, w, b, dout)
     return out.detach(), x.grad, w.grad, b.grad
+
+
+def _assert_bias_grad_close(got, ref):
+    # bf16 roundings of fp32 sums in different orders: at most one bf16 step apart
+    assert ((got - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3).all()
