@@ -969,6 +969,11 @@ class _AttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, mask_bias, pair_bias, gate, o, stats = ctx.saved_tensors
         lay = ctx.layout
+        saved = (q, k, v, mask_bias, pair_bias, gate)
+        if any(t is not None and t.stride() != m.stride() for t, m in zip(saved, lay.inputs)):
+            # a saved-tensor hook (e.g. torch's save_on_cpu) gave the inputs back with other
+            # strides than the forward's plan reads: plan for the layouts they have now
+            lay = _relayout(lay, saved)
         needs = ctx.needs_input_grad[1:]
         # the module's switches are read per call (benchmarks and tests flip them), and so is
         # the dot precision, as torch's matmuls read it
@@ -1408,6 +1413,19 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str) -> _Layout:
         fwd=fwd,
         backward={},
     )
+
+
+def _relayout(lay: _Layout, saved: tuple) -> _Layout:
+    """The ``_Layout`` of the backward's inputs `saved` (q, k, v, mask_bias, pair_bias, gate:
+    the forward's, already expanded) in the strides they came back with, for the forward `lay`."""
+    new = _layout(tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                        for t in saved),
+                  True, lay.interp, dot_precision(saved[0].dtype))
+    if new.plan is None or new.expand is not None or new.out_shape != lay.out_shape:
+        raise RuntimeError("attention backward: the saved inputs came back in layouts it cannot "
+                           "read (from a saved-tensor hook?); make the hook return them with "
+                           "their original strides, or dense")
+    return new
 
 
 def _select(t: Optional[torch.Tensor], i: int, n_batch: int) -> Optional[torch.Tensor]:

@@ -317,7 +317,6 @@ class _LayerNormFn(torch.autograd.Function):
         interp = is_interpreter()
         y, mean, rstd = layer_norm_fwd_rows(xs, w, b, eps, out_dtype, interp=interp, layout=layout)
         ctx.save_for_backward(xs, w, mean, rstd)
-        ctx.layout = layout
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, interp)
         return y.view(x.shape)
 
@@ -325,8 +324,13 @@ class _LayerNormFn(torch.autograd.Function):
     def backward(ctx, dy):
         xs, w, mean, rstd = ctx.saved_tensors
         shape, x_dtype, w_dtype, b_dtype, interp = ctx.meta
+        # the layout of the saved x as it comes back: a saved-tensor hook (e.g. torch's
+        # save_on_cpu) may return it with other strides than the forward read
+        layout = _row_layout(xs)
+        if layout is None:
+            xs = _rows(xs, shape[-1])
         dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, _rows(dy, shape[-1]), x_dtype,
-                                         interp=interp, layout=ctx.layout)
+                                         interp=interp, layout=layout)
         return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None
 
 

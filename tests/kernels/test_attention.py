@@ -273,6 +273,21 @@ def test_non_contiguous_and_broadcast_inputs():
     check(_requires_grad(inputs), torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("case", ["row", "column"])
+def test_saved_inputs_returned_in_other_layouts(case):
+    """A saved-tensor hook (as torch's save_on_cpu) may give q, k, v, the biases and the gate back
+    with other strides than the forward's plan read (here: made contiguous; OpenFold's q, k, v
+    are transposed views): the backward plans for the layouts they come back in."""
+    inputs = _requires_grad(make_case(case, 6, 8, torch.float32))
+    assert not inputs["q"].is_contiguous()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+        out, grads, dout = run(attention, inputs)
+    out_r, grads_r, _ = run(attention_reference, inputs, dout)
+    assert_close(out, out_r, rtol=1e-5, atol=1e-6, name="out")
+    for n in grads:
+        assert_close(grads[n], grads_r[n], rtol=1e-4, atol=1e-6, max_rel=1e-5, name=f"d{n}")
+
+
 def test_upstream_gradient_with_zero_strides():
     """out.sum().backward() hands the backward an expanded (stride 0) gradient."""
     inputs = _requires_grad(make_case("row", 5, 8, torch.float32))

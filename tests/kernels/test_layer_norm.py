@@ -160,6 +160,24 @@ def test_strided_rows_are_read_in_place(make, dtype, tol):
         assert gx.is_contiguous()
 
 
+@pytest.mark.parametrize("make", [
+    lambda t: t.transpose(-2, -3),
+    lambda t: t[:1].expand(t.shape),
+    lambda t: t,
+], ids=["transposed", "expanded", "contiguous"])
+def test_saved_x_returned_in_another_layout(make):
+    """A saved-tensor hook (as torch's save_on_cpu) may give the saved x back with other strides
+    than the forward read (here: made contiguous): the backward reads it as it comes back."""
+    x, w, b = _inputs((4, 3, 16), torch.float32, "cpu", seed=5)
+    xv = make(x)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+        out, grads, g = _run(layer_norm, [xv, w, b])
+    out_r, grads_r, _ = _run(layer_norm_reference, [xv, w, b], g)
+    assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+    for a, e in zip(grads, grads_r, strict=True):
+        assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
 def test_three_strided_levels_are_copied():
     from fastfold_plugin.kernels import layer_norm as ln_mod
 
