@@ -169,9 +169,14 @@ def test_saved_x_returned_in_another_layout(make):
     """A saved-tensor hook (as torch's save_on_cpu) may give the saved x back with other strides
     than the forward read (here: made contiguous): the backward reads it as it comes back."""
     x, w, b = _inputs((4, 3, 16), torch.float32, "cpu", seed=5)
-    xv = make(x)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
-        out, grads, g = _run(layer_norm, [xv, w, b])
+        _check_fp32_against_reference(make(x), w, b)
+
+
+def _check_fp32_against_reference(xv, w, b):
+    """layer_norm(xv) vs the reference: output and every gradient, fp32 (under any hooks or
+    contexts the caller has entered: both runs' backwards happen inside them)."""
+    out, grads, g = _run(layer_norm, [xv, w, b])
     out_r, grads_r, _ = _run(layer_norm_reference, [xv, w, b], g)
     assert_close(out, out_r, rtol=1e-5, atol=1e-5)
     for a, e in zip(grads, grads_r, strict=True):
@@ -184,11 +189,7 @@ def test_three_strided_levels_are_copied():
     x, w, b = _inputs((2, 3, 4, 16), torch.float32, "cpu")
     xv = x.permute(1, 0, 2, 3)[:, :, ::2]  # rows over three strided dims
     assert ln_mod._row_layout(xv) is None
-    out, grads, g = _run(layer_norm, [xv, w, b])
-    out_r, grads_r, _ = _run(layer_norm_reference, [xv, w, b], g)
-    assert_close(out, out_r, rtol=1e-5, atol=1e-5)
-    for a, e in zip(grads, grads_r, strict=True):
-        assert_close(a, e, rtol=1e-5, atol=1e-4)
+    _check_fp32_against_reference(xv, w, b)
 
 
 def test_empty_input():
