@@ -25,7 +25,10 @@ backward timed eagerly, alone: 0.46 -> 0.60 ms, and 0.32 -> 0.58 ms for a pair p
 N_res 256; ``benchmarks/profile_linear.py``), and the plugin's eager block step is host-bound
 at training crops such as 128 x 256 (on an H100, 28.5 ms of wall for ~8.8 ms of GPU kernel time:
 ``docs/benchmarks.md``): there the kernel would cost more than it saves. In a replayed graph
-the host drops out.
+the host drops out. A kernel's first launch loads it into the device, which CUDA forbids
+inside a capture: eager calls launch, once per shape class, the kernel their backward would take
+in a capture (``_prepare_capture``: the warm-up steps before a capture do it), and a captured
+backward whose kernel was never launched sums the bias gradient with torch instead.
 
 Differences from autograd's F.linear: under autocast with its cache on, a leaf weight used by
 several calls in one autocast region is rounded once by autocast and its gradients summed in
@@ -93,6 +96,36 @@ def _plan(m: int, c: int, device: torch.device, interp: bool) -> _Plan:
                  dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4))
 
 
+# The launches of the column-sum kernel made so far in this process, by what Triton compiles a
+# binary for (``_launch_key``). A first launch loads the binary into the device (a module load),
+# which CUDA forbids while a stream is being captured into a graph; inside a capture
+# ``column_sum`` therefore launches only what has been launched before (``linear`` launches
+# its likely backward's kernel once, eagerly, for that: ``_prepare_capture``) and otherwise
+# sums with torch.
+_LAUNCHED: set = set()
+
+
+def _int_class(v: int) -> tuple:
+    """What Triton may specialise an integer argument on: the value 1, divisibility (by 16,
+    and by 8 to stay finer than any version's rule) and the 32-bit range."""
+    return (v == 1, v % 16 == 0, v % 8 == 0, -2 ** 31 <= v < 2 ** 31)
+
+
+def _launch_key(g2: torch.Tensor, m: int, c: int, plan: _Plan) -> tuple:
+    return (g2.device, g2.dtype, g2.data_ptr() % 16 == 0, _int_class(m), _int_class(c),
+            _int_class(g2.stride(0)), _int_class(plan.rows_per_program),
+            tuple(sorted(plan.kwargs.items())))
+
+
+def _launch(g2: torch.Tensor, m: int, plan: _Plan) -> torch.Tensor:
+    """The fp32 partial sums [programs, C] of g2's first `m` rows (`plan`: ``_plan``'s)."""
+    c = g2.shape[1]
+    part = torch.empty((plan.grid[0], c), dtype=torch.float32, device=g2.device)
+    _column_sum_kernel[plan.grid](g2, part, m, c, g2.stride(0), plan.rows_per_program,
+                                  **plan.kwargs)
+    return part
+
+
 def column_sum(g2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """g2 [M, C] (unit column stride) summed over its rows in fp32, rounded to `out_dtype`."""
     m, c = g2.shape
@@ -101,10 +134,39 @@ def column_sum(g2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if g2.stride(1) != 1 and c > 1:
         raise ValueError(f"column_sum: g2 needs a unit column stride, got strides {g2.stride()}")
     plan = _plan(m, c, g2.device, is_interpreter())
-    part = torch.empty((plan.grid[0], c), dtype=torch.float32, device=g2.device)
-    _column_sum_kernel[plan.grid](g2, part, m, c, g2.stride(0), plan.rows_per_program,
-                                  **plan.kwargs)
+    key = _launch_key(g2, m, c, plan)
+    if key not in _LAUNCHED and _capturing(g2):
+        # never launched before: its first launch cannot be captured (see _LAUNCHED)
+        return torch.sum(g2, 0, dtype=torch.float32).to(out_dtype)
+    part = _launch(g2, m, plan)
+    _LAUNCHED.add(key)
     return part.sum(0).to(out_dtype)
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether `t`'s device's current stream is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _class_representative(v: int) -> Optional[int]:
+    """The smallest positive int of `v`'s ``_int_class`` (None beyond the 32-bit range)."""
+    if v >= 2 ** 31:
+        return None
+    return 1 if v == 1 else 16 if v % 16 == 0 else 8 if v % 8 == 0 else 3
+
+
+@functools.lru_cache(maxsize=256)
+def _prepare_capture(m: int, c: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Launch, once, the column-sum kernel that the backward of a `linear` call over `m` rows of
+    `c` output channels in `dtype` would launch in a captured graph (a contiguous gradient), on
+    a few rows of zeros with the same specialisation, so that a capture finds it loaded."""
+    rows = _class_representative(m)
+    if rows is None:
+        return
+    plan = _plan(m, c, device, is_interpreter())
+    g2 = torch.zeros((rows, c), dtype=dtype, device=device)
+    _launch(g2, rows, plan)
+    _LAUNCHED.add(_launch_key(g2, m, c, plan))  # (rows has m's class: the key of m's launch)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -146,8 +208,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) 
     CPU under the interpreter), ``linear_fused``: the bias gradient by the column-sum kernel
     (see the module docstring, "When")."""
     if x.is_cuda and not torch.cuda.is_current_stream_capturing():
+        if _takes_kernel(x, weight, bias) and x.numel() > 0:
+            # (the eager steps before a capture: the backward's kernel loaded now, not in it)
+            out_dtype = autocast_dtype("cuda") or torch.promote_types(x.dtype, weight.dtype)
+            _prepare_capture(x.numel() // x.shape[-1], weight.shape[0], out_dtype, x.device)
         return F.linear(x, weight, bias)
     return linear_fused(x, weight, bias)
+
+
+def _takes_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether ``linear_fused`` forms this call's bias gradient with the kernel."""
+    return not (bias is None or not bias.requires_grad or not torch.is_grad_enabled()
+                or not (x.is_cuda or is_interpreter()) or weight.shape[0] == 0
+                or torch.float64 in (x.dtype, weight.dtype, bias.dtype))
 
 
 def linear_fused(x: torch.Tensor, weight: torch.Tensor,
@@ -155,9 +228,7 @@ def linear_fused(x: torch.Tensor, weight: torch.Tensor,
     """``F.linear(x, weight, bias)``; when the bias needs a gradient, that gradient by the
     column-sum kernel (see the module docstring). ``F.linear`` itself without gradients, without
     a trainable bias, for fp64 or empty tensors, and on a CPU without the interpreter."""
-    if (bias is None or not bias.requires_grad or not torch.is_grad_enabled()
-            or not (x.is_cuda or is_interpreter()) or weight.shape[0] == 0
-            or torch.float64 in (x.dtype, weight.dtype, bias.dtype)):
+    if not _takes_kernel(x, weight, bias):
         return F.linear(x, weight, bias)
     dt = autocast_dtype(x.device.type)
     if dt is None:

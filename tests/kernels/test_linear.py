@@ -126,6 +126,32 @@ def test_no_grad_and_no_bias_are_plain_linear(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("m", [1, 48, 40, 37, 2100])
+def test_capture_launches_only_kernels_launched_before(monkeypatch, m):
+    """Inside a CUDA-graph capture (simulated) the column sum launches only a kernel of a shape
+    class launched before (a first launch would load a module, which CUDA forbids while
+    capturing) and otherwise sums with torch; ``_prepare_capture`` launches the class an eager
+    ``linear`` call's backward would take, on zeros, so the capture finds it."""
+    monkeypatch.setattr(lin, "_LAUNCHED", set())
+    monkeypatch.setattr(lin, "_capturing", lambda t: True)
+    launches = []
+    launch = lin._launch
+    monkeypatch.setattr(lin, "_launch", lambda *a: launches.append(a[1]) or launch(*a))
+    g2 = torch.randn(m, 24, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    exact = g2.double().sum(0)
+    got = lin.column_sum(g2, torch.bfloat16)
+    assert launches == []  # never launched: torch's sum
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
+    lin._prepare_capture.cache_clear()
+    lin._prepare_capture(m, 24, torch.bfloat16, g2.device)
+    assert len(launches) == 1 and launches[0] == lin._class_representative(m)
+    got = lin.column_sum(g2, torch.bfloat16)
+    assert launches[1:] == [m]  # the same class: the kernel
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-3).all()
+    lin.column_sum(g2[:, :16], torch.bfloat16)  # another class (channels, row stride): torch
+    assert launches[2:] == []
+
+
 def test_double_backward_is_refused():
     x, w, b, _ = _case((3,), 4, 2, seed=1)
     x.requires_grad_()
@@ -155,15 +181,21 @@ def test_gpu_fused_only_inside_a_captured_graph(monkeypatch):
     calls = []
     fused_apply = lin._LinearFn.apply
     monkeypatch.setattr(lin._LinearFn, "apply", lambda *a: calls.append(1) or fused_apply(*a))
-    x, w, b, dout = _gpu_case(384 * 384, 128)
+    monkeypatch.setattr(lin, "_LAUNCHED", set())  # (as in a fresh process)
+    lin._prepare_capture.cache_clear()
+    launches = []
+    launch = lin._launch
+    monkeypatch.setattr(lin, "_launch", lambda *a: launches.append(a[1]) or launch(*a))
+    rows = 384 * 384 + 5  # a row count no other test launches the kernel for
+    x, w, b, dout = _gpu_case(rows, 128)
     ref = _run_dev(F.linear, x, w, b, dout)
     eager = _run_dev(lin.linear, x, w, b, dout)
     assert not calls
     for got, want in zip(eager, ref):
         assert torch.equal(got, want)
+    assert len(launches) == 1  # the eager call loaded its backward's kernel, on a few rows
 
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-    _run_dev(lin.linear_fused, x, w, b, dout)  # the kernel compiled before the capture
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (eager: F.linear), as torch's capture recipe does
@@ -176,7 +208,7 @@ def test_gpu_fused_only_inside_a_captured_graph(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = _step(lin.linear, xs, ws, bs, dout)
-    assert calls == [1]
+    assert calls == [1] and launches[1:] == [rows]  # captured: the kernel, no fallback
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, ref[0], rtol=0, atol=0)
