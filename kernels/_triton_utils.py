@@ -229,6 +229,15 @@ def broadcast_shapes(*shapes: Sequence[int]) -> Tuple[int, ...]:
     return tuple(out)
 
 
+def contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of `shape` (size-0 dims count as 1)."""
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def collapse_dims(shape: Sequence[int], strides: Sequence[Sequence[int]]):
     """Merge the dims of `shape` that every stride list lets merge; drop size-1 dims.
 

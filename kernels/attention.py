@@ -98,6 +98,7 @@ from ._triton_utils import (
     cast_rne,
     check_devices,
     collapse_dims,
+    contiguous_strides,
     dot_precision,
     is_interpreter,
     next_power_of_2,
@@ -867,14 +868,6 @@ class _Plan(NamedTuple):
     strides: dict
 
 
-def _contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 _BIASES = ("mask_bias", "pair_bias")
 
 
@@ -894,7 +887,7 @@ def _make_plan(batch: Sequence[int], tail: Tuple[int, int, int, int], **tensors)
         else:
             st = t.stride()
             full[name] = (st[:nb], tuple(st[nb + d] for d in _DIMS[name]))
-    st = _contiguous_strides((*batch, NQ, H, C))
+    st = contiguous_strides((*batch, NQ, H, C))
     full["out"] = (st[:nb], tuple(st[nb + d] for d in _QHC))
     sizes, folded = collapse_dims(batch, [z for z, _ in full.values()])
     if len(sizes) > 2:

@@ -39,6 +39,7 @@ from ._triton_utils import (
     cdiv,
     check_devices,
     collapse_dims,
+    contiguous_strides,
     is_interpreter,
     next_power_of_2,
 )
@@ -126,14 +127,6 @@ class _Plan(NamedTuple):
     kwargs: dict       # STRIDED, BLOCK_R, BLOCK_I
 
 
-def _contiguous_strides(shape) -> tuple:
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return tuple(reversed(out))
-
-
 @functools.lru_cache(maxsize=256)
 def _plan(shape: torch.Size, keep_shape: torch.Size, keep_strides: tuple, strides: tuple,
           devices: Tuple[torch.device, ...], interp: bool) -> Optional[_Plan]:
@@ -145,7 +138,7 @@ def _plan(shape: torch.Size, keep_shape: torch.Size, keep_strides: tuple, stride
     contiguous). Raises (and caches nothing) for a device the kernels cannot run on."""
     check_devices(*devices)
     keep = torch.empty_strided(keep_shape, keep_strides, device="meta")
-    contig = _contiguous_strides(shape)
+    contig = contiguous_strides(shape)
     strided = tuple(strides) != contig
     cols = [broadcast_strides(keep, shape), contig] + ([list(strides)] if strided else [])
     sizes, collapsed = collapse_dims(shape, cols)
