@@ -278,8 +278,9 @@ def single_process_step(block, ins, args, device, train: bool, chunk_size=None):
 
 
 def _dap_fn(block, ctx, ins, args, device):
-    """(fn(m_s, z_s) of the sharded training block, m_s, z_s): this rank's shards, split once
-    (as the stack's blocks get them)."""
+    """(fn, shards): fn(*shards) is the sharded training block as a stack's middle block runs
+    (-> m rows for the next block, z rows, m columns), and shards are this rank's inputs, split
+    once as the stack's blocks get them (m rows, z rows, m columns: ``_enter_msa``)."""
     from fastfold_plugin.kernels import get_ops
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
@@ -287,8 +288,13 @@ def _dap_fn(block, ctx, ins, args, device):
     run = _Run(ctx, get_ops(op_backend(args, device)), z.shape[-2], m.shape[-3], None,
                inplace_safe=False, mask_trans=True)
     with torch.no_grad():
-        m_s, z_s = _enter_msa(run, m, z, mm, pm)
-    return (lambda mi, zi: _msa_block_sharded(block, run, mi, zi)), m_s, z_s
+        shards = _enter_msa(run, m, z, mm, pm)
+    return (lambda *xs: _msa_block_sharded(block, run, *xs)), shards
+
+
+def _loss(outs) -> torch.Tensor:
+    """The benchmarks' loss: the sum of every output (each needs its gradient)."""
+    return sum(o.float().sum() for o in outs if o is not None)
 
 
 def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
@@ -299,12 +305,11 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
     from fastfold_plugin.patches.dap import _enter_msa, _msa_block_sharded, _Run
 
     if train:
-        fn, m_s, z_s = _dap_fn(block, ctx, ins, args, device)
+        fn, shards = _dap_fn(block, ctx, ins, args, device)
 
         def train_step():
             with autocast(args, device):
-                mo, zo = fn(m_s.detach().requires_grad_(), z_s.detach().requires_grad_())
-                (mo.float().sum() + zo.float().sum()).backward()
+                _loss(fn(*(t.detach().requires_grad_() for t in shards))).backward()
         return train_step
 
     m, z, mm, pm = ins
@@ -318,7 +323,7 @@ def dap_block_step(block, ctx, ins, args, device, train: bool, chunk_size=None):
 
 
 class _Positional(torch.nn.Module):
-    """``fn(m, z)`` as a module holding `block`, whose parameters the captured backward
+    """``fn(*tensors)`` as a module holding `block`, whose parameters the captured backward
     differentiates (``torch.cuda.make_graphed_callables`` takes positional tensors only)."""
 
     def __init__(self, block, fn):
@@ -326,35 +331,38 @@ class _Positional(torch.nn.Module):
         self.block = block
         self.fn = fn
 
-    def forward(self, m, z):
-        return self.fn(m, z)
+    def forward(self, *xs):
+        return tuple(self.fn(*xs))
 
 
-def graphed_step(block, fn, m, z, args, device):
-    """The training step of `fn(m, z)` with its forward and backward captured in CUDA graphs
+def graphed_step(block, fn, xs, args, device):
+    """The training step of `fn(*xs)` with its forward and backward captured in CUDA graphs
     (dropout draws fresh masks on every replay; autotuning runs in the capture's warm-up)."""
-    mi, zi = m.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    xs = tuple(x.detach().clone().requires_grad_() for x in xs)
     with autocast(args, device, cache_enabled=False):
-        graphed = torch.cuda.make_graphed_callables(_Positional(block, fn), (mi, zi))
+        graphed = torch.cuda.make_graphed_callables(_Positional(block, fn), xs)
 
     def step():
         with autocast(args, device, cache_enabled=False):
-            mo, zo = graphed(mi, zi)
-        (mo.float().sum() + zo.float().sum()).backward()
+            outs = graphed(*xs)
+        _loss(outs).backward()
     return step
 
 
-def captured_step(fn, m, z, args, device):
-    """The whole training step of `fn(m, z)` (forward, loss, backward and the accumulation of
-    every gradient into ``.grad``) captured in one CUDA graph, torch's whole-network capture:
-    a replay is one launch. Warmed up first on a side stream (autotuning, NCCL communicators,
-    and the ``.grad`` tensors the captured backward then accumulates into in place)."""
-    mi, zi = m.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+def captured_step(fn, xs, args, device, params=()):
+    """The whole training step of `fn(*xs)` (forward, loss, and the backward writing every
+    gradient into ``.grad``) captured in one CUDA graph, torch's whole-network capture: a
+    replay is one launch. Warmed up first on a side stream (autotuning, NCCL communicators);
+    then, as torch's recipe does (``zero_grad(set_to_none=True)`` before the capture), the
+    gradients of `params` (the parameters fn trains) and of the inputs are set to None, so that
+    the captured backward writes them rather than adding into last step's (a training step
+    starts from no gradients; the inputs stand for the previous block's outputs)."""
+    xs = tuple(x.detach().clone().requires_grad_() for x in xs)
+    params = list(params)
 
     def body():
         with autocast(args, device, cache_enabled=False):
-            mo, zo = fn(mi, zi)
-            (mo.float().sum() + zo.float().sum()).backward()
+            _loss(fn(*xs)).backward()
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -362,13 +370,15 @@ def captured_step(fn, m, z, args, device):
         for _ in range(3):
             body()
     torch.cuda.current_stream(device).wait_stream(side)
+    for t in (*xs, *params):
+        t.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
 
     def step():
         graph.replay()
-    step.inputs = (mi, zi)  # the graph reads them: keep them alive
+    step.inputs = xs  # the graph reads them: keep them alive
     return step
 
 
@@ -380,15 +390,15 @@ def _single_process_fn(block, ins):
 def graphed_single_process_step(block, ins, args, device, whole: bool = False):
     fn = _single_process_fn(block, ins)
     if whole:
-        return captured_step(fn, ins[0], ins[1], args, device)
-    return graphed_step(block, fn, ins[0], ins[1], args, device)
+        return captured_step(fn, ins[:2], args, device, block.parameters())
+    return graphed_step(block, fn, ins[:2], args, device)
 
 
 def graphed_dap_block_step(block, ctx, ins, args, device, whole: bool = False):
-    fn, m_s, z_s = _dap_fn(block, ctx, ins, args, device)
+    fn, shards = _dap_fn(block, ctx, ins, args, device)
     if whole:
-        return captured_step(fn, m_s, z_s, args, device)
-    return graphed_step(block, fn, m_s, z_s, args, device)
+        return captured_step(fn, shards, args, device, block.parameters())
+    return graphed_step(block, fn, shards, args, device)
 
 
 def _measure_or_note(make, args, device) -> dict:

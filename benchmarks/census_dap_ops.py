@@ -70,13 +70,12 @@ class Census(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def census(fn, m, z, args, device) -> collections.Counter:
-    mi, zi = m.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+def census(fn, xs, args, device) -> collections.Counter:
+    xs = tuple(x.detach().clone().requires_grad_() for x in xs)
 
     def step():
         with bd.autocast(args, device):
-            mo, zo = fn(mi, zi)
-            (mo.float().sum() + zo.float().sum()).backward()
+            bd._loss(fn(*xs)).backward()
 
     step()  # compiles; lazily made buffers
     c = Census()
@@ -125,9 +124,9 @@ def main() -> None:
     ins = bd.inputs(a.n_seq, a.n_res, args, device)
     plugin = copy.deepcopy(block)
     fastfold_plugin.enable(plugin, backend="triton")
-    one = census(bd._single_process_fn(plugin, ins), ins[0], ins[1], args, device)
-    fn, m_s, z_s = bd._dap_fn(block, ctx, ins, args, device)
-    dap = census(fn, m_s, z_s, args, device)
+    one = census(bd._single_process_fn(plugin, ins), ins[:2], args, device)
+    fn, shards = bd._dap_fn(block, ctx, ins, args, device)
+    dap = census(fn, shards, args, device)
     if dist.get_rank() == 0:
         print(f"== one process, {a.n_seq} x {a.n_res}\n{table(one.rows)}\n")
         print(f"== DAP {ctx.size}, rank 0\n{table(dap.rows)}\n")

@@ -16,9 +16,10 @@ shard. Layouts (P = DAP size, S/N the padded N_seq/N_res):
 ==========================  =======================================  ===========================
 sub-module                  split                                    communication
 ==========================  =======================================  ===========================
-MSA row attention + bias    MSA [*, S/P, N, C_m] (rows)              all-gather the [*, N/P, N,
-                                                                     H] projected pair bias
-row -> column switch        -> MSA [*, S, N/P, C_m]                  all-to-all
+MSA row attention + bias    MSA [*, S/P, N, C_m] (rows); the         all-gather the [*, N/P, N,
+                            residual in columns [*, S, N/P, C_m]     H] projected pair bias;
+                            (the stack carries both, see below)      all-to-all of the update
+                                                                     (autocast dtype) to columns
 MSA column attention /      MSA columns (all sequences local)        none
 global attention
 MSA transition              MSA columns                              none
@@ -41,6 +42,13 @@ triangle att. ending        z stays in rows: its LayerNorm output    all-to-all 
                                                                      gradient in fp32)
 pair transition             pair rows                                none
 ==========================  =======================================  ===========================
+
+m is carried from block to block in both layouts (training, and inference outside OpenFold's
+in-place mode): the row attention reads the rows, and the residual stream goes on in columns,
+so within a block only the row attention's update switches axis (in the autocast dtype: half
+the bytes of the fp32 MSA under bf16), and the MSA goes back to rows once, async, for the next
+block's row attention. In-place inference switches the MSA itself to columns (in place, no
+second shard: ``run.to_cols``).
 
 Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
 so results at real positions - including fully masked rows - are the single-process ones.
@@ -336,8 +344,13 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x, n_keys: int,
                     into=into, sink=sink)
 
 
-def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z] (rows) -> m + dropout(row attention)."""
+def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor,
+                       m_cols: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z] (rows) -> m + dropout(row attention), in
+    rows; or, given `m_cols` (the same m in columns [*, S, N/P, C_m]), in columns: the update,
+    in the output projection's dtype, switches axis instead of the fp32 sum (under bf16 half
+    the bytes; its backward switches the update's gradient, also in that dtype), and is added
+    to the columns, the sum OpenFold forms."""
     mod = block.msa_att_row
     lnz, lnm = mod.layer_norm_z, mod.layer_norm_m
     # the pair bias of the local pair rows, gathered: H channels, not z
@@ -349,14 +362,19 @@ def _msa_row_attention(block, W, run: _Run, m: torch.Tensor, z: torch.Tensor) ->
                             W["msa_att_row.layer_norm_m.bias"], lnm.eps)
 
     # (the attention draws no random numbers: drawing the mask first keeps OpenFold's order)
-    keep = _draw_keep(block.msa_dropout_layer, (*m.shape[:-3], run.n_seq, run.n_res, m.shape[-1]), m)
-    if keep is not None:
+    drop = block.msa_dropout_layer
+    keep = _draw_keep(drop, (*m.shape[:-3], run.n_seq, run.n_res, m.shape[-1]), m)
+    if keep is not None:  # row-wise: [*, 1, N, C_m], shared by the rows
         keep = fd.pad_to(keep, {-2: run.np_res})
-    into = run.into(m, keep)
+    into = None if m_cols is not None else run.into(m, keep)
     upd = _attend(run, W, "msa_att_row.mha", mod.mha, ml, run.n_res,
                   _mask_bias(run.msa_mask_row, mod.inf, run.n_res), pair_bias, run.chunk_size,
                   into)
-    return m if into is not None else _residual(run, block.msa_dropout_layer, m, upd, keep)
+    if m_cols is None:
+        return m if into is not None else _residual(run, drop, m, upd, keep)
+    del ml
+    return _residual(run, drop, m_cols, run.to_cols(upd),
+                     None if keep is None else run.block(keep, -2))
 
 
 def _msa_column_attention(block, W, run: _Run, m: torch.Tensor) -> torch.Tensor:
@@ -548,16 +566,25 @@ def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead) -> Optional
 # ----------------------------------------------------------------------------------------------
 # Blocks on shards
 
-def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final: bool = False):
+def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor,
+                       m_cols: Optional[torch.Tensor] = None, final: bool = False):
     """One Evoformer / extra-MSA block on shards: m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z]
-    (rows). Returns (m rows, z rows), or (m columns, z rows) when `final`."""
+    (rows) and, outside OpenFold's in-place inference, m_cols: the same m in columns
+    [*, S, N/P, C_m] (the stack carries m in both layouts: the row attention reads the rows,
+    the residual stream goes on in columns, and only the row attention's update switches axis
+    within the block; see ``_msa_row_attention``). Returns (m rows for the next block, z rows,
+    m columns): m rows is None when `final`; m columns is None in in-place inference unless
+    `final`."""
     W = _weights(block, run)
     core = block.core
     lead = z.shape[:-3]
     drop = core.ps_dropout_row_layer
+    carry = m_cols is not None
 
-    m = _msa_row_attention(block, W, run, m, z)
-    m = run.to_cols(m)  # [*, S, N/P, C_m]
+    m = _msa_row_attention(block, W, run, m, z, m_cols)
+    m_cols = None
+    if not carry:
+        m = run.to_cols(m)  # [*, S, N/P, C_m]
     if isinstance(block, ExtraMSABlock):
         m = _msa_column_global_attention(block, W, run, m)
     else:
@@ -594,7 +621,7 @@ def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor, final
                                             None if keep is None else keep.transpose(-2, -3))
     z = run.add(z, _transition(run, W, "core.pair_transition", core.pair_transition, z,
                                run.pair_mask_row if run.mask_trans else None))
-    return (m if final else m_next.wait()), z
+    return (None if final else m_next.wait()), z, (m if carry or final else None)
 
 
 def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
@@ -640,16 +667,20 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
 # Entering and leaving the DAP region
 
 def _enter_msa(run: _Run, m, z, msa_mask, pair_mask):
-    """Pad once, keep the local shards: m rows [*, S/P, N, C_m], z rows [*, N/P, N, C_z]."""
+    """Pad once, keep the local shards: m rows [*, S/P, N, C_m], z rows [*, N/P, N, C_z] and,
+    outside OpenFold's in-place inference, m columns [*, S, N/P, C_m] (else None): the blocks
+    carry m in both layouts (``_msa_block_sharded``)."""
     if msa_mask is None:
         msa_mask = m.new_ones(m.shape[:-1])
     if pair_mask is None:
         pair_mask = z.new_ones(z.shape[:-1])
     run.set_msa_mask(msa_mask)
     run.set_pair_mask(pair_mask)
-    m = run.shard(fd.pad_to(m, {-3: run.np_seq, -2: run.np_res}), -3)
+    m = fd.pad_to(m, {-3: run.np_seq, -2: run.np_res})
+    m_cols = None if run.consume else run.shard(m, -2)
+    m = run.shard(m, -3)
     z = run.shard(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3)
-    return m, z
+    return m, z, m_cols
 
 
 def _leave_pair(run: _Run, z: torch.Tensor, dest: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -723,13 +754,12 @@ def evoformer_stack_forward(self: EvoformerStack, m, z, msa_mask, pair_mask, chu
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), m.device)
     m_in, z_in = m, z
-    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    m, z, m_cols = _enter_msa(run, m, z, msa_mask, pair_mask)
     last = len(self.blocks) - 1
     blocks = [partial(_msa_block_sharded, b, run, final=(i == last))
               for i, b in enumerate(self.blocks)]
-    m, z = _run_blocks(blocks, (m, z), self.blocks_per_ckpt)
-    if last < 0:  # no blocks: m is still split by rows
-        m = run.to_cols(m)
+    m, z, m_cols = _run_blocks(blocks, (m, z, m_cols), self.blocks_per_ckpt)
+    m = m_cols if m_cols is not None else run.to_cols(m)  # (no blocks: m rows as it came in)
     # single representation from the local residues of the first row
     W = _weights(self.linear, run)
     s = F.linear(m[..., 0, :, :], W["weight"], W["bias"])
@@ -744,15 +774,15 @@ def extra_msa_stack_forward(self: ExtraMSAStack, m, z, msa_mask, pair_mask, chun
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), m.device)
     z_in = z
-    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    args = _enter_msa(run, m, z, msa_mask, pair_mask)
     last = len(self.blocks) - 1
     for i, b in enumerate(self.blocks):
         fn = partial(_msa_block_sharded, b, run, final=(i == last))
         if self.ckpt and torch.is_grad_enabled():
-            m, z = _checkpoint(fn, m, z)
+            args = _checkpoint(fn, *args)
         else:
-            m, z = fn(m, z)
-    return _leave_pair(run, z, z_in)
+            args = fn(*args)
+    return _leave_pair(run, args[1], z_in)
 
 
 def template_pair_stack_forward(self: TemplatePairStack, t, mask, chunk_size, use_lma=False,
@@ -786,8 +816,8 @@ def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chu
                _mask_trans)
     _check_dropout_rng(run, _dropouts([self]), m.device)
     m_in, z_in = m, z
-    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
-    m, z = _msa_block_sharded(self, run, m, z, final=True)
+    _, z, m = _msa_block_sharded(self, run, *_enter_msa(run, m, z, msa_mask, pair_mask),
+                                 final=True)
     return _leave_msa_cols(run, m, m_in), _leave_pair(run, z, z_in)
 
 
@@ -801,12 +831,12 @@ def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chun
                _mask_trans)
     _check_dropout_rng(run, _dropouts([self]), m.device)
     m_in, z_in = m, z
-    m, z = _enter_msa(run, m, z, msa_mask, pair_mask)
+    args = _enter_msa(run, m, z, msa_mask, pair_mask)
     fn = partial(_msa_block_sharded, self, run, final=True)
     if self.ckpt and torch.is_grad_enabled():
-        m, z = _checkpoint(fn, m, z)
+        _, z, m = _checkpoint(fn, *args)
     else:
-        m, z = fn(m, z)
+        _, z, m = fn(*args)
     return _leave_msa_cols(run, m, m_in), _leave_pair(run, z, z_in)
 
 

@@ -34,7 +34,7 @@ def _block():
     return randomize_parameters_(block, seed=0).train()
 
 
-def _step_ops(chunk_size, switches=None):
+def _step_ops(chunk_size, switches=None, dtype=None):
     g = torch.Generator().manual_seed(0)
     n_seq, n_res = 5, 7
     m = torch.randn(n_seq, n_res, 16, generator=g)
@@ -43,24 +43,23 @@ def _step_ops(chunk_size, switches=None):
     run = _Run(fd.DAPContext(), get_ops("reference"), n_res, n_seq, chunk_size,
                inplace_safe=False, mask_trans=True)
     with torch.no_grad():
-        m_s, z_s = _enter_msa(run, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
-    m_s.requires_grad_()
-    z_s.requires_grad_()
+        shards = _enter_msa(run, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
+    for t in shards:
+        t.requires_grad_()
     if switches is not None:  # record what the block's synchronous switches move
         def recorder(name):
             fn = getattr(run, name)
 
             def record(x):
-                switches.append((name, x.shape[-1]))
+                switches.append((name, x.shape[-1], x.dtype))
                 return fn(x)
             return record
 
         run.to_cols = recorder("to_cols")
         run.col_to_row = recorder("col_to_row")  # (async: the MSA back to rows for the next block)
     counter = _OpCounter()
-    with counter:
-        mo, zo = _msa_block_sharded(block, run, m_s, z_s)
-        (mo.sum() + zo.sum()).backward()
+    with counter, torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        sum(o.float().sum() for o in _msa_block_sharded(block, run, *shards)).backward()
     assert all(p.grad is not None for p in block.parameters())
     return counter.ops
 
@@ -81,4 +80,15 @@ def test_pair_tensor_never_switches_axis_in_training():
     MSA's, to columns and back."""
     switches = []
     _step_ops(chunk_size=None, switches=switches)
-    assert switches == [("to_cols", 16), ("col_to_row", 16)], switches  # (C_m 16; C_z is 8)
+    f32 = torch.float32
+    assert switches == [("to_cols", 16, f32), ("col_to_row", 16, f32)], switches  # (C_m 16; C_z 8)
+
+
+def test_msa_switches_to_columns_only_the_row_attention_update():
+    """The block gets m in rows and in columns: what switches to columns within the block is the
+    row attention's update in the autocast dtype (bf16: half the bytes of the fp32 MSA), added
+    to the columns; the fp32 MSA goes back to rows (async) for the next block's row attention."""
+    switches = []
+    _step_ops(chunk_size=None, switches=switches, dtype=torch.bfloat16)
+    assert switches == [("to_cols", 16, torch.bfloat16), ("col_to_row", 16, torch.float32)], \
+        switches

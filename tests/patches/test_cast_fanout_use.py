@@ -107,7 +107,7 @@ def test_sharded_block_attention_rounds_its_input_once():
         r = _Run(fd.DAPContext(), ops, n_res, n_seq, None, inplace_safe=False, mask_trans=True)
         with torch.no_grad():
             shards = _enter_msa(r, m, z, torch.ones(n_seq, n_res), torch.ones(n_res, n_res))
-        return _step(lambda ms, zs: _msa_block_sharded(block, r, ms, zs),
+        return _step(lambda *xs: _msa_block_sharded(block, r, *xs),
                      list(block.parameters()), list(shards), seed=4)
 
     n_ref, n_fan = _compare(run(get_ops("reference")), run(_FanoutOnly()))
