@@ -273,12 +273,13 @@ def test_non_contiguous_and_broadcast_inputs():
     check(_requires_grad(inputs), torch.float32, 1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("case", ["row", "column"])
-def test_saved_inputs_returned_in_other_layouts(case):
+def test_saved_inputs_returned_in_other_layouts(case, device):
     """A saved-tensor hook (as torch's save_on_cpu) may give q, k, v, the biases and the gate back
     with other strides than the forward's plan read (here: made contiguous; OpenFold's q, k, v
     are transposed views): the backward plans for the layouts they come back in."""
-    inputs = _requires_grad(make_case(case, 6, 8, torch.float32))
+    inputs = _requires_grad(make_case(case, 6, 8, torch.float32, device=device))
     assert not inputs["q"].is_contiguous()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
         out, grads, dout = run(attention, inputs)

@@ -165,10 +165,11 @@ def test_strided_rows_are_read_in_place(make, dtype, tol):
     lambda t: t[:1].expand(t.shape),
     lambda t: t,
 ], ids=["transposed", "expanded", "contiguous"])
-def test_saved_x_returned_in_another_layout(make):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_saved_x_returned_in_another_layout(make, device):
     """A saved-tensor hook (as torch's save_on_cpu) may give the saved x back with other strides
     than the forward read (here: made contiguous): the backward reads it as it comes back."""
-    x, w, b = _inputs((4, 3, 16), torch.float32, "cpu", seed=5)
+    x, w, b = _inputs((4, 3, 16), torch.float32, device, seed=5)
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
         _check_fp32_against_reference(make(x), w, b)
 
