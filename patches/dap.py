@@ -43,12 +43,13 @@ triangle att. ending        z stays in rows: its LayerNorm output    all-to-all 
 pair transition             pair rows                                none
 ==========================  =======================================  ===========================
 
-m is carried from block to block in both layouts (training, and inference outside OpenFold's
-in-place mode): the row attention reads the rows, and the residual stream goes on in columns,
-so within a block only the row attention's update switches axis (in the autocast dtype: half
-the bytes of the fp32 MSA under bf16), and the MSA goes back to rows once, async, for the next
-block's row attention. In-place inference switches the MSA itself to columns (in place, no
-second shard: ``run.to_cols``).
+m is carried from block to block in both layouts (training without activation checkpointing,
+and inference outside OpenFold's in-place mode): the row attention reads the rows, and the
+residual stream goes on in columns, so within a block only the row attention's update switches
+axis (in the autocast dtype: half the bytes of the fp32 MSA under bf16), and the MSA goes back
+to rows once, async, for the next block's row attention. In-place inference (no second shard)
+and checkpointed training (a checkpoint keeps its inputs: one more MSA shard each) switch the
+MSA itself to columns after the row attention (``run.to_cols``).
 
 Padded positions have mask 0 and are left out of every key set (keys are cut to the real length),
 so results at real positions - including fully masked rows - are the single-process ones.
@@ -569,12 +570,13 @@ def _pair_keep(run: _Run, drop: nn.Module, like: torch.Tensor, lead) -> Optional
 def _msa_block_sharded(block, run: _Run, m: torch.Tensor, z: torch.Tensor,
                        m_cols: Optional[torch.Tensor] = None, final: bool = False):
     """One Evoformer / extra-MSA block on shards: m [*, S/P, N, C_m] (rows), z [*, N/P, N, C_z]
-    (rows) and, outside OpenFold's in-place inference, m_cols: the same m in columns
-    [*, S, N/P, C_m] (the stack carries m in both layouts: the row attention reads the rows,
-    the residual stream goes on in columns, and only the row attention's update switches axis
-    within the block; see ``_msa_row_attention``). Returns (m rows for the next block, z rows,
-    m columns): m rows is None when `final`; m columns is None in in-place inference unless
-    `final`."""
+    (rows) and m_cols, the same m in columns [*, S, N/P, C_m], or None. Given m_cols (the stack
+    carries m in both layouts: ``_enter_msa``), the row attention reads the rows, the residual
+    stream goes on in columns, and only the row attention's update switches axis within the
+    block (``_msa_row_attention``); without it (OpenFold's in-place inference, activation
+    checkpointing), m itself switches to columns after the row attention. Returns (m rows for
+    the next block, z rows, m columns): m rows is None when `final`; m columns is None when
+    neither carried nor `final`."""
     W = _weights(block, run)
     core = block.core
     lead = z.shape[:-3]
@@ -666,10 +668,10 @@ def _template_block_sharded(block, run: _Run, t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Entering and leaving the DAP region
 
-def _enter_msa(run: _Run, m, z, msa_mask, pair_mask):
+def _enter_msa(run: _Run, m, z, msa_mask, pair_mask, carry: bool = True):
     """Pad once, keep the local shards: m rows [*, S/P, N, C_m], z rows [*, N/P, N, C_z] and,
-    outside OpenFold's in-place inference, m columns [*, S, N/P, C_m] (else None): the blocks
-    carry m in both layouts (``_msa_block_sharded``)."""
+    when `carry` and outside OpenFold's in-place inference, m columns [*, S, N/P, C_m] (else
+    None): the blocks then carry m in both layouts (``_msa_block_sharded``)."""
     if msa_mask is None:
         msa_mask = m.new_ones(m.shape[:-1])
     if pair_mask is None:
@@ -677,7 +679,7 @@ def _enter_msa(run: _Run, m, z, msa_mask, pair_mask):
     run.set_msa_mask(msa_mask)
     run.set_pair_mask(pair_mask)
     m = fd.pad_to(m, {-3: run.np_seq, -2: run.np_res})
-    m_cols = None if run.consume else run.shard(m, -2)
+    m_cols = run.shard(m, -2) if carry and not run.consume else None
     m = run.shard(m, -3)
     z = run.shard(fd.pad_to(z, {-3: run.np_res, -2: run.np_res}), -3)
     return m, z, m_cols
@@ -754,7 +756,10 @@ def evoformer_stack_forward(self: EvoformerStack, m, z, msa_mask, pair_mask, chu
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), m.device)
     m_in, z_in = m, z
-    m, z, m_cols = _enter_msa(run, m, z, msa_mask, pair_mask)
+    # (activation checkpoints keep their inputs: carrying m in both layouts would keep one more
+    # MSA shard per checkpoint, so checkpointed blocks get m in rows only)
+    carry = self.blocks_per_ckpt is None or not torch.is_grad_enabled()
+    m, z, m_cols = _enter_msa(run, m, z, msa_mask, pair_mask, carry)
     last = len(self.blocks) - 1
     blocks = [partial(_msa_block_sharded, b, run, final=(i == last))
               for i, b in enumerate(self.blocks)]
@@ -774,7 +779,8 @@ def extra_msa_stack_forward(self: ExtraMSAStack, m, z, msa_mask, pair_mask, chun
                _mask_trans)
     _check_dropout_rng(run, _dropouts(self.blocks), m.device)
     z_in = z
-    args = _enter_msa(run, m, z, msa_mask, pair_mask)
+    args = _enter_msa(run, m, z, msa_mask, pair_mask,
+                      carry=not (self.ckpt and torch.is_grad_enabled()))  # (as the Evoformer's)
     last = len(self.blocks) - 1
     for i, b in enumerate(self.blocks):
         fn = partial(_msa_block_sharded, b, run, final=(i == last))
