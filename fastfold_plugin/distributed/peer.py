@@ -1,0 +1,227 @@
+"""All-to-alls by copy engines: DAP's axis switches through symmetric memory on GPUs.
+
+NCCL moves data with SMs: an all-to-all beside compute takes SMs from it, and alone it reached
+~235 GB/s for the 10-50 MB switches of a training block on two H200s (NVLink), where a
+copy-engine write into a peer's memory reached ~380 GB/s (``benchmarks/probe_collectives.py``).
+Here each all-to-all whose blocks are contiguous on one side runs as peer ``cudaMemcpyAsync``s
+between two device-side barriers of the group, on a side stream:
+
+- *push* (the blocks of x are contiguous, e.g. the columns -> rows switch [*, S, N/P, C], split
+  along its leading dim): every rank copies block q of x straight into rank q's receive slot;
+  the result is then unpacked from the slot (as NCCL's path unpacks its receive buffer);
+- *pull* (the result's blocks are contiguous, e.g. rows -> columns [*, S, N/P, C], gathered
+  along its leading dim): every rank packs the blocks it sends into its own slot (as NCCL's
+  path packs its send buffer), and copies block r of rank q's slot straight into the result.
+
+The slots are symmetric-memory buffers, each with its own side stream and barrier signals,
+made on first use and kept (a rendezvous is a collective, too slow per call) in a pool per
+(group, device); a slot is held from the launch to the finish, so all-to-alls in flight at once
+(an async switch beside synchronous ones) use different slots. Every rank takes the same slot
+for the same call (same program order), and agrees on whether a slot could be made. Inside a
+CUDA graph capture no slot is made (a new one would need a collective and an allocation): a call
+finds a free slot made by the warm-up steps, or uses NCCL, on every rank alike. A peer that does
+not reach a barrier within the timeout traps the device (the process fails; nothing hangs).
+
+``FASTFOLD_PLUGIN_DAP_COPY_ENGINE=0`` keeps NCCL (as for the triangle multiplication's inference
+all-gathers). Used by ``comm``'s all-to-alls; CPU tensors and other layouts go to NCCL / gloo.
+"""
+import logging
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+_ENABLED = os.environ.get("FASTFOLD_PLUGIN_DAP_COPY_ENGINE", "1") != "0"
+_MIN_BYTES = 1 << 20  # smaller all-to-alls stay with NCCL (two barriers cost more than they save)
+_TIMEOUT_MS = 600_000  # how long a barrier waits for the peers, then traps the device
+
+
+def _slot_bytes(need: int) -> int:
+    """A slot's size for `need` bytes: a power-of-two number of MiB (few distinct sizes)."""
+    mib = -(-need // 2**20)
+    return 2**20 * (1 << (mib - 1).bit_length())
+
+
+class _Slot:
+    def __init__(self, buf: torch.Tensor, hdl, nbytes: int):
+        self.buf, self.hdl, self.nbytes = buf, hdl, nbytes
+        self.stream = torch.cuda.Stream(buf.device)
+        self.busy = False
+
+    def block(self, rank: int, q: int, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Block q (of the group's P blocks of `shape`) of rank `rank`'s slot."""
+        numel = 1
+        for d in shape:
+            numel *= d
+        return self.hdl.get_buffer(rank, tuple(shape), dtype, q * numel)
+
+
+class _Pool:
+    _pools: Dict[tuple, Optional["_Pool"]] = {}
+
+    def __init__(self, group, device: torch.device):
+        self.group, self.device = group, device
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        self.slots: List[_Slot] = []
+        self.broken = False
+
+    @classmethod
+    def get(cls, group, device: torch.device) -> Optional["_Pool"]:
+        key = (group.group_name, tuple(dist.get_process_group_ranks(group)), device.index)
+        if key not in cls._pools:
+            cls._pools[key] = cls(group, device)
+        pool = cls._pools[key]
+        return None if pool.broken else pool
+
+    def acquire(self, nbytes: int) -> Optional[_Slot]:
+        """A free slot of at least `nbytes` (made if none is free, outside a capture), or None."""
+        for s in self.slots:
+            if not s.busy and s.nbytes >= nbytes:
+                s.busy = True
+                return s
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        slot = self._make(_slot_bytes(nbytes))
+        if slot is not None:
+            slot.busy = True
+        return slot
+
+    def _make(self, nbytes: int) -> Optional[_Slot]:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = hdl = problem = None
+        try:
+            buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
+        except Exception as e:  # noqa: BLE001 - any failure to set up: NCCL from now on
+            problem = e
+        if self._everyone(problem is None):
+            try:
+                hdl = symm_mem.rendezvous(buf, self.group)
+            except Exception as e:  # noqa: BLE001
+                problem = e
+            if self._everyone(hdl is not None):
+                slot = _Slot(buf, hdl, nbytes)
+                self.slots.append(slot)
+                return slot
+        self.broken = True
+        logging.getLogger("fastfold_plugin").warning(
+            "DAP all-to-all: symmetric memory unavailable on %s (%s); switches use NCCL",
+            "this rank" if problem else "a peer", problem if problem else "see its log")
+        return None
+
+    def _everyone(self, ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def release(self) -> None:
+        self.slots.clear()
+
+
+class _Event:
+    """``wait()`` orders the current stream after the exchange's side stream."""
+
+    def __init__(self, event: torch.cuda.Event):
+        self.event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self.event)
+
+
+def _blocks(t: torch.Tensor, dim: int, p: int) -> List[torch.Tensor]:
+    c = t.shape[dim] // p
+    return [t.narrow(dim, q * c, c) for q in range(p)]
+
+
+class PeerAllToAll:
+    """One all-to-all of x (split along `s` into the group's P blocks, block q to rank q; the
+    blocks received concatenated along `g`) by copy engines. ``launch`` issues it (or returns
+    None: NCCL then); ``finish()`` (after ``work.wait()``) returns the result."""
+
+    def __init__(self, pool: _Pool, slot: _Slot, x: torch.Tensor, s: int, g: int, push: bool):
+        self.pool, self.slot, self.x, self.g, self.push = pool, slot, x, g, push
+        p, r = pool.size, pool.rank
+        xb = _blocks(x, s, p)
+        shape = list(x.shape)
+        shape[s] //= p
+        shape[g] *= p
+        self.out_shape, self.block_shape = shape, xb[0].shape
+        cur = torch.cuda.current_stream(x.device)
+        side = slot.stream
+        if push:  # x's blocks into the peers' slots
+            self.xb = xb
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every slot is free
+                for q in range(p):
+                    if q != r:
+                        slot.block(q, r, self.block_shape, x.dtype).copy_(xb[q])
+                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every block arrived
+        else:  # packed into this rank's slot; the peers' blocks pulled into the result
+            from .comm import copy_runs
+
+            self.out = torch.empty(shape, dtype=x.dtype, device=x.device)
+            ob = _blocks(self.out, g, p)
+            for q in range(p):
+                copy_runs(ob[q] if q == r else slot.block(r, q, self.block_shape, x.dtype),
+                          xb[q])
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every rank has packed
+                for q in range(p):
+                    if q != r:
+                        ob[q].copy_(slot.block(q, r, self.block_shape, x.dtype))
+                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every pull is done
+        # (x's blocks and the result are held here until finish(), which runs after the current
+        # stream has waited for this event: their memory is not reused while the side stream
+        # still reads or writes it)
+        done = torch.cuda.Event()
+        done.record(side)
+        self.work = _Event(done)
+
+    @classmethod
+    def launch(cls, x: torch.Tensor, s: int, g: int, group) -> Optional["PeerAllToAll"]:
+        """The exchange, issued; None where copy engines do not apply (not CUDA, turned off, a
+        small tensor, neither side's blocks contiguous, no slot)."""
+        if not (_ENABLED and x.is_cuda and group is not None
+                and x.numel() * x.element_size() >= _MIN_BYTES):
+            return None
+        p = dist.get_world_size(group)
+        push = x.is_contiguous() and all(d == 1 for d in x.shape[:s])
+        pull = all(d == 1 for d in x.shape[:g])  # (the result is made contiguous)
+        if p == 1 or not (push or pull):
+            return None
+        pool = _Pool.get(group, x.device)
+        slot = None if pool is None else pool.acquire(x.numel() * x.element_size())
+        if slot is None:
+            return None
+        return cls(pool, slot, x, s, g, push)
+
+    def finish(self) -> torch.Tensor:
+        """The result (call after ``work.wait()``); frees the slot."""
+        from .comm import copy_runs
+
+        if self.push:
+            p, r = self.pool.size, self.pool.rank
+            out = torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device)
+            for q, ob in enumerate(_blocks(out, self.g, p)):
+                copy_runs(ob, self.xb[q] if q == r
+                          else self.slot.block(r, q, self.block_shape, self.x.dtype))
+            self.xb = None
+        else:
+            out = self.out
+            self.out = None
+        self.slot.busy = False
+        self.x = None
+        return out
+
+
+def release() -> None:
+    """Free the slots (``shutdown`` calls this before it destroys the process groups)."""
+    if _Pool._pools and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # no copy into a buffer about to be unmapped is in flight
+    for pool in _Pool._pools.values():
+        if pool is not None:
+            pool.release()
+    _Pool._pools.clear()
