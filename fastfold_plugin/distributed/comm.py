@@ -43,6 +43,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+from .peer import PeerAllToAll
+
 ProcessGroup = Optional["dist.ProcessGroup"]
 
 
@@ -169,9 +171,15 @@ def _launch_reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool):
     return out, work, inp
 
 
-def _launch_all_to_all(x: torch.Tensor, scatter_dim: int, group, async_op: bool):
+def _launch_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group,
+                       async_op: bool):
     p = group_size(group)
     _check_divisible(x, scatter_dim, p, "all-to-all")
+    ce = PeerAllToAll.launch(x, scatter_dim, gather_dim, group)  # copy engines, on GPUs
+    if ce is not None:
+        if not async_op:
+            ce.work.wait()
+        return ce, (ce.work if async_op else None), None
     inp = dense(x.unflatten(scatter_dim, (p, -1)).movedim(scatter_dim, 0))
     out = torch.empty_like(inp)
     work = _guard("all-to-all", group, lambda: dist.all_to_all_single(
@@ -179,7 +187,9 @@ def _launch_all_to_all(x: torch.Tensor, scatter_dim: int, group, async_op: bool)
     return out, work, inp
 
 
-def _finish_all_to_all(buf: torch.Tensor, gather_dim: int) -> torch.Tensor:
+def _finish_all_to_all(buf, gather_dim: int) -> torch.Tensor:
+    if isinstance(buf, PeerAllToAll):
+        return buf.finish()
     # buf[q] is rank q's block for this rank; concatenate them along gather_dim
     return dense(buf.movedim(0, gather_dim)).flatten(gather_dim, gather_dim + 1)
 
@@ -195,7 +205,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
-    buf, _, _ = _launch_all_to_all(x, scatter_dim, group, False)
+    buf, _, _ = _launch_all_to_all(x, scatter_dim, gather_dim, group, False)
     return _finish_all_to_all(buf, gather_dim)
 
 
@@ -426,7 +436,7 @@ def _launch(kind: str, x: torch.Tensor, dims, group):
         return _launch_all_gather(x, group, True)
     if kind == "reduce_scatter":
         return _launch_reduce_scatter(x, dims[0], group, True)
-    return _launch_all_to_all(x, dims[0], group, True)
+    return _launch_all_to_all(x, dims[0], dims[1], group, True)
 
 
 def _finish(kind: str, buf: torch.Tensor, dims) -> torch.Tensor:

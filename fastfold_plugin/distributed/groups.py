@@ -236,12 +236,14 @@ def check_context(ctx: DAPContext, dap_size: Optional[int] = None) -> None:
 
 def shutdown() -> None:
     """Destroy the groups made by :func:`init` and the default process group (first freeing the
-    symmetric memory the sharded triangle multiplication keeps for its inference all-gathers,
-    if it was loaded)."""
+    symmetric memory the all-to-alls' copy engines and the sharded triangle multiplication's
+    inference all-gathers keep)."""
     global _current
     trimul = sys.modules.get("fastfold_plugin.kernels.triangle_multiplication")
     if trimul is not None:
         trimul.release_peer_buffers()
+    from . import peer
+    peer.release()
     if _current is not None and _current.mesh is not None:
         _current.mesh.destroy_mesh_process_groups()
     _current = None

@@ -53,3 +53,27 @@ def test_copy_engine_gathers_only_on_gpu_groups_and_freed_by_shutdown(monkeypatc
     monkeypatch.setitem(tm._PeerSlots._made, ("1", (0, 1), 0, 2**20), None)
     fd.shutdown()  # (no process group here: frees the buffers and returns)
     assert not tm._PeerSlots._made
+
+
+def test_copy_engine_all_to_alls_only_for_gpu_groups_and_freed_by_shutdown():
+    """The all-to-alls' copy-engine path (symmetric memory) is taken only for CUDA tensors of a
+    group of several ranks (never on the CPU, for one process, or below 1 MiB); its slots are
+    powers of two in MiB; ``shutdown`` frees them."""
+    import fastfold_plugin.distributed as fd
+    from fastfold_plugin.distributed import peer
+
+    x = torch.randn(64, 64, 128)
+    assert peer.PeerAllToAll.launch(x, 1, 0, None) is None
+    assert peer._slot_bytes(1) == 2**20 and peer._slot_bytes(2**20) == 2**20
+    assert peer._slot_bytes(2**20 + 1) == 2 * 2**20 and peer._slot_bytes(5 * 2**20) == 8 * 2**20
+    peer._Pool._pools[("1", (0, 1), 0)] = None
+    fd.shutdown()  # (no process group here: frees the slots and returns)
+    assert not peer._Pool._pools
+
+
+@pytest.mark.gpu
+def test_copy_engine_all_to_alls_on_two_gpus(run_workers):
+    if torch.cuda.device_count() < 2:
+        pytest.fail(f"this test needs 2 CUDA GPUs (found {torch.cuda.device_count()})")
+    results = run_workers("peer_all_to_all", 2, {}, deadline=300)
+    assert all(r.records() == [{"ok": True, "size": 2}] for r in results)
