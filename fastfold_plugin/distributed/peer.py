@@ -6,8 +6,9 @@ copy-engine write into a peer's memory reached ~380 GB/s (``benchmarks/probe_col
 Here each all-to-all whose blocks are contiguous on one side runs as peer ``cudaMemcpyAsync``s
 between two device-side barriers of the group, on a side stream:
 
-- *push* (the blocks of x are contiguous, e.g. the columns -> rows switch [*, S, N/P, C], split
-  along its leading dim): every rank copies block q of x straight into rank q's receive slot;
+- *push* (the blocks of x are contiguous, or are once x is, e.g. the columns -> rows switch
+  [*, S, N/P, C], split along its leading dim): every rank copies block q of x straight into
+  rank q's receive slot;
   the result is then unpacked from the slot (as NCCL's path unpacks its receive buffer);
 - *pull* (the result's blocks are contiguous, e.g. rows -> columns [*, S, N/P, C], gathered
   along its leading dim): every rank packs the blocks it sends into its own slot (as NCCL's
@@ -149,8 +150,12 @@ class PeerAllToAll:
         self.out_shape, self.block_shape = shape, xb[0].shape
         cur = torch.cuda.current_stream(x.device)
         side = slot.stream
-        if push:  # x's blocks into the peers' slots
-            self.xb = xb
+        if push:  # x's blocks into the peers' slots (x packed first where it is strided,
+            # as NCCL's path packs it)
+            from .comm import dense
+
+            self.x = x = dense(x)
+            self.xb = xb = _blocks(x, s, p)
             side.wait_stream(cur)
             with torch.cuda.stream(side):
                 slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every slot is free
@@ -188,7 +193,7 @@ class PeerAllToAll:
                 and x.numel() * x.element_size() >= _MIN_BYTES):
             return None
         p = dist.get_world_size(group)
-        push = x.is_contiguous() and all(d == 1 for d in x.shape[:s])
+        push = all(d == 1 for d in x.shape[:s])  # (x made contiguous: its blocks are)
         pull = all(d == 1 for d in x.shape[:g])  # (the result is made contiguous)
         if p == 1 or not (push or pull):
             return None
