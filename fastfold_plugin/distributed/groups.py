@@ -64,6 +64,9 @@ class DAPContext:
         self.dp_rank = group_rank(dp_group)
         self.mesh = mesh
         self.timeout = timeout
+        if group is not None and timeout is not None:
+            from . import peer
+            peer.set_timeout(group, timeout.total_seconds())  # (its barriers' wait)
 
     @classmethod
     def from_group(cls, group, async_comm: bool = True) -> "DAPContext":

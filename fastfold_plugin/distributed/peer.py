@@ -21,7 +21,8 @@ made on first use and kept (a rendezvous is a collective, too slow per call) in 
 for the same call (same program order), and agrees on whether a slot could be made. Inside a
 CUDA graph capture no slot is made (a new one would need a collective and an allocation): a call
 finds a free slot made by the warm-up steps, or uses NCCL, on every rank alike. A peer that does
-not reach a barrier within the timeout traps the device (the process fails; nothing hangs).
+not reach a barrier within the DAP context's timeout traps the device (the process ends with a
+CUDA error; nothing hangs).
 
 ``FASTFOLD_PLUGIN_DAP_COPY_ENGINE=0`` keeps NCCL (as for the triangle multiplication's inference
 all-gathers). Used by ``comm``'s all-to-alls; CPU tensors and other layouts go to NCCL / gloo.
@@ -35,7 +36,14 @@ import torch.distributed as dist
 
 _ENABLED = os.environ.get("FASTFOLD_PLUGIN_DAP_COPY_ENGINE", "1") != "0"
 _MIN_BYTES = 1 << 20  # smaller all-to-alls stay with NCCL (two barriers cost more than they save)
-_TIMEOUT_MS = 600_000  # how long a barrier waits for the peers, then traps the device
+_DEFAULT_TIMEOUT_MS = 600_000  # a barrier's wait for the peers, then it traps the device
+_TIMEOUT_MS: Dict[str, int] = {}  # by group name: the DAP context's timeout (``set_timeout``)
+
+
+def set_timeout(group, seconds: float) -> None:
+    """How long the copy-engine all-to-alls of `group` wait for a peer at a barrier before they
+    trap the device (``DAPContext`` sets its process-group timeout; else 10 minutes)."""
+    _TIMEOUT_MS[group.group_name] = max(1, int(1000 * seconds))
 
 
 def _slot_bytes(need: int) -> int:
@@ -66,6 +74,7 @@ class _Pool:
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
         self.slots: List[_Slot] = []
         self.broken = False
+        self.timeout_ms = _TIMEOUT_MS.get(group.group_name, _DEFAULT_TIMEOUT_MS)
 
     @classmethod
     def get(cls, group, device: torch.device) -> Optional["_Pool"]:
@@ -158,11 +167,11 @@ class PeerAllToAll:
             self.xb = xb = _blocks(x, s, p)
             side.wait_stream(cur)
             with torch.cuda.stream(side):
-                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every slot is free
+                slot.hdl.barrier(channel=0, timeout_ms=pool.timeout_ms)  # every slot is free
                 for q in range(p):
                     if q != r:
                         slot.block(q, r, self.block_shape, x.dtype).copy_(xb[q])
-                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every block arrived
+                slot.hdl.barrier(channel=0, timeout_ms=pool.timeout_ms)  # every block arrived
         else:  # packed into this rank's slot; the peers' blocks pulled into the result
             from .comm import copy_runs
 
@@ -173,11 +182,11 @@ class PeerAllToAll:
                           xb[q])
             side.wait_stream(cur)
             with torch.cuda.stream(side):
-                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every rank has packed
+                slot.hdl.barrier(channel=0, timeout_ms=pool.timeout_ms)  # every rank has packed
                 for q in range(p):
                     if q != r:
                         ob[q].copy_(slot.block(q, r, self.block_shape, x.dtype))
-                slot.hdl.barrier(channel=0, timeout_ms=_TIMEOUT_MS)  # every pull is done
+                slot.hdl.barrier(channel=0, timeout_ms=pool.timeout_ms)  # every pull is done
         # (x's blocks and the result are held here until finish(), which runs after the current
         # stream has waited for this event: their memory is not reused while the side stream
         # still reads or writes it)

@@ -71,6 +71,26 @@ def test_copy_engine_all_to_alls_only_for_gpu_groups_and_freed_by_shutdown():
     assert not peer._Pool._pools
 
 
+def test_copy_engine_barriers_wait_for_the_context_timeout(monkeypatch):
+    """A DAP context gives its group's copy-engine barriers its timeout (else 10 minutes)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import fastfold_plugin.distributed as fd
+    from fastfold_plugin.distributed import peer
+
+    monkeypatch.setattr(peer, "_TIMEOUT_MS", {})
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        group = dist.new_group([0])
+        assert peer._Pool(group, torch.device("cpu")).timeout_ms == 600_000
+        fd.DAPContext(group=group, timeout=datetime.timedelta(seconds=7))
+        assert peer._Pool(group, torch.device("cpu")).timeout_ms == 7000
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.gpu
 def test_copy_engine_all_to_alls_on_two_gpus(run_workers):
     if torch.cuda.device_count() < 2:
