@@ -837,9 +837,10 @@ def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chun
                _mask_trans)
     _check_dropout_rng(run, _dropouts([self]), m.device)
     m_in, z_in = m, z
-    args = _enter_msa(run, m, z, msa_mask, pair_mask)
+    ckpt = self.ckpt and torch.is_grad_enabled()
+    args = _enter_msa(run, m, z, msa_mask, pair_mask, carry=not ckpt)  # (as its stack's)
     fn = partial(_msa_block_sharded, self, run, final=True)
-    if self.ckpt and torch.is_grad_enabled():
+    if ckpt:
         _, z, m = _checkpoint(fn, *args)
     else:
         _, z, m = fn(*args)

@@ -20,7 +20,9 @@ made on first use and kept (a rendezvous is a collective, too slow per call) in 
 (an async switch beside synchronous ones) use different slots. Every rank takes the same slot
 for the same call (same program order), and agrees on whether a slot could be made. Inside a
 CUDA graph capture no slot is made (a new one would need a collective and an allocation): a call
-finds a free slot made by the warm-up steps, or uses NCCL, on every rank alike. A peer that does
+finds a free slot made by the warm-up steps, or uses NCCL, on every rank alike; a replay then
+uses the slots the capture took, so no eager all-to-all of the group may be in flight while a
+graph replays (a training step is either captured or eager). A peer that does
 not reach a barrier within the DAP context's timeout traps the device (the process ends with a
 CUDA error; nothing hangs).
 
@@ -85,11 +87,13 @@ class _Pool:
         return None if pool.broken else pool
 
     def acquire(self, nbytes: int) -> Optional[_Slot]:
-        """A free slot of at least `nbytes` (made if none is free, outside a capture), or None."""
-        for s in self.slots:
-            if not s.busy and s.nbytes >= nbytes:
-                s.busy = True
-                return s
+        """The smallest free slot of at least `nbytes` (made if none is free, outside a capture),
+        or None."""
+        free = [s for s in self.slots if not s.busy and s.nbytes >= nbytes]
+        if free:
+            slot = min(free, key=lambda s: s.nbytes)
+            slot.busy = True
+            return slot
         if torch.cuda.is_current_stream_capturing():
             return None
         slot = self._make(_slot_bytes(nbytes))
@@ -132,11 +136,11 @@ class _Pool:
 class _Event:
     """``wait()`` orders the current stream after the exchange's side stream."""
 
-    def __init__(self, event: torch.cuda.Event):
-        self.event = event
+    def __init__(self, event: torch.cuda.Event, device: torch.device):
+        self.event, self.device = event, device
 
     def wait(self) -> None:
-        torch.cuda.current_stream().wait_event(self.event)
+        torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
 def _blocks(t: torch.Tensor, dim: int, p: int) -> List[torch.Tensor]:
@@ -192,7 +196,7 @@ class PeerAllToAll:
         # still reads or writes it)
         done = torch.cuda.Event()
         done.record(side)
-        self.work = _Event(done)
+        self.work = _Event(done, x.device)
 
     @classmethod
     def launch(cls, x: torch.Tensor, s: int, g: int, group) -> Optional["PeerAllToAll"]:
@@ -210,7 +214,22 @@ class PeerAllToAll:
         slot = None if pool is None else pool.acquire(x.numel() * x.element_size())
         if slot is None:
             return None
-        return cls(pool, slot, x, s, g, push)
+        try:
+            return cls(pool, slot, x, s, g, push)
+        except BaseException:
+            slot.busy = False  # (nothing was issued on the side stream)
+            raise
+
+    def __del__(self):
+        # Dropped without finish() (a Pending never waited, an exception between launch and
+        # wait): the side stream may still read x or write the result, whose memory goes back to
+        # the allocator now; order the current stream after it. The slot stays held (freeing it
+        # here, at a time garbage collection picks, could make the ranks' slot choices differ).
+        if getattr(self, "slot", None) is not None and getattr(self, "work", None) is not None:
+            try:
+                self.work.wait()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
 
     def finish(self) -> torch.Tensor:
         """The result (call after ``work.wait()``); frees the slot."""
@@ -227,7 +246,7 @@ class PeerAllToAll:
             out = self.out
             self.out = None
         self.slot.busy = False
-        self.x = None
+        self.slot = self.x = None
         return out
 
 
@@ -239,3 +258,4 @@ def release() -> None:
         if pool is not None:
             pool.release()
     _Pool._pools.clear()
+    _TIMEOUT_MS.clear()

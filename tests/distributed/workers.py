@@ -329,6 +329,15 @@ def peer_all_to_all(args):
         launched.append(ex is not None)
         return ex
     peer.PeerAllToAll.launch = classmethod(counting)
+    try:
+        _check_peer_all_to_all(g, p, r, dev, launched)
+    finally:
+        peer.PeerAllToAll.launch = classmethod(launch)
+    fd.shutdown()
+    result(ok=True, size=p)
+
+
+def _check_peer_all_to_all(g, p, r, dev, launched):
     exact = dict(rtol=0.0, atol=0.0)
     for dtype in (torch.float32, torch.bfloat16):
         F = randn((64 * p, 48 * p, 128), 1, torch.float32).to(dev, dtype)  # [S, N, C]
@@ -370,9 +379,6 @@ def peer_all_to_all(args):
     torch.cuda.synchronize()
     assert_close(mid, G.chunk(p, 1)[r], **exact, name="captured rows -> cols")
     assert_close(out, G.chunk(p, 0)[r], **exact, name="captured cols -> rows")
-    peer.PeerAllToAll.launch = classmethod(launch)
-    fd.shutdown()
-    result(ok=True, size=p)
 
 
 # ----------------------------------------------------------------------------------------------
