@@ -148,6 +148,20 @@ def _blocks(t: torch.Tensor, dim: int, p: int) -> List[torch.Tensor]:
     return [t.narrow(dim, q * c, c) for q in range(p)]
 
 
+def _mode(shape, s: int, g: int, nbytes: int, p: int) -> Optional[str]:
+    """How an all-to-all of a tensor of `shape` (split along dim `s`, gathered along `g`) goes by
+    copy engines: "push" when x's blocks are contiguous (x made contiguous: every dim before
+    `s` is 1), else "pull" when the result's are (every dim before `g` is 1), else None (NCCL);
+    None too for one rank or below ``_MIN_BYTES``."""
+    if p == 1 or nbytes < _MIN_BYTES:
+        return None
+    if all(d == 1 for d in shape[:s]):
+        return "push"
+    if all(d == 1 for d in shape[:g]):
+        return "pull"
+    return None
+
+
 class PeerAllToAll:
     """One all-to-all of x (split along `s` into the group's P blocks, block q to rank q; the
     blocks received concatenated along `g`) by copy engines. ``launch`` issues it (or returns
@@ -202,14 +216,13 @@ class PeerAllToAll:
     def launch(cls, x: torch.Tensor, s: int, g: int, group) -> Optional["PeerAllToAll"]:
         """The exchange, issued; None where copy engines do not apply (not CUDA, turned off, a
         small tensor, neither side's blocks contiguous, no slot)."""
-        if not (_ENABLED and x.is_cuda and group is not None
-                and x.numel() * x.element_size() >= _MIN_BYTES):
+        if not (_ENABLED and x.is_cuda and group is not None):
             return None
-        p = dist.get_world_size(group)
-        push = all(d == 1 for d in x.shape[:s])  # (x made contiguous: its blocks are)
-        pull = all(d == 1 for d in x.shape[:g])  # (the result is made contiguous)
-        if p == 1 or not (push or pull):
+        mode = _mode(tuple(x.shape), s, g, x.numel() * x.element_size(),
+                     dist.get_world_size(group))
+        if mode is None:
             return None
+        push = mode == "push"
         pool = _Pool.get(group, x.device)
         slot = None if pool is None else pool.acquire(x.numel() * x.element_size())
         if slot is None:

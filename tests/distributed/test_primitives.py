@@ -64,6 +64,17 @@ def test_copy_engine_all_to_alls_only_for_gpu_groups_and_freed_by_shutdown():
 
     x = torch.randn(64, 64, 128)
     assert peer.PeerAllToAll.launch(x, 1, 0, None) is None
+    mib = 2**20
+    # the MSA / pair switches [S, N/P, C] -> rows (split along dim 0): push; rows -> columns
+    # (gathered along dim 0): pull; with a batch dim of 1 in front as well
+    assert peer._mode((512, 192, 256), 0, 1, 4 * mib, 2) == "push"
+    assert peer._mode((256, 384, 256), 1, 0, 4 * mib, 2) == "pull"
+    assert peer._mode((1, 256, 384, 256), 2, 1, 4 * mib, 2) == "pull"
+    assert peer._mode((1, 512, 192, 256), 1, 2, 4 * mib, 2) == "push"
+    # batch dims above 1 in front of both axes, one process, below 1 MiB: NCCL
+    assert peer._mode((2, 256, 384, 256), 2, 1, 4 * mib, 2) is None
+    assert peer._mode((512, 192, 256), 0, 1, 4 * mib, 1) is None
+    assert peer._mode((512, 192, 256), 0, 1, mib - 1, 2) is None
     assert peer._slot_bytes(1) == 2**20 and peer._slot_bytes(2**20) == 2**20
     assert peer._slot_bytes(2**20 + 1) == 2 * 2**20 and peer._slot_bytes(5 * 2**20) == 8 * 2**20
     peer._Pool._pools[("1", (0, 1), 0)] = None
