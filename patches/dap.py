@@ -134,9 +134,11 @@ class _Run:
         return fd.Pending(None, None, fd.all_gather(x, dim, self.group))
 
     def col_to_row(self, x: torch.Tensor) -> fd.Pending:
+        # (in-place inference keeps NCCL: a copy-engine slot would hold one more MSA shard of
+        # symmetric memory for the whole run, where inference works to a few shard buffers)
         if self.async_comm:
-            return fd.col_to_row_start(x, self.group)
-        return fd.Pending(None, None, fd.col_to_row(x, self.group))
+            return fd.col_to_row_start(x, self.group, copy_engine=not self.consume)
+        return fd.Pending(None, None, fd.col_to_row(x, self.group, copy_engine=not self.consume))
 
     def add(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if self.inplace_safe:

@@ -172,10 +172,11 @@ def _launch_reduce_scatter(x: torch.Tensor, dim: int, group, async_op: bool):
 
 
 def _launch_all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group,
-                       async_op: bool):
+                       async_op: bool, copy_engine: bool = True):
     p = group_size(group)
     _check_divisible(x, scatter_dim, p, "all-to-all")
-    ce = PeerAllToAll.launch(x, scatter_dim, gather_dim, group)  # copy engines, on GPUs
+    # by copy engines on GPUs where it applies (``peer``)
+    ce = PeerAllToAll.launch(x, scatter_dim, gather_dim, group) if copy_engine else None
     if ce is not None:
         if not async_op:
             ce.work.wait()
@@ -204,8 +205,9 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
-    buf, _, _ = _launch_all_to_all(x, scatter_dim, gather_dim, group, False)
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group,
+                copy_engine: bool = True) -> torch.Tensor:
+    buf, _, _ = _launch_all_to_all(x, scatter_dim, gather_dim, group, False, copy_engine)
     return _finish_all_to_all(buf, gather_dim)
 
 
@@ -258,14 +260,14 @@ class _ReduceScatter(Function):
 
 class _AllToAll(Function):
     @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, group):
-        ctx.dims, ctx.group = (scatter_dim, gather_dim), group
-        return _all_to_all(x, scatter_dim, gather_dim, group)
+    def forward(ctx, x, scatter_dim, gather_dim, group, copy_engine):
+        ctx.dims, ctx.group, ctx.copy_engine = (scatter_dim, gather_dim), group, copy_engine
+        return _all_to_all(x, scatter_dim, gather_dim, group, copy_engine)
 
     @staticmethod
     def backward(ctx, g):
         s, gd = ctx.dims
-        return _all_to_all(g, gd, s, ctx.group), None, None, None
+        return _all_to_all(g, gd, s, ctx.group, ctx.copy_engine), None, None, None, None
 
 
 class _SumGrads(Function):
@@ -323,17 +325,19 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return _ReduceScatter.apply(x, _norm(dim, x.dim()), group)
 
 
-def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> torch.Tensor:
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group,
+               copy_engine: bool = True) -> torch.Tensor:
     """Re-shard: split `x` along `scatter_dim` into group-size blocks, send block q to rank q, and
     concatenate the blocks received along `gather_dim` (in rank order). Backward: the all-to-all
-    with the two dims swapped."""
+    with the two dims swapped. On GPUs it goes by copy engines where it can (``peer``);
+    `copy_engine` False keeps it on NCCL."""
     if group_size(group) == 1:
         return x
     nd = x.dim()
     s, g = _norm(scatter_dim, nd), _norm(gather_dim, nd)
     if s == g:
         raise ValueError("all_to_all: scatter_dim and gather_dim must differ")
-    return _AllToAll.apply(x, s, g, group)
+    return _AllToAll.apply(x, s, g, group, copy_engine)
 
 
 def row_to_col(x: torch.Tensor, group) -> torch.Tensor:
@@ -343,9 +347,9 @@ def row_to_col(x: torch.Tensor, group) -> torch.Tensor:
     return all_to_all(x, -2, -3, group)
 
 
-def col_to_row(x: torch.Tensor, group) -> torch.Tensor:
+def col_to_row(x: torch.Tensor, group, copy_engine: bool = True) -> torch.Tensor:
     """[*, I, J/P, C] (split along columns) -> [*, I/P, J, C] (split along rows)."""
-    return all_to_all(x, -3, -2, group)
+    return all_to_all(x, -3, -2, group, copy_engine)
 
 
 class _RowToColFanout(Function):
@@ -422,8 +426,8 @@ def sum_grads(tensors: Sequence[torch.Tensor], group) -> Tuple[torch.Tensor, ...
 class _Handle:
     """State shared by one start/wait pair, forward and backward."""
 
-    def __init__(self, kind: str, group, dims: Tuple[int, ...]):
-        self.kind, self.group, self.dims = kind, group, dims
+    def __init__(self, kind: str, group, dims: Tuple[int, ...], copy_engine: bool = True):
+        self.kind, self.group, self.dims, self.copy_engine = kind, group, dims, copy_engine
         self.work = self.buf = self.keep = None
         self.bwd_work = self.bwd_buf = self.bwd_keep = None
 
@@ -431,12 +435,12 @@ class _Handle:
 _OP_NAMES = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter", "all_to_all": "all-to-all"}
 
 
-def _launch(kind: str, x: torch.Tensor, dims, group):
+def _launch(kind: str, x: torch.Tensor, dims, group, copy_engine: bool = True):
     if kind == "all_gather":
         return _launch_all_gather(x, group, True)
     if kind == "reduce_scatter":
         return _launch_reduce_scatter(x, dims[0], group, True)
-    return _launch_all_to_all(x, dims[0], dims[1], group, True)
+    return _launch_all_to_all(x, dims[0], dims[1], group, True, copy_engine)
 
 
 def _finish(kind: str, buf: torch.Tensor, dims) -> torch.Tensor:
@@ -460,7 +464,8 @@ class _Start(Function):
     @staticmethod
     def forward(ctx, x, handle):
         ctx.handle = handle
-        handle.buf, handle.work, handle.keep = _launch(handle.kind, x, handle.dims, handle.group)
+        handle.buf, handle.work, handle.keep = _launch(handle.kind, x, handle.dims, handle.group,
+                                                       handle.copy_engine)
         return x.new_empty(0)
 
     @staticmethod
@@ -488,7 +493,8 @@ class _Wait(Function):
     def backward(ctx, g):
         h = ctx.handle
         dual = _DUAL[h.kind]
-        h.bwd_buf, h.bwd_work, h.bwd_keep = _launch(dual, g, _dual_dims(h.kind, h.dims), h.group)
+        h.bwd_buf, h.bwd_work, h.bwd_keep = _launch(dual, g, _dual_dims(h.kind, h.dims), h.group,
+                                                    h.copy_engine)
         return g.new_empty(0), None
 
 
@@ -508,10 +514,11 @@ class Pending:
         return self._result
 
 
-def _start(kind: str, x: torch.Tensor, dims: Tuple[int, ...], group) -> Pending:
+def _start(kind: str, x: torch.Tensor, dims: Tuple[int, ...], group,
+           copy_engine: bool = True) -> Pending:
     if group_size(group) == 1:
         return Pending(None, None, x)
-    handle = _Handle(kind, group, dims)
+    handle = _Handle(kind, group, dims, copy_engine)
     return Pending(_Start.apply(x, handle), handle)
 
 
@@ -528,13 +535,15 @@ def reduce_scatter_start(x: torch.Tensor, dim: int, group) -> Pending:
     return _start("reduce_scatter", x, (d,), group)
 
 
-def all_to_all_start(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> Pending:
-    """Async :func:`all_to_all` (backward: the async all-to-all back)."""
+def all_to_all_start(x: torch.Tensor, scatter_dim: int, gather_dim: int, group,
+                     copy_engine: bool = True) -> Pending:
+    """Async :func:`all_to_all` (backward: the async all-to-all back). `copy_engine` False
+    keeps it on NCCL (no symmetric-memory slot: ``peer``)."""
     nd = x.dim()
     s, g = _norm(scatter_dim, nd), _norm(gather_dim, nd)
     if s == g:
         raise ValueError("all_to_all_start: scatter_dim and gather_dim must differ")
-    return _start("all_to_all", x, (s, g), group)
+    return _start("all_to_all", x, (s, g), group, copy_engine)
 
 
 def row_to_col_start(x: torch.Tensor, group) -> Pending:
@@ -542,9 +551,9 @@ def row_to_col_start(x: torch.Tensor, group) -> Pending:
     return all_to_all_start(x, -2, -3, group)
 
 
-def col_to_row_start(x: torch.Tensor, group) -> Pending:
-    """Async :func:`col_to_row`."""
-    return all_to_all_start(x, -3, -2, group)
+def col_to_row_start(x: torch.Tensor, group, copy_engine: bool = True) -> Pending:
+    """Async :func:`col_to_row` (see :func:`all_to_all_start` for `copy_engine`)."""
+    return all_to_all_start(x, -3, -2, group, copy_engine)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -576,7 +585,7 @@ def all_to_all_(x: torch.Tensor, scatter_dim: int, gather_dim: int, group) -> to
         raise ValueError("all_to_all_: scatter_dim and gather_dim must differ")
     _check_divisible(x, s, p, "all-to-all")
     if not x.is_contiguous():
-        return _all_to_all(x, s, g, group)
+        return _all_to_all(x, s, g, group, copy_engine=False)  # (inference: no slot held)
     blocks = x.unflatten(s, (p, -1)).movedim(s, 0)  # block q goes to rank q
     if blocks.is_contiguous():
         # x already holds the blocks in send order: receive elsewhere, unpack into x

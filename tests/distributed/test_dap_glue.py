@@ -92,3 +92,24 @@ def test_msa_switches_to_columns_only_the_row_attention_update():
     _step_ops(chunk_size=None, switches=switches, dtype=torch.bfloat16)
     assert switches == [("to_cols", 16, torch.bfloat16), ("col_to_row", 16, torch.float32)], \
         switches
+
+
+def test_in_place_inference_keeps_the_msa_switch_on_nccl(monkeypatch):
+    """OpenFold's in-place inference switches the MSA back to rows without the copy engines
+    (their slot would hold one more MSA shard of symmetric memory for the whole run); training
+    takes them."""
+    import types
+
+    from fastfold_plugin.patches import dap
+
+    calls = []
+    monkeypatch.setattr(fd, "col_to_row_start",
+                        lambda x, group, copy_engine=True: calls.append(copy_engine))
+    ctx = types.SimpleNamespace(group=object(), size=2, rank=0, async_comm=True, timeout=None)
+    x = torch.zeros(4, 3, 2)
+    for inplace_safe, grad in ((True, False), (False, True), (False, False)):
+        run = dap._Run(ctx, get_ops("reference"), 6, 4, None, inplace_safe=inplace_safe,
+                       mask_trans=True)
+        with torch.set_grad_enabled(grad):
+            run.col_to_row(x)
+    assert calls == [False, True, True]
