@@ -191,10 +191,13 @@ def measure(step, args, device, active: bool = True) -> dict:
 
 def symmetric_workspace_mib() -> float:
     """The symmetric memory this process holds for the triangle multiplications' copy-engine
-    all-gathers (made on first use and kept; reported beside the allocator's peak)."""
+    all-gathers and the copy-engine all-to-alls (made on first use and kept; reported beside
+    the allocator's peak; records before the all-to-alls' slots were counted, e.g. 4f65205's,
+    leave those out)."""
+    from fastfold_plugin.distributed.peer import slot_bytes
     from fastfold_plugin.kernels.triangle_multiplication import peer_buffer_bytes
 
-    return peer_buffer_bytes() / 2**20
+    return (peer_buffer_bytes() + slot_bytes()) / 2**20
 
 
 # ----------------------------------------------------------------------------------------------

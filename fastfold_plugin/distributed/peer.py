@@ -263,6 +263,13 @@ class PeerAllToAll:
         return out
 
 
+def slot_bytes() -> int:
+    """The symmetric memory this process holds for the copy-engine all-to-alls (which torch's
+    allocator statistics do not count)."""
+    return sum(s.nbytes for pool in _Pool._pools.values() if pool is not None
+               for s in pool.slots)
+
+
 def release() -> None:
     """Free the slots (``shutdown`` calls this before it destroys the process groups)."""
     if _Pool._pools and torch.cuda.is_initialized():

@@ -78,6 +78,7 @@ def test_copy_engine_all_to_alls_only_for_gpu_groups_and_freed_by_shutdown():
     assert peer._slot_bytes(1) == 2**20 and peer._slot_bytes(2**20) == 2**20
     assert peer._slot_bytes(2**20 + 1) == 2 * 2**20 and peer._slot_bytes(5 * 2**20) == 8 * 2**20
     peer._Pool._pools[("1", (0, 1), 0)] = None
+    assert peer.slot_bytes() == 0
     fd.shutdown()  # (no process group here: frees the slots and returns)
     assert not peer._Pool._pools
 
