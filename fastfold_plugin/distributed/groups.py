@@ -28,6 +28,7 @@ from typing import List, Optional, Union
 import torch
 import torch.distributed as dist
 
+from . import peer
 from .comm import DAPCommError, _guard, group_rank, group_size
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
@@ -65,7 +66,6 @@ class DAPContext:
         self.mesh = mesh
         self.timeout = timeout
         if group is not None and timeout is not None:
-            from . import peer
             peer.set_timeout(group, timeout.total_seconds())  # (its barriers' wait)
 
     @classmethod
@@ -245,7 +245,6 @@ def shutdown() -> None:
     trimul = sys.modules.get("fastfold_plugin.kernels.triangle_multiplication")
     if trimul is not None:
         trimul.release_peer_buffers()
-    from . import peer
     peer.release()
     if _current is not None and _current.mesh is not None:
         _current.mesh.destroy_mesh_process_groups()

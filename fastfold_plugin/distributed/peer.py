@@ -30,6 +30,7 @@ CUDA error; nothing hangs).
 all-gathers). Used by ``comm``'s all-to-alls; CPU tensors and other layouts go to NCCL / gloo.
 """
 import logging
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -62,10 +63,7 @@ class _Slot:
 
     def block(self, rank: int, q: int, shape, dtype: torch.dtype) -> torch.Tensor:
         """Block q (of the group's P blocks of `shape`) of rank `rank`'s slot."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        return self.hdl.get_buffer(rank, tuple(shape), dtype, q * numel)
+        return self.hdl.get_buffer(rank, tuple(shape), dtype, q * math.prod(shape))
 
 
 class _Pool:
@@ -143,11 +141,6 @@ class _Event:
         torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
-def _blocks(t: torch.Tensor, dim: int, p: int) -> List[torch.Tensor]:
-    c = t.shape[dim] // p
-    return [t.narrow(dim, q * c, c) for q in range(p)]
-
-
 def _mode(shape, s: int, g: int, nbytes: int, p: int) -> Optional[str]:
     """How an all-to-all of a tensor of `shape` (split along dim `s`, gathered along `g`) goes by
     copy engines: "push" when x's blocks are contiguous (x made contiguous: every dim before
@@ -170,7 +163,7 @@ class PeerAllToAll:
     def __init__(self, pool: _Pool, slot: _Slot, x: torch.Tensor, s: int, g: int, push: bool):
         self.pool, self.slot, self.x, self.g, self.push = pool, slot, x, g, push
         p, r = pool.size, pool.rank
-        xb = _blocks(x, s, p)
+        xb = x.chunk(p, s)
         shape = list(x.shape)
         shape[s] //= p
         shape[g] *= p
@@ -182,7 +175,7 @@ class PeerAllToAll:
             from .comm import dense
 
             self.x = x = dense(x)
-            self.xb = xb = _blocks(x, s, p)
+            self.xb = xb = x.chunk(p, s)
             side.wait_stream(cur)
             with torch.cuda.stream(side):
                 slot.hdl.barrier(channel=0, timeout_ms=pool.timeout_ms)  # every slot is free
@@ -194,7 +187,7 @@ class PeerAllToAll:
             from .comm import copy_runs
 
             self.out = torch.empty(shape, dtype=x.dtype, device=x.device)
-            ob = _blocks(self.out, g, p)
+            ob = self.out.chunk(p, g)
             for q in range(p):
                 copy_runs(ob[q] if q == r else slot.block(r, q, self.block_shape, x.dtype),
                           xb[q])
@@ -251,7 +244,7 @@ class PeerAllToAll:
         if self.push:
             p, r = self.pool.size, self.pool.rank
             out = torch.empty(self.out_shape, dtype=self.x.dtype, device=self.x.device)
-            for q, ob in enumerate(_blocks(out, self.g, p)):
+            for q, ob in enumerate(out.chunk(p, self.g)):
                 copy_runs(ob, self.xb[q] if q == r
                           else self.slot.block(r, q, self.block_shape, self.x.dtype))
             self.xb = None
