@@ -1,0 +1,83 @@
+"""The Evoformer block's training step captured whole, on one GPU: time, and where it goes.
+
+    python benchmarks/profile_block_step.py [--sizes 128x256,512x384] [--no-stock] [--out DIR]
+
+bench_dap's block and inputs (AF2 widths, bf16 autocast, train mode with OpenFold's dropout),
+the whole training step (forward, loss, backward) captured in one CUDA graph
+(``bench_dap.captured_step``), for stock OpenFold and the plugin in the same process: each step
+timed as ``ab_op.timed`` does (three rounds, CUDA-event medians), then the plugin's step under
+``torch.profiler`` with its kernels by GPU time (``profile_evoformer_block.kernel_table``). The
+one-GPU counterpart of bench_dap's ``profile-graphed`` suite, at any size. Prints a header (card,
+versions, commit, date) and one JSON line per size; with ``--out``, appends them to
+DIR/block_step.jsonl and writes the kernel tables to DIR/block_step_kernels.txt.
+"""
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ab_op  # noqa: E402
+import bench_dap as bd  # noqa: E402
+import harness  # noqa: E402
+from profile_evoformer_block import kernel_table  # noqa: E402
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="128x256,512x384", help="N_seq x N_res, comma-separated")
+    p.add_argument("--no-stock", action="store_true", help="time the plugin only")
+    p.add_argument("--steps", type=int, default=3, help="replays under the profiler")
+    p.add_argument("--limit", type=int, default=60, help="kernel rows per table")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_block_step.py captures CUDA graphs: it needs a GPU")
+    import fastfold_plugin
+
+    dev = torch.device("cuda")
+    args = bd.parse_args([])
+    header = dict(record="header", benchmark="block_step", **harness.environment(dev))
+    lines, tables = [header], []
+    print(json.dumps(header), flush=True)
+    stock = bd.make_block(args, dev).train(True)
+    for size in a.sizes.split(","):
+        n_seq, n_res = (int(v) for v in size.split("x"))
+        ins = bd.inputs(n_seq, n_res, args, dev)
+        plugin = copy.deepcopy(stock)
+        fastfold_plugin.enable(plugin, backend="triton")
+        steps = {"plugin": bd.graphed_single_process_step(plugin, ins, args, dev, whole=True)}
+        if not a.no_stock:
+            steps["openfold"] = bd.graphed_single_process_step(stock, ins, args, dev, whole=True)
+        ms = {k: [] for k in steps}
+        for _ in range(3):
+            for k, st in steps.items():
+                ms[k].append(round(ab_op.timed(st), 3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(a.steps):
+                steps["plugin"]()
+            torch.cuda.synchronize()
+        table = kernel_table(prof, a.steps, limit=a.limit)
+        tables.append(f"== plugin, whole step captured, {size}: {min(ms['plugin']):.3f} ms/step "
+                      f"(event timing)\n{table}")
+        print(tables[-1], flush=True)
+        row = dict(case=size, mode="fwd+bwd captured", dtype="bf16",
+                   **{f"ms_{k}": v for k, v in ms.items()},
+                   kernel_ms=round(float(table.split()[5]), 3))
+        lines.append(row)
+        print(json.dumps(row), flush=True)
+        del steps, plugin, ins
+        torch.cuda.empty_cache()
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "block_step.jsonl", "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in lines)
+        (out / "block_step_kernels.txt").write_text("\n\n".join(tables) + "\n")
+
+
+if __name__ == "__main__":
+    main()
