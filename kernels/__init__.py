@@ -16,6 +16,7 @@ _OP_MODULES: Dict[str, str] = {
     "softmax": "softmax",
     "layer_norm": "layer_norm",
     "layer_norm_torch": "layer_norm",
+    "layer_norm_fanout": "layer_norm",
     "transition": "transition",
     "triangle_multiplication": "triangle_multiplication",
     "triangle_multiplication_sharded": "triangle_multiplication",

@@ -20,7 +20,7 @@ by ``_fwd_plan`` / ``_bwd_plan``; a call reads its strides, allocates and launch
 interpreter runs is read once per forward and kept for its backward.
 """
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._triton_utils import (
     autocast_dtype,
+    cast_rne,
     cdiv,
     check_devices,
     collapse_dims,
@@ -56,7 +57,7 @@ def _layer_norm_fwd_kernel(
     X, W, B, Y, MEAN, RSTD,
     M, C, stride_x, stride_y, eps, R_IN, stride_x_in,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STORE_STATS: tl.constexpr,
-    TWO_LEVEL: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Y[r] = (X[r] - mean) * rstd * W + B for BLOCK_M rows of length C; fp32 statistics.
     X's row r is at r * stride_x, or with ``TWO_LEVEL`` at (r // R_IN) * stride_x +
@@ -75,7 +76,8 @@ def _layer_norm_fwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_rne(y, Y.dtype.element_ty, INTERP),
+             mask=ok)
     if STORE_STATS:
         tl.store(MEAN + rows, mean, mask=row_ok)
         tl.store(RSTD + rows, rstd, mask=row_ok)
@@ -83,14 +85,20 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    X, W, DY, DX, MEAN, RSTD, DW_PART, DB_PART,
+    X, W, DY, DY1, DY2, DY3, DY4, DY5, DRES, DX, MEAN, RSTD, DW_PART, DB_PART,
     M, C, stride_x, stride_dy, stride_dx, rows_per_program, R_IN, stride_x_in, stride_dx_in,
+    stride_r, R_IN_R, stride_r_in,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TWO_LEVEL: tl.constexpr,
+    N_DY: tl.constexpr, HAS_RES: tl.constexpr, RES_TWO_LEVEL: tl.constexpr,
 ):
     """dx for `rows_per_program` rows, and this program's partial sums of dweight and dbias.
     X and DX rows as in the forward (``TWO_LEVEL``: each with its own strides, one R_IN).
 
+    dy = DY + DY1 + ... (the first N_DY, all with DY's row stride), summed in fp32 in that order
+    (the gradients of one output read by several consumers: ``layer_norm_fanout``);
     xhat = (x - mean) * rstd;  dx = rstd * (w*dy - mean_c(w*dy * xhat) * xhat - mean_c(w*dy));
+    with HAS_RES, dx += DRES (rows at r * stride_r, or two-level with R_IN_R, stride_r_in):
+    the gradient x receives from its other reader, a residual add;
     dweight = sum_rows dy * xhat;  dbias = sum_rows dy.
     """
     pid = tl.program_id(0)
@@ -106,7 +114,18 @@ def _layer_norm_bwd_kernel(
         ok = row_ok[:, None] & col_ok[None, :]
         x_rows = _row_offsets(rows, stride_x, R_IN, stride_x_in, TWO_LEVEL)
         x = tl.load(X + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        dy_off = rows[:, None] * stride_dy + cols[None, :]
+        dy = tl.load(DY + dy_off, mask=ok, other=0.0).to(tl.float32)
+        if N_DY > 1:
+            dy += tl.load(DY1 + dy_off, mask=ok, other=0.0).to(tl.float32)
+        if N_DY > 2:
+            dy += tl.load(DY2 + dy_off, mask=ok, other=0.0).to(tl.float32)
+        if N_DY > 3:
+            dy += tl.load(DY3 + dy_off, mask=ok, other=0.0).to(tl.float32)
+        if N_DY > 4:
+            dy += tl.load(DY4 + dy_off, mask=ok, other=0.0).to(tl.float32)
+        if N_DY > 5:
+            dy += tl.load(DY5 + dy_off, mask=ok, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
@@ -114,6 +133,9 @@ def _layer_norm_bwd_kernel(
         c1 = tl.sum(xhat * wdy, axis=1) / C
         c2 = tl.sum(wdy, axis=1) / C
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_RES:
+            r_rows = _row_offsets(rows, stride_r, R_IN_R, stride_r_in, RES_TWO_LEVEL)
+            dx += tl.load(DRES + r_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         dx_rows = _row_offsets(rows, stride_dx, R_IN, stride_dx_in, TWO_LEVEL)
         tl.store(DX + dx_rows[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
         dw_acc += tl.sum(dy * xhat, axis=0)
@@ -144,7 +166,7 @@ class _FwdPlan(NamedTuple):
     """What a forward launch fixes for [M, C] rows: grid, y's row stride, launch keywords."""
     grid: tuple
     stride_y: int
-    kwargs: dict  # BLOCK_M, BLOCK_C, STORE_STATS, num_warps
+    kwargs: dict  # BLOCK_M, BLOCK_C, STORE_STATS, INTERP, num_warps
 
 
 @functools.lru_cache(maxsize=256)
@@ -160,7 +182,7 @@ def _fwd_plan(m: int, c: int, device: torch.device, interp: bool, store_stats: b
     return _FwdPlan(
         grid=(cdiv(m, block_m),),
         stride_y=torch.empty((m, c), device="meta").stride(0),
-        kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c, STORE_STATS=store_stats,
+        kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c, STORE_STATS=store_stats, INTERP=interp,
                     num_warps=4 if block_c * block_m <= 4096 else 8),
     )
 
@@ -259,15 +281,21 @@ def layer_norm_fwd_rows(
     return y, mean, rstd
 
 
+MAX_DY = 6  # gradients of one output summed by the backward kernel (``layer_norm_fanout``)
+
+
 def layer_norm_bwd_rows(
     x2: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     dy2: torch.Tensor, dx_dtype: torch.dtype, interp: Optional[bool] = None,
-    layout: Optional[RowLayout] = None,
+    layout: Optional[RowLayout] = None, more_dy: Sequence[torch.Tensor] = (),
+    dres: Optional[torch.Tensor] = None, dres_layout: Optional[RowLayout] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [M, C] dx_dtype, dweight fp32 [C], dbias fp32 [C]) for rows normalised by the forward.
     With `layout` (the forward's), dx has `x2`'s shape and, where `x2` is a permuted dense tensor,
     its strides (a transposed view's gradient is then contiguous once transposed back).
-    `interp`: ``is_interpreter()`` (read here if None)."""
+    `more_dy`: up to MAX_DY - 1 more output gradients with dy2's row stride, added to dy2 in
+    fp32 in order. `dres`: a gradient added to dx (rows as `dres_layout` says; [M, C] rows with
+    unit column stride if None). `interp`: ``is_interpreter()`` (read here if None)."""
     c = x2.shape[-1]
     device = x2.device
     if layout is None:
@@ -286,17 +314,27 @@ def layer_norm_bwd_rows(
     if m == 0:
         z = torch.zeros((c,), dtype=torch.float32, device=device)
         return dx, z, z.clone()
+    if len(more_dy) >= MAX_DY:
+        raise ValueError(f"layer_norm backward sums at most {MAX_DY} output gradients")
     plan = _bwd_plan(m, c, device, is_interpreter() if interp is None else interp)
-    dw_part = torch.empty((plan.n_prog, c), dtype=torch.float32, device=device)
-    db_part = torch.empty((plan.n_prog, c), dtype=torch.float32, device=device)
+    parts = torch.empty((2, plan.n_prog, c), dtype=torch.float32, device=device)
     stride_x, r_in, stride_x_in, two_level = _kernel_rows(layout)
     stride_dx, _, stride_dx_in, _ = _kernel_rows(dx_layout)
+    dys = (dy2, *more_dy) + (dy2,) * (MAX_DY - 1 - len(more_dy))
+    if dres is None:
+        res_rows = (0, 1, 0, False)
+    else:
+        res_rows = _kernel_rows(dres_layout if dres_layout is not None
+                                else RowLayout(m, dres.stride(0)))
     _layer_norm_bwd_kernel[(plan.n_prog,)](
-        x2, weight.contiguous(), dy2, dx, mean, rstd, dw_part, db_part,
-        m, c, stride_x, dy2.stride(0), stride_dx, plan.rows_per_program, r_in, stride_x_in,
-        stride_dx_in, TWO_LEVEL=two_level, **plan.kwargs,
+        x2, weight.contiguous(), *dys, dres if dres is not None else dx, dx, mean, rstd,
+        parts[0], parts[1], m, c, stride_x, dy2.stride(0), stride_dx, plan.rows_per_program,
+        r_in, stride_x_in, stride_dx_in, *res_rows[:3], TWO_LEVEL=two_level,
+        N_DY=1 + len(more_dy), HAS_RES=dres is not None, RES_TWO_LEVEL=res_rows[3],
+        **plan.kwargs,
     )
-    return dx, dw_part.sum(0), db_part.sum(0)
+    dw, db = parts.sum(1)
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,6 +370,55 @@ class _LayerNormFn(torch.autograd.Function):
         dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, _rows(dy, shape[-1]), x_dtype,
                                          interp=interp, layout=layout)
         return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None
+
+
+class _LayerNormFanoutFn(torch.autograd.Function):
+    """LayerNorm whose output `n` readers take as aliases (their gradients summed in fp32 by the
+    backward kernel) and, with `carry`, whose input comes back as one more output: the gradient
+    of x from its other reader (a residual add) is then added to dx by the same kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, n, carry, out_dtype, param_dtype):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
+        c = x.shape[-1]
+        w = weight if param_dtype is None else weight.to(param_dtype)
+        b = bias if param_dtype is None else bias.to(param_dtype)
+        layout = _row_layout(x)
+        xs = x if layout is not None else _rows(x, c)
+        interp = is_interpreter()
+        y, mean, rstd = layer_norm_fwd_rows(xs, w, b, eps, out_dtype, interp=interp, layout=layout)
+        ctx.save_for_backward(xs, w, mean, rstd)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, interp, n, carry)
+        y = y.view(x.shape)
+        outs = tuple(y.view_as(y) for _ in range(n))
+        return outs + (x,) if carry else outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        xs, w, mean, rstd = ctx.saved_tensors
+        shape, x_dtype, w_dtype, b_dtype, interp, n, carry = ctx.meta
+        c = shape[-1]
+        dys = [_rows(g, c) for g in grads[:n] if g is not None]
+        dres = grads[n] if carry else None
+        if not dys:  # only the carried x has a gradient
+            return dres, None, None, None, None, None, None, None
+        if any(d.stride(0) != dys[0].stride(0) for d in dys):
+            dys = [d.contiguous() for d in dys]
+        if len(dys) > MAX_DY:  # more readers than the kernel takes: pre-sum the rest
+            dys = dys[:MAX_DY - 1] + [torch.stack(dys[MAX_DY - 1:]).float().sum(0)]
+        dres_layout = None
+        if dres is not None:
+            dres_layout = _row_layout(dres)
+            if dres_layout is None:
+                dres = _rows(dres, c)
+                dres_layout = RowLayout(dres.shape[0], dres.stride(0))
+        layout = _row_layout(xs)
+        if layout is None:
+            xs = _rows(xs, c)
+        dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, dys[0], x_dtype, interp=interp,
+                                         layout=layout, more_dy=dys[1:], dres=dres,
+                                         dres_layout=dres_layout)
+        return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None, None, None
 
 
 def _openfold_dtypes(x: torch.Tensor) -> Tuple[torch.dtype, Optional[torch.dtype]]:
@@ -371,6 +458,41 @@ def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return _LayerNormFn.apply(x, weight, bias, eps, out_dtype, param_dtype)
 
 
+def _fanout_dtype(x: torch.Tensor, out_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Linear reading an `out_dtype` LayerNorm output of `x` computes in: the
+    autocast dtype where autocast would round it (an fp32 output), else `out_dtype`."""
+    dt = autocast_dtype(x.device.type)
+    return dt if dt is not None and out_dtype == torch.float32 else out_dtype
+
+
+def layer_norm_fanout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      n: int, carry: bool = False) -> Tuple[torch.Tensor, ...]:
+    """OpenFold's LayerNorm (``layer_norm``) of x [*, C] for `n` Linears that read it, and with
+    `carry` x itself (for its other reader, e.g. the residual add around the module): a tuple
+    of n (+1) tensors (Triton path).
+
+    Under autocast, where each Linear would round the fp32 LayerNorm output to the autocast
+    dtype, the kernel stores it rounded, once (the values every reader gets are the ones
+    autocast gives); otherwise the output dtype of ``layer_norm``. The n outputs are aliases of
+    one tensor. In backward one kernel sums their gradients in fp32 (in output order), runs the
+    LayerNorm backward and, with `carry`, adds the carried x's gradient to dx: what autograd
+    would do with one cast and one add per reader. Gradients for x, weight and bias."""
+    if n < 1:
+        raise ValueError(f"layer_norm_fanout needs n >= 1 readers, got {n}")
+    out_dtype, param_dtype = _openfold_dtypes(x)
+    out_dtype = _fanout_dtype(x, out_dtype)
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                           or bias.requires_grad):
+        c = x.shape[-1]
+        w = weight if param_dtype is None else weight.to(param_dtype)
+        b = bias if param_dtype is None else bias.to(param_dtype)
+        layout = _row_layout(x)
+        y = layer_norm_fwd_rows(x if layout is not None else _rows(x, c), w, b, eps, out_dtype,
+                                store_stats=False, layout=layout)[0].view(x.shape)
+        return (y,) * n + ((x,) if carry else ())
+    return _LayerNormFanoutFn.apply(x, weight, bias, eps, n, carry, out_dtype, param_dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # references
 # ----------------------------------------------------------------------------------------------
@@ -397,3 +519,13 @@ def layer_norm_torch_reference(x: torch.Tensor, weight: torch.Tensor, bias: torc
         with torch.autocast(x.device.type, enabled=False):
             return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def layer_norm_fanout_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                eps: float, n: int, carry: bool = False) -> Tuple[torch.Tensor, ...]:
+    """Stock OpenFold: ``layer_norm_reference`` once, its output handed to each of the `n`
+    readers (each Linear rounds it under autocast; autograd sums their gradients), then x."""
+    if n < 1:
+        raise ValueError(f"layer_norm_fanout needs n >= 1 readers, got {n}")
+    y = layer_norm_reference(x, weight, bias, eps)
+    return (y,) * n + ((x,) if carry else ())

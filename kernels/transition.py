@@ -54,6 +54,8 @@ from ._triton_utils import (
     next_power_of_2,
 )
 from .layer_norm import (
+    RowLayout,
+    _row_layout,
     _rows,
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
@@ -150,7 +152,8 @@ def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------------------------
 class _TransitionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype):
+    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype, carry):
+        ctx.set_materialize_grads(False)
         c = x.shape[-1]
         x2 = _rows(x, c)
         check_devices(x2.device)
@@ -171,12 +174,21 @@ class _TransitionFn(torch.autograd.Function):
         ctx.eps = eps
         ctx.interp = interp
         ctx.meta = (x.shape, x.dtype, ln_w.dtype, ln_b.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
-        return out.view(*x.shape[:-1], w2.shape[0])
+        out = out.view(*x.shape[:-1], w2.shape[0])
+        return (out, x) if carry else out
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, dres=None):
         x2, lw, lb, mean, rstd, w1c, w2c, h, mask_rows = ctx.saved_tensors
         shape, x_dt, lw_dt, lb_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.meta
+        if g is None:  # only the carried x has a gradient
+            return (dres,) + (None,) * 12
+        dres_layout = None
+        if dres is not None:
+            dres_layout = _row_layout(dres)
+            if dres_layout is None:
+                dres = _rows(dres, shape[-1])
+                dres_layout = RowLayout(dres.shape[0], dres.stride(0))
         cdt = h.dtype
         m = x2.shape[0]
         interp = ctx.interp
@@ -193,9 +205,10 @@ class _TransitionFn(torch.autograd.Function):
             del ln
             dln = dh.mm(w1c)
             del dh
-            dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt, interp=interp)
+            dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt, interp=interp,
+                                               dres=dres, dres_layout=dres_layout)
         return (dx.view(shape), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt), db1.to(b1_dt),
-                dw2.to(w2_dt), db2.to(b2_dt), None, None, None)
+                dw2.to(w2_dt), db2.to(b2_dt), None, None, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,12 +222,15 @@ def _mask_or_ones(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor
 def transition(
     x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
-) -> torch.Tensor:
+    carry: bool = False,
+):
     """linear_2(relu(linear_1(layer_norm(x)))) * mask (Triton LayerNorm/backward passes + cuBLAS).
 
     x [*, C]; mask [*, 1] broadcastable to x's rows (None: ones in x's dtype, as OpenFold);
     ln_w, ln_b [C]; w1 [n*C, C], b1 [n*C]; w2 [C, n*C], b2 [C]. Returns [*, C] in
     promote(compute dtype, mask dtype). Gradients for x and every weight; none for the mask.
+    With `carry`, ``(out, x)``: x handed back for its other reader (the residual add around the
+    transition), whose gradient the LayerNorm's backward kernel adds to dx (no add of its own).
     See the module docstring for the precision contract.
     """
     mask = _mask_or_ones(x, mask)
@@ -225,17 +241,20 @@ def transition(
     # a DAP column shard's mask one column wide, can stay a strided view)
     mask_rows = mask.detach().expand(*rows, 1).reshape(-1).to(
         torch.promote_types(mask.dtype, cdt)).contiguous()
-    return _TransitionFn.apply(x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype)
+    return _TransitionFn.apply(x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype,
+                               carry)
 
 
 def transition_reference(
     x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
-) -> torch.Tensor:
-    """OpenFold's ``MSATransition._transition`` / ``PairTransition._transition`` in plain PyTorch."""
+    carry: bool = False,
+):
+    """OpenFold's ``MSATransition._transition`` / ``PairTransition._transition`` in plain PyTorch
+    (with `carry`, ``(out, x)``)."""
     mask = _mask_or_ones(x, mask)
     m = layer_norm_reference(x, ln_w, ln_b, eps)
     m = F.linear(m, w1, b1)
     m = torch.relu(m)
     m = F.linear(m, w2, b2) * mask
-    return m
+    return (m, x) if carry else m

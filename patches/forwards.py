@@ -109,24 +109,31 @@ def _project(ops, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ops.linear(x, mod.weight, mod.bias) if _plain_linear(mod) else mod(x)
 
 
-def _mha(mha: Attention, ops, q_x: torch.Tensor, kv_x: torch.Tensor,
-         mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _n_inputs(mha: Attention) -> int:
+    """How many projections of `mha` read its input in self-attention: q, the gate, k, v."""
+    return 4 if mha.linear_g is not None else 3
+
+
+def _mha(mha: Attention, ops, q_x: Optional[torch.Tensor], kv_x: Optional[torch.Tensor],
+         mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor],
+         xs: Optional[tuple] = None) -> torch.Tensor:
     """OpenFold's Attention (projections, gated biased attention, output projection).
 
-    q_x [*, Q, C_q], kv_x [*, K, C_k]; the biases broadcast to [*, H, Q, K].
+    q_x [*, Q, C_q], kv_x [*, K, C_k]; the biases broadcast to [*, H, Q, K]. Self-attention may
+    pass, instead of q_x and kv_x, `xs`: the ``_n_inputs(mha)`` projections' inputs (q, the
+    gate, k, v), as ``layer_norm_fanout`` hands them out.
     """
     h = mha.no_heads
-    same = kv_x is q_x
-    q_x = cast_once(q_x)
-    kv_x = q_x if same else cast_once(kv_x)
-    # the projections' inputs: q (and the gate) read q_x, k and v read kv_x; under autocast
-    # each input is rounded once for all of them, its gradient one fp32 sum (``cast_fanout``)
     n_q = 2 if mha.linear_g is not None else 1
-    if same:
-        xs = ops.cast_fanout(q_x, n_q + 2)
+    if xs is not None:
+        xq, xkv = xs[:n_q], xs[n_q:]
+    elif kv_x is q_x:
+        # the projections' inputs: q (and the gate) read q_x, k and v read kv_x; under autocast
+        # each input is rounded once for all of them, its gradient one fp32 sum (``cast_fanout``)
+        xs = ops.cast_fanout(cast_once(q_x), n_q + 2)
         xq, xkv = xs[:n_q], xs[n_q:]
     else:
-        xq, xkv = ops.cast_fanout(q_x, n_q), ops.cast_fanout(kv_x, 2)
+        xq, xkv = ops.cast_fanout(cast_once(q_x), n_q), ops.cast_fanout(cast_once(kv_x), 2)
     q = mha.linear_q(xq[0])
     k = mha.linear_k(xkv[0])
     v = mha.linear_v(xkv[1])
@@ -159,7 +166,11 @@ def attention_forward(self: Attention, q_x, kv_x, biases=None, use_memory_effici
     return _mha(self, self._fastfold_patch.ops_for(q_x), q_x, kv_x, biases[0], biases[1])
 
 
-def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size):
+def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size, carry: bool = False):
+    """The MSA attention's update of m (row attention, with the pair bias from z when the module
+    has one). With `carry` (no chunks), ``(update, m, z)``: m and z as their LayerNorms hand them
+    back (``layer_norm_fanout``), for the residual adds that read them next, whose gradients the
+    LayerNorms' backward then adds (z is returned as given when no bias is formed)."""
     n_seq, n_res = m.shape[-3:-1]
     if mask is None:
         mask = m.new_ones(m.shape[:-3] + (n_seq, n_res))
@@ -167,16 +178,26 @@ def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size):
     mask_bias = _mask_bias(mask, self.inf)
     pair_bias = None
     if self.pair_bias and z is not None:
-        z = ops.layer_norm(z, self.layer_norm_z.weight, self.layer_norm_z.bias, self.layer_norm_z.eps)
+        lnz = self.layer_norm_z
+        zs = ops.layer_norm_fanout(z, lnz.weight, lnz.bias, lnz.eps, 1, carry)
+        if carry:
+            z = zs[1]
         # [*, 1, H, N_res, N_res]
-        pair_bias = head_bias(z, self.linear_z.weight).transpose(-2, -3).unsqueeze(-4)
+        pair_bias = head_bias(zs[0], self.linear_z.weight).transpose(-2, -3).unsqueeze(-4)
     ln = self.layer_norm_m
+    n_in = _n_inputs(self.mha)
 
-    def fn(m_chunk, bias_chunk, pair_bias):
-        m_chunk = ops.layer_norm(m_chunk, ln.weight, ln.bias, ln.eps)
-        return _mha(self.mha, ops, m_chunk, m_chunk, bias_chunk, pair_bias)
+    def fn(m_chunk, bias_chunk, pair_bias, carry=False):
+        xs = ops.layer_norm_fanout(m_chunk, ln.weight, ln.bias, ln.eps, n_in, carry)
+        o = _mha(self.mha, ops, None, None, bias_chunk, pair_bias, xs=xs[:n_in])
+        return (o, xs[n_in]) if carry else o
 
     # rows of the MSA are independent: chunk along N_seq (dim -3 of m, -4 of the bias)
+    if carry:
+        if chunk_size is not None:
+            raise ValueError("_msa_attention: carry needs chunk_size None")
+        o, m = fn(m, mask_bias, pair_bias, carry=True)
+        return o, m, z
     if chunk_size is None:
         return fn(m, mask_bias, pair_bias)
     outs = []
@@ -210,13 +231,19 @@ def msa_column_attention_forward(self: MSAColumnAttention, m, mask=None, chunk_s
     if use_flash:
         raise UnsupportedOption("use_flash cannot be combined with fastfold-plugin; unset "
                                 "config.globals.use_flash (the plugin's attention is flash-style).")
-    inner = self._msa_att
-    ops = self._fastfold_patch.ops_for(m)
+    return _msa_column_attention(self, self._fastfold_patch.ops_for(m), m, mask, chunk_size)
+
+
+def _msa_column_attention(self: MSAColumnAttention, ops, m, mask, chunk_size,
+                          carry: bool = False):
+    """The column attention's update of m; with `carry`, ``(update, m)`` (``_msa_attention``)."""
     m = m.transpose(-2, -3)
     if mask is not None:
         mask = mask.transpose(-1, -2)
-    m = _msa_attention(inner, ops, m, None, mask, chunk_size)
-    return m.transpose(-2, -3)
+    if carry:
+        o, m, _ = _msa_attention(self._msa_att, ops, m, None, mask, chunk_size, carry=True)
+        return o.transpose(-2, -3), m.transpose(-2, -3)
+    return _msa_attention(self._msa_att, ops, m, None, mask, chunk_size).transpose(-2, -3)
 
 
 def msa_column_global_attention_forward(self: MSAColumnGlobalAttention, m, mask=None,
@@ -252,32 +279,46 @@ def triangle_attention_forward(self: TriangleAttention, x, mask=None, chunk_size
                                use_memory_efficient_kernel=False, use_lma=False,
                                inplace_safe=False):
     """TriangleAttention.forward (starting node; ending node when `self.starting` is False)."""
-    ops = self._fastfold_patch.ops_for(x)
+    return _triangle_attention(self, self._fastfold_patch.ops_for(x), x, mask, chunk_size)
+
+
+def _triangle_attention(self: TriangleAttention, ops, x, mask, chunk_size, carry: bool = False):
+    """The triangle attention's update of x; with `carry` (no chunks), ``(update, x)``, x as its
+    LayerNorm hands it back (see ``_msa_attention``)."""
     if mask is None:
         mask = x.new_ones(x.shape[:-1])
     if not self.starting:
         x = x.transpose(-2, -3)
         mask = mask.transpose(-1, -2)
-    # (rounded to the autocast dtype once: the bias and every chunk's projections read it)
-    x = cast_once(ops.layer_norm(x, self.layer_norm.weight, self.layer_norm.bias,
-                                 self.layer_norm.eps))
+    # one LayerNorm output for the bias and every chunk's q, gate, k and v (under autocast
+    # rounded once, its readers' gradients summed by the LayerNorm's backward)
+    n_in = _n_inputs(self.mha)
+    xs = ops.layer_norm_fanout(x, self.layer_norm.weight, self.layer_norm.bias,
+                               self.layer_norm.eps, n_in + 1, carry)
     # [*, I, 1, 1, J]
     mask_bias = _mask_bias(mask, self.inf)
     # [*, 1, H, I, J]
-    triangle_bias = head_bias(x, self.linear.weight).transpose(-2, -3).unsqueeze(-4)
+    triangle_bias = head_bias(xs[n_in], self.linear.weight).transpose(-2, -3).unsqueeze(-4)
 
-    def fn(x_chunk, bias_chunk, triangle_bias):
-        return _mha(self.mha, ops, x_chunk, x_chunk, bias_chunk, triangle_bias)
+    def fn(s, e):
+        if s is None:
+            return _mha(self.mha, ops, None, None, mask_bias, triangle_bias, xs=xs[:n_in])
+        return _mha(self.mha, ops, None, None, mask_bias[..., s:e, :, :, :], triangle_bias,
+                    xs=tuple(t[..., s:e, :, :] for t in xs[:n_in]))
 
     if chunk_size is None:
-        x = fn(x, mask_bias, triangle_bias)
+        out = fn(None, None)
     else:
+        if carry:
+            raise ValueError("_triangle_attention: carry needs chunk_size None")
         n = x.shape[-3]
-        x = torch.cat([fn(x[..., s:s + chunk_size, :, :], mask_bias[..., s:s + chunk_size, :, :, :],
-                          triangle_bias) for s in range(0, n, chunk_size)], dim=-3)
+        out = torch.cat([fn(s, s + chunk_size) for s in range(0, n, chunk_size)], dim=-3)
     if not self.starting:
-        x = x.transpose(-2, -3)
-    return x
+        out = out.transpose(-2, -3)
+    if carry:
+        x = xs[n_in + 1]
+        return out, (x if self.starting else x.transpose(-2, -3))
+    return out
 
 
 def template_pointwise_attention_forward(self: TemplatePointwiseAttention, t, z,
@@ -305,16 +346,23 @@ def template_pointwise_attention_forward(self: TemplatePointwiseAttention, t, z,
     return z.squeeze(-2)
 
 
-def _transition(self, ops, x, mask, chunk_size):
+def _transition(self, ops, x, mask, chunk_size, carry: bool = False):
+    """The transition's update of x; with `carry` (no chunks), ``(update, x)``: x as the op hands
+    it back, for the residual add (its gradient then goes through the op's backward kernel)."""
     if mask is None:
         mask = x.new_ones(x.shape[:-1])
     mask = mask.unsqueeze(-1)
     ln = self.layer_norm
 
-    def fn(x_chunk, mask_chunk):
+    def fn(x_chunk, mask_chunk, carry=False):
         return ops.transition(x_chunk, mask_chunk, ln.weight, ln.bias, self.linear_1.weight,
-                              self.linear_1.bias, self.linear_2.weight, self.linear_2.bias, ln.eps)
+                              self.linear_1.bias, self.linear_2.weight, self.linear_2.bias, ln.eps,
+                              carry=carry)
 
+    if carry:
+        if chunk_size is not None:
+            raise ValueError("_transition: carry needs chunk_size None")
+        return fn(x, mask, carry=True)
     if chunk_size is None:
         return fn(x, mask)
     n = x.shape[-3]
@@ -389,6 +437,19 @@ def outer_product_mean_forward(self: OuterProductMean, m, mask=None, chunk_size=
     return fn(m)
 
 
+def _carries(mod: nn.Module, fn: Callable, chunk_size: Optional[int], inplace_safe: bool) -> bool:
+    """Whether a block may call `mod`'s replacement `fn` as a function that also hands back its
+    input as its LayerNorm saw it (``carry``), so that the residual add reading that input sends
+    its gradient through the LayerNorm's backward kernel instead of an add of its own: training
+    (gradients on, not in place), no chunks, and `mod` called as in stock OpenFold would call
+    `fn` alone (its forward is `fn`, no module hooks, local or global)."""
+    return (torch.is_grad_enabled() and chunk_size is None and not inplace_safe
+            and getattr(mod.forward, "__func__", None) is fn
+            and not mod._forward_hooks and not mod._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
 def _dropout_residual(ops, drop: nn.Module, residual: torch.Tensor, update: torch.Tensor,
                       inplace_safe: bool) -> torch.Tensor:
     """residual + drop(update), drawing OpenFold's shared dropout mask when training."""
@@ -411,7 +472,11 @@ def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_ma
         _attn_chunk_size = chunk_size
     drop = self.ps_dropout_row_layer
 
-    m = add(m, self.msa_transition(m, mask=msa_trans_mask, chunk_size=chunk_size), inplace_safe)
+    if _carries(self.msa_transition, msa_transition_forward, chunk_size, inplace_safe):
+        upd, m = _transition(self.msa_transition, ops, m, msa_trans_mask, None, carry=True)
+    else:
+        upd = self.msa_transition(m, mask=msa_trans_mask, chunk_size=chunk_size)
+    m = add(m, upd, inplace_safe)
     z = add(z, self.outer_product_mean(m, mask=msa_mask, chunk_size=chunk_size,
                                        inplace_safe=inplace_safe), inplace_safe)
     for tri_mul in (self.tri_mul_out, self.tri_mul_in):
@@ -419,20 +484,40 @@ def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_ma
             z = tri_mul(z, mask=pair_mask, inplace_safe=True, _add_with_inplace=True)
         else:
             z = _dropout_residual(ops, drop, z, tri_mul(z, mask=pair_mask), False)
-    z = _dropout_residual(ops, drop, z, self.tri_att_start(
-        z, mask=pair_mask, chunk_size=_attn_chunk_size, use_lma=use_lma,
-        inplace_safe=inplace_safe), inplace_safe)
+    if _carries(self.tri_att_start, triangle_attention_forward, _attn_chunk_size, inplace_safe):
+        upd, z = _triangle_attention(self.tri_att_start, ops, z, pair_mask, None, carry=True)
+    else:
+        upd = self.tri_att_start(z, mask=pair_mask, chunk_size=_attn_chunk_size,
+                                 use_lma=use_lma, inplace_safe=inplace_safe)
+    z = _dropout_residual(ops, drop, z, upd, inplace_safe)
     z = z.transpose(-2, -3)
     if inplace_safe:
         z = z.contiguous()
-    z = _dropout_residual(ops, drop, z, self.tri_att_end(
-        z, mask=pair_mask.transpose(-1, -2), chunk_size=_attn_chunk_size, use_lma=use_lma,
-        inplace_safe=inplace_safe), inplace_safe)
+    if _carries(self.tri_att_end, triangle_attention_forward, _attn_chunk_size, inplace_safe):
+        upd, z = _triangle_attention(self.tri_att_end, ops, z, pair_mask.transpose(-1, -2), None,
+                                     carry=True)
+    else:
+        upd = self.tri_att_end(z, mask=pair_mask.transpose(-1, -2), chunk_size=_attn_chunk_size,
+                               use_lma=use_lma, inplace_safe=inplace_safe)
+    z = _dropout_residual(ops, drop, z, upd, inplace_safe)
     z = z.transpose(-2, -3)
     if inplace_safe:
         z = z.contiguous()
-    z = add(z, self.pair_transition(z, mask=pair_trans_mask, chunk_size=chunk_size), inplace_safe)
-    return m, z
+    if _carries(self.pair_transition, pair_transition_forward, chunk_size, inplace_safe):
+        upd, z = _transition(self.pair_transition, ops, z, pair_trans_mask, None, carry=True)
+    else:
+        upd = self.pair_transition(z, mask=pair_trans_mask, chunk_size=chunk_size)
+    return m, add(z, upd, inplace_safe)
+
+
+def _row_attention_residual(self, ops, m, z, msa_mask, chunk_size, use_lma, inplace_safe):
+    """(m + dropout(MSA row attention update), z): the first step of an Evoformer or extra-MSA
+    block, with m and z carried through the attention's LayerNorms when ``_carries``."""
+    if _carries(self.msa_att_row, msa_attention_forward, chunk_size, inplace_safe):
+        upd, m, z = _msa_attention(self.msa_att_row, ops, m, z, msa_mask, None, carry=True)
+    else:
+        upd = self.msa_att_row(m, z=z, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma)
+    return _dropout_residual(ops, self.msa_dropout_layer, m, upd, inplace_safe), z
 
 
 def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chunk_size=None,
@@ -444,10 +529,14 @@ def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chu
     ops = self._fastfold_patch.ops_for(m)
     if _attn_chunk_size is None:
         _attn_chunk_size = chunk_size
-    m = _dropout_residual(ops, self.msa_dropout_layer, m, self.msa_att_row(
-        m, z=z, mask=msa_mask, chunk_size=_attn_chunk_size, use_lma=use_lma), inplace_safe)
-    m = add(m, self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma,
-                                use_flash=use_flash), inplace_safe)
+    m, z = _row_attention_residual(self, ops, m, z, msa_mask, _attn_chunk_size, use_lma,
+                                   inplace_safe)
+    if _carries(self.msa_att_col, msa_column_attention_forward, chunk_size, inplace_safe):
+        upd, m = _msa_column_attention(self.msa_att_col, ops, m, msa_mask, None, carry=True)
+    else:
+        upd = self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma,
+                               use_flash=use_flash)
+    m = add(m, upd, inplace_safe)
     return self.core([m, z], msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=chunk_size,
                      use_lma=use_lma, inplace_safe=inplace_safe, _mask_trans=_mask_trans,
                      _attn_chunk_size=_attn_chunk_size)
@@ -463,8 +552,8 @@ def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chun
     ops = self._fastfold_patch.ops_for(m)
     if _attn_chunk_size is None:
         _attn_chunk_size = chunk_size
-    m = _dropout_residual(ops, self.msa_dropout_layer, m, self.msa_att_row(
-        m, z=z, mask=msa_mask, chunk_size=_attn_chunk_size, use_lma=use_lma), inplace_safe)
+    m, z = _row_attention_residual(self, ops, m, z, msa_mask, _attn_chunk_size, use_lma,
+                                   inplace_safe)
 
     def fn(m, z):
         m = add(m, self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma),

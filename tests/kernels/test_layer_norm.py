@@ -311,3 +311,127 @@ def test_reference_matches_openfold_under_cuda_autocast(dtype):
         tout_mod, tout_ref = tmod(x), layer_norm_torch_reference(x, tmod.weight, tmod.bias, tmod.eps)
     assert out_mod.dtype == out_ref.dtype and torch.equal(out_mod, out_ref)
     assert tout_mod.dtype == tout_ref.dtype and torch.equal(tout_mod, tout_ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# layer_norm_fanout: one LayerNorm for several Linears (and the residual that carries x)
+# ----------------------------------------------------------------------------------------------
+def _fanout_run(backend, x0, w0, b0, ws, douts, used, carry, dres, transpose, device="cpu"):
+    """layer_norm_fanout of x (a transposed view of a non-leaf with `transpose`), each used
+    output through its Linear under bf16 autocast, the carried x (with `carry`) into a residual
+    add; backward from random gradients. Returns (Linear outputs, residual output, grads of the
+    leaf x, w, b)."""
+    from fastfold_plugin.kernels import get_ops
+
+    leaf, w, b = (t.clone().to(device).requires_grad_() for t in (x0, w0, b0))
+    x = leaf * 1.0  # not a leaf, as a block's residual stream
+    if transpose:
+        x = x.transpose(-2, -3)
+    dev = torch.device(device).type
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        outs = get_ops(backend).layer_norm_fanout(x, w, b, 1e-5, len(ws), carry)
+        ys = [F.linear(outs[i], wi.to(device)) for i, wi in enumerate(ws) if i in used]
+    tensors = ys + [d.to(device=device, dtype=y.dtype) for d, y in
+                    zip([douts[i] for i in used], ys)]
+    res = None
+    if carry:
+        res = outs[-1] + 1.0
+        torch.autograd.backward(ys + [res], tensors[len(ys):] + [dres.to(device)])
+    else:
+        torch.autograd.backward(ys, tensors[len(ys):])
+    return [y.detach() for y in ys], res, leaf.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
+@pytest.mark.parametrize("n,used,carry", [(4, (0, 1, 2, 3), True), (5, (0, 1, 2, 3, 4), True),
+                                          (4, (0, 2), False), (1, (0,), True),
+                                          (7, tuple(range(7)), False)],
+                         ids=["4-carry", "5-carry", "unused", "1-carry", "7-presum"])
+def test_layer_norm_fanout_matches_reference(n, used, carry, transpose):
+    g = torch.Generator().manual_seed(n)
+    shape = (2, 5, 7, 24)  # [*, N_seq, N_res, C]: 70 rows, the last program partial
+    x0 = torch.randn(shape, generator=g) * 2.0 + 0.5
+    w0 = 1.0 + 0.1 * torch.randn(24, generator=g)
+    b0 = 0.1 * torch.randn(24, generator=g)
+    ws = [torch.randn(16, 24, generator=g) / 24 ** 0.5 for _ in range(n)]
+    rows = (2, 7, 5) if transpose else (2, 5, 7)
+    douts = [torch.randn(*rows, 16, generator=g) for _ in range(n)]
+    dres = torch.randn(*rows, 24, generator=g)
+    ref = _fanout_run("reference", x0, w0, b0, ws, douts, used, carry, dres, transpose)
+    got = _fanout_run("triton", x0, w0, b0, ws, douts, used, carry, dres, transpose)
+    for a, e in zip(got[0], ref[0]):  # the Linears read the same bf16 values (up to a rounding
+        assert a.dtype == e.dtype == torch.bfloat16  # flip where the fp32 LayerNorms differ)
+        assert_close(a.float(), e.float(), rtol=1e-2, atol=1e-2, name="linear out")
+    if carry:
+        assert torch.equal(got[1], ref[1])  # the carried x is x
+    for a, e, name in zip(got[2:], ref[2:], ("dx", "dweight", "dbias")):
+        assert a.dtype == e.dtype == torch.float32
+        scale = e.abs().max().item()
+        assert_close(a, e, rtol=1e-4, atol=1e-5 * scale, name=name)
+
+
+def test_layer_norm_fanout_rounds_once_and_sums_in_fp32():
+    """Under autocast the outputs are the fp32 LayerNorm rounded to bf16 once (to nearest even,
+    under the interpreter too), one tensor for all readers; dx is the LayerNorm backward of the
+    readers' gradients summed in fp32, plus the carried x's gradient."""
+    from fastfold_plugin.kernels.layer_norm import layer_norm_fanout
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 40, generator=g) * 3.0).requires_grad_()
+    w = (1.0 + 0.1 * torch.randn(40, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(40, generator=g)).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = layer_norm_fanout(x, w, b, 1e-5, 3, carry=True)
+    y32 = F.layer_norm(x.detach(), (40,), w.detach(), b.detach(), 1e-5)
+    assert len(outs) == 4 and outs[-1] is not x and torch.equal(outs[-1], x)
+    for y in outs[:3]:
+        assert y.dtype == torch.bfloat16 and y.data_ptr() == outs[0].data_ptr()
+        assert (y.float() - y32).abs().max() <= 2 ** -8 * y32.abs().max()
+    grads = [torch.randn(6, 40, generator=g).to(torch.bfloat16) for _ in range(3)]
+    dres = torch.randn(6, 40, generator=g)
+    torch.autograd.backward(list(outs), grads + [dres])
+    dy = grads[0].float() + grads[1].float() + grads[2].float()
+    xr = x.detach().clone().requires_grad_()
+    F.layer_norm(xr, (40,), w.detach(), b.detach(), 1e-5).backward(dy)
+    assert_close(x.grad, xr.grad + dres, rtol=1e-5, atol=1e-5, name="dx")
+    assert_close(b.grad, dy.sum(0), rtol=1e-5, atol=1e-5, name="dbias")
+
+
+def test_layer_norm_fanout_without_grad_or_autocast():
+    """No gradients: one forward kernel, no saved statistics, aliases. No autocast: the
+    ``layer_norm`` contract's dtype (nothing to round), same values as ``layer_norm``."""
+    from fastfold_plugin.kernels.layer_norm import layer_norm_fanout
+
+    g = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(9, 32, generator=g), torch.randn(32, generator=g),
+               torch.randn(32, generator=g))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = layer_norm_fanout(x, w, b, 1e-5, 2, carry=True)
+    assert ys[0].dtype == torch.bfloat16 and ys[0] is ys[1] and ys[2] is x
+    plain = layer_norm_fanout(x.requires_grad_(), w, b, 1e-5, 2)
+    assert plain[0].dtype == torch.float32
+    assert_close(plain[0], layer_norm(x, w, b, 1e-5), rtol=1e-6, atol=1e-6, name="y")
+    with pytest.raises(ValueError, match="n >= 1"):
+        layer_norm_fanout(x, w, b, 1e-5, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
+@pytest.mark.parametrize("shape,n", [((1, 128, 256, 256), 4), ((1, 256, 256, 128), 5)], ids=str)
+def test_layer_norm_fanout_gpu(shape, n, transpose):
+    g = torch.Generator().manual_seed(n)
+    c = shape[-1]
+    x0 = torch.randn(shape, generator=g) * 2.0 + 0.5
+    w0, b0 = 1.0 + 0.1 * torch.randn(c, generator=g), 0.1 * torch.randn(c, generator=g)
+    ws = [torch.randn(32, c, generator=g) / c ** 0.5 for _ in range(n)]
+    rows = shape[:-3] + ((shape[-2], shape[-3]) if transpose else shape[-3:-1])
+    douts = [torch.randn(*rows, 32, generator=g) for _ in range(n)]
+    dres = torch.randn(*rows, c, generator=g)
+    args = (x0, w0, b0, ws, douts, tuple(range(n)), True, dres, transpose, "cuda")
+    ref, got = _fanout_run("reference", *args), _fanout_run("triton", *args)
+    for a, e in zip(got[0], ref[0]):
+        assert_close(a.float(), e.float(), rtol=2e-2, atol=2e-2, max_rel=5e-3, name="linear out")
+    assert torch.equal(got[1], ref[1])
+    for a, e, name in zip(got[2:], ref[2:], ("dx", "dweight", "dbias")):
+        scale = e.abs().max().item()
+        assert_close(a, e, rtol=1e-3, atol=1e-4 * scale, max_rel=1e-4, name=name)

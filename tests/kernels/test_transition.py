@@ -158,6 +158,30 @@ def test_non_contiguous_x_and_no_weight_grads():
     assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(out_ref, x, g)[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
+def test_carry_adds_the_residual_gradient(transpose):
+    """With carry the op hands x back; the gradient of its other reader (a residual add, here
+    out + x) reaches dx through the LayerNorm's backward kernel: the same gradients as the
+    reference, whose carried x is x and whose residual gradient autograd adds."""
+    got, ref = [], []
+    for fn, res in ((transition, got), (transition_reference, ref)):
+        args = make_inputs((2, 5, 7, 16), 4, torch.float32, torch.float32, "cpu", seed=5)
+        leaf = args[0]
+        x = (leaf * 1.0).transpose(-2, -3) if transpose else leaf * 1.0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, xc = fn(x, args[1].transpose(-2, -3) if transpose else args[1], *args[2:],
+                         carry=True)
+        assert torch.equal(xc, x)
+        y = xc + out  # OpenFold's add(m, transition(m)): fp32 + bf16
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        res.extend([y.detach()] + list(torch.autograd.grad(y, [leaf] + args[2:], g)))
+    for a, e, name in zip(got, ref, ("out",) + GRAD_NAMES):
+        scale = e.abs().max().item()
+        assert_close(a, e, rtol=2e-2, atol=2e-2 * scale, name=name)
+    # dx: the residual's gradient passes exactly; the rest is bf16 Linear gradients
+    assert rel_err(got[1], ref[1]) < 5e-3
+
+
 def test_cached_plans_are_keyed_on_everything_they_fix():
     """Calls on the same rows and channels that differ in one thing a cached launch plan fixes
     or leaves to the call, made in turn, each match the reference: x's strides, the dtypes,
