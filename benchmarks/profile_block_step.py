@@ -1,6 +1,7 @@
 """The Evoformer block's training step captured whole, on one GPU: time, and where it goes.
 
-    python benchmarks/profile_block_step.py [--sizes 128x256,512x384] [--no-stock] [--out DIR]
+    python benchmarks/profile_block_step.py [--sizes 128x256,512x384] [--no-stock] [--no-carry]
+        [--out DIR]
 
 bench_dap's block and inputs (AF2 widths, bf16 autocast, train mode with OpenFold's dropout),
 the whole training step (forward, loss, backward) captured in one CUDA graph
@@ -25,11 +26,19 @@ import bench_dap as bd  # noqa: E402
 import harness  # noqa: E402
 from profile_evoformer_block import kernel_table  # noqa: E402
 
+# the sub-modules an Evoformer block calls with the residual carried through their LayerNorms
+CARRIED = ("msa_att_row", "msa_att_col", "core.msa_transition", "core.tri_att_start",
+           "core.tri_att_end", "core.pair_transition")
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="128x256,512x384", help="N_seq x N_res, comma-separated")
     p.add_argument("--no-stock", action="store_true", help="time the plugin only")
+    p.add_argument("--no-carry", action="store_true",
+                   help="also time the plugin with its sub-modules called as stock calls them "
+                        "(a no-op forward hook on each: no residual carried through the "
+                        "LayerNorms), provider plugin_nocarry")
     p.add_argument("--steps", type=int, default=3, help="replays under the profiler")
     p.add_argument("--limit", type=int, default=60, help="kernel rows per table")
     p.add_argument("--out", default=None)
@@ -50,6 +59,12 @@ def main(argv=None) -> None:
         plugin = copy.deepcopy(stock)
         fastfold_plugin.enable(plugin, backend="triton")
         steps = {"plugin": bd.graphed_single_process_step(plugin, ins, args, dev, whole=True)}
+        if a.no_carry:
+            hooked = copy.deepcopy(plugin)
+            for name in CARRIED:
+                hooked.get_submodule(name).register_forward_hook(lambda *args: None)
+            steps["plugin_nocarry"] = bd.graphed_single_process_step(hooked, ins, args, dev,
+                                                                     whole=True)
         if not a.no_stock:
             steps["openfold"] = bd.graphed_single_process_step(stock, ins, args, dev, whole=True)
         ms = {k: [] for k in steps}
