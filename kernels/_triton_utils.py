@@ -115,12 +115,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def max_programs(device: torch.device) -> int:
-    """How many programs a grid-stride reduction kernel launches at most: 4 per SM on a GPU,
-    4 under the interpreter (where every program costs Python time)."""
+def max_programs(device: torch.device, per_sm: int = 4) -> int:
+    """How many programs a grid-stride reduction kernel launches at most: `per_sm` per SM on a
+    GPU, 4 under the interpreter (where every program costs Python time)."""
     if device.type != "cuda":
         return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * _sm_count(device.index if device.index is not None
+                              else torch.cuda.current_device())
 
 
 def cdiv(a: int, b: int) -> int:

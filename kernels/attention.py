@@ -2,7 +2,7 @@
 
 Math (OpenFold's ``primitives._attention`` followed by the gating of ``Attention._wrap_up``)::
 
-    q [*, H, Q, C] (already scaled by 1/sqrt(C)),  k, v [*, H, K, C]
+    q [*, H, Q, C] (scaled by 1/sqrt(C): by the caller, or here with q_div),  k, v [*, H, K, C]
     a = q @ k^T                       [*, H, Q, K]
     a += mask_bias; a += pair_bias    (each broadcast to [*, H, Q, K])
     a = softmax(a, -1)                (OpenFold's softmax_no_cast: in the input dtype)
@@ -137,17 +137,21 @@ def attention_reference(
     mask_bias: Optional[torch.Tensor] = None,
     pair_bias: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
+    q_div: Optional[float] = None,
 ) -> torch.Tensor:
     """OpenFold's attention core in plain PyTorch (same ops, same order, same dtypes).
 
     Args:
-        q: [*, H, Q, C] queries, already scaled by 1/sqrt(C)
+        q: [*, H, Q, C] queries, scaled by 1/sqrt(C) (OpenFold's ``q / sqrt(C)``: `q_div`)
         k, v: [*, H, K, C]
         mask_bias, pair_bias: broadcast to [*, H, Q, K], added in this order
         gate: [*, Q, H, C] gate logits (the sigmoid is applied here)
+        q_div: when given, q is divided by it first, as OpenFold's Attention does
     Returns:
         [*, Q, H, C]
     """
+    if q_div is not None:
+        q = q / q_div
     a = torch.matmul(q, k.transpose(-1, -2))
     for b in (mask_bias, pair_bias):
         if b is not None:
@@ -223,13 +227,13 @@ def _bias(ptr, offs_m, offs_n, s_m, s_n, Q_BCAST: tl.constexpr, TRANS: tl.conste
 
 
 @triton.jit
-def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK, SCALE,
             HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
             PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
             INTERP: tl.constexpr):
-    """((q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N], floored at _LOGIT_FLOOR;
-    keys >= NK at -inf."""
-    s = _mm(q, kT, DOT_PREC, INTERP)
+    """((SCALE * q @ k^T + mask_bias) + pair_bias) * log2(e) as fp32 [M, N], floored at
+    _LOGIT_FLOOR; keys >= NK at -inf."""
+    s = _mm(q, kT, DOT_PREC, INTERP) * SCALE
     if HAS_MB:
         s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, False)
     if HAS_PB:
@@ -241,11 +245,11 @@ def _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
 
 
 @triton.jit
-def _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
+def _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn, SCALE,
               HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
               PB_QB: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr):
     """The transpose of ``_logits``: [N, M] (no key mask: callers own the keys)."""
-    s = _mm(k, qT, DOT_PREC, INTERP)
+    s = _mm(k, qT, DOT_PREC, INTERP) * SCALE
     if HAS_MB:
         s += _bias(MB, offs_mc, offs_nc, smm, smn, MB_QB, True)
     if HAS_PB:
@@ -258,7 +262,7 @@ def _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_n,
-                         skn, skc, svn, svc, smm, smn, spm, spn, NK,
+                         skn, skc, svn, svc, smm, smn, spm, spn, NK, SCALE,
                          C: tl.constexpr, CP: tl.constexpr,
                          HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
                          PB_QB: tl.constexpr, MASK_N: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -269,7 +273,7 @@ def _attention_fwd_block(acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_
     else:
         offs_nc = offs_n
     kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
-    s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+    s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK, SCALE,
                 HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC, INTERP)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -290,7 +294,7 @@ def _attention_fwd_kernel(
     sp0, sp1, sph, spm, spn,
     sg0, sg1, sgh, sgm, sgc,
     so0, so1, soh, som, soc,
-    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
+    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, SCALE,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
     HAS_GATE: tl.constexpr, STORE_O: tl.constexpr, DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -323,12 +327,12 @@ def _attention_fwd_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _attention_fwd_block(
             acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, start_n,
-            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, SCALE, C, CP,
             HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP, BLOCK_N)
     if n_full < NK:
         acc, m_i, l_i = _attention_fwd_block(
             acc, m_i, l_i, q, K, V, MB, PB, offs_mc, offs_c, n_full,
-            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, SCALE, C, CP,
             HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP, BLOCK_N)
 
     o = acc / l_i[:, None]
@@ -413,7 +417,7 @@ def _attention_bwd_preprocess_kernel(
 def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG,
                               offs_n, offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn,
                               spm, spn, sbm, sbn, sdqm, sdqc, som, soc, sgm, sgc, NQ, NK,
-                              STAT_STRIDE, first_kb,
+                              STAT_STRIDE, first_kb, SCALE,
                               C: tl.constexpr, CP: tl.constexpr,
                               HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
                               PB_QB: tl.constexpr, MASK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
@@ -431,7 +435,7 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
     else:
         offs_mc = offs_m
     qT = _load_rows_t(Q, offs_mc, offs_c, sqm, sqc, C, CP)
-    sT = _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn,
+    sT = _logits_t(k, qT, MB, PB, offs_mc, offs_nc, smm, smn, spm, spn, SCALE,
                    HAS_MB, MB_QB, HAS_PB, PB_QB, DOT_PREC, INTERP)
     m = tl.load(STATS + offs_mc)
     il = tl.load(STATS + STAT_STRIDE + offs_mc)
@@ -467,7 +471,7 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
     dsT = cast_rne(dsT, qT.dtype, INTERP)
     dk = _mma(dsT, tl.trans(qT), dk, DOT_PREC, INTERP)
     if FUSE_DQ:
-        dq = _mm(tl.trans(dsT), kq, DOT_PREC, INTERP)
+        dq = _mm(tl.trans(dsT), kq, DOT_PREC, INTERP) * SCALE
         pq = DQA + offs_m[:, None] * sdqm + offs_c[None, :] * sdqc
         if MASK_M:
             tl.atomic_add(pq, dq, mask=(offs_m[:, None] < NQ) & (offs_c[None, :] < C),
@@ -494,7 +498,7 @@ def _attention_bwd_dkdv_kernel(
     sdq0, sdq1, sdqh, sdqm, sdqc,
     so0, so1, soh, som, soc,
     sg0, sg1, sgh, sgm, sgc,
-    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
+    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, SCALE,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
     FUSE_DQ: tl.constexpr, FUSE_DB: tl.constexpr, FOLD_PRE: tl.constexpr,
@@ -551,25 +555,26 @@ def _attention_bwd_dkdv_kernel(
         dk, dv = _attention_bwd_dkdv_block(
             dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, offs_n, offs_nc,
             offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc,
-            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, C, CP, HAS_MB, MB_QB, HAS_PB,
+            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, SCALE, C, CP, HAS_MB, MB_QB, HAS_PB,
             PB_QB, False, FUSE_DQ, FUSE_DB, FOLD_PRE, HAS_GATE, DOT_PREC, INTERP, BLOCK_M)
     if m_full < NQ:
         dk, dv = _attention_bwd_dkdv_block(
             dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, offs_n, offs_nc,
             offs_c, m_full, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc,
-            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, C, CP, HAS_MB, MB_QB, HAS_PB,
+            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, SCALE, C, CP, HAS_MB, MB_QB, HAS_PB,
             PB_QB, True, FUSE_DQ, FUSE_DB, FOLD_PRE, HAS_GATE, DOT_PREC, INTERP, BLOCK_M)
 
     st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
     tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
-             + offs_c[None, :] * sdkc, cast_rne(dk, DK.dtype.element_ty, INTERP), mask=st_mask)
+             + offs_c[None, :] * sdkc, cast_rne(dk * SCALE, DK.dtype.element_ty, INTERP),
+             mask=st_mask)
     tl.store(DV + z0 * sdv0 + z1 * sdv1 + h * sdvh + offs_n[:, None] * sdvn
              + offs_c[None, :] * sdvc, cast_rne(dv, DV.dtype.element_ty, INTERP), mask=st_mask)
 
 
 @triton.jit
 def _attention_bwd_dq_block(dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
-                            skn, skc, svn, svc, smm, smn, spm, spn, NK,
+                            skn, skc, svn, svc, smm, smn, spm, spn, NK, SCALE,
                             C: tl.constexpr, CP: tl.constexpr,
                             HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
                             PB_QB: tl.constexpr, MASK_N: tl.constexpr,
@@ -580,7 +585,7 @@ def _attention_bwd_dq_block(dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs
     else:
         offs_nc = offs_n
     kT = _load_rows_t(K, offs_nc, offs_c, skn, skc, C, CP)
-    s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+    s = _logits(q, kT, MB, PB, offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK, SCALE,
                 HAS_MB, MB_QB, HAS_PB, PB_QB, MASK_N, DOT_PREC, INTERP)
     p = tl.exp2(tl.minimum(s - m[:, None], 0.0)) * il[:, None]  # see the dK/dV block
     vT = _load_rows_t(V, offs_nc, offs_c, svn, svc, C, CP)
@@ -599,7 +604,7 @@ def _attention_bwd_dq_kernel(
     sp0, sp1, sph, spm, spn,
     sd0, sd1, sdh, sdm, sdc,
     sdq0, sdq1, sdqh, sdqm, sdqc,
-    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET,
+    Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, SCALE,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -634,17 +639,18 @@ def _attention_bwd_dq_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         dq = _attention_bwd_dq_block(
             dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs_c, start_n,
-            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, SCALE, C, CP,
             HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP, BLOCK_N)
     if n_full < NK:
         dq = _attention_bwd_dq_block(
             dq, q, do, m, il, delta, K, V, MB, PB, offs_mc, offs_c, n_full,
-            skn, skc, svn, svc, smm, smn, spm, spn, NK, C, CP,
+            skn, skc, svn, svc, smm, smn, spm, spn, NK, SCALE, C, CP,
             HAS_MB, MB_QB, HAS_PB, PB_QB, True, DOT_PREC, INTERP, BLOCK_N)
 
     st_mask = (offs_m[:, None] < NQ) & (offs_c[None, :] < C)
     tl.store(DQ + z0 * sdq0 + z1 * sdq1 + h * sdqh + offs_m[:, None] * sdqm
-             + offs_c[None, :] * sdqc, cast_rne(dq, DQ.dtype.element_ty, INTERP), mask=st_mask)
+             + offs_c[None, :] * sdqc, cast_rne(dq * SCALE, DQ.dtype.element_ty, INTERP),
+             mask=st_mask)
 
 
 @triton.jit
@@ -657,7 +663,7 @@ def _attention_bwd_dbias_kernel(
     sp0, sp1, sph, spm, spn,
     sd0, sd1, sdh, sdm, sdc,
     sbs, sb0, sb1, sbh, sbm, sbn,
-    Z0, Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, R_PER,
+    Z0, Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, R_PER, SCALE,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
     RED_Z0: tl.constexpr, RED_Z1: tl.constexpr, RED_H: tl.constexpr, RED_Q: tl.constexpr,
@@ -741,7 +747,7 @@ def _attention_bwd_dbias_kernel(
         kT = _load_rows_t(K + z0 * sk0 + z1 * sk1 + h * skh, offs_nc, offs_c, skn, skc, C, CP)
         s = _logits(q, kT, MB + z0 * sm0 + z1 * sm1 + h * smh,
                     PB + z0 * sp0 + z1 * sp1 + h * sph,
-                    offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK,
+                    offs_mc, offs_n, offs_nc, smm, smn, spm, spn, NK, SCALE,
                     HAS_MB, MB_QB, HAS_PB, PB_QB, False, DOT_PREC, INTERP)
         m = tl.load(STATS + zh * NQ + offs_mc)
         il = tl.load(STATS + STAT_STRIDE + zh * NQ + offs_mc)
@@ -1013,10 +1019,10 @@ class _AttentionFunction(torch.autograd.Function):
         need_mb, need_pb, need_g = needs[3:]
         full_tail = lay.tail[:3]
         dmb = _bias_grad(bw.plan, mask_bias, "mask_bias", common, bw.common_strides, bw.kwargs,
-                         full_tail) if need_mb else None
+                         full_tail, lay.scale) if need_mb else None
         if need_pb and not bw.fuse_db:
             dpb = _bias_grad(bw.plan, pair_bias, "pair_bias", common, bw.common_strides,
-                             bw.kwargs, full_tail)
+                             bw.kwargs, full_tail, lay.scale)
         return None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
 
 
@@ -1107,7 +1113,7 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
     kwargs = dict(C=C, CP=CP, **_bias_flags(mask_bias, pair_bias), DOT_PREC=dot_prec,
                   INTERP=interp)
     tail = (plan.Z1, H, NQ, NK, Z * H * NQ, next_power_of_2(NQ),  # Z * H * NQ: stats.stride(0)
-            next_power_of_2(NK))
+            next_power_of_2(NK), lay.scale)
 
     dkdv = dk = dv = acc = None
     if run_dkdv:
@@ -1224,7 +1230,7 @@ def _bias_grad_dims(plan, name, full_tail):
     return (*dims, NK), flags
 
 
-def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
+def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail, scale):
     """Gradient of one bias, summed over its broadcast dims inside the kernel."""
     H, NQ, NK = full_tail
     if _const_along_k(bias, NK):
@@ -1252,7 +1258,7 @@ def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail):
     grid = (tiles * split,)
     stats = common[6]
     args = (*common, buf, *common_strides, *sb, plan.Z0, plan.Z1, H, NQ, NK, stats.stride(0),
-            next_power_of_2(NQ), next_power_of_2(NK), r_per)
+            next_power_of_2(NQ), next_power_of_2(NK), r_per, scale)
     kw = dict(kwargs, **red)
     if interp:
         _attention_bwd_dbias_kernel[grid](*args, **kw, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
@@ -1272,18 +1278,24 @@ def attention(
     mask_bias: Optional[torch.Tensor] = None,
     pair_bias: Optional[torch.Tensor] = None,
     gate: Optional[torch.Tensor] = None,
+    q_div: Optional[float] = None,
 ) -> torch.Tensor:
     """Flash-style ``attention_reference`` (see the module docstring for the contract).
 
     Args:
-        q: [*, H, Q, C] queries, already scaled by 1/sqrt(C); any strides
+        q: [*, H, Q, C] queries (scaled by 1/sqrt(C), or divided here: `q_div`); any strides
         k, v: [*, H, K, C]
         mask_bias, pair_bias: broadcast to [*, H, Q, K] (stride 0 on broadcast dims is fine);
             their gradients are summed over the broadcast dims
         gate: [*, Q, H, C] gate logits; the output is multiplied by sigmoid(gate)
+        q_div: q's divisor (OpenFold's sqrt(C)), None for 1. The kernels apply 1 / q_div to
+            the fp32 logits q @ k^T (and to dQ, dK), instead of rounding q / q_div first
     Returns:
         [*, Q, H, C] in q's dtype (promoted with gate's)
     """
+    if q_div is not None and not (math.isfinite(q_div) and q_div > 0):
+        raise ValueError(f"q_div must be a positive finite number, got {q_div}")
+    scale = 1.0 if q_div is None else 1.0 / q_div
     ac = autocast_dtype(q.device.type)
     if ac is not None and q.dtype == torch.float32:
         q, k, v = q.to(ac), k.to(ac), v.to(ac)  # as torch.matmul does under autocast
@@ -1293,18 +1305,19 @@ def attention(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
     lay = _layout(tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
                         for t in inputs),
-                  needs_grad, is_interpreter(), dot_precision(q.dtype))
+                  needs_grad, is_interpreter(), dot_precision(q.dtype), scale)
     if lay.expand is not None:
         # an expand that changes nothing would still add a node to the autograd graph: skipped
         q, k, v, gate = (t if shape is None else t.expand(shape)
                          for t, shape in zip((q, k, v, gate), lay.expand, strict=True))
     if lay.empty:
-        return attention_reference(q, k, v, mask_bias, pair_bias, gate)
+        return attention_reference(q, k, v, mask_bias, pair_bias, gate, q_div)
     if lay.plan is None:
         # More than two batch dims that no stride merge folds: loop over the first one.
         n_batch = len(lay.batch)
         return torch.stack([
-            attention(*(_select(t, i, n_batch) for t in (q, k, v, mask_bias, pair_bias, gate)))
+            attention(*(_select(t, i, n_batch) for t in (q, k, v, mask_bias, pair_bias, gate)),
+                      q_div=q_div)
             for i in range(lay.batch[0])
         ])
     return _AttentionFunction.apply(lay, q, k, v, mask_bias, pair_bias, gate)
@@ -1324,15 +1337,17 @@ class _Layout(NamedTuple):
     store_o: bool = False            # the fp32 ungated output is stored for the backward
     stats_shape: Optional[tuple] = None
     interp: bool = False
+    scale: float = 1.0               # the logits' factor on q @ k^T (1 / the caller's q_div)
     fwd: Optional[_Launch] = None
     backward: Optional[dict] = None  # ``_AttentionFunction.backward``'s key -> _Backward
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(key, needs_grad: bool, interp: bool, dot_prec: str) -> _Layout:
+def _layout(key, needs_grad: bool, interp: bool, dot_prec: str, scale: float = 1.0) -> _Layout:
     """The ``_Layout`` of inputs with `key` = ((shape, strides, dtype, device) or None per q,
     k, v, mask_bias, pair_bias, gate), for a call that may (`needs_grad`) run a backward or not,
-    under the interpreter (`interp`) or not, with dot precision `dot_prec` (``dot_precision``),
+    under the interpreter (`interp`) or not, with dot precision `dot_prec` (``dot_precision``)
+    and the factor `scale` on q @ k^T,
     worked out on meta tensors of that layout once: a model calls the same few layouts every
     step, and the checks, broadcasts, batch fold, buffer shapes and launch arguments took about
     half the Python time of a small fwd+bwd. (The backward's share is cached in its
@@ -1391,7 +1406,7 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str) -> _Layout:
                   (*st["q"], *st["k"], *st["v"], *st["mask_bias"], *st["pair_bias"], *st["gate"],
                    *st["out"],
                    plan.Z1, H, NQ, NK, Z * H * NQ,  # Z * H * NQ: stats.stride(0)
-                   next_power_of_2(NQ), next_power_of_2(NK)),
+                   next_power_of_2(NQ), next_power_of_2(NK), scale),
                   dict(C=C, CP=CP, **_bias_flags(mask_bias, pair_bias), HAS_GATE=gate is not None,
                        STORE_O=store_o, DOT_PREC=dot_prec, INTERP=interp))
     return _Layout(
@@ -1403,6 +1418,7 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str) -> _Layout:
         store_o=store_o,
         stats_shape=(2, Z, H, NQ),
         interp=interp,
+        scale=scale,
         fwd=fwd,
         backward={},
     )
@@ -1413,7 +1429,7 @@ def _relayout(lay: _Layout, saved: tuple) -> _Layout:
     the forward's, already expanded) in the strides they came back with, for the forward `lay`."""
     new = _layout(tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
                         for t in saved),
-                  True, lay.interp, dot_precision(saved[0].dtype))
+                  True, lay.interp, dot_precision(saved[0].dtype), lay.scale)
     if new.plan is None or new.expand is not None or new.out_shape != lay.out_shape:
         raise RuntimeError("attention backward: the saved inputs came back in layouts it cannot "
                            "read (from a saved-tensor hook?); make the hook return them with "

@@ -196,21 +196,29 @@ class _BwdPlan(NamedTuple):
     kwargs: dict  # BLOCK_M, BLOCK_C, num_warps
 
 
+# The backward's launch shape on a GPU (``benchmarks/sweep_layer_norm_bwd.py`` times the
+# alternatives): elements per row tile, programs per SM (each loops over its share of the rows
+# and writes one partial dweight / dbias row), warps per program.
+_BWD_TILE_ELEMS = 4096
+_BWD_PROGRAMS_PER_SM = 4
+_BWD_WARPS = 4
+
+
 @functools.lru_cache(maxsize=256)
 def _bwd_plan(m: int, c: int, device: torch.device, interp: bool) -> _BwdPlan:
     """The ``_BwdPlan`` for `m` (> 0) rows of `c` channels on `device`, under the interpreter
     (`interp`) or not."""
     block_c = next_power_of_2(c)
-    block_m = _block_m(block_c, interp)
+    block_m = _block_m(block_c, interp) if interp else max(1, min(128, _BWD_TILE_ELEMS // block_c))
     n_tiles = cdiv(m, block_m)
-    n_prog = min(n_tiles, max_programs(device))
+    n_prog = min(n_tiles, max_programs(device, _BWD_PROGRAMS_PER_SM))
     rows_per_program = cdiv(n_tiles, n_prog) * block_m
     return _BwdPlan(
         n_prog=cdiv(m, rows_per_program),
         rows_per_program=rows_per_program,
         stride_dx=torch.empty((m, c), device="meta").stride(0),
         kwargs=dict(BLOCK_M=block_m, BLOCK_C=block_c,
-                    num_warps=4 if block_c * block_m <= 4096 else 8),
+                    num_warps=_BWD_WARPS if block_c * block_m <= 4096 else 2 * _BWD_WARPS),
     )
 
 

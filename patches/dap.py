@@ -324,7 +324,7 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x, n_keys: int,
             xc = fd.dense(cast_once(xs[0]))  # (a view's copy made once, not by every projection)
             # q, k, v (and the gate) read xc: rounded once under autocast (``cast_fanout``)
             xs = run.ops.cast_fanout(xc, 3 if gw is None else 4)
-        q = heads(F.linear(xs[0], wq)) / scale
+        q = heads(F.linear(xs[0], wq))
         k = heads(F.linear(xs[1][..., :n_keys, :], wk))
         v = heads(F.linear(xs[2][..., :n_keys, :], wv))
         gate = None
@@ -334,7 +334,8 @@ def _attend(run: _Run, W, pfx: str, mha: nn.Module, x, n_keys: int,
         xc = xs = None  # the rounded copies are not needed past the projections
         if callable(pb):
             pb = pb()
-        o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate)
+        # OpenFold's q / sqrt(c_hidden): inside the op (the kernels scale the fp32 logits)
+        o = run.ops.attention(q, k, v, mask_bias=mbc, pair_bias=pb, gate=gate, q_div=scale)
         return run.ops.linear(o.flatten(-2), wo, bo)
 
     xs = (x,) if isinstance(x, torch.Tensor) else tuple(x)

@@ -141,14 +141,15 @@ def _mha(mha: Attention, ops, q_x: Optional[torch.Tensor], kv_x: Optional[torch.
     q = q.view(q.shape[:-1] + (h, -1)).transpose(-2, -3)
     k = k.view(k.shape[:-1] + (h, -1)).transpose(-2, -3)
     v = v.view(v.shape[:-1] + (h, -1)).transpose(-2, -3)
-    q = q / math.sqrt(mha.c_hidden)
     gate = None
     if mha.linear_g is not None:
         g = _project(ops, mha.linear_g, xq[1])
         gate = g.view(g.shape[:-1] + (h, -1))
     q_x = kv_x = xq = xkv = xs = None  # the rounded copies are not needed past the projections
     # [*, Q, H, C_hidden]
-    o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate)
+    # OpenFold's q / sqrt(c_hidden): inside the op (the Triton kernels scale the fp32 logits)
+    o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate,
+                      q_div=math.sqrt(mha.c_hidden))
     return _project(ops, mha.linear_o, flatten_final_dims(o, 2))
 
 

@@ -2,6 +2,7 @@
 
 CPU runs use Triton's interpreter at tiny sizes; the `gpu` tests use real AlphaFold sizes.
 """
+import functools
 import importlib
 
 import pytest
@@ -108,10 +109,10 @@ def _double(inputs):
             for n, t in inputs.items()}
 
 
-def check(inputs, dtype, tol, op=attention):
+def check(inputs, dtype, tol, op=attention, ref=attention_reference):
     out, grads, dout = run(op, inputs)
-    out_ref, grads_ref, _ = run(attention_reference, inputs, dout)
-    out_t, grads_t, _ = run(attention_reference, _double(inputs), dout.double())
+    out_ref, grads_ref, _ = run(ref, inputs, dout)
+    out_t, grads_t, _ = run(ref, _double(inputs), dout.double())
     compare(out, out_ref, out_t, dtype, tol, "out")
     assert set(grads) == set(grads_ref)
     for name in grads:
@@ -131,6 +132,28 @@ def test_attention_matches_reference(case, n, c, dtype, tol):
     if case == "triangle" and n > 17:
         n = 17  # N rows of N x N: keep the interpreter run small
     check(_requires_grad(make_case(case, n, c, dtype)), dtype, tol)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("case", ["row", "triangle"])
+def test_q_div_matches_reference(monkeypatch, case, dtype, tol, fused):
+    """OpenFold's q / sqrt(C) done by the op (``q_div``): the kernels scale the fp32 logits, dQ
+    and dK; the reference divides q first. Fused backward, and the separate dQ and bias-gradient
+    kernels (the mask bias's gradient too: every kernel that recomputes the logits)."""
+    from fastfold_plugin.kernels import attention as A
+
+    monkeypatch.setattr(A, "_FUSE_DQ", fused)
+    monkeypatch.setattr(A, "_FUSE_DB", fused)
+    n, c = (17, 32) if case == "row" else (9, 16)
+    inputs = make_case(case, n, c, dtype)
+    inputs["q"] = inputs["q"] * c ** 0.5  # unscaled, as the q projection gives it
+    inputs = _requires_grad(inputs, ("q", "k", "v", "mask_bias", "pair_bias", "gate"))
+    div = c ** 0.5
+    check(inputs, dtype, tol, op=functools.partial(attention, q_div=div),
+          ref=functools.partial(attention_reference, q_div=div))
+    with pytest.raises(ValueError, match="q_div"):
+        attention(**inputs, q_div=0.0)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
