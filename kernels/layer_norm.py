@@ -196,11 +196,11 @@ class _BwdPlan(NamedTuple):
     kwargs: dict  # BLOCK_M, BLOCK_C, num_warps
 
 
-# The backward's launch shape on a GPU (``benchmarks/sweep_layer_norm_bwd.py`` times the
+# The backward's launch shape on a GPU (``benchmarks/sweep_row_passes.py`` times the
 # alternatives): elements per row tile, programs per SM (each loops over its share of the rows
 # and writes one partial dweight / dbias row), warps per program.
 _BWD_TILE_ELEMS = 4096
-_BWD_PROGRAMS_PER_SM = 4
+_BWD_PROGRAMS_PER_SM = 16
 _BWD_WARPS = 4
 
 

@@ -81,6 +81,11 @@ class _Plan(NamedTuple):
     kwargs: dict  # BLOCK_M, BLOCK_C, num_warps
 
 
+# programs per SM of the column sum (``benchmarks/sweep_row_passes.py`` times the choices):
+# each loops over its share of the rows, whose loads it waits for one tile at a time
+_PROGRAMS_PER_SM = 4
+
+
 @functools.lru_cache(maxsize=256)
 def _plan(m: int, c: int, device: torch.device, interp: bool) -> _Plan:
     """The launch geometry of the column sum of `m` (> 0) rows of `c` channels on `device`."""
@@ -90,7 +95,7 @@ def _plan(m: int, c: int, device: torch.device, interp: bool) -> _Plan:
     col_blocks = cdiv(c, block_c)
     n_tiles = cdiv(m, block_m)
     # about max_programs() programs in all, each over whole tiles of rows
-    n_row_prog = max(1, min(n_tiles, max_programs(device) // col_blocks))
+    n_row_prog = max(1, min(n_tiles, max_programs(device, _PROGRAMS_PER_SM) // col_blocks))
     rows_per_program = cdiv(n_tiles, n_row_prog) * block_m
     return _Plan((cdiv(m, rows_per_program), col_blocks), rows_per_program,
                  dict(BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4))

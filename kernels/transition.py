@@ -110,6 +110,11 @@ class _BwdPassPlan(NamedTuple):
     kwargs: dict  # BLOCK_M, BLOCK_N
 
 
+# programs per SM of the backward passes (``benchmarks/sweep_row_passes.py`` times the
+# choices): each loops over its share of the rows, one tile at a time
+_BWD_PROGRAMS_PER_SM = 4
+
+
 @functools.lru_cache(maxsize=256)
 def _bwd_pass_plan(m: int, n: int, device: torch.device, interp: bool) -> _BwdPassPlan:
     """The ``_BwdPassPlan`` for `m` (> 0) rows of `n` columns on `device`, under the interpreter
@@ -118,7 +123,7 @@ def _bwd_pass_plan(m: int, n: int, device: torch.device, interp: bool) -> _BwdPa
     block_m = max(1, (32768 if interp else 4096) // block_n)
     n_col = cdiv(n, block_n)
     n_tiles = cdiv(m, block_m)
-    n_row = min(n_tiles, max(1, max_programs(device) // n_col))
+    n_row = min(n_tiles, max(1, max_programs(device, _BWD_PROGRAMS_PER_SM) // n_col))
     rows_per_program = cdiv(n_tiles, n_row) * block_m
     n_row = cdiv(m, rows_per_program)
     return _BwdPassPlan((n_row, n_col), rows_per_program, dict(BLOCK_M=block_m, BLOCK_N=block_n))
