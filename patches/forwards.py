@@ -349,19 +349,7 @@ def template_pointwise_attention_forward(self: TemplatePointwiseAttention, t, z,
 
 def _transition(self, ops, x, mask, chunk_size, carry: bool = False):
     """The transition's update of x; with `carry` (no chunks), ``(update, x)``: x as the op hands
-    it back, for the residual add (its gradient then goes through the op's backward kernel).
-
-    The transition is row-wise: on the Triton ops, a transposed view of a contiguous x (the
-    pair after the ending-node attention) is computed in its memory order and the update
-    transposed back, so that the op reads x without a copy and the residual add meets two
-    tensors of one layout (a vectorised add, where a transposed operand made it a strided one)."""
-    if (chunk_size is None and getattr(ops, "backend", None) == "triton" and x.dim() >= 3
-            and not x.is_contiguous() and x.transpose(-2, -3).is_contiguous()):
-        mask_t = None if mask is None else mask.transpose(-1, -2)
-        out = _transition(self, ops, x.transpose(-2, -3), mask_t, None, carry)
-        if carry:
-            return out[0].transpose(-2, -3), out[1].transpose(-2, -3)
-        return out.transpose(-2, -3)
+    it back, for the residual add (its gradient then goes through the op's backward kernel)."""
     if mask is None:
         mask = x.new_ones(x.shape[:-1])
     mask = mask.unsqueeze(-1)
