@@ -1,12 +1,18 @@
 """LayerNorm over the last dim: OpenFold's contract and torch.nn.LayerNorm's contract.
 
-Two ops share one pair of kernels; they differ only in the dtype they compute and return:
+Three ops share one pair of kernels; the first two differ only in the dtype they compute and
+return:
 
 * ``layer_norm`` follows OpenFold's ``primitives.LayerNorm.forward``: a bf16 input is normalised
   with the weight and bias cast to bf16 and autocast off (bf16 out); any other input goes
   through ``F.layer_norm`` (fp32 out under autocast, the input's dtype otherwise).
 * ``layer_norm_torch`` follows ``torch.nn.LayerNorm`` as CUDA autocast dispatches it: fp32 out
   under autocast whatever the input dtype, the input's dtype otherwise.
+* ``layer_norm_fanout`` is ``layer_norm`` for the n Linears that read its output (an attention's
+  q, k, v, gate and bias projections), with the module's input carried for the residual add
+  around it: under autocast the output is stored rounded to bf16 once for all readers (the
+  values each Linear's own rounding gives), and one backward kernel sums the readers' gradients
+  in fp32, runs the LayerNorm backward and adds the residual's gradient to dx.
 
 Precision contract (Triton path): statistics (mean, 1/std) and the affine map in fp32, one
 rounding on store; backward in fp32 (dx rounded to x's dtype, dweight/dbias summed in fp32 over
@@ -348,36 +354,64 @@ def layer_norm_bwd_rows(
 # ----------------------------------------------------------------------------------------------
 # autograd
 # ----------------------------------------------------------------------------------------------
+def read_rows(x: torch.Tensor) -> Tuple[torch.Tensor, RowLayout]:
+    """x's rows as the kernels read them: x where it lies, when its rows are at most two strided
+    dims (a transposed view: no copy), else as [M, C] rows (a copy only if it must); with their
+    ``RowLayout``."""
+    layout = _row_layout(x)
+    if layout is not None:
+        return x, layout
+    x2 = _rows(x, x.shape[-1])
+    return x2, RowLayout(x2.shape[0], x2.stride(0))
+
+
+def _forward(x, weight, bias, eps, out_dtype, param_dtype, store_stats: bool = True):
+    """(y [x.shape, out_dtype] contiguous, x's rows as read, the weight as used, mean, rstd,
+    interp). param_dtype: the dtype the weight and bias are rounded to before use (OpenFold's
+    bf16 branch casts them to bf16); None keeps them as given."""
+    w = weight if param_dtype is None else weight.to(param_dtype)
+    b = bias if param_dtype is None else bias.to(param_dtype)
+    xs, layout = read_rows(x)
+    interp = is_interpreter()
+    y, mean, rstd = layer_norm_fwd_rows(xs, w, b, eps, out_dtype, store_stats, interp, layout)
+    return y.view(x.shape), xs, w, mean, rstd, interp
+
+
+def _backward(ctx, dys, dres=None):
+    """(dx, dweight, dbias) of a forward that saved (xs, w, mean, rstd) and its meta (shape, x,
+    weight and bias dtypes, interp) on `ctx`, for the output gradients `dys` (summed) and the
+    gradient `dres` added to dx."""
+    xs, w, mean, rstd = ctx.saved_tensors
+    shape, x_dtype, w_dtype, b_dtype, interp = ctx.meta[:5]
+    c = shape[-1]
+    dys = [_rows(g, c) for g in dys]
+    if any(d.stride(0) != dys[0].stride(0) for d in dys):
+        dys = [d.contiguous() for d in dys]
+    if len(dys) > MAX_DY:  # more readers than the kernel takes: pre-sum the rest
+        dys = dys[:MAX_DY - 1] + [torch.stack(dys[MAX_DY - 1:]).float().sum(0)]
+    dres_layout = None
+    if dres is not None:
+        dres, dres_layout = read_rows(dres)
+    # the layout of the saved x as it comes back: a saved-tensor hook (e.g. torch's
+    # save_on_cpu) may return it with other strides than the forward read
+    xs, layout = read_rows(xs)
+    dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, dys[0], x_dtype, interp=interp,
+                                     layout=layout, more_dy=dys[1:], dres=dres,
+                                     dres_layout=dres_layout)
+    return dx.view(shape), dw.to(w_dtype), db.to(b_dtype)
+
+
 class _LayerNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, out_dtype, param_dtype):
-        # param_dtype: the dtype the weight and bias are rounded to before use (OpenFold's bf16
-        # branch casts them to bf16); None keeps them as given.
-        c = x.shape[-1]
-        w = weight if param_dtype is None else weight.to(param_dtype)
-        b = bias if param_dtype is None else bias.to(param_dtype)
-        # x read where it lies when its rows are at most two strided dims (a transposed view:
-        # no copy), else as [M, C] rows (a copy only if it must); y is contiguous
-        layout = _row_layout(x)
-        xs = x if layout is not None else _rows(x, c)
-        interp = is_interpreter()
-        y, mean, rstd = layer_norm_fwd_rows(xs, w, b, eps, out_dtype, interp=interp, layout=layout)
+        y, xs, w, mean, rstd, interp = _forward(x, weight, bias, eps, out_dtype, param_dtype)
         ctx.save_for_backward(xs, w, mean, rstd)
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, interp)
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        xs, w, mean, rstd = ctx.saved_tensors
-        shape, x_dtype, w_dtype, b_dtype, interp = ctx.meta
-        # the layout of the saved x as it comes back: a saved-tensor hook (e.g. torch's
-        # save_on_cpu) may return it with other strides than the forward read
-        layout = _row_layout(xs)
-        if layout is None:
-            xs = _rows(xs, shape[-1])
-        dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, _rows(dy, shape[-1]), x_dtype,
-                                         interp=interp, layout=layout)
-        return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None
+        return (*_backward(ctx, [dy]), None, None, None)
 
 
 class _LayerNormFanoutFn(torch.autograd.Function):
@@ -388,45 +422,20 @@ class _LayerNormFanoutFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, n, carry, out_dtype, param_dtype):
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        c = x.shape[-1]
-        w = weight if param_dtype is None else weight.to(param_dtype)
-        b = bias if param_dtype is None else bias.to(param_dtype)
-        layout = _row_layout(x)
-        xs = x if layout is not None else _rows(x, c)
-        interp = is_interpreter()
-        y, mean, rstd = layer_norm_fwd_rows(xs, w, b, eps, out_dtype, interp=interp, layout=layout)
+        y, xs, w, mean, rstd, interp = _forward(x, weight, bias, eps, out_dtype, param_dtype)
         ctx.save_for_backward(xs, w, mean, rstd)
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias.dtype, interp, n, carry)
-        y = y.view(x.shape)
         outs = tuple(y.view_as(y) for _ in range(n))
         return outs + (x,) if carry else outs
 
     @staticmethod
     def backward(ctx, *grads):
-        xs, w, mean, rstd = ctx.saved_tensors
-        shape, x_dtype, w_dtype, b_dtype, interp, n, carry = ctx.meta
-        c = shape[-1]
-        dys = [_rows(g, c) for g in grads[:n] if g is not None]
+        n, carry = ctx.meta[5:]
+        dys = [g for g in grads[:n] if g is not None]
         dres = grads[n] if carry else None
         if not dys:  # only the carried x has a gradient
             return dres, None, None, None, None, None, None, None
-        if any(d.stride(0) != dys[0].stride(0) for d in dys):
-            dys = [d.contiguous() for d in dys]
-        if len(dys) > MAX_DY:  # more readers than the kernel takes: pre-sum the rest
-            dys = dys[:MAX_DY - 1] + [torch.stack(dys[MAX_DY - 1:]).float().sum(0)]
-        dres_layout = None
-        if dres is not None:
-            dres_layout = _row_layout(dres)
-            if dres_layout is None:
-                dres = _rows(dres, c)
-                dres_layout = RowLayout(dres.shape[0], dres.stride(0))
-        layout = _row_layout(xs)
-        if layout is None:
-            xs = _rows(xs, c)
-        dx, dw, db = layer_norm_bwd_rows(xs, w, mean, rstd, dys[0], x_dtype, interp=interp,
-                                         layout=layout, more_dy=dys[1:], dres=dres,
-                                         dres_layout=dres_layout)
-        return dx.view(shape), dw.to(w_dtype), db.to(b_dtype), None, None, None, None, None
+        return (*_backward(ctx, dys, dres), None, None, None, None, None)
 
 
 def _openfold_dtypes(x: torch.Tensor) -> Tuple[torch.dtype, Optional[torch.dtype]]:
@@ -491,12 +500,7 @@ def layer_norm_fanout(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out_dtype = _fanout_dtype(x, out_dtype)
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                            or bias.requires_grad):
-        c = x.shape[-1]
-        w = weight if param_dtype is None else weight.to(param_dtype)
-        b = bias if param_dtype is None else bias.to(param_dtype)
-        layout = _row_layout(x)
-        y = layer_norm_fwd_rows(x if layout is not None else _rows(x, c), w, b, eps, out_dtype,
-                                store_stats=False, layout=layout)[0].view(x.shape)
+        y = _forward(x, weight, bias, eps, out_dtype, param_dtype, store_stats=False)[0]
         return (y,) * n + ((x,) if carry else ())
     return _LayerNormFanoutFn.apply(x, weight, bias, eps, n, carry, out_dtype, param_dtype)
 

@@ -54,12 +54,11 @@ from ._triton_utils import (
     next_power_of_2,
 )
 from .layer_norm import (
-    RowLayout,
-    _row_layout,
     _rows,
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
     layer_norm_reference,
+    read_rows,
 )
 
 
@@ -190,10 +189,7 @@ class _TransitionFn(torch.autograd.Function):
             return (dres,) + (None,) * 12
         dres_layout = None
         if dres is not None:
-            dres_layout = _row_layout(dres)
-            if dres_layout is None:
-                dres = _rows(dres, shape[-1])
-                dres_layout = RowLayout(dres.shape[0], dres.stride(0))
+            dres, dres_layout = read_rows(dres)
         cdt = h.dtype
         m = x2.shape[0]
         interp = ctx.interp

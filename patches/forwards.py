@@ -95,12 +95,17 @@ def head_bias(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(weight.expand(xt.shape[:-2] + weight.shape), xt)
 
 
+def _no_hooks(mod: nn.Module) -> bool:
+    """Whether calling `mod` runs its forward alone: no forward (pre-)hooks, local or global."""
+    return (not mod._forward_hooks and not mod._forward_pre_hooks
+            and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
 def _plain_linear(mod: nn.Module) -> bool:
     """Whether calling `mod` is ``F.linear`` of its own weight and bias: an ``nn.Linear``
     forward (OpenFold's Linear keeps torch's) with no module hooks, local or global."""
-    return (type(mod).forward is nn.Linear.forward and not mod._forward_hooks
-            and not mod._forward_pre_hooks and not nn.modules.module._global_forward_hooks
-            and not nn.modules.module._global_forward_pre_hooks)
+    return type(mod).forward is nn.Linear.forward and _no_hooks(mod)
 
 
 def _project(ops, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -445,10 +450,7 @@ def _carries(mod: nn.Module, fn: Callable, chunk_size: Optional[int], inplace_sa
     (gradients on, not in place), no chunks, and `mod` called as in stock OpenFold would call
     `fn` alone (its forward is `fn`, no module hooks, local or global)."""
     return (torch.is_grad_enabled() and chunk_size is None and not inplace_safe
-            and getattr(mod.forward, "__func__", None) is fn
-            and not mod._forward_hooks and not mod._forward_pre_hooks
-            and not nn.modules.module._global_forward_hooks
-            and not nn.modules.module._global_forward_pre_hooks)
+            and getattr(mod.forward, "__func__", None) is fn and _no_hooks(mod))
 
 
 def _dropout_residual(ops, drop: nn.Module, residual: torch.Tensor, update: torch.Tensor,
