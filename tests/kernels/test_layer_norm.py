@@ -435,3 +435,36 @@ def test_layer_norm_fanout_gpu(shape, n, transpose):
     for a, e, name in zip(got[2:], ref[2:], ("dx", "dweight", "dbias")):
         scale = e.abs().max().item()
         assert_close(a, e, rtol=1e-3, atol=1e-4 * scale, max_rel=1e-4, name=name)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_layer_norm_fanout_dtypes(dtype, tol, autocast):
+    """Every input dtype, with and without autocast: the outputs (the ``layer_norm`` contract's
+    dtype, or the autocast dtype where each Linear would round an fp32 output), the carried x,
+    and the gradients of x, weight and bias (three readers and the residual) against the
+    reference, as ``check_layer_norm`` compares them."""
+    from fastfold_plugin.kernels import get_ops
+
+    shape = (3, 1, 7, 24)
+    res = {}
+    for backend in ("reference", "triton"):
+        x, w, b = _inputs(shape, dtype, "cpu")
+        with _autocast("cpu", autocast):
+            outs = get_ops(backend).layer_norm_fanout(x, w, b, 1e-5, 3, carry=True)
+        assert outs[-1].dtype == dtype
+        ys = [o.to(torch.bfloat16 if autocast else o.dtype) for o in outs[:3]]  # as a Linear reads
+        gen = torch.Generator().manual_seed(2)
+        gs = [torch.randn(shape, generator=gen).to(y.dtype) for y in ys]
+        dres = torch.randn(shape, generator=gen).to(dtype)
+        grads = torch.autograd.grad(ys + [outs[-1]], (x, w, b), gs + [dres])
+        res[backend] = (ys[0].detach(), grads, gs, dres)
+    (y_r, g_r, gs, dres), (y_t, g_t, _, _) = res["reference"], res["triton"]
+    x, w, b = _inputs(shape, dtype, "cpu")
+    g_sum = sum(g.double() for g in gs)
+    y_truth, g_truth, _ = _truth("openfold", x, w, b, 1e-5, g_sum)
+    g_truth = (g_truth[0] + dres.double(),) + tuple(g_truth[1:])
+    _compare(y_t, y_r, y_truth.to(y_r.dtype), dtype if not autocast else torch.bfloat16,
+             tol if not autocast else 3.0, "y")
+    for a, e, t, name in zip(g_t, g_r, g_truth, ("dx", "dweight", "dbias")):
+        _compare(a, e, t, dtype, tol, name)
