@@ -62,7 +62,7 @@ def op_calls(monkeypatch):
 
 
 def _assert_every_op_ran(calls):
-    expected = {"attention", "layer_norm", "layer_norm_torch", "transition",
+    expected = {"attention", "layer_norm_fanout", "layer_norm_torch", "transition",
                 "triangle_multiplication", "outer_product_mean", "global_attention"}
     assert expected <= set(calls), f"ops never called by the plugin model: {expected - set(calls)}"
 
