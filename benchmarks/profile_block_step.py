@@ -26,10 +26,6 @@ import bench_dap as bd  # noqa: E402
 import harness  # noqa: E402
 from profile_evoformer_block import kernel_table  # noqa: E402
 
-# the sub-modules an Evoformer block calls with the residual carried through their LayerNorms
-CARRIED = ("msa_att_row", "msa_att_col", "core.msa_transition", "core.tri_att_start",
-           "core.tri_att_end", "core.pair_transition")
-
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -46,6 +42,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("profile_block_step.py captures CUDA graphs: it needs a GPU")
     import fastfold_plugin
+    from fastfold_plugin.patches.forwards import CARRIED_MODULES
 
     dev = torch.device("cuda")
     args = bd.parse_args([])
@@ -61,7 +58,7 @@ def main(argv=None) -> None:
         steps = {"plugin": bd.graphed_single_process_step(plugin, ins, args, dev, whole=True)}
         if a.no_carry:
             hooked = copy.deepcopy(plugin)
-            for name in CARRIED:
+            for name in CARRIED_MODULES:
                 hooked.get_submodule(name).register_forward_hook(lambda *args: None)
             steps["plugin_nocarry"] = bd.graphed_single_process_step(hooked, ins, args, dev,
                                                                      whole=True)

@@ -306,19 +306,17 @@ def _triangle_attention(self: TriangleAttention, ops, x, mask, chunk_size, carry
     # [*, 1, H, I, J]
     triangle_bias = head_bias(xs[n_in], self.linear.weight).transpose(-2, -3).unsqueeze(-4)
 
-    def fn(s, e):
-        if s is None:
-            return _mha(self.mha, ops, None, None, mask_bias, triangle_bias, xs=xs[:n_in])
-        return _mha(self.mha, ops, None, None, mask_bias[..., s:e, :, :, :], triangle_bias,
-                    xs=tuple(t[..., s:e, :, :] for t in xs[:n_in]))
+    def fn(rows: slice):
+        return _mha(self.mha, ops, None, None, mask_bias[..., rows, :, :, :], triangle_bias,
+                    xs=tuple(t[..., rows, :, :] for t in xs[:n_in]))
 
     if chunk_size is None:
-        out = fn(None, None)
+        out = fn(slice(None))
     else:
         if carry:
             raise ValueError("_triangle_attention: carry needs chunk_size None")
         n = x.shape[-3]
-        out = torch.cat([fn(s, s + chunk_size) for s in range(0, n, chunk_size)], dim=-3)
+        out = torch.cat([fn(slice(s, s + chunk_size)) for s in range(0, n, chunk_size)], dim=-3)
     if not self.starting:
         out = out.transpose(-2, -3)
     if carry:
@@ -441,6 +439,12 @@ def outer_product_mean_forward(self: OuterProductMean, m, mask=None, chunk_size=
         with torch.autocast(device_type=m.device.type, enabled=False):
             return fn(m.float())
     return fn(m)
+
+
+# the sub-modules of an Evoformer block that its training step calls with ``carry``
+# (``_carries``), by their names in the block
+CARRIED_MODULES = ("msa_att_row", "msa_att_col", "core.msa_transition", "core.tri_att_start",
+                   "core.tri_att_end", "core.pair_transition")
 
 
 def _carries(mod: nn.Module, fn: Callable, chunk_size: Optional[int], inplace_safe: bool) -> bool:

@@ -17,11 +17,10 @@ from openfold.model.evoformer import EvoformerBlock
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastfold_plugin
+from fastfold_plugin.patches.forwards import CARRIED_MODULES
 from fastfold_plugin.testing import randomize_parameters_, rel_err
 
 S, N, C_M, C_Z = 3, 5, 16, 8
-CARRIED = ("msa_att_row", "msa_att_col", "core.msa_transition", "core.tri_att_start",
-           "core.tri_att_end", "core.pair_transition")
 
 
 class _Census(TorchDispatchMode):
@@ -46,8 +45,8 @@ class _Census(TorchDispatchMode):
 
 
 def _step(block, inputs, hooked):
-    handles = [block.get_submodule(n).register_forward_hook(lambda *a: None) for n in CARRIED] \
-        if hooked else []
+    handles = [block.get_submodule(n).register_forward_hook(lambda *a: None)
+               for n in CARRIED_MODULES] if hooked else []
     m, z = (inputs[k].clone().requires_grad_() for k in ("m", "z"))
     census = _Census([m.numel(), z.numel()])
     torch.manual_seed(7)  # the same dropout masks on both sides
