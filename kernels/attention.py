@@ -61,7 +61,13 @@ to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttent
    gradient is exactly zero and is returned as zeros.
 
 Layout. Inputs are taken through explicit strides, with no copies: q/k/v as OpenFold's
-transposed views of a Linear output, biases with stride 0 on broadcast dims. Leading batch dims
+transposed views of a Linear output, biases with stride 0 on broadcast dims. The output (and
+the gated dO and dgate buffers) is laid out like the gate where the gate is a permuted dense
+tensor, batch-contiguous [*, Q, H, C] otherwise; dq, dk and dv like q, k and v where those are
+permuted dense tensors. So a caller that attends along another dim of its activations (MSA
+column attention on the MSA as it lies, [*, S, N, H, C] seen as [*, N, H, S, C]) gets its
+output and gradients in that same memory order, and the Linears around the op need no copies.
+Leading batch dims
 are folded into at most two (size, stride) pairs per tensor (``collapse_dims``); the rare layout
 that needs more is handled by an explicit loop over the first batch dim. Offsets of batch and
 head are 64-bit. Head dims that are not a power of two or below tl.dot's 16 (extra-MSA: 8) are
@@ -877,10 +883,11 @@ class _Plan(NamedTuple):
 _BIASES = ("mask_bias", "pair_bias")
 
 
-def _make_plan(batch: Sequence[int], tail: Tuple[int, int, int, int], **tensors) -> Optional[_Plan]:
-    """Fold the batch dims for all `tensors` and a batch-contiguous [*, Q, H, C] output at once;
-    None if more than two dims remain. tail = (H, NQ, NK, C); q / k / v / gate / dout already
-    have the full batch dims, the biases broadcast to [*batch, H, NQ, NK]."""
+def _make_plan(batch: Sequence[int], tail: Tuple[int, int, int, int], out_stride: tuple,
+               **tensors) -> Optional[_Plan]:
+    """Fold the batch dims for all `tensors` and the [*, Q, H, C] output (strides `out_stride`)
+    at once; None if more than two dims remain. tail = (H, NQ, NK, C); q / k / v / gate / dout
+    already have the full batch dims, the biases broadcast to [*batch, H, NQ, NK]."""
     nb = len(batch)
     H, NQ, NK, C = tail
     full = {}
@@ -893,8 +900,7 @@ def _make_plan(batch: Sequence[int], tail: Tuple[int, int, int, int], **tensors)
         else:
             st = t.stride()
             full[name] = (st[:nb], tuple(st[nb + d] for d in _DIMS[name]))
-    st = contiguous_strides((*batch, NQ, H, C))
-    full["out"] = (st[:nb], tuple(st[nb + d] for d in _QHC))
+    full["out"] = (out_stride[:nb], tuple(out_stride[nb + d] for d in _QHC))
     sizes, folded = collapse_dims(batch, [z for z, _ in full.values()])
     if len(sizes) > 2:
         return None
@@ -935,6 +941,12 @@ def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return b
 
 
+def _dense(t: Optional[torch.Tensor]) -> bool:
+    """Whether `t` is a permuted dense tensor (no gaps, no overlaps): ``empty_like`` keeps its
+    strides, and so does a buffer laid out like it."""
+    return t is not None and torch.empty_like(t).stride() == t.stride()
+
+
 _QKV = (0, 1, 2)   # [*, H, Q, C]: (h, row, c)
 _QHC = (1, 0, 2)   # [*, Q, H, C]: (h, row, c)
 _DIMS = dict(q=_QKV, k=_QKV, v=_QKV, gate=_QHC, dout=_QHC)
@@ -946,12 +958,13 @@ _DIMS = dict(q=_QKV, k=_QKV, v=_QKV, gate=_QHC, dout=_QHC)
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lay, q, k, v, mask_bias, pair_bias, gate):
-        out = q.new_empty(lay.out_shape, dtype=lay.out_dtype)
+        out = q.new_empty_strided(lay.out_shape, lay.out_stride, dtype=lay.out_dtype)
         # the backward needs the ungated output too when there is a gate, kept in fp32: delta =
         # rowsum(dO * O) from a bf16-rounded O no longer equals sum_j P dP, so every row's dS
         # sums to a rounding residue instead of 0, and gradients that are zero by symmetry (the
         # LayerNorm bias before a pair-bias projection) came out ~3x noisier than stock's
-        o = q.new_empty(lay.out_shape, dtype=torch.float32) if lay.store_o else out
+        o = (q.new_empty_strided(lay.out_shape, lay.out_stride, dtype=torch.float32)
+             if lay.store_o else out)
         stats = q.new_empty(lay.stats_shape, dtype=torch.float32)
         _launch(_attention_fwd_kernel, _fwd_tuned, lay.fwd,
                 (q, k, v,
@@ -973,6 +986,9 @@ class _AttentionFunction(torch.autograd.Function):
             # a saved-tensor hook (e.g. torch's save_on_cpu) gave the inputs back with other
             # strides than the forward's plan reads: plan for the layouts they have now
             lay = _relayout(lay, saved)
+        if lay.store_o and o.stride() != lay.out_stride:
+            # (the same hook gave the ungated output back in another layout than the plan's)
+            o = o.new_empty_strided(lay.out_shape, lay.out_stride).copy_(o)
         needs = ctx.needs_input_grad[1:]
         # the module's switches are read per call (benchmarks and tests flip them), and so is
         # the dot precision, as torch's matmuls read it
@@ -987,13 +1003,14 @@ class _AttentionFunction(torch.autograd.Function):
 
         dgate = None
         if gate is not None:
-            dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
+            dgate = gate.new_empty_strided(lay.out_shape, lay.out_stride)
         if bw.pre is None:
             do, delta = dout, stats  # folded into the dK/dV kernel; delta: not read
         else:
             # 1. preprocess: gate gradient, gated dO, delta
             delta = stats.new_empty(lay.stats_shape[1:])  # [Z, H, NQ]
-            do = q.new_empty(lay.out_shape) if gate is not None else dout  # q's dtype
+            do = (q.new_empty_strided(lay.out_shape, lay.out_stride) if gate is not None
+                  else dout)  # q's dtype
             _attention_bwd_preprocess_kernel[bw.pre.grid](
                 dout, o, gate if gate is not None else o, do,
                 dgate if dgate is not None else o, delta, *bw.pre.args, **bw.pre.kwargs)
@@ -1072,14 +1089,15 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
     # inputs; if that changes the fold, a contiguous copy folds like `out` always does.
     dout = torch.empty_strided(lay.out_shape, dout_stride, dtype=lay.out_dtype, device="meta")
     plan, dout_copy = lay.plan, False
-    if dout.is_contiguous():  # the usual case: it folds like `out`
+    if tuple(dout_stride) == lay.out_stride:  # the usual case: it folds like `out`
         dout_s = plan.strides["out"]
     else:
         tensors = dict(q=q, k=k, v=v, gate=gate, mask_bias=mask_bias, pair_bias=pair_bias)
-        plan = _make_plan(lay.batch, (H, NQ, NK, C), dout=dout, **tensors)
+        plan = _make_plan(lay.batch, (H, NQ, NK, C), lay.out_stride, dout=dout, **tensors)
         if plan is None or (plan.Z0, plan.Z1) != (lay.plan.Z0, lay.plan.Z1):
             dout_copy = True
-            plan = _make_plan(lay.batch, (H, NQ, NK, C), dout=dout.contiguous(), **tensors)
+            plan = _make_plan(lay.batch, (H, NQ, NK, C), lay.out_stride,
+                              dout=dout.contiguous(), **tensors)
         dout_s = plan.strides["dout"]
     st = plan.strides
 
@@ -1094,7 +1112,7 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
             and not (need_pb and not fuse_db and not _const_along_k(pair_bias, NK))
             and Z * H * NQ * NK <= fold_max)
 
-    o_s = st["out"]  # o and dgate: batch-contiguous [*, Q, H, C], as out
+    o_s = st["out"]  # o and dgate: laid out as out
     g_s = st["gate"]
     pre = None
     if fold:
@@ -1121,8 +1139,8 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
         dk, dv = (tuple(gk.shape), gk.stride()), (tuple(gv.shape), gv.stride())
         acc = _accumulator_layout(plan, q, pair_bias, fuse_dq, fuse_db, (H, NQ, NK))
         dkdv = _Launch(lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
-                       (*common_strides, *_contig_strides(plan, gk, _QKV),
-                        *_contig_strides(plan, gv, _QKV), *acc.db_strides, *acc.dq_strides,
+                       (*common_strides, *_grad_strides(plan, gk, k, "k"),
+                        *_grad_strides(plan, gv, v, "v"), *acc.db_strides, *acc.dq_strides,
                         *o_s, *g_s, *tail),
                        dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db, FOLD_PRE=fold,
                             HAS_GATE=fold and gate is not None))  # read only with FOLD_PRE
@@ -1130,7 +1148,7 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
     if need_q and not fuse_dq:
         g = _grad_like(q)
         dq = _Launch(lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
-                     (*common_strides, *_contig_strides(plan, g, _QKV), *tail), kwargs)
+                     (*common_strides, *_grad_strides(plan, g, q, "q"), *tail), kwargs)
         dq_layout = (tuple(g.shape), g.stride())
     return _Backward(plan, dout_copy, pre, dkdv, dk, dv, acc, fuse_db, dq, dq_layout,
                      common_strides, kwargs)
@@ -1152,11 +1170,22 @@ def _contig_strides(plan: _Plan, t: torch.Tensor, dims) -> Tuple[int, ...]:
     return (per_batch * plan.Z1, per_batch) + tuple(inner[t.dim() - 3 + d] for d in dims)
 
 
+def _grad_strides(plan: _Plan, g: torch.Tensor, t: torch.Tensor, name: str) -> Tuple[int, ...]:
+    """The kernels' strides of `g`, the gradient buffer (``_grad_like``) of input `name` `t`."""
+    if g.stride() == t.stride():
+        return plan.strides[name]  # laid out like t: folded like t
+    return _contig_strides(plan, g, _QKV)
+
+
 def _grad_like(t: torch.Tensor, buf: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Gradient buffer for q/k/v (or a view of the flat `buf`, in its dtype): batch dims
-    contiguous; the [H, Q, C] block laid out like `t` (OpenFold's q/k/v are [*, Q, H, C] buffers
-    seen as [*, H, Q, C], and so is the gradient, so the Linear backward that follows needs no
-    copy)."""
+    """Gradient buffer for q/k/v (or a view of the flat `buf`, in its dtype), laid out like `t`
+    where `t` is a permuted dense tensor (OpenFold's q/k/v are [*, Q, H, C] buffers seen as
+    [*, H, Q, C], and the column attention's an [*, S, N, H, C] buffer seen as [*, N, H, S, C]:
+    the Linear backward that follows needs no copy). Otherwise batch dims contiguous and the
+    [H, Q, C] block laid out like `t`'s."""
+    if _dense(t):
+        return (torch.empty_like(t) if buf is None
+                else buf.as_strided(t.shape, t.stride(), buf.storage_offset()))
     shape = t.shape
     transposed = t.stride(-3) < t.stride(-2)
     if transposed:
@@ -1184,7 +1213,7 @@ def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail) -> _Accumula
     dq_s, db_s = (0,) * 5, (0,) * 5
     if fuse_dq:
         dqa = _grad_like(q, buf[:n_dq])
-        dq, dq_s = view(dqa), _contig_strides(plan, dqa, _QKV)
+        dq, dq_s = view(dqa), _grad_strides(plan, dqa, q, "q")
     if fuse_db:
         dba = buf[n_dq:].view(db_dims)
         db = view(dba)
@@ -1333,6 +1362,7 @@ class _Layout(NamedTuple):
     inputs: Optional[tuple] = None   # meta q, k, v, mask_bias, pair_bias, gate (expanded)
     tail: Optional[tuple] = None     # (H, NQ, NK, C, CP)
     out_shape: Optional[tuple] = None
+    out_stride: Optional[tuple] = None  # the gate's, if a permuted dense tensor; else contiguous
     out_dtype: Optional[torch.dtype] = None
     store_o: bool = False            # the fp32 ungated output is stored for the backward
     stats_shape: Optional[tuple] = None
@@ -1393,7 +1423,11 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str, scale: float = 1
                                  f"[*, H, Q, K] = {(*batch, H, NQ, NK)}") from None
     if q.numel() == 0 or NK == 0:
         return _Layout(batch, expand, True, None)
-    plan = _make_plan(batch, (H, NQ, NK, C), q=q, k=k, v=v, gate=gate,
+    # the output laid out like the gate where it is a permuted dense tensor (an expanded gate
+    # is not), else batch-contiguous
+    out_stride = (gate.stride() if _dense(gate) else
+                  contiguous_strides((*batch, NQ, H, C)))
+    plan = _make_plan(batch, (H, NQ, NK, C), tuple(out_stride), q=q, k=k, v=v, gate=gate,
                       mask_bias=mask_bias, pair_bias=pair_bias)
     if plan is None:
         return _Layout(batch, expand, False, None)
@@ -1414,6 +1448,7 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str, scale: float = 1
         inputs=(q, k, v, mask_bias, pair_bias, gate),
         tail=(H, NQ, NK, C, CP),
         out_shape=(*batch, NQ, H, C),
+        out_stride=tuple(out_stride),
         out_dtype=q.dtype if gate is None else torch.promote_types(q.dtype, gate.dtype),
         store_o=store_o,
         stats_shape=(2, Z, H, NQ),

@@ -28,7 +28,8 @@ dO = G @ w_out in O's layout (and the bias gradient); O is recomputed by the sam
 ``_opm_dw_kernel`` reduces dw_out = sum_ij G[i, j]^T O[i, :, j, :] over the pairs; two GEMMs give
 da and db.  ``_opm_proj_bwd_kernel`` recomputes the LayerNorm, applies the mask, writes the
 projection gradients and the LayerNorm output (for the weight GEMM), and runs the LayerNorm
-backward.  Bias and LayerNorm-weight gradients are fp32 per-program partial sums.
+backward; with ``carry`` (m handed back as a second output) it also adds that output's
+gradient to dm.  Bias and LayerNorm-weight gradients are fp32 per-program partial sums.
 
 Precision contract (``cdt`` is the autocast dtype, or m's dtype without autocast):
 
@@ -63,7 +64,7 @@ from ._triton_utils import (
 from ._triton_utils import cast_rne as _cast
 from ._triton_utils import dot_acc32 as _dot
 from ._triton_utils import weight_grad_fp32 as _weight_grad
-from .layer_norm import layer_norm_torch_reference
+from .layer_norm import _kernel_rows, _row_offsets, layer_norm_torch_reference, read_rows
 
 # Largest outer-product chunk, in elements (512 MiB in bf16); backward holds two of them.
 _CHUNK_ELEMENTS = 1 << 28
@@ -85,11 +86,12 @@ def outer_product_mean_reference(
     b_out: torch.Tensor,
     eps: float = 1e-3,
     ln_eps: float = 1e-5,
-) -> torch.Tensor:
+    carry: bool = False,
+):
     """OpenFold's ``OuterProductMean._forward`` (no chunking) in plain PyTorch.
 
     m ``[*, N_seq, N_res, C_m]``, mask ``[*, N_seq, N_res]`` (None: all ones) ->
-    ``[*, N_res, N_res, C_z]``.
+    ``[*, N_res, N_res, C_z]`` (with `carry`, ``(out, m)``).
     """
     if mask is None:
         mask = m.new_ones(m.shape[:-1])
@@ -107,7 +109,8 @@ def outer_product_mean_reference(
     outer = F.linear(outer, w_out, b_out)
     norm = torch.einsum("...abc,...adc->...bdc", mask, mask)
     norm = norm + eps
-    return outer / norm
+    out = outer / norm
+    return (out, m) if carry else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,13 +155,17 @@ def _opm_proj_fwd_kernel(
 
 @triton.jit
 def _opm_proj_bwd_kernel(
-    M_IN, MASK, LN_W, LN_B, W12, DA, DB, DP, LN_OUT, DM, PART,
-    M, CM, C, ln_eps, M_BUCKET,
-    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
+    M_IN, MASK, LN_W, LN_B, W12, DA, DB, DP, LN_OUT, DM, PART, DRES,
+    M, CM, C, ln_eps, stride_r, R_IN_R, stride_r_in, M_BUCKET,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr, HAS_RES: tl.constexpr,
+    RES_TWO_LEVEL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CM: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """d(pre-mask a, b) = (da, db) * mask -> DP [M, 2C]; LN(m) -> LN_OUT [M, CM];
-    dm (LayerNorm backward of DP @ W12) -> DM; PART[pid] = [sum DP | sum dln * xhat | sum dln]."""
+    dm (LayerNorm backward of DP @ W12) -> DM; PART[pid] = [sum DP | sum dln * xhat | sum dln].
+    With HAS_RES, dm += DRES in fp32 (the gradient of m from its other reader, the carried m;
+    rows at r * stride_r, or with RES_TWO_LEVEL at (r // R_IN_R) * stride_r +
+    (r % R_IN_R) * stride_r_in, unit column stride)."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -198,6 +205,9 @@ def _opm_proj_bwd_kernel(
     c1 = tl.sum(dxhat * xhat, axis=1) / CM
     c2 = tl.sum(dxhat, axis=1) / CM
     dm = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_RES:
+        r_rows = _row_offsets(rows, stride_r, R_IN_R, stride_r_in, RES_TWO_LEVEL)
+        dm += tl.load(DRES + r_rows[:, None] + cm[None, :], mask=ok, other=0.0).to(tl.float32)
     tl.store(DM + rows[:, None] * CM + cm[None, :], _cast(dm, DM.dtype.element_ty, INTERP), mask=ok)
 
 
@@ -364,10 +374,11 @@ def _prune_planes(configs, nargs, **kwargs):
 _OUT_SHAPES = [(bj, bk, nw) for bk in (16, 32, 64, 128) for bj, nw in ((64, 4), (128, 8), (64, 8), (128, 4))]
 _DW_SHAPES = [(32, 64, 4), (64, 128, 8), (32, 128, 8), (64, 64, 8), (32, 256, 8)]
 _ROW_KEY = ["CM", "C", "M_BUCKET"]
+_ROW_BWD_KEY = _ROW_KEY + ["HAS_RES", "RES_TWO_LEVEL"]  # the residual gradient's load: its own variant
 _PAIR_KEY = ["C", "CZ", "R_BUCKET"]
 
 _proj_fwd_tuned = autotune(_row_configs(), key=_ROW_KEY)(_opm_proj_fwd_kernel)
-_proj_bwd_tuned = autotune(_row_configs(), key=_ROW_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
+_proj_bwd_tuned = autotune(_row_configs(), key=_ROW_BWD_KEY, reset_to_zero=["PART"])(_opm_proj_bwd_kernel)
 _out_fwd_tuned = autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY,
                           prune=_prune_one_plane)(_opm_out_fwd_kernel)
 _out_bwd_tuned = autotune(_pair_configs(_OUT_SHAPES), key=_PAIR_KEY, prune=_prune_one_plane,
@@ -455,10 +466,13 @@ def _proj_fwd(m2, mk, ln_w, ln_b, w12, b12, ln_eps: float, cdt: torch.dtype):
 
 
 def _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps: float, cdt: torch.dtype,
-              m_dtype: torch.dtype):
+              m_dtype: torch.dtype, dres: Optional[torch.Tensor] = None):
     """Backward of ``_proj_fwd`` for da, db (M x C values each, any float dtype): (dm [M, C_m]
     in `m_dtype`, d[w1; w2] [2C, C_m] fp32, the partial sums' total [2C + 2 C_m] fp32: the
-    projection biases', then the LayerNorm weight's and bias's gradients)."""
+    projection biases', then the LayerNorm weight's and bias's gradients).  `dres` (m's shape,
+    any strides and float dtype): a gradient the kernel adds to dm in fp32, its rows read where
+    they lie when they are at most two strided dims with unit column stride (a transposed view),
+    else from an [M, C_m] copy (``read_rows``)."""
     M, CM = m2.shape
     C = w12.shape[0] // 2
     dev = m2.device
@@ -467,9 +481,14 @@ def _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps: float, cdt: torch.dtype,
     dm = torch.empty((M, CM), device=dev, dtype=m_dtype)
     n_prog = cdiv(M, _INTERP["BLOCK_M"] if is_interpreter() else _MIN_BLOCK_M)
     part = torch.zeros((n_prog, 2 * C + 2 * CM), device=dev, dtype=torch.float32)
+    res_rows = (0, 1, 0, False)
+    if dres is not None:
+        dres, layout = read_rows(dres)
+        res_rows = _kernel_rows(layout)
     _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
-            (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part, M, CM, C, ln_eps,
-             _bucket(M)), _row_meta(cdt, CM, C))
+            (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part,
+             dm if dres is None else dres, M, CM, C, ln_eps, *res_rows[:3], _bucket(M)),
+            dict(_row_meta(cdt, CM, C), HAS_RES=dres is not None, RES_TWO_LEVEL=res_rows[3]))
     return dm, _weight_grad(dp, ln_out), part.sum(0)
 
 
@@ -538,7 +557,9 @@ def _pair_meta(C: int, CZ: int, cdt: torch.dtype):
 # ----------------------------------------------------------------------------------------------
 class _OuterProductMeanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, m, mask, eps, ln_eps, chunk_rows, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out):
+    def forward(ctx, m, mask, eps, ln_eps, chunk_rows, carry, ln_w, ln_b, w1, b1, w2, b2, w_out,
+                b_out):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         dev = m.device.type
         ac = autocast_dtype(dev)
         cdt = ac if ac is not None else m.dtype
@@ -564,10 +585,13 @@ class _OuterProductMeanFn(torch.autograd.Function):
             out = _out_rows_fwd(a, b, norm, wo, bo, eps, rb, cdt)
         ctx.save_for_backward(m2, mk, a, b, norm, w12, wo, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         ctx.meta = (eps, ln_eps, rb, cdt, m.dtype, m.shape)
-        return out.view(*batch, R, R, CZ)
+        out = out.view(*batch, R, R, CZ)
+        return (out, m) if carry else out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dres=None):
+        if dout is None:  # only the carried m has a gradient
+            return (dres,) + (None,) * 13
         m2, mk, a, b, norm, w12, wo, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out = ctx.saved_tensors
         eps, ln_eps, rb, cdt, m_dtype, m_shape = ctx.meta
         Bt, S, R, C = a.shape
@@ -575,23 +599,23 @@ class _OuterProductMeanFn(torch.autograd.Function):
         with autocast_off(m2.device.type):
             dout2 = dout.reshape(Bt, R, R, CZ).contiguous()
             da, db, dwo, dbo = _out_rows_bwd(dout2, a, b, norm, wo, eps, rb, cdt)
-            dm, dw12, s = _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps, cdt, m_dtype)
+            dm, dw12, s = _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps, cdt, m_dtype, dres)
             del da, db
         grads = _proj_param_grads(dw12, s, C, CM) + (dwo, dbo)
         params = (ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
         grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, params)]
-        return (dm.view(m_shape), None, None, None, None, *grads)
+        return (dm.view(m_shape), None, None, None, None, None, *grads)
 
 
 def _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps=1e-3, ln_eps=1e-5,
-                        chunk_rows: Optional[int] = None):
+                        chunk_rows: Optional[int] = None, carry: bool = False):
     """``outer_product_mean`` with an explicit number of pair rows per outer-product chunk."""
     if m.dim() < 3:
         raise ValueError(f"outer_product_mean: m must be [*, N_seq, N_res, C_m], got {tuple(m.shape)}")
     if w1.shape[1] != m.shape[-1] or w_out.shape[1] != w1.shape[0] ** 2:
         raise ValueError("outer_product_mean: weight shapes do not match m's channels / c_hidden^2")
     check_launchable(m, mask)
-    return _OuterProductMeanFn.apply(m, mask, float(eps), float(ln_eps), chunk_rows,
+    return _OuterProductMeanFn.apply(m, mask, float(eps), float(ln_eps), chunk_rows, carry,
                                      ln_w, ln_b, w1, b1, w2, b2, w_out, b_out)
 
 
@@ -608,13 +632,17 @@ def outer_product_mean(
     b_out: torch.Tensor,
     eps: float = 1e-3,
     ln_eps: float = 1e-5,
-) -> torch.Tensor:
+    carry: bool = False,
+):
     """Fused outer product mean: m ``[*, N_seq, N_res, C_m]``, mask ``[*, N_seq, N_res]`` (None:
     all ones) -> ``[*, N_res, N_res, C_z]``.  Same maths as ``outer_product_mean_reference``;
     see the module docstring for the design and the precision contract.  Gradients flow to m
     and the eight parameters (not to the mask).
+    With `carry`, ``(out, m)``: m handed back for its other reader (the Evoformer block's
+    output), whose gradient ``_opm_proj_bwd_kernel`` adds to dm in fp32 (no add of its own).
     """
-    return _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps, ln_eps)
+    return _outer_product_mean(m, mask, ln_w, ln_b, w1, b1, w2, b2, w_out, b_out, eps, ln_eps,
+                               carry=carry)
 
 
 # ----------------------------------------------------------------------------------------------

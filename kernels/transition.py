@@ -1,5 +1,8 @@
 """OpenFold's MSA / pair transition: ``linear_2(relu(linear_1(layer_norm(x)))) * mask``.
 
+With ``residual``, the op returns ``x + that``: the residual add the Evoformer blocks put around
+the transition, fused with the row mask (below).
+
 ``MSATransition._transition`` (c_m 256, n 4) and ``PairTransition._transition`` (c_z 128, n 4).
 
 Triton path, forward:
@@ -8,7 +11,9 @@ Triton path, forward:
      fp32 row statistics.
   2. linear_1 + bias + ReLU as one cuBLASLt GEMM with its bias/ReLU epilogue
      (``torch._addmm_activation``): the hidden [*, 4C] pre-activation is never written.
-  3. linear_2 + bias (cuBLASLt epilogue), then the row mask (in place when the dtypes allow).
+  3. linear_2 + bias (cuBLASLt epilogue), then the row mask (in place when the dtypes allow);
+     with ``residual``, one Triton pass x + y * mask instead (stock: the mask multiply, then
+     the block's add, two activation-sized passes and an fp32 intermediate).
   The GEMMs are compute-bound at AF2 sizes and stay on cuBLAS.
 Backward (memory: x, the fp32 row statistics and the hidden activation are kept; the LayerNorm
 output is recomputed, it is not stored as stock does):
@@ -16,7 +21,9 @@ output is recomputed, it is not stored as stock does):
   - dW2 = d2^T h, dh = d2 W2 (cuBLAS);
   - one Triton pass, in place, d_pre = dh * (h > 0) with the column sums for b1;
   - the LayerNorm output recomputed by the Triton kernel, dW1 = d_pre^T ln, d_ln = d_pre W1;
-  - Triton LayerNorm backward (dx, and dln_w / dln_b from per-program partials).
+  - Triton LayerNorm backward (dx, and dln_w / dln_b from per-program partials); with
+    ``residual`` the same kernel adds the sum's gradient to dx (the residual's own gradient,
+    stock's separate add).
 
 Precision contract (both paths agree with stock OpenFold to rounding):
   - compute dtype: the autocast dtype under autocast, else x's dtype (weights cast to it);
@@ -47,6 +54,7 @@ import triton.language as tl
 from ._triton_utils import (
     autocast_dtype,
     autocast_off,
+    cast_rne,
     cdiv,
     check_devices,
     is_interpreter,
@@ -58,7 +66,6 @@ from .layer_norm import (
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
     layer_norm_reference,
-    read_rows,
 )
 
 
@@ -99,6 +106,30 @@ def _transition_bwd_kernel(
         tl.store(OUT + rows[:, None] * stride_out + cols[None, :], d, mask=ok)
         acc += tl.sum(d.to(tl.float32), axis=0)
     tl.store(PART + pid_m * N + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def _masked_residual_kernel(
+    X, Y, MASK, OUT, M, N, stride_x, stride_y,
+    ROUND_PROD: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """OUT = X + Y * MASK[row] over [M, N] rows (OUT contiguous): the row mask and the residual
+    add in one pass. The product is rounded to Y's dtype when ROUND_PROD (stock's product has
+    Y's dtype then, else fp32), the sum to OUT's dtype; launched without fp fusion, so the
+    multiply and the add round separately, as stock's two ops do."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    ok = row_ok[:, None] & (cols < N)[None, :]
+    y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=ok, other=0.0)
+    s = tl.load(MASK + rows, mask=row_ok, other=0.0).to(tl.float32)
+    p = y.to(tl.float32) * s[:, None]
+    if ROUND_PROD:
+        p = cast_rne(p, y.dtype, INTERP).to(tl.float32)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + rows[:, None] * N + cols[None, :], cast_rne(x + p, OUT.dtype.element_ty, INTERP),
+             mask=ok)
 
 
 class _BwdPassPlan(NamedTuple):
@@ -144,6 +175,29 @@ def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool,
     return part.sum(0)
 
 
+@functools.lru_cache(maxsize=256)
+def _residual_launch(m: int, n: int, interp: bool) -> tuple:
+    """(grid, launch keywords) of ``_masked_residual_kernel`` for [m, n] rows: about 4K elements
+    per program on a GPU (bigger tiles in the interpreter)."""
+    block_n = min(next_power_of_2(n), 1024)
+    block_m = max(1, (32768 if interp else 4096) // block_n)
+    return (cdiv(m, block_m), cdiv(n, block_n)), dict(BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+def _masked_residual(x2: torch.Tensor, y: torch.Tensor, mask_rows: torch.Tensor,
+                     dtype: torch.dtype, round_prod: bool, interp: bool) -> torch.Tensor:
+    """x2 + y * mask_rows[:, None] as a contiguous [M, N] tensor of `dtype` (x2 and y: rows
+    with unit column stride)."""
+    m, n = y.shape
+    out = torch.empty((m, n), dtype=dtype, device=y.device)
+    if m:
+        grid, kwargs = _residual_launch(m, n, interp)
+        _masked_residual_kernel[grid](x2, y, mask_rows, out, m, n, x2.stride(0), y.stride(0),
+                                      ROUND_PROD=round_prod, INTERP=interp, **kwargs,
+                                      enable_fp_fusion=False)
+    return out
+
+
 def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """relu(x @ w^T + b): cuBLASLt GEMM with the bias+ReLU epilogue where available."""
     if x.shape[0] == 0:
@@ -156,8 +210,7 @@ def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------------------------
 class _TransitionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype, carry):
-        ctx.set_materialize_grads(False)
+    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype, residual):
         c = x.shape[-1]
         x2 = _rows(x, c)
         check_devices(x2.device)
@@ -170,31 +223,32 @@ class _TransitionFn(torch.autograd.Function):
             h = _linear_relu(ln, w1c, b1c)
             del ln
             y = torch.addmm(b2c, h, w2c.t())
-            if out_dtype == y.dtype:
+            if residual:
+                out = _masked_residual(x2, y, mask_rows, torch.promote_types(x.dtype, out_dtype),
+                                       out_dtype == y.dtype, interp)
+            elif out_dtype == y.dtype:
                 out = y.mul_(mask_rows[:, None])
             else:
                 out = y * mask_rows[:, None]
         ctx.save_for_backward(x2, lw, lb, mean, rstd, w1c, w2c, h, mask_rows)
         ctx.eps = eps
         ctx.interp = interp
+        ctx.residual = residual
         ctx.meta = (x.shape, x.dtype, ln_w.dtype, ln_b.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
-        out = out.view(*x.shape[:-1], w2.shape[0])
-        return (out, x) if carry else out
+        return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
-    def backward(ctx, g, dres=None):
+    def backward(ctx, g):
         x2, lw, lb, mean, rstd, w1c, w2c, h, mask_rows = ctx.saved_tensors
         shape, x_dt, lw_dt, lb_dt, w1_dt, b1_dt, w2_dt, b2_dt = ctx.meta
-        if g is None:  # only the carried x has a gradient
-            return (dres,) + (None,) * 12
-        dres_layout = None
-        if dres is not None:
-            dres, dres_layout = read_rows(dres)
         cdt = h.dtype
         m = x2.shape[0]
         interp = ctx.interp
         with autocast_off(x2.device.type):
             g2 = _rows(g, g.shape[-1])
+            # with residual, g is also the residual's gradient, added to dx by the LayerNorm's
+            # backward kernel
+            dres = g2 if ctx.residual else None
             d2 = torch.empty((m, g2.shape[1]), dtype=cdt, device=g.device)
             db2 = _bwd_pass(g2, mask_rows, d2, relu=False, interp=interp)
             dw2 = d2.t().mm(h)
@@ -207,7 +261,7 @@ class _TransitionFn(torch.autograd.Function):
             dln = dh.mm(w1c)
             del dh
             dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt, interp=interp,
-                                               dres=dres, dres_layout=dres_layout)
+                                               dres=dres)
         return (dx.view(shape), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt), db1.to(b1_dt),
                 dw2.to(w2_dt), db2.to(b2_dt), None, None, None, None)
 
@@ -223,16 +277,16 @@ def _mask_or_ones(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor
 def transition(
     x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
-    carry: bool = False,
+    residual: bool = False,
 ):
     """linear_2(relu(linear_1(layer_norm(x)))) * mask (Triton LayerNorm/backward passes + cuBLAS).
 
     x [*, C]; mask [*, 1] broadcastable to x's rows (None: ones in x's dtype, as OpenFold);
     ln_w, ln_b [C]; w1 [n*C, C], b1 [n*C]; w2 [C, n*C], b2 [C]. Returns [*, C] in
     promote(compute dtype, mask dtype). Gradients for x and every weight; none for the mask.
-    With `carry`, ``(out, x)``: x handed back for its other reader (the residual add around the
-    transition), whose gradient the LayerNorm's backward kernel adds to dx (no add of its own).
-    See the module docstring for the precision contract.
+    With `residual`, x + that, in promote(x's dtype, that dtype): the residual add around the
+    transition, fused with the mask multiply; its gradient reaches x through the LayerNorm's
+    backward kernel (no add of its own). See the module docstring for the precision contract.
     """
     mask = _mask_or_ones(x, mask)
     cdt = autocast_dtype(x.device.type) or x.dtype
@@ -243,19 +297,19 @@ def transition(
     mask_rows = mask.detach().expand(*rows, 1).reshape(-1).to(
         torch.promote_types(mask.dtype, cdt)).contiguous()
     return _TransitionFn.apply(x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype,
-                               carry)
+                               residual)
 
 
 def transition_reference(
     x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
-    carry: bool = False,
+    residual: bool = False,
 ):
     """OpenFold's ``MSATransition._transition`` / ``PairTransition._transition`` in plain PyTorch
-    (with `carry`, ``(out, x)``)."""
+    (with `residual`, x + that: the blocks' residual add, as OpenFold's ``add``)."""
     mask = _mask_or_ones(x, mask)
     m = layer_norm_reference(x, ln_w, ln_b, eps)
     m = F.linear(m, w1, b1)
     m = torch.relu(m)
     m = F.linear(m, w2, b2) * mask
-    return (m, x) if carry else m
+    return x + m if residual else m

@@ -29,7 +29,8 @@ but the data (grid, dtypes, buffer shapes, every launch's scalars, constexprs an
 autotuner's key, kept after the first launch) is worked out once per ``_plan`` key (z's shape
 and dtype, mask flag, C_h, LayerNorm parameter dtypes, direction, eps, grad, autocast, dot
 precision, interpreter, 64-bit offsets), the backward's launches once per (dot precision,
-interpreter, 64-bit offsets, dout dtype); weights are still packed on every call.
+interpreter, 64-bit offsets, dout dtype, carried z's gradient dtype or none); weights are still
+packed on every call.
 
 Programs tile the N*N pairs of one batch entry (grid ``(cdiv(N*N, BLOCK_M), batch)``), so the
 channel-major loads and stores are contiguous along a tile and coalesce; 32-bit offsets are used
@@ -42,8 +43,9 @@ Backward recomputes rather than stores: forward keeps z, the mask, a, b and x (e
 gate-logit gradient; two batched GEMMs give da and db; ``_trimul_proj_bwd_kernel`` recomputes
 the projections, applies the gating/mask backward, writes the projection gradients and
 LayerNorm_in's output, accumulates d(zn) through all five projections and runs LayerNorm_in's
-backward.  The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input
-projections together, ``dy^T @ LayerNorm_out(x)`` for ``linear_z``, split-K as one batched GEMM:
+backward (with ``carry``, adding to dz the gradient of the z handed back: the residual add's).
+The weight gradients are two long-K GEMMs (``dP^T @ zn`` for the five input projections
+together, ``dy^T @ LayerNorm_out(x)`` for ``linear_z``, split-K as one batched GEMM:
 ``_weight_grad``); bias and LayerNorm gradients are fp32 per-program partial sums reduced in
 torch.
 
@@ -177,13 +179,16 @@ def triangle_multiplication_reference(
     w: TriMulWeights,
     outgoing: bool,
     eps: float = 1e-5,
-) -> torch.Tensor:
+    carry: bool = False,
+):
     """OpenFold's non-inplace ``TriangleMultiplicativeUpdate.forward`` in plain PyTorch.
 
-    z ``[*, N, N, C_z]``, mask ``[*, N, N]`` (None: all ones) -> ``[*, N, N, C_z]``.
-    Same ops in the same order, so fp32 results match stock to rounding; under fp16 autocast
-    the contraction runs in fp32 with autocast off, as OpenFold's ``is_fp16_enabled`` branch.
+    z ``[*, N, N, C_z]``, mask ``[*, N, N]`` (None: all ones) -> ``[*, N, N, C_z]`` (with
+    `carry`, ``(out, z)``).  Same ops in the same order, so fp32 results match stock to
+    rounding; under fp16 autocast the contraction runs in fp32 with autocast off, as OpenFold's
+    ``is_fp16_enabled`` branch.
     """
+    z_in = z
     if mask is None:
         mask = z.new_ones(z.shape[:-1])
     mask = mask.unsqueeze(-1)
@@ -203,7 +208,7 @@ def triangle_multiplication_reference(
     x = layer_norm_reference(x, w.ln_out_w, w.ln_out_b, eps)
     x = F.linear(x, w.z_w, w.z_b)
     g = torch.sigmoid(F.linear(z, w.g_w, w.g_b))
-    return x * g
+    return (x * g, z_in) if carry else x * g
 
 
 class _AllGatherReference(torch.autograd.Function):
@@ -542,9 +547,9 @@ def _trimul_out_bwd_kernel(
 
 @triton.jit
 def _trimul_proj_bwd_kernel(
-    Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART,
+    Z, MASK, LN_W, LN_B, W_IN, B_IN, WG, DA, DB, DP, ZN_OUT, DZ, PART, DRES,
     NN, NJ, CZ, CH, DP_STRIDE, eps, M_BUCKET,
-    HAS_MASK: tl.constexpr, TRANS: tl.constexpr, G_SIDE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_RES: tl.constexpr, TRANS: tl.constexpr, G_SIDE: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CZ: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -553,7 +558,9 @@ def _trimul_proj_bwd_kernel(
 
     Recomputes p = zn @ W^T + b and gates; d(a_p) = da * m * s, d(a_g) = da * m * p * s (1 - s)
     (same for b) -> DP[:, :4 CH]; reads d(g logits) from DP[:, 4 CH:]; d(zn) = DP @ [W_IN; WG];
-    LN_in(z) -> ZN_OUT [M, CZ]; dz (LayerNorm_in backward) -> DZ [M, CZ];
+    LN_in(z) -> ZN_OUT [M, CZ]; dz (LayerNorm_in backward) -> DZ [M, CZ], with HAS_RES
+    plus DRES [M, CZ] (rows as z's, read in fp32: the gradient z gets from its other reader,
+    the residual add around the update);
     PART[pid] = [sum over rows of DP[:, :4 CH] | sum d(zn) * zhat | sum d(zn)] (fp32).
     """
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)  # partial-sum row
@@ -630,6 +637,8 @@ def _trimul_proj_bwd_kernel(
     c1 = tl.sum(dzhat * zhat, axis=1) / CZ
     c2 = tl.sum(dzhat, axis=1) / CZ
     dz = (dzhat - zhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    if HAS_RES:
+        dz += tl.load(DRES + rows[:, None] * CZ + cz[None, :], mask=z_ok, other=0.0).to(tl.float32)
     tl.store(DZ + rows[:, None] * CZ + cz[None, :], _cast(dz, DZ.dtype.element_ty, INTERP), mask=z_ok)
 
 
@@ -667,6 +676,7 @@ _BWD_SHAPES = [(32, 32, 4), (64, 32, 4), (32, 64, 4), (64, 32, 8), (32, 32, 8)]
 # operand), so each combination gets its own tuned tile
 _KEY = ["CZ", "CH", "M_BUCKET", "TRANS"]
 _PROJ_KEY = _KEY + ["HAS_MASK", "G_SIDE"]
+_PROJ_BWD_KEY = _PROJ_KEY + ["HAS_RES"]  # the residual gradient's load: a variant of its own
 
 _proj_fwd_tuned = autotune(
     _configs("BLOCK_H", _FWD_SHAPES), key=_PROJ_KEY,
@@ -681,7 +691,7 @@ _out_bwd_tuned = autotune(
     prune=_prune_inner("BLOCK_N", "CZ"),
 )(_trimul_out_bwd_kernel)
 _proj_bwd_tuned = autotune(
-    _configs("BLOCK_H", _BWD_SHAPES), key=_PROJ_KEY, reset_to_zero=["PART"],
+    _configs("BLOCK_H", _BWD_SHAPES), key=_PROJ_BWD_KEY, reset_to_zero=["PART"],
     prune=_prune_inner("BLOCK_H", "CH"),
 )(_trimul_proj_bwd_kernel)
 
@@ -862,15 +872,17 @@ def _out_bwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta) -> _Launch:
 
 class _Backward(NamedTuple):
     """The backward's two kernel launches (less their tensors) and the rows of its partial-sum
-    buffers, for one ``_Grid``, C_z, C_h, eps, mask flag and ``_meta``."""
+    buffers, for one ``_Grid``, C_z, C_h, eps, mask flag, residual-gradient flag and
+    ``_meta``."""
     out_bwd: _Launch
     proj_bwd: _Launch
     n_partials: int
 
 
-def _backward_launches(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool) -> _Backward:
+def _backward_launches(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool,
+                       has_res: bool = False) -> _Backward:
     return _Backward(_out_bwd_launch(g, CZ, CH, eps, meta),
-                     _proj_bwd_launch(g, CZ, CH, eps, meta, has_mask),
+                     _proj_bwd_launch(g, CZ, CH, eps, meta, has_mask, has_res),
                      _n_partials(g, meta["INTERP"]))
 
 
@@ -890,15 +902,18 @@ def _out_bwd(dout2, x, z2, w: TriMulWeights, pk: _Packed, g: _Grid, cdt, bw: _Ba
     return dx, dy, xn, dp, part
 
 
-def _proj_bwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool) -> _Launch:
+def _proj_bwd_launch(g: _Grid, CZ: int, CH: int, eps: float, meta, has_mask: bool,
+                     has_res: bool = False) -> _Launch:
     return _make_launch(_trimul_proj_bwd_kernel, _proj_bwd_tuned, g.Bt, g.NN,
                         (g.NN, g.NJ, CZ, CH, 4 * CH + CZ, eps, _m_bucket(g.M)),
-                        dict(meta, HAS_MASK=has_mask, TRANS=g.trans, G_SIDE=g.g_side))
+                        dict(meta, HAS_MASK=has_mask, HAS_RES=has_res, TRANS=g.trans,
+                             G_SIDE=g.g_side))
 
 
 def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, cdt, z_dtype,
-              bw: _Backward):
-    """(LayerNorm_in(z), dz, the input stage's partial sums); fills dP's first 4 CH columns."""
+              bw: _Backward, dres: Optional[torch.Tensor] = None):
+    """(LayerNorm_in(z), dz, the input stage's partial sums); fills dP's first 4 CH columns.
+    `dres` (with a ``bw`` made for it): contiguous [M, C_z] rows added to dz by the kernel."""
     CZ, CH = z2.shape[1], pk.wz.shape[1]
     dev = z2.device
     zn = torch.empty((g.M, CZ), device=dev, dtype=cdt)
@@ -906,7 +921,7 @@ def _proj_bwd(z2, m2, w: TriMulWeights, pk: _Packed, da, db, dp, g: _Grid, cdt, 
     part = torch.zeros((bw.n_partials, 4 * CH + 2 * CZ), device=dev, dtype=torch.float32)
     _launch(bw.proj_bwd,
             (z2, m2 if m2 is not None else z2, w.ln_in_w, w.ln_in_b, pk.w_in, pk.b_in, pk.wg, da,
-             db, dp, zn, dz, part))
+             db, dp, zn, dz, part, dres if dres is not None else dz))
     return zn, dz, part
 
 
@@ -949,7 +964,7 @@ class _Plan(NamedTuple):
     training: bool
     proj_fwd: _Launch
     out_fwd: _Launch
-    backward: dict           # (dot precision, interp, I64, dout dtype) -> _Backward
+    backward: dict           # (dot precision, interp, I64, dout dtype, dres dtype) -> _Backward
 
 
 @functools.lru_cache(maxsize=64)
@@ -975,10 +990,13 @@ def _plan(z_shape: tuple, z_dtype: torch.dtype, has_mask: bool, CH: int, ln_dtyp
 
 
 class _TriMulFn(torch.autograd.Function):
-    """The whole update on one device: z [*, N, N, C_z]."""
+    """The whole update on one device: z [*, N, N, C_z].  With `carry`, z comes back as a
+    second output (for its other reader, the residual add around the update); its gradient,
+    dres, is added to dz by the projection backward kernel (``HAS_RES``)."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, z, mask, *weights):
+    def forward(ctx, plan: _Plan, carry: bool, z, mask, *weights):
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         w = TriMulWeights(*weights)
         g = plan.g
         with autocast_off(z.device.type):
@@ -995,31 +1013,38 @@ class _TriMulFn(torch.autograd.Function):
         if plan.training:
             ctx.save_for_backward(z2, m2, a, b, x, *pk, *weights)
         ctx.plan = plan
-        return out.view(plan.z_shape)
+        out = out.view(plan.z_shape)
+        return (out, z) if carry else out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, dres=None):
+        plan = ctx.plan
+        if dout is None:  # only the carried z has a gradient
+            return (None, None, dres, None) + (None,) * len(TriMulWeights._fields)
         z2, m2, a, b, x, *rest = ctx.saved_tensors
         pk, weights = _Packed(*rest[:6]), rest[6:]
         w = TriMulWeights(*weights)
-        plan = ctx.plan
         g, CZ, CH, cdt = plan.g, plan.CZ, plan.CH, plan.cdt
+        if dres is not None:  # contiguous [M, C_z] rows: a copy only where its strides need one
+            dres = dres.reshape(g.M, CZ).contiguous()
         # the switches are read again, as the forward's were (the dot precision as torch's
-        # matmuls read it); dout's dtype enters the kept tuning keys
-        key = (dot_precision(cdt), is_interpreter(), _needs_i64(g.M, CZ, CH), dout.dtype)
+        # matmuls read it); dout's and dres's dtypes (dres's presence: HAS_RES) enter the kept
+        # tuning keys
+        key = (dot_precision(cdt), is_interpreter(), _needs_i64(g.M, CZ, CH), dout.dtype,
+               None if dres is None else dres.dtype)
         bw = plan.backward.get(key)
         if bw is None:
             bw = plan.backward[key] = _backward_launches(
-                g, CZ, CH, plan.eps, _meta_of(*key[:3], CZ, CH), plan.has_mask)
+                g, CZ, CH, plan.eps, _meta_of(*key[:3], CZ, CH), plan.has_mask, dres is not None)
         with autocast_off(z2.device.type):
             dout2 = dout.reshape(g.M, CZ).contiguous()
             dx, dy, xn, dp, part_out = _out_bwd(dout2, x, z2, w, pk, g, cdt, bw)
             da, db = _contract_backward(dx, a, b, plan.outgoing)
             del x, dx
-            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, plan.z_dtype, bw)
+            zn, dz, part_in = _proj_bwd(z2, m2, w, pk, da, db, dp, g, cdt, plan.z_dtype, bw, dres)
             del da, db
             grads = _param_grads(dp, zn, dy, xn, part_out, part_in, weights)
-        return (None, dz.view(plan.z_shape), None, *grads)
+        return (None, None, dz.view(plan.z_shape), None, *grads)
 
 
 def _contract(a: torch.Tensor, b: torch.Tensor, outgoing: bool) -> torch.Tensor:
@@ -1600,11 +1625,16 @@ def triangle_multiplication(
     w: TriMulWeights,
     outgoing: bool,
     eps: float = 1e-5,
-) -> torch.Tensor:
+    carry: bool = False,
+):
     """Fused triangle multiplicative update: z ``[*, N, N, C_z]``, mask ``[*, N, N]`` (None:
     all ones) -> ``[*, N, N, C_z]``.  Same maths and dtypes as
     ``triangle_multiplication_reference``; see the module docstring for the design and the
     precision contract.  Gradients flow to z and to all 16 weights (not to the mask).
+    With `carry`, ``(out, z)``: z handed back for its other reader (the residual add around
+    the update), whose gradient the projection backward kernel adds to dz in fp32 (no add of
+    its own; it reads that gradient as contiguous ``[M, C_z]`` rows, copied only if its
+    strides are not).
     """
     w = TriMulWeights(*w)
     shape = z.shape
@@ -1620,7 +1650,7 @@ def triangle_multiplication(
                  bool(outgoing), float(eps), _needs_grad(z, w), ac,
                  dot_precision(ac if ac is not None else z.dtype), is_interpreter(),
                  _needs_i64(math.prod(shape[:-1]), CZ, CH))
-    return _TriMulFn.apply(plan, z, mask, *w)
+    return _TriMulFn.apply(plan, bool(carry), z, mask, *w)
 
 
 def _shard_is_rows(shard: Optional[str], outgoing: bool) -> bool:

@@ -121,12 +121,16 @@ def _n_inputs(mha: Attention) -> int:
 
 def _mha(mha: Attention, ops, q_x: Optional[torch.Tensor], kv_x: Optional[torch.Tensor],
          mask_bias: Optional[torch.Tensor], pair_bias: Optional[torch.Tensor],
-         xs: Optional[tuple] = None) -> torch.Tensor:
+         xs: Optional[tuple] = None, columns: bool = False) -> torch.Tensor:
     """OpenFold's Attention (projections, gated biased attention, output projection).
 
     q_x [*, Q, C_q], kv_x [*, K, C_k]; the biases broadcast to [*, H, Q, K]. Self-attention may
     pass, instead of q_x and kv_x, `xs`: the ``_n_inputs(mha)`` projections' inputs (q, the
-    gate, k, v), as ``layer_norm_fanout`` hands them out.
+    gate, k, v), as ``layer_norm_fanout`` hands them out. With `columns`, the inputs are
+    [*, Q, B, C] and the attention runs along dim -3 for each b (the MSA column attention on
+    the MSA as it lies): the heads are [*, B, H, Q, C_hidden] views of the projections, the
+    biases broadcast to [*, B, H, Q, K], and the op lays its output out like the gate, so the
+    projections on both sides read and write [*, Q, B, C] rows with no transposed copies.
     """
     h = mha.no_heads
     n_q = 2 if mha.linear_g is not None else 1
@@ -142,19 +146,25 @@ def _mha(mha: Attention, ops, q_x: Optional[torch.Tensor], kv_x: Optional[torch.
     q = mha.linear_q(xq[0])
     k = mha.linear_k(xkv[0])
     v = mha.linear_v(xkv[1])
-    # [*, H, Q/K, C_hidden] views of the projections
-    q = q.view(q.shape[:-1] + (h, -1)).transpose(-2, -3)
-    k = k.view(k.shape[:-1] + (h, -1)).transpose(-2, -3)
-    v = v.view(v.shape[:-1] + (h, -1)).transpose(-2, -3)
+    if columns:  # [*, B, H, Q/K, C_hidden] views of the [*, Q/K, B, H * C_hidden] projections
+        q, k, v = (t.view(t.shape[:-1] + (h, -1)).movedim(-4, -2) for t in (q, k, v))
+    else:  # [*, H, Q/K, C_hidden] views of the projections
+        q = q.view(q.shape[:-1] + (h, -1)).transpose(-2, -3)
+        k = k.view(k.shape[:-1] + (h, -1)).transpose(-2, -3)
+        v = v.view(v.shape[:-1] + (h, -1)).transpose(-2, -3)
     gate = None
     if mha.linear_g is not None:
         g = _project(ops, mha.linear_g, xq[1])
         gate = g.view(g.shape[:-1] + (h, -1))
+        if columns:
+            gate = gate.transpose(-3, -4)
     q_x = kv_x = xq = xkv = xs = None  # the rounded copies are not needed past the projections
     # [*, Q, H, C_hidden]
     # OpenFold's q / sqrt(c_hidden): inside the op (the Triton kernels scale the fp32 logits)
     o = ops.attention(q, k, v, mask_bias=mask_bias, pair_bias=pair_bias, gate=gate,
                       q_div=math.sqrt(mha.c_hidden))
+    if columns:
+        o = o.transpose(-3, -4)
     return _project(ops, mha.linear_o, flatten_final_dims(o, 2))
 
 
@@ -242,7 +252,22 @@ def msa_column_attention_forward(self: MSAColumnAttention, m, mask=None, chunk_s
 
 def _msa_column_attention(self: MSAColumnAttention, ops, m, mask, chunk_size,
                           carry: bool = False):
-    """The column attention's update of m; with `carry`, ``(update, m)`` (``_msa_attention``)."""
+    """The column attention's update of m; with `carry`, ``(update, m)`` (``_msa_attention``).
+
+    The Triton ops attend along N_seq on m as it lies (``_mha``'s `columns`) when there are no
+    chunks; OpenFold's transposes (and the copies they cost around the Linears) remain for
+    chunks and for the reference ops, which follow stock op for op."""
+    if ops.backend == "triton" and chunk_size is None:
+        att = self._msa_att
+        if mask is None:
+            mask = m.new_ones(m.shape[:-1])
+        # [*, N_res, 1, 1, N_seq]
+        mask_bias = _mask_bias(mask.transpose(-1, -2), att.inf)
+        ln = att.layer_norm_m
+        n_in = _n_inputs(att.mha)
+        xs = ops.layer_norm_fanout(m, ln.weight, ln.bias, ln.eps, n_in, carry)
+        o = _mha(att.mha, ops, None, None, mask_bias, None, xs=xs[:n_in], columns=True)
+        return (o, xs[n_in]) if carry else o
     m = m.transpose(-2, -3)
     if mask is not None:
         mask = mask.transpose(-1, -2)
@@ -350,23 +375,24 @@ def template_pointwise_attention_forward(self: TemplatePointwiseAttention, t, z,
     return z.squeeze(-2)
 
 
-def _transition(self, ops, x, mask, chunk_size, carry: bool = False):
-    """The transition's update of x; with `carry` (no chunks), ``(update, x)``: x as the op hands
-    it back, for the residual add (its gradient then goes through the op's backward kernel)."""
+def _transition(self, ops, x, mask, chunk_size, residual: bool = False):
+    """The transition's update of x; with `residual` (no chunks), x + that update: the blocks'
+    residual add, which the op fuses with its mask multiply (and whose gradient its LayerNorm's
+    backward kernel adds to dx)."""
     if mask is None:
         mask = x.new_ones(x.shape[:-1])
     mask = mask.unsqueeze(-1)
     ln = self.layer_norm
 
-    def fn(x_chunk, mask_chunk, carry=False):
+    def fn(x_chunk, mask_chunk, residual=False):
         return ops.transition(x_chunk, mask_chunk, ln.weight, ln.bias, self.linear_1.weight,
                               self.linear_1.bias, self.linear_2.weight, self.linear_2.bias, ln.eps,
-                              carry=carry)
+                              residual=residual)
 
-    if carry:
+    if residual:
         if chunk_size is not None:
-            raise ValueError("_transition: carry needs chunk_size None")
-        return fn(x, mask, carry=True)
+            raise ValueError("_transition: residual needs chunk_size None")
+        return fn(x, mask, residual=True)
     if chunk_size is None:
         return fn(x, mask)
     n = x.shape[-3]
@@ -407,11 +433,7 @@ def triangle_multiplication_forward(self: TriangleMultiplicativeUpdate, z, mask=
     Under OpenFold's in-place inference path with `_add_with_inplace`, z is overwritten with
     z + update and returned, as OpenFold's `_inference_forward` does.
     """
-    ops = self._fastfold_patch.ops_for(z)
-    if mask is None:
-        mask = z.new_ones(z.shape[:-1])
-    x = ops.triangle_multiplication(z, mask, tri_mul_weights(self), self._outgoing,
-                                    self.layer_norm_in.eps)
+    x = _triangle_multiplication(self, self._fastfold_patch.ops_for(z), z, mask)
     if inplace_safe:
         if _add_with_inplace:
             z += x
@@ -420,37 +442,57 @@ def triangle_multiplication_forward(self: TriangleMultiplicativeUpdate, z, mask=
     return x
 
 
+def _triangle_multiplication(self: TriangleMultiplicativeUpdate, ops, z, mask,
+                             carry: bool = False):
+    """The triangle update of z; with `carry`, ``(update, z)``: z as the op hands it back, for
+    the residual add, whose gradient the op's backward kernel then adds to dz."""
+    if mask is None:
+        mask = z.new_ones(z.shape[:-1])
+    return ops.triangle_multiplication(z, mask, tri_mul_weights(self), self._outgoing,
+                                       self.layer_norm_in.eps, carry=carry)
+
+
 def outer_product_mean_forward(self: OuterProductMean, m, mask=None, chunk_size=None,
                                inplace_safe=False):
     """OuterProductMean.forward: fp32 with autocast off under fp16 autocast, as OpenFold."""
-    ops = self._fastfold_patch.ops_for(m)
+    return _outer_product_mean(self, self._fastfold_patch.ops_for(m), m, mask)
+
+
+def _outer_product_mean(self: OuterProductMean, ops, m, mask, carry: bool = False):
+    """The outer product mean's update of z; with `carry` (not under fp16, where OpenFold runs
+    it on an fp32 copy of m), ``(update, m)``: m as the op hands it back, for the block's
+    output, whose gradient the op's backward kernel then adds to dm."""
     if mask is None:
         mask = m.new_ones(m.shape[:-1])
 
-    def fn(m):
+    def fn(m, carry=False):
         ln = self.layer_norm
         return ops.outer_product_mean(
             m, mask, ln.weight, ln.bias, self.linear_1.weight, self.linear_1.bias,
             self.linear_2.weight, self.linear_2.bias, self.linear_out.weight, self.linear_out.bias,
-            self.eps, ln.eps,
+            self.eps, ln.eps, carry=carry,
         )
 
     if is_fp16_enabled():
+        if carry:
+            raise ValueError("_outer_product_mean: no carry under fp16")
         with torch.autocast(device_type=m.device.type, enabled=False):
             return fn(m.float())
-    return fn(m)
+    return fn(m, carry)
 
 
 # the sub-modules of an Evoformer block that its training step calls with ``carry``
 # (``_carries``), by their names in the block
-CARRIED_MODULES = ("msa_att_row", "msa_att_col", "core.msa_transition", "core.tri_att_start",
-                   "core.tri_att_end", "core.pair_transition")
+CARRIED_MODULES = ("msa_att_row", "msa_att_col", "core.msa_transition", "core.outer_product_mean",
+                   "core.tri_mul_out", "core.tri_mul_in", "core.tri_att_start", "core.tri_att_end",
+                   "core.pair_transition")
 
 
 def _carries(mod: nn.Module, fn: Callable, chunk_size: Optional[int], inplace_safe: bool) -> bool:
     """Whether a block may call `mod`'s replacement `fn` as a function that also hands back its
     input as its LayerNorm saw it (``carry``), so that the residual add reading that input sends
-    its gradient through the LayerNorm's backward kernel instead of an add of its own: training
+    its gradient through the LayerNorm's backward kernel instead of an add of its own (the
+    transitions go one step further: ``residual`` returns input + update, the add fused): training
     (gradients on, not in place), no chunks, and `mod` called as in stock OpenFold would call
     `fn` alone (its forward is `fn`, no module hooks, local or global)."""
     return (torch.is_grad_enabled() and chunk_size is None and not inplace_safe
@@ -480,17 +522,26 @@ def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_ma
     drop = self.ps_dropout_row_layer
 
     if _carries(self.msa_transition, msa_transition_forward, chunk_size, inplace_safe):
-        upd, m = _transition(self.msa_transition, ops, m, msa_trans_mask, None, carry=True)
+        m = _transition(self.msa_transition, ops, m, msa_trans_mask, None, residual=True)
     else:
-        upd = self.msa_transition(m, mask=msa_trans_mask, chunk_size=chunk_size)
-    m = add(m, upd, inplace_safe)
-    z = add(z, self.outer_product_mean(m, mask=msa_mask, chunk_size=chunk_size,
-                                       inplace_safe=inplace_safe), inplace_safe)
+        m = add(m, self.msa_transition(m, mask=msa_trans_mask, chunk_size=chunk_size),
+                inplace_safe)
+    if (_carries(self.outer_product_mean, outer_product_mean_forward, chunk_size, inplace_safe)
+            and not is_fp16_enabled()):
+        upd, m = _outer_product_mean(self.outer_product_mean, ops, m, msa_mask, carry=True)
+    else:
+        upd = self.outer_product_mean(m, mask=msa_mask, chunk_size=chunk_size,
+                                      inplace_safe=inplace_safe)
+    z = add(z, upd, inplace_safe)
     for tri_mul in (self.tri_mul_out, self.tri_mul_in):
         if inplace_safe:
             z = tri_mul(z, mask=pair_mask, inplace_safe=True, _add_with_inplace=True)
+            continue
+        if _carries(tri_mul, triangle_multiplication_forward, None, inplace_safe):
+            upd, z = _triangle_multiplication(tri_mul, ops, z, pair_mask, carry=True)
         else:
-            z = _dropout_residual(ops, drop, z, tri_mul(z, mask=pair_mask), False)
+            upd = tri_mul(z, mask=pair_mask)
+        z = _dropout_residual(ops, drop, z, upd, False)
     if _carries(self.tri_att_start, triangle_attention_forward, _attn_chunk_size, inplace_safe):
         upd, z = _triangle_attention(self.tri_att_start, ops, z, pair_mask, None, carry=True)
     else:
@@ -511,9 +562,8 @@ def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_ma
     if inplace_safe:
         z = z.contiguous()
     if _carries(self.pair_transition, pair_transition_forward, chunk_size, inplace_safe):
-        upd, z = _transition(self.pair_transition, ops, z, pair_trans_mask, None, carry=True)
-    else:
-        upd = self.pair_transition(z, mask=pair_trans_mask, chunk_size=chunk_size)
+        return m, _transition(self.pair_transition, ops, z, pair_trans_mask, None, residual=True)
+    upd = self.pair_transition(z, mask=pair_trans_mask, chunk_size=chunk_size)
     return m, add(z, upd, inplace_safe)
 
 

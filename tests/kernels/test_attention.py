@@ -52,6 +52,7 @@ def make_case(case, n, c, dtype, device="cpu", seed=0, h=2, b=2, s=3):
     row:      MSA row attention, q/k/v [B, S, H, N, C], mask [B, S, 1, 1, N], pair bias
               [B, 1, H, N, N] shared over S, gate [B, S, N, H, C]
     column:   MSA column attention: the N_seq axis is attended over, no pair bias
+    column_as_laid: the same on the MSA's own [B, S, N, ...] memory order
     triangle: triangle attention over I = N rows, pair bias [B, 1, H, N, N] shared over I
     template: template pointwise attention: Q = 1, K = N_templ = s, mask bias only, no gate
     plain:    contiguous [B, H, Q, C] with K != Q, no biases, no gate
@@ -75,6 +76,16 @@ def make_case(case, n, c, dtype, device="cpu", seed=0, h=2, b=2, s=3):
         mb = _mask_bias((b, n, 1, 1, s), g, device)
         gate = torch.randn((b, n, s, h, c), generator=g).to(device=device, dtype=dtype)
         return dict(q=q, k=k, v=v, mask_bias=mb, pair_bias=None, gate=gate)
+    if case == "column_as_laid":
+        # the MSA column attention on the MSA as it lies: [B, S, N, H, C] buffers seen as
+        # [B, N, H, S, C] (attention along S), the gate as [B, N, S, H, C]
+        def heads(scale=1.0):
+            x = torch.randn((b, s, n, h, c), generator=g) * scale
+            return x.to(device=device, dtype=dtype).movedim(-4, -2)
+        q, k, v = heads(sc), heads(), heads()
+        mb = _mask_bias((b, n, 1, 1, s), g, device)
+        gate = torch.randn((b, s, n, h, c), generator=g).to(device=device, dtype=dtype)
+        return dict(q=q, k=k, v=v, mask_bias=mb, pair_bias=None, gate=gate.transpose(-3, -4))
     if case == "template":
         q = _heads((b, n, n, 1, h, c), dtype, device, g, sc)
         k = _heads((b, n, n, s, h, c), dtype, device, g)
@@ -154,6 +165,27 @@ def test_q_div_matches_reference(monkeypatch, case, dtype, tol, fused):
           ref=functools.partial(attention_reference, q_div=div))
     with pytest.raises(ValueError, match="q_div"):
         attention(**inputs, q_div=0.0)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("n,c", [(5, 16), (17, 8)], ids=str)
+def test_output_and_gradients_follow_the_inputs_layouts(monkeypatch, n, c, dtype, tol, fused):
+    """Permuted dense inputs (the column attention on the MSA as it lies): the output, and the
+    gate's gradient, come laid out like the gate, dq / dk / dv like q / k / v (no transposed
+    copies around the Linears), with the reference's values; fused and separate backwards."""
+    from fastfold_plugin.kernels import attention as A
+
+    monkeypatch.setattr(A, "_FUSE_DQ", fused)
+    monkeypatch.setattr(A, "_FUSE_DB", fused)
+    inputs = _requires_grad(make_case("column_as_laid", n, c, dtype, s=6),
+                            ("q", "k", "v", "mask_bias", "gate"))
+    check(inputs, dtype, tol)
+    out, grads, _ = run(attention, inputs)
+    assert out.stride() == inputs["gate"].stride()
+    assert out.transpose(-3, -4).is_contiguous()
+    for name in ("q", "k", "v", "gate"):
+        assert grads[name].stride() == inputs[name].stride(), name
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)

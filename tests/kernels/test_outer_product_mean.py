@@ -10,7 +10,7 @@ from fastfold_plugin.kernels.outer_product_mean import (
     outer_product_mean,
     outer_product_mean_reference,
 )
-from fastfold_plugin.testing import assert_close, randomize_parameters_, rel_err
+from fastfold_plugin.testing import assert_close, describe_mismatch, randomize_parameters_, rel_err
 
 PARAM_NAMES = ("ln_w", "ln_b", "w1", "b1", "w2", "b2", "w_out", "b_out")
 GRAD_NAMES = ("m",) + PARAM_NAMES
@@ -394,3 +394,71 @@ def test_projections_bf16_and_errors():
         outer_product_mean_projections(m, mask, ps[0], ps[1], ps[2][:, :-1], ps[3], ps[4], ps[5])
     with pytest.raises(ValueError, match="mask"):
         outer_product_mean_projections(m, mask[:, :-1], *ps)
+
+
+# ---- carry: m handed back, its other reader's gradient added by the backward kernel ----------
+# (m dtype, autocast dtype or None, tolerance of dm against the no-carry dm + g_res): in fp32 m
+# the kernel adds g_res to the fp32 dm before its one store; a bf16 m rounds the sum once
+# instead of twice.
+CARRY_CASES = [
+    pytest.param(torch.float32, None, 1e-5, id="fp32"),
+    pytest.param(torch.float32, torch.bfloat16, 1e-5, id="bf16-autocast"),
+    pytest.param(torch.bfloat16, None, 1e-2, id="bf16-model"),
+]
+
+
+def _res_grad(shape, layout, dtype):
+    """A cotangent for the carried m of `shape` laid out as `layout` says."""
+    gen = torch.Generator().manual_seed(31)
+    if layout == "transposed":  # N_seq and N_res swapped in memory: read in place (two-level rows)
+        return torch.randn(*shape[:-3], shape[-2], shape[-3], shape[-1],
+                           generator=gen).to(dtype).transpose(-2, -3)
+    if layout == "strided-channels":  # channel stride 2: read through a contiguous copy
+        return torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(dtype)[..., ::2]
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("res_layout", ["contiguous", "transposed", "strided-channels"])
+@pytest.mark.parametrize("x_dtype,ac,tol", CARRY_CASES)
+def test_carry_adds_the_residual_gradient(x_dtype, ac, tol, res_layout):
+    """With carry the op returns (out, m2): out is the no-carry output, m2 equals m (its own
+    tensor); dm with cotangents for both is the no-carry dm plus m2's cotangent (added by
+    ``_opm_proj_bwd_kernel``, whatever that cotangent's strides), the parameter gradients are
+    the no-carry ones; with a cotangent for out alone, the no-carry gradients; for m2 alone,
+    dm is that cotangent and the parameters get none."""
+    m, mask = random_inputs((), 3, 5, 16, True, x_dtype, seed=27)
+    assert 0 < mask.sum() < mask.numel()
+    ps = random_params(16, 4, 8, x_dtype, seed=28)
+    ctx = torch.autocast("cpu", dtype=ac) if ac is not None else contextlib.nullcontext()
+    out0, grads0, g = run(outer_product_mean, m, mask, ps, ac)
+    leaves = [t.detach().clone().requires_grad_() for t in (m, *ps)]
+
+    def carried():
+        with ctx:
+            return outer_product_mean(leaves[0], mask, *leaves[1:], carry=True)
+
+    out, m2 = carried()
+    assert torch.equal(out, out0) and torch.equal(m2, m) and m2 is not leaves[0]
+    g_res = _res_grad(m.shape, res_layout, x_dtype)
+    assert g_res.is_contiguous() == (res_layout == "contiguous") and g_res.abs().min() > 0
+    grads = torch.autograd.grad((out, m2), leaves, (g.to(out.dtype), g_res))
+    assert rel_err(grads[0], grads0[0] + g_res) < tol, "dm: " + describe_mismatch(grads[0], grads0[0] + g_res)
+    assert rel_err(grads[0], grads0[0]) > 0.1  # the residual's gradient is not lost
+    for name, a, e in zip(PARAM_NAMES, grads[1:], grads0[1:], strict=True):
+        assert a.dtype == e.dtype and torch.equal(a, e), "d" + name
+    # only out gets a gradient (m2 unused): the no-carry gradients
+    out, m2 = carried()
+    for name, a, e in zip(GRAD_NAMES, torch.autograd.grad(out, leaves, g.to(out.dtype)), grads0,
+                          strict=True):
+        assert torch.equal(a, e), "d" + name
+    # only m2 gets a gradient: dm is its cotangent, the parameters get none
+    out, m2 = carried()
+    grads = torch.autograd.grad(m2, leaves, g_res, allow_unused=True)
+    assert torch.equal(grads[0], g_res) and all(d is None for d in grads[1:])
+
+
+def test_carry_reference_returns_m():
+    m, mask = random_inputs((2,), 3, 5, 16, True)
+    ps = random_params(16, 4, 8)
+    out, m2 = outer_product_mean_reference(m, mask, *ps, carry=True)
+    assert m2 is m and torch.equal(out, outer_product_mean_reference(m, mask, *ps))

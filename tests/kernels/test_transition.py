@@ -159,20 +159,19 @@ def test_non_contiguous_x_and_no_weight_grads():
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
-def test_carry_adds_the_residual_gradient(transpose):
-    """With carry the op hands x back; the gradient of its other reader (a residual add, here
-    out + x) reaches dx through the LayerNorm's backward kernel: the same gradients as the
-    reference, whose carried x is x and whose residual gradient autograd adds."""
+def test_residual_matches_reference(transpose):
+    """With residual the op returns x + transition(x) (OpenFold's add(m, transition(m)): fp32 +
+    the fp32 masked update under bf16 autocast); the sum's gradient reaches dx through the
+    LayerNorm's backward kernel: the same values and gradients as the reference's add."""
     got, ref = [], []
     for fn, res in ((transition, got), (transition_reference, ref)):
         args = make_inputs((2, 5, 7, 16), 4, torch.float32, torch.float32, "cpu", seed=5)
         leaf = args[0]
         x = (leaf * 1.0).transpose(-2, -3) if transpose else leaf * 1.0
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, xc = fn(x, args[1].transpose(-2, -3) if transpose else args[1], *args[2:],
-                         carry=True)
-        assert torch.equal(xc, x)
-        y = xc + out  # OpenFold's add(m, transition(m)): fp32 + bf16
+            y = fn(x, args[1].transpose(-2, -3) if transpose else args[1], *args[2:],
+                   residual=True)
+        assert y.dtype == torch.float32 and y.shape == x.shape
         g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
         res.extend([y.detach()] + list(torch.autograd.grad(y, [leaf] + args[2:], g)))
     for a, e, name in zip(got, ref, ("out",) + GRAD_NAMES):
@@ -180,6 +179,30 @@ def test_carry_adds_the_residual_gradient(transpose):
         assert_close(a, e, rtol=2e-2, atol=2e-2 * scale, name=name)
     # dx: the residual's gradient passes exactly; the rest is bf16 Linear gradients
     assert rel_err(got[1], ref[1]) < 5e-3
+
+
+@pytest.mark.parametrize("x_dtype,mask_dtype,ac", [
+    (torch.float32, torch.float32, torch.bfloat16),   # the blocks' case: fp32 product and sum
+    (torch.float32, torch.float32, None),
+    (torch.bfloat16, torch.bfloat16, None),           # product and sum rounded to bf16
+], ids=["f32-autocast", "f32", "bf16"])
+def test_residual_is_the_add_of_the_update(x_dtype, mask_dtype, ac):
+    """The fused pass rounds as stock's two ops do (the mask multiply in the update's promoted
+    dtype, then the add): bit for bit ``x + transition(x)``, also for a mask that is not 0 / 1;
+    and dx is the plain op's dx plus the sum's gradient."""
+    args = make_inputs((3, 6, 16), 4, x_dtype, torch.float32, "cpu", seed=11)
+    x = args[0]
+    mask = torch.rand(args[1].shape, generator=torch.Generator().manual_seed(4)).to(mask_dtype)
+    mask[0] = 0.0
+    with _autocast("cpu", ac):
+        y = transition(x, mask, *args[2:], residual=True)
+        upd = transition(x, mask, *args[2:])
+    assert torch.equal(y, x + upd)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(y.dtype)
+    dx, = torch.autograd.grad(y, x, g)
+    dx_plain, = torch.autograd.grad(upd, x, g.to(upd.dtype))
+    tol = 1e-6 if x_dtype == torch.float32 else 1e-2
+    assert rel_err(dx, (dx_plain.float() + g.float()).to(x_dtype)) < tol
 
 
 def test_cached_plans_are_keyed_on_everything_they_fix():

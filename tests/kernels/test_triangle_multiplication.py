@@ -270,6 +270,139 @@ def test_weight_grad_split_reduction(dtype, tol):
     assert got.dtype == torch.float32
     assert rel_err(got, dy.double().t() @ x.double()) < tol
 
+
+# ---- carry: z handed back, its gradient added to dz by the projection backward kernel ---------
+def run_carry(fn, z, mask, w, outgoing, autocast_dtype, g_out, g_res):
+    """`fn` with carry: (out, the carried z, z's leaf, grads of z and the 16 weights) for the
+    cotangents g_out of out and g_res of the carried z (None: that output is not used; a
+    gradient that does not arise is None)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (z, *w)]
+    with _autocast(z.device.type, autocast_dtype):
+        out, zc = fn(leaves[0], mask, TriMulWeights(*leaves[1:]), outgoing, carry=True)
+    used = [(o, g.to(o.dtype)) for o, g in ((out, g_out), (zc, g_res)) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used],
+                                allow_unused=True)
+    return out, zc, leaves[0], grads
+
+
+def carry_inputs(dtype=torch.float32, batch=()):
+    """z, a mask with zeros, random weights (n 5, c_z 8, c_hidden 4) and the cotangents g_out,
+    g_res (fp32; run_carry casts them)."""
+    z, mask = random_inputs(batch, 5, 8, True, dtype)
+    assert (mask == 0).any() and (mask == 1).any()
+    w = random_weights(8, 4, dtype)
+    gen = torch.Generator().manual_seed(9)
+    return z, mask, w, torch.randn(z.shape, generator=gen), torch.randn(z.shape, generator=gen)
+
+
+# (z and weight dtype, autocast dtype, tolerance of dz against the plain op's dz + g_res): z's
+# dtype is dz's, so under autocast the kernel's fp32 add is the same add; a bf16 model's dz is
+# rounded once (after the add) where the plain op's dz + g_res rounds twice.
+CARRY_CASES = [
+    pytest.param(torch.float32, None, 1e-5, id="fp32"),
+    pytest.param(torch.float32, torch.bfloat16, 1e-5, id="bf16-autocast"),
+    pytest.param(torch.bfloat16, None, 1e-2, id="bf16-model"),
+]
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("dtype,ac,tol", CARRY_CASES)
+def test_carry_adds_the_residual_gradient(dtype, ac, tol, outgoing):
+    """With carry the op returns (out, z): out is the plain op's, bit for bit, and the carried
+    z's gradient g_res reaches dz through the projection backward kernel: dz = the plain op's
+    dz + g_res, the weight gradients the plain op's, bit for bit."""
+    z, mask, w, g_out, g_res = carry_inputs(dtype)
+    out, grads, _ = run(triangle_multiplication, z, mask, w, outgoing, ac, g_out)
+    out_c, zc, z_leaf, grads_c = run_carry(triangle_multiplication, z, mask, w, outgoing, ac,
+                                           g_out, g_res)
+    assert torch.equal(out_c, out) and out_c.dtype == out.dtype
+    assert torch.equal(zc, z_leaf) and zc.dtype == z.dtype
+    expected = grads[0].float() + g_res.to(z.dtype).float()
+    assert grads_c[0].dtype == z.dtype
+    assert rel_err(grads_c[0], expected) < tol, f"dz: rel err {rel_err(grads_c[0], expected):.3e}"
+    assert rel_err(grads[0], expected) > 0.1  # the residual gradient is not negligible here
+    for name, a, e in zip(GRAD_NAMES[1:], grads_c[1:], grads[1:], strict=True):
+        assert torch.equal(a, e), "d" + name
+    if dtype == torch.float32 and ac is None:  # the reference with carry: autograd's add
+        out_r, zc_r, z_r, grads_r = run_carry(triangle_multiplication_reference, z, mask, w,
+                                              outgoing, None, g_out, g_res)
+        assert torch.equal(zc_r, z_r)
+        check_fp32(out_c, out_r, "out")
+        for name, a, e in zip(GRAD_NAMES, grads_c, grads_r, strict=True):
+            check_fp32(a, e, "d" + name)
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_carry_with_one_output_used(outgoing):
+    """Only out has a gradient: the plain op's gradients, bit for bit.  Only the carried z has
+    one: dz is g_res itself and the weights get none.  Without grad: (out, z) all the same."""
+    z, mask, w, g_out, g_res = carry_inputs(batch=(2,))
+    out, grads, _ = run(triangle_multiplication, z, mask, w, outgoing, None, g_out)
+    _, _, _, grads_c = run_carry(triangle_multiplication, z, mask, w, outgoing, None, g_out, None)
+    for name, a, e in zip(GRAD_NAMES, grads_c, grads, strict=True):
+        assert torch.equal(a, e), "d" + name
+    _, _, _, grads_c = run_carry(triangle_multiplication, z, mask, w, outgoing, None, None, g_res)
+    assert torch.equal(grads_c[0], g_res)
+    assert all(gr is None for gr in grads_c[1:])
+    with torch.no_grad():
+        out_c, zc = triangle_multiplication(z, mask, w, outgoing, carry=True)
+    assert torch.equal(out_c, out) and torch.equal(zc, z)
+
+
+def _strided_residual_gradient(kind, shape):
+    """A cotangent of `shape` [*, N, N, C] that is not contiguous [M, C] rows."""
+    gen = torch.Generator().manual_seed(11)
+    if kind == "transposed":  # rows that do not collapse to one stride
+        return torch.randn(shape[:-3] + (shape[-2], shape[-3], shape[-1]),
+                           generator=gen).transpose(-2, -3)
+    if kind == "channel-slice":  # unit column stride, row stride 2 C
+        return torch.randn(shape[:-1] + (2 * shape[-1],), generator=gen)[..., :shape[-1]]
+    return torch.randn(shape[-1], generator=gen).expand(shape)  # broadcast: row stride 0
+
+
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+@pytest.mark.parametrize("kind", ["transposed", "channel-slice", "broadcast"])
+def test_carry_non_contiguous_residual_gradient(kind, outgoing):
+    """A carried z's gradient with any strides: dz = the plain op's dz + g_res."""
+    z, mask, w, g_out, _ = carry_inputs(batch=(2,))
+    g_res = _strided_residual_gradient(kind, z.shape)
+    assert not g_res.is_contiguous()
+    _, grads, _ = run(triangle_multiplication, z, mask, w, outgoing, None, g_out)
+    _, _, _, grads_c = run_carry(triangle_multiplication, z, mask, w, outgoing, None, g_out, g_res)
+    expected = grads[0] + g_res
+    assert rel_err(grads_c[0], expected) < 1e-5, f"dz: rel err {rel_err(grads_c[0], expected):.3e}"
+    assert rel_err(grads[0], expected) > 0.1
+
+
+def test_carry_and_plain_backward_launches_in_one_process():
+    """The plain and the carry backward on one cached plan, in turn: each its own projection
+    backward launch (HAS_RES off / on), kept and reused, each giving its own right dz."""
+    z, mask, w, g_out, g_res = carry_inputs()
+    seen = []
+    launch = trimul_module._launch
+
+    def spy(lnch, tensors):
+        if lnch.kernel is trimul_module._trimul_proj_bwd_kernel:
+            seen.append((id(lnch), lnch.kwargs["HAS_RES"]))
+        return launch(lnch, tensors)
+    try:
+        trimul_module._launch = spy
+        dzs = []
+        for carry in (False, True, False, True):
+            if carry:
+                dzs.append(run_carry(triangle_multiplication, z, mask, w, True, None, g_out,
+                                     g_res)[3][0])
+            else:
+                dzs.append(run(triangle_multiplication, z, mask, w, True, None, g_out)[1][0])
+    finally:
+        trimul_module._launch = launch
+    assert [has_res for _, has_res in seen] == [False, True, False, True]
+    ids = [i for i, _ in seen]
+    assert ids[0] == ids[2] and ids[1] == ids[3] and ids[0] != ids[1]
+    assert torch.equal(dzs[0], dzs[2]) and torch.equal(dzs[1], dzs[3])
+    assert rel_err(dzs[1], dzs[0] + g_res) < 1e-5
+
+
 # ---- the sharded op: rectangular shards, P ranks emulated in this process ---------------------
 class _Shared:
     def __init__(self, p):

@@ -1,14 +1,17 @@
 """The blocks' residual stream carried through the sub-modules' LayerNorms (Triton ops).
 
 In a training step the Evoformer and extra-MSA blocks call the row and column attentions, the
-triangle attentions and the transitions with ``carry``: the LayerNorm that starts each of them
-(``layer_norm_fanout``, the transition op) hands its input back, and the residual add around the
-sub-module reads that, so its gradient is added to dx by the LayerNorm's backward kernel instead
-of by an add of its own. Under autocast the attentions' LayerNorms also store their output
+triangle attentions, the triangle multiplications and the outer product mean with ``carry``:
+the LayerNorm that starts each of them (``layer_norm_fanout``, or the op's own) hands its input
+back, and the residual add around the sub-module (for the outer product mean, the block's
+output m) reads that, so its gradient is added to dx by the LayerNorm's backward kernel instead
+of by an add of its own. The transitions are called with ``residual``: the op returns
+input + update, the add fused with its mask multiply, its gradient added the same way. Under
+autocast the attentions' LayerNorms also store their output
 rounded to bf16 once for all its readers. Checked here on a patched EvoformerBlock in a bf16
 training step, against the same block with a no-op forward hook on each of those sub-modules
 (a hooked module is called as in stock OpenFold, without carry): the same outputs and gradients,
-seven fewer activation-sized fp32 adds, and no fp32 -> bf16 rounding of an activation.
+twelve fewer activation-sized fp32 adds, and no fp32 -> bf16 rounding of an activation.
 """
 import copy
 
@@ -81,9 +84,10 @@ def test_evoformer_block_carries_its_residuals_through_the_layer_norms():
         assert torch.equal(a, b)  # the same values: one rounding of the same fp32 LayerNorm
     for name, a in grads_c.items():  # only the order of fp32 additions differs
         assert rel_err(a, grads_h[name]) < 1e-5, name
-    # hooked: each of the six sub-modules' residual adds has a backward add, and the row
-    # attention's pair bias one more (z is read by its LayerNorm and by the next residual add)
-    assert census_h.adds - census_c.adds == 7, (census_h.adds, census_c.adds)
+    # hooked: each of the nine sub-modules' inputs has a second reader, whose gradient a
+    # backward add sums with the sub-module's, and so does the row attention's z (read by its
+    # LayerNorm and by the next residual add); the two transitions' forward adds are fused
+    assert census_h.adds - census_c.adds == 12, (census_h.adds, census_c.adds)
     # the LayerNorms store bf16 for the Linears (stock: one rounding per Linear that reads them)
     assert census_c.roundings == 0 and census_h.roundings == 0
     assert _step(stock, inputs, hooked=False)[2].roundings > 0
