@@ -617,6 +617,7 @@ def _chunked_reference(inputs, dout, cast_to=None, chunk=64):
     ("row", 256, 8, 32, 128),
     ("row", 384, 8, 8, 256),      # extra-MSA row attention: C = 8
     ("column", 256, 8, 32, 128),
+    ("column_as_laid", 256, 8, 32, 128),
 ], ids=str)
 def test_attention_gpu(case, n, h, c, rows, dtype, tol):
     torch.manual_seed(0)

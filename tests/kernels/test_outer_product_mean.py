@@ -211,6 +211,25 @@ def test_gpu_n1024_bf16(no_tf32):
 
 
 @pytest.mark.gpu
+def test_gpu_carry_bf16(no_tf32):
+    """carry at AF2 widths (N_seq 128, N_res 96, C_m 256, C 32, C_z 128) under bf16 autocast:
+    out and the parameter gradients as the plain op's, dm the plain op's dm + the carried m's
+    cotangent (added by ``_opm_proj_bwd_kernel``)."""
+    m, mask = random_inputs((1,), 128, 96, 256, True, device="cuda")
+    ps = random_params(256, 32, 128, device="cuda")
+    out0, grads0, g = run(outer_product_mean, m, mask, ps, torch.bfloat16)
+    leaves = [t.detach().clone().requires_grad_() for t in (m, *ps)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, m2 = outer_product_mean(leaves[0], mask, *leaves[1:], carry=True)
+    assert torch.equal(m2, m) and rel_err(out, out0) < 1e-6
+    g_res = torch.randn(m.shape, generator=torch.Generator().manual_seed(9)).cuda()
+    grads = torch.autograd.grad((out, m2), leaves, (g.to(out.dtype), g_res))
+    assert rel_err(grads[0], grads0[0] + g_res) < 1e-5
+    for name, a, e in zip(PARAM_NAMES, grads[1:], grads0[1:], strict=True):
+        assert rel_err(a, e) < 1e-5, "d" + name
+
+
+@pytest.mark.gpu
 def test_gpu_reference_matches_openfold_under_autocast():
     from openfold.model.outer_product_mean import OuterProductMean
 

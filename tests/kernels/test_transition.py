@@ -289,6 +289,25 @@ def test_transition_gpu(shape, n, x_dtype, p_dtype, ac_dtype, tol):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 128, 256, 256), (1, 256, 256, 128)], ids=str)
+def test_residual_gpu(shape):
+    """residual at AF2 sizes (the MSA and pair transitions) under bf16 autocast: x + the plain
+    op's output bit for bit (fp32 product, fp32 add), dx the plain op's dx + the sum's gradient."""
+    args = make_inputs(shape, 4, torch.float32, torch.float32, "cuda", seed=3)
+    x = args[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = transition(x, args[1], *args[2:], residual=True)
+        upd = transition(x, args[1], *args[2:])
+    assert torch.equal(y, x + upd)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).cuda()
+    grads = torch.autograd.grad(y, [x] + args[2:], g)
+    grads_plain = torch.autograd.grad(upd, [x] + args[2:], g)
+    assert rel_err(grads[0], grads_plain[0] + g) < 1e-6
+    for name, a, e in zip(GRAD_NAMES[1:], grads[1:], grads_plain[1:], strict=True):
+        assert rel_err(a, e) < 1e-6, name
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reference_matches_openfold_under_cuda_autocast(dtype):
     from openfold.model.pair_transition import PairTransition

@@ -759,6 +759,25 @@ def test_gpu_n1024_bf16(outgoing, no_tf32):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("outgoing", [True, False], ids=["outgoing", "incoming"])
+def test_gpu_carry_n256_bf16(outgoing, no_tf32):
+    """carry at AF2 widths (N_res 256, C_z = C_h = 128) under bf16 autocast: out and the weight
+    gradients as the plain op's, dz the plain op's dz + the carried z's cotangent."""
+    z, mask = random_inputs((1,), 256, 128, True, device="cuda")
+    w = random_weights(128, 128, device="cuda")
+    g_out = torch.randn(z.shape, generator=torch.Generator().manual_seed(5)).cuda()
+    g_res = torch.randn(z.shape, generator=torch.Generator().manual_seed(6)).cuda()
+    out, grads, _ = run(triangle_multiplication, z, mask, w, outgoing, torch.bfloat16, g_out)
+    out_c, zc, z_leaf, grads_c = run_carry(triangle_multiplication, z, mask, w, outgoing,
+                                           torch.bfloat16, g_out, g_res)
+    assert torch.equal(zc, z_leaf)
+    assert rel_err(out_c, out) < 1e-6
+    assert rel_err(grads_c[0], grads[0] + g_res) < 1e-5
+    for name, a, e in zip(GRAD_NAMES[1:], grads_c[1:], grads[1:], strict=True):
+        assert rel_err(a, e) < 1e-5, "d" + name
+
+
+@pytest.mark.gpu
 def test_gpu_reference_matches_openfold_under_autocast():
     from openfold.model.triangular_multiplicative_update import TriangleMultiplicationOutgoing
 
