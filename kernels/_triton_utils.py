@@ -311,7 +311,7 @@ def weight_grad_fp32(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     rows = M // slices
     main = slices * rows
     out = torch.bmm(dy[:main].view(slices, rows, -1).transpose(1, 2),
-                    x[:main].view(slices, rows, -1)).float().sum(0)
+                    x[:main].view(slices, rows, -1)).sum(0, dtype=torch.float32)
     if main < M:
         out += torch.mm(dy[main:].t(), x[main:]).float()
     return out

@@ -146,8 +146,10 @@ def _layer_norm_bwd_kernel(
         tl.store(DX + dx_rows[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
         dw_acc += tl.sum(dy * xhat, axis=0)
         db_acc += tl.sum(dy, axis=0)
-    tl.store(DW_PART + pid * C + cols, dw_acc, mask=col_ok)
-    tl.store(DB_PART + pid * C + cols, db_acc, mask=col_ok)
+    # partials [C, programs]: the caller's sum over them runs along contiguous memory
+    n_prog = tl.num_programs(0)
+    tl.store(DW_PART + cols * n_prog + pid, dw_acc, mask=col_ok)
+    tl.store(DB_PART + cols * n_prog + pid, db_acc, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ class _BwdPlan(NamedTuple):
 
 # The backward's launch shape on a GPU (``benchmarks/sweep_row_passes.py`` times the
 # alternatives): elements per row tile, programs per SM (each loops over its share of the rows
-# and writes one partial dweight / dbias row), warps per program.
+# and writes one partial dweight / dbias column), warps per program.
 _BWD_TILE_ELEMS = 4096
 _BWD_PROGRAMS_PER_SM = 16
 _BWD_WARPS = 4
@@ -331,7 +333,7 @@ def layer_norm_bwd_rows(
     if len(more_dy) >= MAX_DY:
         raise ValueError(f"layer_norm backward sums at most {MAX_DY} output gradients")
     plan = _bwd_plan(m, c, device, is_interpreter() if interp is None else interp)
-    parts = torch.empty((2, plan.n_prog, c), dtype=torch.float32, device=device)
+    parts = torch.empty((2, c, plan.n_prog), dtype=torch.float32, device=device)
     stride_x, r_in, stride_x_in, two_level = _kernel_rows(layout)
     stride_dx, _, stride_dx_in, _ = _kernel_rows(dx_layout)
     dys = (dy2, *more_dy) + (dy2,) * (MAX_DY - 1 - len(more_dy))
@@ -347,7 +349,7 @@ def layer_norm_bwd_rows(
         N_DY=1 + len(more_dy), HAS_RES=dres is not None, RES_TWO_LEVEL=res_rows[3],
         **plan.kwargs,
     )
-    dw, db = parts.sum(1)
+    dw, db = parts.sum(2)
     return dx, dw, db
 
 

@@ -61,7 +61,8 @@ from ._triton_utils import (
 @triton.jit
 def _column_sum_kernel(G, PART, M, C, stride_g, rows_per_program,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """PART[pid, c] = sum of G[r, c] (fp32) over this program's `rows_per_program` rows."""
+    """PART[c, pid] = sum of G[r, c] (fp32) over this program's `rows_per_program` rows (the
+    partials of a column along contiguous memory: the caller's sum of them reads it so)."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -72,7 +73,7 @@ def _column_sum_kernel(G, PART, M, C, stride_g, rows_per_program,
         ok = (rows < M)[:, None] & col_ok[None, :]
         g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0)
         acc += tl.sum(g.to(tl.float32), axis=0)
-    tl.store(PART + pid * C + cols, acc, mask=col_ok)
+    tl.store(PART + cols * tl.num_programs(0) + pid, acc, mask=col_ok)
 
 
 class _Plan(NamedTuple):
@@ -123,9 +124,9 @@ def _launch_key(g2: torch.Tensor, m: int, c: int, plan: _Plan) -> tuple:
 
 
 def _launch(g2: torch.Tensor, m: int, plan: _Plan) -> torch.Tensor:
-    """The fp32 partial sums [programs, C] of g2's first `m` rows (`plan`: ``_plan``'s)."""
+    """The fp32 partial sums [C, programs] of g2's first `m` rows (`plan`: ``_plan``'s)."""
     c = g2.shape[1]
-    part = torch.empty((plan.grid[0], c), dtype=torch.float32, device=g2.device)
+    part = torch.empty((c, plan.grid[0]), dtype=torch.float32, device=g2.device)
     _column_sum_kernel[plan.grid](g2, part, m, c, g2.stride(0), plan.rows_per_program,
                                   **plan.kwargs)
     return part
@@ -145,7 +146,7 @@ def column_sum(g2: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         return torch.sum(g2, 0, dtype=torch.float32).to(out_dtype)
     part = _launch(g2, m, plan)
     _LAUNCHED.add(key)
-    return part.sum(0).to(out_dtype)
+    return part.sum(1).to(out_dtype)
 
 
 def _capturing(t: torch.Tensor) -> bool:

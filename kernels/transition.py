@@ -83,8 +83,8 @@ def _transition_bwd_kernel(
     RELU False: OUT = G * AUX[row] (AUX: the [M] row mask), the gradient into linear_2.
     RELU True:  OUT = G * (AUX > 0) (AUX: the [M, N] ReLU output), the gradient into linear_1;
                 OUT may be G itself (in place).
-    OUT is rounded to its dtype; PART[pid_m, cols] gets the fp32 column sums of the rounded OUT
-    over this program's rows (the bias gradient, reduced by the caller).
+    OUT is rounded to its dtype; PART[cols, pid_m] gets the fp32 column sums of the rounded OUT
+    over this program's rows (the bias gradient, reduced by the caller along PART's rows).
     """
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -105,7 +105,7 @@ def _transition_bwd_kernel(
         d = d.to(OUT.dtype.element_ty)
         tl.store(OUT + rows[:, None] * stride_out + cols[None, :], d, mask=ok)
         acc += tl.sum(d.to(tl.float32), axis=0)
-    tl.store(PART + pid_m * N + cols, acc, mask=col_ok)
+    tl.store(PART + cols * tl.num_programs(0) + pid_m, acc, mask=col_ok)
 
 
 @triton.jit
@@ -167,12 +167,12 @@ def _bwd_pass(g: torch.Tensor, aux: torch.Tensor, out: torch.Tensor, relu: bool,
     if m == 0:
         return torch.zeros((n,), dtype=torch.float32, device=g.device)
     plan = _bwd_pass_plan(m, n, g.device, interp)
-    part = torch.empty((plan.grid[0], n), dtype=torch.float32, device=g.device)
+    part = torch.empty((n, plan.grid[0]), dtype=torch.float32, device=g.device)
     _transition_bwd_kernel[plan.grid](
         g, aux, out, part, m, n, g.stride(0), aux.stride(0) if relu else 0, out.stride(0),
         plan.rows_per_program, RELU=relu, **plan.kwargs,
     )
-    return part.sum(0)
+    return part.sum(1)
 
 
 @functools.lru_cache(maxsize=256)
