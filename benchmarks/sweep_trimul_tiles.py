@@ -28,7 +28,7 @@ KERNELS = [
     ("_proj_fwd_tuned", T._trimul_proj_fwd_kernel, "BLOCK_H", "CH", T._PROJ_KEY, {}),
     ("_out_fwd_tuned", T._trimul_out_fwd_kernel, "BLOCK_N", "CZ", T._KEY, {}),
     ("_out_bwd_tuned", T._trimul_out_bwd_kernel, "BLOCK_N", "CZ", T._KEY, {"reset_to_zero": ["PART"]}),
-    ("_proj_bwd_tuned", T._trimul_proj_bwd_kernel, "BLOCK_H", "CH", T._PROJ_KEY, {"reset_to_zero": ["PART"]}),
+    ("_proj_bwd_tuned", T._trimul_proj_bwd_kernel, "BLOCK_H", "CH", T._PROJ_BWD_KEY, {"reset_to_zero": ["PART"]}),
 ]
 SHIPPED = {"_proj_fwd_tuned": T._FWD_SHAPES, "_out_fwd_tuned": T._FWD_SHAPES,
            "_out_bwd_tuned": T._BWD_SHAPES, "_proj_bwd_tuned": T._BWD_SHAPES}
