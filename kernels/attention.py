@@ -944,7 +944,7 @@ def _bias_view(b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _dense(t: Optional[torch.Tensor]) -> bool:
     """Whether `t` is a permuted dense tensor (no gaps, no overlaps): ``empty_like`` keeps its
     strides, and so does a buffer laid out like it."""
-    return t is not None and torch.empty_like(t).stride() == t.stride()
+    return t is not None and torch.empty_like(t, device="meta").stride() == t.stride()
 
 
 _QKV = (0, 1, 2)   # [*, H, Q, C]: (h, row, c)
