@@ -182,16 +182,19 @@ def attention_forward(self: Attention, q_x, kv_x, biases=None, use_memory_effici
     return _mha(self, self._fastfold_patch.ops_for(q_x), q_x, kv_x, biases[0], biases[1])
 
 
-def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size, carry: bool = False):
+def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size, carry: bool = False,
+                   columns: bool = False):
     """The MSA attention's update of m (row attention, with the pair bias from z when the module
     has one). With `carry` (no chunks), ``(update, m, z)``: m and z as their LayerNorms hand them
     back (``layer_norm_fanout``), for the residual adds that read them next, whose gradients the
-    LayerNorms' backward then adds (z is returned as given when no bias is formed)."""
+    LayerNorms' backward then adds (z is returned as given when no bias is formed). With
+    `columns` (no chunks): the attention runs along N_seq for each residue, on m [*, N_seq,
+    N_res, C] as it lies (``_mha``'s `columns`): the column attention's update."""
     n_seq, n_res = m.shape[-3:-1]
     if mask is None:
         mask = m.new_ones(m.shape[:-3] + (n_seq, n_res))
-    # [*, N_seq, 1, 1, N_res]
-    mask_bias = _mask_bias(mask, self.inf)
+    # [*, N_seq, 1, 1, N_res]; with columns [*, N_res, 1, 1, N_seq]
+    mask_bias = _mask_bias(mask.transpose(-1, -2) if columns else mask, self.inf)
     pair_bias = None
     if self.pair_bias and z is not None:
         lnz = self.layer_norm_z
@@ -205,13 +208,13 @@ def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size, carry: bool 
 
     def fn(m_chunk, bias_chunk, pair_bias, carry=False):
         xs = ops.layer_norm_fanout(m_chunk, ln.weight, ln.bias, ln.eps, n_in, carry)
-        o = _mha(self.mha, ops, None, None, bias_chunk, pair_bias, xs=xs[:n_in])
+        o = _mha(self.mha, ops, None, None, bias_chunk, pair_bias, xs=xs[:n_in], columns=columns)
         return (o, xs[n_in]) if carry else o
 
     # rows of the MSA are independent: chunk along N_seq (dim -3 of m, -4 of the bias)
+    if (carry or columns) and chunk_size is not None:
+        raise ValueError("_msa_attention: carry and columns need chunk_size None")
     if carry:
-        if chunk_size is not None:
-            raise ValueError("_msa_attention: carry needs chunk_size None")
         o, m = fn(m, mask_bias, pair_bias, carry=True)
         return o, m, z
     if chunk_size is None:
@@ -258,16 +261,8 @@ def _msa_column_attention(self: MSAColumnAttention, ops, m, mask, chunk_size,
     chunks; OpenFold's transposes (and the copies they cost around the Linears) remain for
     chunks and for the reference ops, which follow stock op for op."""
     if ops.backend == "triton" and chunk_size is None:
-        att = self._msa_att
-        if mask is None:
-            mask = m.new_ones(m.shape[:-1])
-        # [*, N_res, 1, 1, N_seq]
-        mask_bias = _mask_bias(mask.transpose(-1, -2), att.inf)
-        ln = att.layer_norm_m
-        n_in = _n_inputs(att.mha)
-        xs = ops.layer_norm_fanout(m, ln.weight, ln.bias, ln.eps, n_in, carry)
-        o = _mha(att.mha, ops, None, None, mask_bias, None, xs=xs[:n_in], columns=True)
-        return (o, xs[n_in]) if carry else o
+        out = _msa_attention(self._msa_att, ops, m, None, mask, None, carry, columns=True)
+        return out[:2] if carry else out
     m = m.transpose(-2, -3)
     if mask is not None:
         mask = mask.transpose(-1, -2)
