@@ -1,7 +1,7 @@
 """The Evoformer block's training step captured whole, on one GPU: time, and where it goes.
 
     python benchmarks/profile_block_step.py [--sizes 128x256,512x384] [--no-stock] [--no-carry]
-        [--out DIR]
+        [--no-packed] [--out DIR]
 
 bench_dap's block and inputs (AF2 widths, bf16 autocast, train mode with OpenFold's dropout),
 the whole training step (forward, loss, backward) captured in one CUDA graph
@@ -35,12 +35,18 @@ def main(argv=None) -> None:
                    help="also time the plugin with its sub-modules called as stock calls them "
                         "(a no-op forward hook on each: no residual carried through the "
                         "LayerNorms), provider plugin_nocarry")
+    p.add_argument("--no-packed", action="store_true",
+                   help="also time the plugin with each attention's q, k, v and gate projections "
+                        "as four Linears (a no-op forward hook on each linear_q: no packed "
+                        "projection), provider plugin_unpacked")
     p.add_argument("--steps", type=int, default=3, help="replays under the profiler")
     p.add_argument("--limit", type=int, default=60, help="kernel rows per table")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_block_step.py captures CUDA graphs: it needs a GPU")
+    from openfold.model.primitives import Attention
+
     import fastfold_plugin
     from fastfold_plugin.patches.forwards import CARRIED_MODULES
 
@@ -62,6 +68,13 @@ def main(argv=None) -> None:
                 hooked.get_submodule(name).register_forward_hook(lambda *args: None)
             steps["plugin_nocarry"] = bd.graphed_single_process_step(hooked, ins, args, dev,
                                                                      whole=True)
+        if a.no_packed:
+            unpacked = copy.deepcopy(plugin)
+            for mod in unpacked.modules():
+                if isinstance(mod, Attention):
+                    mod.linear_q.register_forward_hook(lambda *args: None)
+            steps["plugin_unpacked"] = bd.graphed_single_process_step(unpacked, ins, args, dev,
+                                                                      whole=True)
         if not a.no_stock:
             steps["openfold"] = bd.graphed_single_process_step(stock, ins, args, dev, whole=True)
         ms = {k: [] for k in steps}

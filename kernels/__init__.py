@@ -13,6 +13,7 @@ BACKENDS = ("reference", "triton")
 # op name -> module in this package; the module defines `<op>` and `<op>_reference`.
 _OP_MODULES: Dict[str, str] = {
     "attention": "attention",
+    "attention_packed": "attention",
     "softmax": "softmax",
     "layer_norm": "layer_norm",
     "layer_norm_torch": "layer_norm",
@@ -27,6 +28,7 @@ _OP_MODULES: Dict[str, str] = {
     "dropout_add": "dropout_add",
     "cast_fanout": "cast_fanout",
     "linear": "linear",
+    "linear_packed": "linear",
 }
 
 class _OpTable:

@@ -67,6 +67,11 @@ tensor, batch-contiguous [*, Q, H, C] otherwise; dq, dk and dv like q, k and v w
 permuted dense tensors. So a caller that attends along another dim of its activations (MSA
 column attention on the MSA as it lies, [*, S, N, H, C] seen as [*, N, H, S, C]) gets its
 output and gradients in that same memory order, and the Linears around the op need no copies.
+``attention_packed`` takes q, k, v and the gate as the parts of one packed projection (the four
+Linears as one GEMM) and writes their four gradients, each laid out like its part, into one
+buffer laid out like the projection: the projection's backward is then one GEMM, with no copy
+to gather the gradients (its preprocess is never folded, see 1. above: the folded form stores
+the gate's gradient laid out like the output). The output is laid out in the gate's memory order.
 Leading batch dims
 are folded into at most two (size, stride) pairs per tensor (``collapse_dims``); the rare layout
 that needs more is handled by an explicit loop over the first batch dim. Offsets of batch and
@@ -947,6 +952,19 @@ def _dense(t: Optional[torch.Tensor]) -> bool:
     return t is not None and torch.empty_like(t, device="meta").stride() == t.stride()
 
 
+def _dense_in_order(t: Optional[torch.Tensor]) -> Optional[tuple]:
+    """The strides of a dense tensor of `t`'s shape whose dims lie in memory in `t`'s order
+    (sorted by `t`'s strides); None for no tensor or one broadcast along a dim (stride 0)."""
+    if t is None or any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride(), strict=True)):
+        return None
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    dense = contiguous_strides([t.shape[d] for d in order])
+    out = [0] * t.dim()
+    for d, s in zip(order, dense, strict=True):
+        out[d] = s
+    return tuple(out)
+
+
 _QKV = (0, 1, 2)   # [*, H, Q, C]: (h, row, c)
 _QHC = (1, 0, 2)   # [*, Q, H, C]: (h, row, c)
 _DIMS = dict(q=_QKV, k=_QKV, v=_QKV, gate=_QHC, dout=_QHC)
@@ -955,24 +973,106 @@ _DIMS = dict(q=_QKV, k=_QKV, v=_QKV, gate=_QHC, dout=_QHC)
 # --------------------------------------------------------------------------------------------
 # Autograd Function
 # --------------------------------------------------------------------------------------------
+def _attention_forward(lay, q, k, v, mask_bias, pair_bias, gate):
+    """The forward kernel on inputs laid out as `lay` plans: (out, o, stats), o the fp32
+    ungated output where the backward needs it (else `out`), stats the rows' max and 1/sum."""
+    out = q.new_empty_strided(lay.out_shape, lay.out_stride, dtype=lay.out_dtype)
+    # the backward needs the ungated output too when there is a gate, kept in fp32: delta =
+    # rowsum(dO * O) from a bf16-rounded O no longer equals sum_j P dP, so every row's dS
+    # sums to a rounding residue instead of 0, and gradients that are zero by symmetry (the
+    # LayerNorm bias before a pair-bias projection) came out ~3x noisier than stock's
+    o = (q.new_empty_strided(lay.out_shape, lay.out_stride, dtype=torch.float32)
+         if lay.store_o else out)
+    stats = q.new_empty(lay.stats_shape, dtype=torch.float32)
+    _launch(_attention_fwd_kernel, _fwd_tuned, lay.fwd,
+            (q, k, v,
+             mask_bias if mask_bias is not None else q,
+             pair_bias if pair_bias is not None else q,
+             gate if gate is not None else q,
+             out, o, stats),
+            lay.interp)
+    return out, o, stats
+
+
+def _attention_backward(lay, saved, o, stats, dout, needs, dest=None):
+    """(dq, dk, dv, d mask_bias, d pair_bias, dgate) of the forward `lay` on the inputs `saved`
+    (q, k, v, mask_bias, pair_bias, gate), None where `needs` does not ask. With `dest`
+    (``attention_packed``): (dq, dk, dv, dgate) buffers laid out like q, k, v and the gate,
+    views of one gradient buffer, which the kernels write in place."""
+    q, k, v, mask_bias, pair_bias, gate = saved
+    if any(t is not None and t.stride() != m.stride() for t, m in zip(saved, lay.inputs)):
+        # a saved-tensor hook (e.g. torch's save_on_cpu) gave the inputs back with other
+        # strides than the forward's plan reads: plan for the layouts they have now
+        lay = _relayout(lay, saved)
+    if lay.store_o and o.stride() != lay.out_stride:
+        # (the same hook gave the ungated output back in another layout than the plan's)
+        o = o.new_empty_strided(lay.out_shape, lay.out_stride).copy_(o)
+    # the module's switches are read per call (benchmarks and tests flip them), and so is
+    # the dot precision, as torch's matmuls read it
+    key = (needs, dout.stride(), dot_precision(q.dtype), _FUSE_DQ, _FUSE_DB,
+           _FOLD_PRE_MAX_LOGITS, dest is not None)
+    bw = lay.backward.get(key)
+    if bw is None:
+        bw = lay.backward[key] = _backward_plan(lay, *key)
+    if bw.dout_copy:
+        dout = dout.contiguous()
+    interp = lay.interp
+
+    dgate = None
+    if gate is not None:  # (the kernels store it whether asked for or not)
+        dgate = dest[3] if dest is not None else gate.new_empty_strided(lay.out_shape,
+                                                                         lay.out_stride)
+    if bw.pre is None:
+        do, delta = dout, stats  # folded into the dK/dV kernel; delta: not read
+    else:
+        # 1. preprocess: gate gradient, gated dO, delta
+        delta = stats.new_empty(lay.stats_shape[1:])  # [Z, H, NQ]
+        do = (q.new_empty_strided(lay.out_shape, lay.out_stride) if gate is not None
+              else dout)  # q's dtype
+        _attention_bwd_preprocess_kernel[bw.pre.grid](
+            dout, o, gate if gate is not None else o, do,
+            dgate if dgate is not None else o, delta, *bw.pre.args, **bw.pre.kwargs)
+
+    common = (
+        q, k, v,
+        mask_bias if mask_bias is not None else q,
+        pair_bias if pair_bias is not None else q,
+        do, stats, delta,
+    )
+    dq = dk = dv = dpb = None
+    if bw.dkdv is not None:
+        if dest is not None:
+            dk, dv = dest[1], dest[2]
+        else:
+            dk, dv = k.new_empty_strided(*bw.dk), v.new_empty_strided(*bw.dv)
+        buf, dqa, dba = _grad_accumulators(q, bw.acc)
+        _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned, bw.dkdv,
+                (*common, dk, dv, dqa, dba, o, gate if gate is not None else o,
+                 dgate if dgate is not None else o),
+                interp)
+        if dest is not None and bw.acc.dq is not None:
+            dq = dest[0].copy_(dqa)  # the fp32 sums converted in their place (no one_copy)
+            if bw.acc.db is not None:
+                dpb = dba.reshape(pair_bias.shape).to(pair_bias.dtype)
+        else:
+            dq, dpb = _accumulated_grads(buf, dqa, dba, q, pair_bias, bw.acc)
+    if bw.dq is not None:
+        dq = dest[0] if dest is not None else q.new_empty_strided(*bw.dq_layout)
+        _launch(_attention_bwd_dq_kernel, _dq_tuned, bw.dq, (*common, dq), interp)
+    need_mb, need_pb = needs[3:5]
+    full_tail = lay.tail[:3]
+    dmb = _bias_grad(bw.plan, mask_bias, "mask_bias", common, bw.common_strides, bw.kwargs,
+                     full_tail, lay.scale) if need_mb else None
+    if need_pb and not bw.fuse_db:
+        dpb = _bias_grad(bw.plan, pair_bias, "pair_bias", common, bw.common_strides,
+                         bw.kwargs, full_tail, lay.scale)
+    return dq, dk, dv, dmb, dpb, (dgate if needs[5] else None)
+
+
 class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lay, q, k, v, mask_bias, pair_bias, gate):
-        out = q.new_empty_strided(lay.out_shape, lay.out_stride, dtype=lay.out_dtype)
-        # the backward needs the ungated output too when there is a gate, kept in fp32: delta =
-        # rowsum(dO * O) from a bf16-rounded O no longer equals sum_j P dP, so every row's dS
-        # sums to a rounding residue instead of 0, and gradients that are zero by symmetry (the
-        # LayerNorm bias before a pair-bias projection) came out ~3x noisier than stock's
-        o = (q.new_empty_strided(lay.out_shape, lay.out_stride, dtype=torch.float32)
-             if lay.store_o else out)
-        stats = q.new_empty(lay.stats_shape, dtype=torch.float32)
-        _launch(_attention_fwd_kernel, _fwd_tuned, lay.fwd,
-                (q, k, v,
-                 mask_bias if mask_bias is not None else q,
-                 pair_bias if pair_bias is not None else q,
-                 gate if gate is not None else q,
-                 out, o, stats),
-                lay.interp)
+        out, o, stats = _attention_forward(lay, q, k, v, mask_bias, pair_bias, gate)
         ctx.layout = lay
         ctx.save_for_backward(q, k, v, mask_bias, pair_bias, gate, o, stats)
         return out
@@ -980,67 +1080,38 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, mask_bias, pair_bias, gate, o, stats = ctx.saved_tensors
-        lay = ctx.layout
-        saved = (q, k, v, mask_bias, pair_bias, gate)
-        if any(t is not None and t.stride() != m.stride() for t, m in zip(saved, lay.inputs)):
-            # a saved-tensor hook (e.g. torch's save_on_cpu) gave the inputs back with other
-            # strides than the forward's plan reads: plan for the layouts they have now
-            lay = _relayout(lay, saved)
-        if lay.store_o and o.stride() != lay.out_stride:
-            # (the same hook gave the ungated output back in another layout than the plan's)
-            o = o.new_empty_strided(lay.out_shape, lay.out_stride).copy_(o)
-        needs = ctx.needs_input_grad[1:]
-        # the module's switches are read per call (benchmarks and tests flip them), and so is
-        # the dot precision, as torch's matmuls read it
-        key = (needs, dout.stride(), dot_precision(q.dtype), _FUSE_DQ, _FUSE_DB,
-               _FOLD_PRE_MAX_LOGITS)
-        bw = lay.backward.get(key)
-        if bw is None:
-            bw = lay.backward[key] = _backward_plan(lay, *key)
-        if bw.dout_copy:
-            dout = dout.contiguous()
-        interp = lay.interp
+        grads = _attention_backward(ctx.layout, (q, k, v, mask_bias, pair_bias, gate), o, stats,
+                                    dout, ctx.needs_input_grad[1:])
+        return (None, *grads)
 
-        dgate = None
-        if gate is not None:
-            dgate = gate.new_empty_strided(lay.out_shape, lay.out_stride)
-        if bw.pre is None:
-            do, delta = dout, stats  # folded into the dK/dV kernel; delta: not read
-        else:
-            # 1. preprocess: gate gradient, gated dO, delta
-            delta = stats.new_empty(lay.stats_shape[1:])  # [Z, H, NQ]
-            do = (q.new_empty_strided(lay.out_shape, lay.out_stride) if gate is not None
-                  else dout)  # q's dtype
-            _attention_bwd_preprocess_kernel[bw.pre.grid](
-                dout, o, gate if gate is not None else o, do,
-                dgate if dgate is not None else o, delta, *bw.pre.args, **bw.pre.kwargs)
 
-        common = (
-            q, k, v,
-            mask_bias if mask_bias is not None else q,
-            pair_bias if pair_bias is not None else q,
-            do, stats, delta,
-        )
-        dq = dk = dv = dpb = None
-        if bw.dkdv is not None:
-            dk, dv = k.new_empty_strided(*bw.dk), v.new_empty_strided(*bw.dv)
-            buf, dqa, dba = _grad_accumulators(q, bw.acc)
-            _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned, bw.dkdv,
-                    (*common, dk, dv, dqa, dba, o, gate if gate is not None else o,
-                     dgate if dgate is not None else o),
-                    interp)
-            dq, dpb = _accumulated_grads(buf, dqa, dba, q, pair_bias, bw.acc)
-        if bw.dq is not None:
-            dq = q.new_empty_strided(*bw.dq_layout)
-            _launch(_attention_bwd_dq_kernel, _dq_tuned, bw.dq, (*common, dq), interp)
-        need_mb, need_pb, need_g = needs[3:]
-        full_tail = lay.tail[:3]
-        dmb = _bias_grad(bw.plan, mask_bias, "mask_bias", common, bw.common_strides, bw.kwargs,
-                         full_tail, lay.scale) if need_mb else None
-        if need_pb and not bw.fuse_db:
-            dpb = _bias_grad(bw.plan, pair_bias, "pair_bias", common, bw.common_strides,
-                             bw.kwargs, full_tail, lay.scale)
-        return None, dq, dk, dv, dmb, dpb, (dgate if need_g else None)
+class _PackedAttentionFunction(torch.autograd.Function):
+    """``attention`` of the q, k, v (and gate) parts of one packed projection `y`; its gradient
+    is one buffer laid out like `y`, which the backward kernels write part by part."""
+
+    @staticmethod
+    def forward(ctx, lay, pack, y, mask_bias, pair_bias):
+        q, k, v, gate = _packed_views(y, *pack)
+        out, o, stats = _attention_forward(lay, q, k, v, mask_bias, pair_bias, gate)
+        ctx.layout, ctx.pack, ctx.y_stride = lay, pack, y.stride()
+        ctx.save_for_backward(y, mask_bias, pair_bias, o, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, mask_bias, pair_bias, o, stats = ctx.saved_tensors
+        if y.stride() != ctx.y_stride:  # (a saved-tensor hook gave it back in another layout)
+            y = y.new_empty_strided(y.shape, ctx.y_stride).copy_(y)
+        q, k, v, gate = _packed_views(y, *ctx.pack)
+        need_y, need_mb, need_pb = ctx.needs_input_grad[2:]
+        dy = dest = None
+        if need_y:
+            dy = torch.empty_like(y)  # y is dense: dy has its strides, the parts q's, k's, ...
+            dest = _packed_views(dy, *ctx.pack)
+        needs = (need_y, need_y, need_y, need_mb, need_pb, need_y and gate is not None)
+        grads = _attention_backward(ctx.layout, (q, k, v, mask_bias, pair_bias, gate), o, stats,
+                                    dout, needs, dest)
+        return None, None, dy, grads[3], grads[4]
 
 
 class _Accumulators(NamedTuple):
@@ -1075,10 +1146,14 @@ class _Backward(NamedTuple):
     kwargs: dict                   # the constexprs every backward kernel takes
 
 
-def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fold_max):
+def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fold_max,
+                   packed=False):
     """The ``_Backward`` of a call: which kernels run (see the module docstring), their
     arguments less the tensors, and the layouts of the buffers, worked out on `lay`'s meta
-    tensors once per key of ``_AttentionFunction.backward``."""
+    tensors once per key of ``_attention_backward``. `packed`: the gradients of q, k, v and
+    the gate are written into given buffers laid out like those inputs (``attention_packed``);
+    the preprocess is then never folded (its folded form stores the gate gradient laid out
+    like the output)."""
     q, k, v, mask_bias, pair_bias, gate = lay.inputs
     H, NQ, NK, C, CP = lay.tail
     need_q, need_k, need_v, need_mb, need_pb, _ = needs
@@ -1110,7 +1185,7 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
     fold = (run_dkdv and not (need_q and not fuse_dq)
             and not (need_mb and not _const_along_k(mask_bias, NK))
             and not (need_pb and not fuse_db and not _const_along_k(pair_bias, NK))
-            and Z * H * NQ * NK <= fold_max)
+            and Z * H * NQ * NK <= fold_max and not packed)
 
     o_s = st["out"]  # o and dgate: laid out as out
     g_s = st["gate"]
@@ -1122,7 +1197,8 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
         do_s = st["out"] if gate is not None else dout_s
         block = 32 if interp else 64
         pre = _Launch((triton.cdiv(NQ, block) * Z * H,),
-                      (*dout_s, *o_s, *g_s, *do_s, *(o_s if gate is not None else (0,) * 5),
+                      (*dout_s, *o_s, *g_s, *do_s,
+                       *((g_s if packed else o_s) if gate is not None else (0,) * 5),
                        plan.Z1, H, NQ),
                       dict(C=C, CP=CP, HAS_GATE=gate is not None, INTERP=interp, BLOCK_M=block,
                            num_warps=4))
@@ -1135,9 +1211,10 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
 
     dkdv = dk = dv = acc = None
     if run_dkdv:
-        gk, gv = _grad_like(k), _grad_like(v)
+        gk, gv = (k, v) if packed else (_grad_like(k), _grad_like(v))
         dk, dv = (tuple(gk.shape), gk.stride()), (tuple(gv.shape), gv.stride())
-        acc = _accumulator_layout(plan, q, pair_bias, fuse_dq, fuse_db, (H, NQ, NK))
+        acc = _accumulator_layout(plan, q, pair_bias, fuse_dq, fuse_db, (H, NQ, NK),
+                                  one_copy_ok=not packed)
         dkdv = _Launch(lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
                        (*common_strides, *_grad_strides(plan, gk, k, "k"),
                         *_grad_strides(plan, gv, v, "v"), *acc.db_strides, *acc.dq_strides,
@@ -1146,7 +1223,7 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
                             HAS_GATE=fold and gate is not None))  # read only with FOLD_PRE
     dq = dq_layout = None
     if need_q and not fuse_dq:
-        g = _grad_like(q)
+        g = q if packed else _grad_like(q)
         dq = _Launch(lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
                      (*common_strides, *_grad_strides(plan, g, q, "q"), *tail), kwargs)
         dq_layout = (tuple(g.shape), g.stride())
@@ -1199,8 +1276,10 @@ def _const_along_k(bias: Optional[torch.Tensor], NK: int) -> bool:
     return bias is not None and NK > 1 and (bias.shape[-1] == 1 or bias.stride(-1) == 0)
 
 
-def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail) -> _Accumulators:
-    """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias)."""
+def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail,
+                        one_copy_ok=True) -> _Accumulators:
+    """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias); `one_copy_ok`:
+    dq may be converted together with the bias gradient (not where it has its own place)."""
     n_dq = q.numel() if fuse_dq else 0
     db_dims, db_flags = _bias_grad_dims(plan, "pair_bias", full_tail) if fuse_db else ((), ())
     n_db = math.prod(db_dims) if fuse_db else 0
@@ -1218,7 +1297,7 @@ def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail) -> _Accumula
         dba = buf[n_dq:].view(db_dims)
         db = view(dba)
         db_s = tuple(0 if f else s for s, f in zip(dba.stride(), (*db_flags, False), strict=True))
-    one_copy = fuse_dq and fuse_db and q.dtype == bias.dtype != torch.float32
+    one_copy = one_copy_ok and fuse_dq and fuse_db and q.dtype == bias.dtype != torch.float32
     if one_copy:
         db_out = view(buf[n_dq:].view(bias.shape))
     return _Accumulators(n_dq + n_db, dq, dq_s, db, db_s, one_copy, db_out)
@@ -1352,6 +1431,75 @@ def attention(
     return _AttentionFunction.apply(lay, q, k, v, mask_bias, pair_bias, gate)
 
 
+def _packed_views(y: torch.Tensor, heads: int, gated: bool, columns: bool) -> tuple:
+    """(q, k, v, gate or None): views of the packed projection y [*, Q, P], P = n * heads * C
+    (q, k, v, then the gate; n = 4 gated, 3 not). q, k, v as [*, H, Q, C], the gate [*, Q, H, C];
+    with `columns`, y is [*, Q, B, P] and the attention runs along Q for each b: q, k, v as
+    [*, B, H, Q, C], the gate [*, B, Q, H, C]."""
+    n = 4 if gated else 3
+    if y.shape[-1] % (n * heads) != 0:
+        raise ValueError(f"attention_packed: the last dim of y {tuple(y.shape)} is not "
+                         f"{n} parts (q, k, v{', gate' if gated else ''}) of {heads} heads")
+    if columns and y.dim() < 3:
+        raise ValueError(f"attention_packed: columns needs y [*, Q, B, P], got {tuple(y.shape)}")
+    parts = y.unflatten(-1, (n, heads, -1)).unbind(-3)  # each [*, Q, H, C]
+    if columns:  # [*, Q, B, H, C] -> [*, B, H, Q, C]; the gate [*, B, Q, H, C]
+        qkv = tuple(t.movedim(-4, -2) for t in parts[:3])
+        gate = parts[3].transpose(-3, -4) if gated else None
+    else:
+        qkv = tuple(t.transpose(-2, -3) for t in parts[:3])
+        gate = parts[3] if gated else None
+    return (*qkv, gate)
+
+
+def attention_packed_reference(y: torch.Tensor, heads: int,
+                               mask_bias: Optional[torch.Tensor] = None,
+                               pair_bias: Optional[torch.Tensor] = None,
+                               q_div: Optional[float] = None, gated: bool = True,
+                               columns: bool = False) -> torch.Tensor:
+    """``attention_reference`` of the parts of y (see ``attention_packed``)."""
+    q, k, v, gate = _packed_views(y, heads, gated, columns)
+    return attention_reference(q, k, v, mask_bias, pair_bias, gate, q_div)
+
+
+def attention_packed(y: torch.Tensor, heads: int, mask_bias: Optional[torch.Tensor] = None,
+                     pair_bias: Optional[torch.Tensor] = None, q_div: Optional[float] = None,
+                     gated: bool = True, columns: bool = False) -> torch.Tensor:
+    """Self-attention on one packed projection: ``attention(q, k, v, ..., gate)`` where q, k,
+    v and the gate are the parts of y [*, Q, P] along its last dim (P = 4 * heads * C, or 3
+    parts without the gate), each [*, Q, heads * C] as a Linear hands them out.
+
+    One Linear with the four weights stacked makes y (``linear_packed``): one GEMM reads the
+    input once, and its backward is one GEMM over y's gradient, which the kernels here write
+    part by part into one buffer laid out like y (``attention`` would hand back four gradients,
+    which autograd would copy into one). With `columns`, y is [*, Q, B, P] and the attention
+    runs along Q for each b (the MSA column attention on the MSA as it lies). The output is
+    ``attention``'s for those views: [*, Q, H, C] ([*, B, Q, H, C] with `columns`), laid out in
+    the gate's memory order ([*, Q, B, H, C] rows with `columns`). Under autocast an fp32 y is
+    rounded to the autocast dtype (what the Linears would have handed out)."""
+    ac = autocast_dtype(y.device.type)
+    if ac is not None and y.dtype == torch.float32:
+        y = y.to(ac)
+    if not _dense(y):
+        y = y.contiguous()  # (the gradient buffer is laid out like y: no gaps, no overlaps)
+    q, k, v, gate = _packed_views(y, heads, gated, columns)
+    scale = 1.0 if q_div is None else 1.0 / q_div
+    if q_div is not None and not (math.isfinite(q_div) and q_div > 0):
+        raise ValueError(f"q_div must be a positive finite number, got {q_div}")
+    mask_bias, pair_bias = _bias_view(mask_bias), _bias_view(pair_bias)
+    inputs = (q, k, v, mask_bias, pair_bias, gate)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (y, mask_bias, pair_bias))
+    lay = _layout(tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+                        for t in inputs),
+                  needs_grad, is_interpreter(), dot_precision(q.dtype), scale)
+    if lay.expand is not None or lay.empty or lay.plan is None:
+        # (biases with batch dims y lacks, empty or unfoldable shapes: the views as they are)
+        return attention(q, k, v, mask_bias, pair_bias, gate, q_div)
+    return _PackedAttentionFunction.apply(lay, (heads, gated, columns), y, mask_bias,
+                                          pair_bias)
+
+
 class _Layout(NamedTuple):
     """What a call needs that depends only on its inputs' layouts (see ``_layout``)."""
     batch: Tuple[int, ...]   # the broadcast batch dims
@@ -1423,10 +1571,11 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str, scale: float = 1
                                  f"[*, H, Q, K] = {(*batch, H, NQ, NK)}") from None
     if q.numel() == 0 or NK == 0:
         return _Layout(batch, expand, True, None)
-    # the output laid out like the gate where it is a permuted dense tensor (an expanded gate
-    # is not), else batch-contiguous
-    out_stride = (gate.stride() if _dense(gate) else
-                  contiguous_strides((*batch, NQ, H, C)))
+    # the output laid out like the gate where it is a permuted dense tensor, dense in the
+    # gate's memory order where it is a view with gaps (one part of ``attention_packed``'s
+    # projections), batch-contiguous otherwise (an expanded gate)
+    out_stride = (gate.stride() if _dense(gate) else _dense_in_order(gate)
+                  or contiguous_strides((*batch, NQ, H, C)))
     plan = _make_plan(batch, (H, NQ, NK, C), tuple(out_stride), q=q, k=k, v=v, gate=gate,
                       mask_bias=mask_bias, pair_bias=pair_bias)
     if plan is None:

@@ -40,7 +40,7 @@ not do). The backward is once-differentiable (double backward raises), and forwa
 Host time: the launch geometry is worked out once per (rows, channels, device, interpreter).
 """
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,3 +244,95 @@ def linear_fused(x: torch.Tensor, weight: torch.Tensor,
     x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
     with torch.autocast(x.device.type, enabled=False):
         return _LinearFn.apply(x, weight, bias)
+
+
+class _PackedLinearFn(torch.autograd.Function):
+    """``linear_packed`` on x already in its compute dtype `dt` (autocast off); the weights and
+    biases in their own dtypes, stacked and rounded to `dt` here."""
+
+    @staticmethod
+    def forward(ctx, x, dt, n, *params):
+        weights, biases = params[:n], params[n:]
+        w = torch.cat(weights).to(dt)
+        b = None
+        if any(t is not None for t in biases):
+            b = torch.cat([w_.new_zeros(w_.shape[0], dtype=dt) if t is None else t.to(dt)
+                           for w_, t in zip(weights, biases, strict=True)])
+        ctx.save_for_backward(x if any(t.requires_grad for t in weights) else None,
+                              w if x.requires_grad else None)
+        ctx.x_shape, ctx.dt = x.shape, dt
+        ctx.rows = [t.shape[0] for t in weights]
+        ctx.dtypes = [None if t is None else t.dtype for t in params]
+        return F.linear(x, w, b)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        n = len(ctx.rows)
+        g2 = g.reshape(-1, g.shape[-1])
+        if g2.stride(-1) != 1:
+            g2 = g2.contiguous()
+        needs = ctx.needs_input_grad[3:]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (g2 @ w).view(ctx.x_shape)
+        grads = [None] * (2 * n)
+        bounds = [0]
+        for r in ctx.rows:
+            bounds.append(bounds[-1] + r)
+        if any(needs[:n]):
+            dw = g2.t() @ x.reshape(-1, x.shape[-1])  # one GEMM; each weight its rows
+            for i in range(n):
+                if needs[i]:
+                    grads[i] = dw[bounds[i]:bounds[i + 1]].to(ctx.dtypes[i], copy=True)
+        for i in range(n):
+            if needs[n + i]:
+                db = column_sum(g2[:, bounds[i]:bounds[i + 1]], ctx.dt)
+                grads[n + i] = db.to(ctx.dtypes[n + i])
+        return (dx, None, None, *grads)
+
+
+def linear_packed_reference(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                            biases: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """OpenFold's Linears that read one input, their outputs side by side:
+    ``torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases)], -1)``."""
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], -1)
+
+
+def linear_packed(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                  biases: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
+    """``linear_packed_reference`` as one GEMM: the weights stacked (and rounded to the autocast
+    dtype under autocast, as autocast rounds each), missing biases zeros. Its backward is one
+    GEMM for dx (the readers' gradients summed in the GEMM's fp32 accumulator, rounded once,
+    where autograd rounds each reader's and sums them), one for the stacked weight gradient
+    (each weight its rows, in its own dtype), and each bias gradient summed by the column-sum
+    kernel over its own columns. Outside autograd (no gradient asked for, fp64, or on a CPU
+    without the interpreter) it is ``F.linear`` of the stacked weights.
+
+    Every output column is the same dot product as its own Linear's; cuBLAS may order the fp32
+    accumulation differently for the wider GEMM."""
+    if len(weights) != len(biases) or not weights:
+        raise ValueError(f"linear_packed needs one bias (or None) per weight, got "
+                         f"{len(weights)} weights and {len(biases)} biases")
+    params = (*weights, *biases)
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for t in params))
+    dt = autocast_dtype(x.device.type)
+    if (not grad or not (x.is_cuda or is_interpreter())
+            or any(t is not None and t.dtype == torch.float64 for t in (x, *params))):
+        w = torch.cat(list(weights))
+        b = None
+        if any(t is not None for t in biases):
+            b = torch.cat([t if t is not None else w_.new_zeros(w_.shape[0])
+                           for w_, t in zip(weights, biases, strict=True)])
+        return F.linear(x, w, b)
+    if dt is None:
+        bad = [t.dtype for t in params if t is not None and t.dtype != x.dtype]
+        if bad:  # (as F.linear: no implicit casts outside autocast)
+            raise TypeError(f"linear_packed: x is {x.dtype} but weights / biases are {bad}; "
+                            "cast them or run under autocast")
+        return _PackedLinearFn.apply(x, x.dtype, len(weights), *params)
+    x = x.to(dt)
+    with torch.autocast(x.device.type, enabled=False):
+        return _PackedLinearFn.apply(x, dt, len(weights), *params)

@@ -114,9 +114,24 @@ def _project(ops, mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ops.linear(x, mod.weight, mod.bias) if _plain_linear(mod) else mod(x)
 
 
-def _n_inputs(mha: Attention) -> int:
-    """How many projections of `mha` read its input in self-attention: q, the gate, k, v."""
-    return 4 if mha.linear_g is not None else 3
+def _in_projections(mha: Attention) -> tuple:
+    """`mha`'s Linears that read its input in self-attention: q, k, v and the gate."""
+    lins = (mha.linear_q, mha.linear_k, mha.linear_v)
+    return lins if mha.linear_g is None else lins + (mha.linear_g,)
+
+
+def _packable(mha: Attention, ops) -> bool:
+    """Whether `mha`'s self-attention runs its input projections as one GEMM into one packed
+    tensor (``ops.linear_packed``) that the attention reads in place (``ops.attention_packed``):
+    the Triton ops, every projection a plain Linear (no hooks, torch's forward). The reference
+    ops keep OpenFold's four Linears."""
+    return ops.backend == "triton" and all(_plain_linear(m) for m in _in_projections(mha))
+
+
+def _n_inputs(mha: Attention, ops) -> int:
+    """How many readers of `mha`'s input a self-attention has: the packed projection, or q, the
+    gate, k and v."""
+    return 1 if _packable(mha, ops) else len(_in_projections(mha))
 
 
 def _mha(mha: Attention, ops, q_x: Optional[torch.Tensor], kv_x: Optional[torch.Tensor],
@@ -125,14 +140,26 @@ def _mha(mha: Attention, ops, q_x: Optional[torch.Tensor], kv_x: Optional[torch.
     """OpenFold's Attention (projections, gated biased attention, output projection).
 
     q_x [*, Q, C_q], kv_x [*, K, C_k]; the biases broadcast to [*, H, Q, K]. Self-attention may
-    pass, instead of q_x and kv_x, `xs`: the ``_n_inputs(mha)`` projections' inputs (q, the
-    gate, k, v), as ``layer_norm_fanout`` hands them out. With `columns`, the inputs are
+    pass, instead of q_x and kv_x, `xs`: the ``_n_inputs(mha, ops)`` projections' inputs (q,
+    the gate, k, v; or the one input of the packed projection, see ``_packable``), as
+    ``layer_norm_fanout`` hands them out. With `columns`, the inputs are
     [*, Q, B, C] and the attention runs along dim -3 for each b (the MSA column attention on
     the MSA as it lies): the heads are [*, B, H, Q, C_hidden] views of the projections, the
     biases broadcast to [*, B, H, Q, K], and the op lays its output out like the gate, so the
     projections on both sides read and write [*, Q, B, C] rows with no transposed copies.
     """
     h = mha.no_heads
+    if (len(xs) == 1) if xs is not None else (kv_x is q_x and _packable(mha, ops)):
+        # one GEMM for q, k, v and the gate; the attention reads its parts and writes their
+        # gradients into one buffer, whose input gradient is one GEMM again
+        lins = _in_projections(mha)
+        y = ops.linear_packed(xs[0] if xs is not None else cast_once(q_x),
+                              [m.weight for m in lins], [m.bias for m in lins])
+        o = ops.attention_packed(y, h, mask_bias, pair_bias, q_div=math.sqrt(mha.c_hidden),
+                                 gated=mha.linear_g is not None, columns=columns)
+        if columns:
+            o = o.transpose(-3, -4)
+        return _project(ops, mha.linear_o, flatten_final_dims(o, 2))
     n_q = 2 if mha.linear_g is not None else 1
     if xs is not None:
         xq, xkv = xs[:n_q], xs[n_q:]
@@ -204,7 +231,7 @@ def _msa_attention(self: MSAAttention, ops, m, z, mask, chunk_size, carry: bool 
         # [*, 1, H, N_res, N_res]
         pair_bias = head_bias(zs[0], self.linear_z.weight).transpose(-2, -3).unsqueeze(-4)
     ln = self.layer_norm_m
-    n_in = _n_inputs(self.mha)
+    n_in = _n_inputs(self.mha, ops)
 
     def fn(m_chunk, bias_chunk, pair_bias, carry=False):
         xs = ops.layer_norm_fanout(m_chunk, ln.weight, ln.bias, ln.eps, n_in, carry)
@@ -318,7 +345,7 @@ def _triangle_attention(self: TriangleAttention, ops, x, mask, chunk_size, carry
         mask = mask.transpose(-1, -2)
     # one LayerNorm output for the bias and every chunk's q, gate, k and v (under autocast
     # rounded once, its readers' gradients summed by the LayerNorm's backward)
-    n_in = _n_inputs(self.mha)
+    n_in = _n_inputs(self.mha, ops)
     xs = ops.layer_norm_fanout(x, self.layer_norm.weight, self.layer_norm.bias,
                                self.layer_norm.eps, n_in + 1, carry)
     # [*, I, 1, 1, J]

@@ -8,7 +8,12 @@ import importlib
 import pytest
 import torch
 
-from fastfold_plugin.kernels.attention import attention, attention_reference
+from fastfold_plugin.kernels.attention import (
+    attention,
+    attention_packed,
+    attention_packed_reference,
+    attention_reference,
+)
 from fastfold_plugin.testing import assert_close, rel_err
 from fastfold_plugin.testing import assert_matches_truth as compare
 
@@ -186,6 +191,95 @@ def test_output_and_gradients_follow_the_inputs_layouts(monkeypatch, n, c, dtype
     assert out.transpose(-3, -4).is_contiguous()
     for name in ("q", "k", "v", "gate"):
         assert grads[name].stride() == inputs[name].stride(), name
+
+
+def make_packed(case, n, c, dtype, device="cpu", seed=0, h=2, b=2, s=3, gated=True):
+    """attention_packed's tensor inputs: y [B, R, N, P] (P = 4 or 3 parts of h * c; `row` and
+    `triangle` attend along N for each of the R rows, `column` along R = s for each of the N
+    columns), the mask bias and, except for `column`, a pair bias shared over the rows."""
+    g = _gen(seed)
+    rows = n if case == "triangle" else s
+    parts = 4 if gated else 3
+    y = torch.randn((b, rows, n, parts * h * c), generator=g)
+    y[..., :h * c] *= c ** -0.25  # q and k scaled so that the logits are O(1) after q_div
+    y[..., h * c:2 * h * c] *= c ** -0.25
+    y = y.to(device=device, dtype=dtype)
+    if case == "column":
+        mb = _mask_bias((b, n, 1, 1, rows), g, device)
+        pb = None
+    else:
+        mb = _mask_bias((b, rows, 1, 1, n), g, device)
+        pb = torch.randn((b, 1, h, n, n), generator=g).to(device=device, dtype=dtype)
+    return dict(y=y, mask_bias=mb, pair_bias=pb)
+
+
+def _packed_ops(h, c, gated, columns):
+    kw = dict(heads=h, q_div=c ** 0.5, gated=gated, columns=columns)
+    return (functools.partial(attention_packed, **kw),
+            functools.partial(attention_packed_reference, **kw))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("case,n,c,gated", [
+    ("row", 17, 32, True), ("row", 5, 8, False), ("column", 9, 16, True), ("triangle", 9, 16, True),
+    ("row", 1, 16, True),
+], ids=str)
+def test_attention_packed_matches_reference(monkeypatch, case, n, c, gated, dtype, tol, fused):
+    """One packed projection y = [q | k | v | gate]: the output and the gradients of y (one
+    buffer, laid out like y, each part written by the kernels) and of the biases match the
+    reference on y's views; fused and separate dQ / bias-gradient kernels."""
+    from fastfold_plugin.kernels import attention as A
+
+    monkeypatch.setattr(A, "_FUSE_DQ", fused)
+    monkeypatch.setattr(A, "_FUSE_DB", fused)
+    h = 2
+    inputs = _requires_grad(make_packed(case, n, c, dtype, h=h, gated=gated),
+                            ("y", "mask_bias", "pair_bias"))
+    op, ref = _packed_ops(h, c, gated, case == "column")
+    check(inputs, dtype, tol, op=op, ref=ref)
+    out, grads, _ = run(op, inputs)
+    assert grads["y"].stride() == inputs["y"].stride()
+    if case == "column":  # laid out as the MSA's rows: [B, S, N, H, C] once transposed back
+        assert out.shape == (2, n, 3, h, c) and out.transpose(-3, -4).is_contiguous()
+    else:
+        assert out.is_contiguous()
+
+
+def test_attention_packed_inputs():
+    """The packed projection's layouts and checks: a permuted dense y, a y with gaps (copied),
+    y in fp32 under autocast (rounded, as the Linears would hand it out), saved tensors given
+    back in another layout, a last dim that is not the parts' and a frozen y."""
+    h, c = 2, 8
+    inputs = make_packed("row", 5, c, torch.float32, h=h)
+    op, ref = _packed_ops(h, c, True, False)
+    y = inputs["y"]
+    for variant in (y.transpose(1, 2).contiguous().transpose(1, 2),  # dense, not contiguous
+                    torch.cat([y, y], -1)[..., ::2]):                 # gaps: copied first
+        case = _requires_grad(dict(inputs, y=variant), ("y", "pair_bias"))
+        out, grads, dout = run(op, case)
+        out_r, grads_r, _ = run(ref, case, dout)
+        assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+        for name in grads:
+            assert_close(grads[name], grads_r[name], rtol=1e-5, atol=1e-5)
+    case = _requires_grad(dict(inputs, y=y.transpose(1, 2).contiguous().transpose(1, 2)))
+    out_r, grads_r, dout = run(ref, case)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.contiguous()):
+        out, grads, _ = run(op, case, dout)
+    for name in grads:
+        assert_close(grads[name], grads_r[name], rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(**_requires_grad(inputs, ("y",)))
+    assert out.dtype == torch.bfloat16
+    frozen = _requires_grad(inputs, ("pair_bias",))
+    out, grads, dout = run(op, frozen)
+    _, grads_r, _ = run(ref, frozen, dout)
+    assert set(grads) == {"pair_bias"}
+    assert_close(grads["pair_bias"], grads_r["pair_bias"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="parts"):
+        attention_packed(y[..., :-1], h)
+    with pytest.raises(ValueError, match="columns"):
+        attention_packed(y[0, 0], h, columns=True)
 
 
 @pytest.mark.parametrize("dtype,tol", DTYPES)
@@ -585,7 +679,7 @@ def test_reference_matches_openfold_attention_module():
 
 
 # ---- GPU: real sizes -----------------------------------------------------------------------
-def _chunked_reference(inputs, dout, cast_to=None, chunk=64):
+def _chunked_reference(inputs, dout, cast_to=None, chunk=64, q_div=None):
     """attention_reference (inputs cast to `cast_to` if given) over chunks of the batch-row
     dim (dim 1), so that one chunk's dense logits fit; the pair bias (shared over dim 1) gets
     its gradient summed over the chunks."""
@@ -598,7 +692,7 @@ def _chunked_reference(inputs, dout, cast_to=None, chunk=64):
                 for n, t in cast.items()}
         part = {n: (t.detach().requires_grad_(n in names) if t is not None else None)
                 for n, t in part.items()}
-        out = attention_reference(**part)
+        out = attention_reference(**part, q_div=q_div)
         gs = torch.autograd.grad(out, [part[n] for n in names],
                                  dout[:, start:start + chunk].to(out.dtype))
         for n, g in zip(names, gs, strict=True):
@@ -630,6 +724,39 @@ def test_attention_gpu(case, n, h, c, rows, dtype, tol):
     for name in grads:
         compare(grads[name], grads_r[name].to(grads[name].dtype), grads_t[name], dtype, tol,
                 "d" + name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", GPU_DTYPES)
+@pytest.mark.parametrize("case,n,h,c,rows", [
+    ("row", 256, 8, 32, 128),
+    ("column", 256, 8, 32, 128),   # the MSA column attention on the MSA as it lies
+    ("triangle", 256, 4, 32, 256),
+], ids=str)
+def test_attention_packed_gpu(case, n, h, c, rows, dtype, tol):
+    """attention_packed at AF2 sizes against the chunked references on y's views: the output,
+    each part of y's one gradient buffer, and the pair bias's gradient."""
+    from fastfold_plugin.kernels.attention import _packed_views
+
+    torch.manual_seed(0)
+    columns = case == "column"
+    inputs = _requires_grad(make_packed(case, n, c, dtype, device="cuda", h=h, b=1, s=rows),
+                            ("y", "pair_bias"))
+    op, _ = _packed_ops(h, c, True, columns)
+    out, grads, dout = run(op, inputs)
+    q, k, v, gate = _packed_views(inputs["y"].detach(), h, True, columns)
+    views = _requires_grad(dict(q=q, k=k, v=v, mask_bias=inputs["mask_bias"],
+                                pair_bias=inputs["pair_bias"], gate=gate))
+    chunk = max(1, (1 << 30) // (h * n * n * 8))
+    out_t, grads_t = _chunked_reference(views, dout, torch.float64, chunk, q_div=c ** 0.5)
+    out_r, grads_r = _chunked_reference(views, dout, None, chunk, q_div=c ** 0.5)
+    compare(out, out_r, out_t, dtype, tol, "out")
+    got = dict(zip(("q", "k", "v", "gate"), _packed_views(grads["y"], h, True, columns)))
+    if "pair_bias" in grads:
+        got["pair_bias"] = grads["pair_bias"]
+    assert set(got) == set(grads_t)
+    for name, g in got.items():
+        compare(g, grads_r[name].to(g.dtype), grads_t[name], dtype, tol, "d" + name)
 
 
 @pytest.mark.gpu

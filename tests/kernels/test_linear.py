@@ -243,3 +243,71 @@ def _run_dev(fn, x0, w0, b0, dout):
 def _assert_bias_grad_close(got, ref):
     # bf16 roundings of fp32 sums in different orders: at most one bf16 step apart
     assert ((got - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3).all()
+
+
+# ---- linear_packed: several Linears of one input as one GEMM -------------------------------
+def _packed_case(lead, c_in, outs, biases, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, c_in, generator=g)
+    ws = [torch.randn(c, c_in, generator=g) / c_in ** 0.5 for c in outs]
+    bs = [torch.randn(c, generator=g) if has else None for c, has in zip(outs, biases)]
+    dout = torch.randn(*lead, sum(outs), generator=g)
+    return x, ws, bs, dout
+
+
+def _run_packed(fn, x0, ws0, bs0, dout, autocast_dtype):
+    x = x0.clone().requires_grad_()
+    ws = [w.clone().requires_grad_() for w in ws0]
+    bs = [None if b is None else b.clone().requires_grad_() for b in bs0]
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None):
+        out = fn(x * 1.0, ws, bs)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), x.grad, [w.grad for w in ws], [None if b is None else b.grad for b in bs]
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16],
+                         ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("lead,c_in,outs,biases", [
+    ((3, 37), 24, (16, 16, 16, 16), (False, False, False, True)),  # q, k, v, gate
+    ((2, 5), 8, (6, 10, 3), (True, False, True)),
+    ((1,), 4, (5,), (True,)),
+], ids=["qkvg", "uneven", "one"])
+def test_linear_packed_matches_reference(autocast_dtype, lead, c_in, outs, biases):
+    """linear_packed vs OpenFold's separate Linears (the reference): every output column the
+    same dot product; dx the readers' gradients summed (in the GEMM's fp32 accumulator,
+    rounded once, where autograd rounds each and sums them in fp32); each weight's gradient its
+    own rows of one GEMM, each bias's its own columns' sum, in the parameters' dtypes."""
+    x, ws, bs, dout = _packed_case(lead, c_in, outs, biases, seed=len(outs))
+    ref = _run_packed(lin.linear_packed_reference, x, ws, bs, dout, autocast_dtype)
+    got = _run_packed(lin.linear_packed, x, ws, bs, dout, autocast_dtype)
+    tol = 1e-5 if autocast_dtype is None else 2 ** -7
+    assert got[0].dtype == ref[0].dtype
+    torch.testing.assert_close(got[0].float(), ref[0].float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(got[1], ref[1], rtol=tol, atol=tol * 4, msg="dx")
+    for i, (a, e) in enumerate(zip(got[2], ref[2])):
+        assert a.dtype == e.dtype == torch.float32
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=f"dW{i}")
+    for i, (a, e) in enumerate(zip(got[3], ref[3])):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert a.dtype == e.dtype == torch.float32
+            torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=f"db{i}")
+
+
+def test_linear_packed_outside_autograd_and_checks():
+    """No gradient asked for: F.linear of the stacked weights; frozen weights get no gradient;
+    mismatched lists and dtypes (outside autocast) raise."""
+    x, ws, bs, _ = _packed_case((4, 3), 6, (5, 7), (False, True), seed=0)
+    with torch.no_grad():
+        got = lin.linear_packed(x, ws, bs)
+    torch.testing.assert_close(got, lin.linear_packed_reference(x, ws, bs), rtol=1e-6, atol=1e-6)
+    xg = x.clone().requires_grad_()
+    out = lin.linear_packed(xg, ws, bs)  # only x needs a gradient
+    (dx,) = torch.autograd.grad(out.sum(), [xg])
+    (dx_r,) = torch.autograd.grad(lin.linear_packed_reference(xg, ws, bs).sum(), [xg])
+    torch.testing.assert_close(dx, dx_r, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one bias"):
+        lin.linear_packed(x, ws, bs[:1])
+    with pytest.raises(TypeError, match="linear_packed"):
+        lin.linear_packed(x.requires_grad_(), [w.bfloat16() for w in ws], [None, None])

@@ -76,3 +76,53 @@ def test_hooked_or_custom_linears_are_called():
     out, _, _ = _step(att, ops)
     assert ops.calls == 1
     torch.testing.assert_close(out.float(), 2.0 * ref_out.float(), rtol=1e-2, atol=1e-2)
+
+
+class _TritonCounting:
+    """The Triton op table, counting the calls of each op."""
+
+    backend = "triton"
+
+    def __init__(self):
+        self.calls = {}
+
+    def __getattr__(self, name):
+        fn = getattr(get_ops("triton"), name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
+
+
+def _fp32_step(att, ops, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 16, generator=g).requires_grad_()
+    for p in att.parameters():
+        p.grad = None
+    h = x * 1.0
+    out = _mha(att, ops, h, h, None, None)
+    out.backward(torch.randn(out.shape, generator=g))
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in att.named_parameters()}
+
+
+def test_self_attention_packs_its_projections():
+    """With the Triton ops a self-attention's q, k, v and gate projections are one GEMM into one
+    packed tensor that the attention reads in place (``linear_packed``, ``attention_packed``);
+    a hook on one of them keeps OpenFold's four Linears. Either way the values and gradients are
+    the reference ops' (fp32)."""
+    att = _attention()
+    out_r, gx_r, gp_r = _fp32_step(att, get_ops("reference"))
+    for hooked in (False, True):
+        if hooked:
+            att.linear_k.register_forward_hook(lambda mod, args, out: out)
+        ops = _TritonCounting()
+        out, gx, gp = _fp32_step(att, ops)
+        packed = 0 if hooked else 1
+        assert ops.calls.get("linear_packed", 0) == packed
+        assert ops.calls.get("attention_packed", 0) == packed
+        assert ops.calls.get("attention", 0) == 1 - packed
+        torch.testing.assert_close(out, out_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gx, gx_r, rtol=1e-5, atol=1e-5)
+        for name, grad in gp.items():
+            torch.testing.assert_close(grad, gp_r[name], rtol=1e-5, atol=1e-5, msg=name)
