@@ -782,6 +782,32 @@ def _attention_bwd_dbias_kernel(
                  mask=(offs_m[:, None] < NQ) & (offs_n[None, :] < NK))
 
 
+@triton.jit
+def _cast_rows_kernel(SRC, DST, R, s_dst, W: tl.constexpr, BLOCK_W: tl.constexpr,
+                      BLOCK_R: tl.constexpr, INTERP: tl.constexpr):
+    """DST[r, :W] = SRC[r, :W] rounded to DST's dtype: SRC contiguous fp32 [R, W] (``attention_
+    packed``'s dQ sums), DST rows of stride `s_dst` (q's part of the packed gradient)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_W)
+    ok = (rows[:, None] < R) & (cols[None, :] < W)
+    x = tl.load(SRC + rows[:, None] * W + cols[None, :], mask=ok)
+    tl.store(DST + rows[:, None] * s_dst + cols[None, :],
+             cast_rne(x, DST.dtype.element_ty, INTERP), mask=ok)
+
+
+def _cast_rows(src: torch.Tensor, dst: torch.Tensor, interp: bool) -> None:
+    """dst [R, W] (unit column stride) = src [R, W] (contiguous), in dst's dtype: one pass at
+    memory speed where torch's copy into a strided low-precision destination is not
+    vectorised."""
+    r, w = src.shape
+    if r == 0:
+        return
+    bw = next_power_of_2(w)
+    br = max(1, min(64, 4096 // bw))
+    _cast_rows_kernel[(triton.cdiv(r, br),)](src, dst, r, dst.stride(0), W=w, BLOCK_W=bw,
+                                             BLOCK_R=br, INTERP=interp, num_warps=4)
+
+
 # --------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------
@@ -998,7 +1024,8 @@ def _attention_backward(lay, saved, o, stats, dout, needs, dest=None):
     """(dq, dk, dv, d mask_bias, d pair_bias, dgate) of the forward `lay` on the inputs `saved`
     (q, k, v, mask_bias, pair_bias, gate), None where `needs` does not ask. With `dest`
     (``attention_packed``): (dq, dk, dv, dgate) buffers laid out like q, k, v and the gate,
-    views of one gradient buffer, which the kernels write in place."""
+    views of one gradient buffer, which the kernels write in place, and that buffer's [rows, P]
+    view (q's part first) or None where it has none."""
     q, k, v, mask_bias, pair_bias, gate = saved
     if any(t is not None and t.stride() != m.stride() for t, m in zip(saved, lay.inputs)):
         # a saved-tensor hook (e.g. torch's save_on_cpu) gave the inputs back with other
@@ -1051,7 +1078,13 @@ def _attention_backward(lay, saved, o, stats, dout, needs, dest=None):
                  dgate if dgate is not None else o),
                 interp)
         if dest is not None and bw.acc.dq is not None:
-            dq = dest[0].copy_(dqa)  # the fp32 sums converted in their place (no one_copy)
+            # the fp32 sums converted into their place: rows of H * C, in the packed rows' order
+            dq, rows = dest[0], dest[4]
+            if rows is not None:
+                hc = dq.shape[-3] * dq.shape[-1]
+                _cast_rows(buf[:dq.numel()].view(-1, hc), rows[:, :hc], interp)
+            else:
+                dq.copy_(dqa)
             if bw.acc.db is not None:
                 dpb = dba.reshape(pair_bias.shape).to(pair_bias.dtype)
         else:
@@ -1107,7 +1140,8 @@ class _PackedAttentionFunction(torch.autograd.Function):
         dy = dest = None
         if need_y:
             dy = torch.empty_like(y)  # y is dense: dy has its strides, the parts q's, k's, ...
-            dest = _packed_views(dy, *ctx.pack)
+            rows = dy.view(-1, dy.shape[-1]) if dy.is_contiguous() else None
+            dest = (*_packed_views(dy, *ctx.pack), rows)
         needs = (need_y, need_y, need_y, need_mb, need_pb, need_y and gate is not None)
         grads = _attention_backward(ctx.layout, (q, k, v, mask_bias, pair_bias, gate), o, stats,
                                     dout, needs, dest)
@@ -1214,7 +1248,7 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
         gk, gv = (k, v) if packed else (_grad_like(k), _grad_like(v))
         dk, dv = (tuple(gk.shape), gk.stride()), (tuple(gv.shape), gv.stride())
         acc = _accumulator_layout(plan, q, pair_bias, fuse_dq, fuse_db, (H, NQ, NK),
-                                  one_copy_ok=not packed)
+                                  (lay.out_shape, lay.out_stride) if packed else None)
         dkdv = _Launch(lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
                        (*common_strides, *_grad_strides(plan, gk, k, "k"),
                         *_grad_strides(plan, gv, v, "v"), *acc.db_strides, *acc.dq_strides,
@@ -1277,9 +1311,12 @@ def _const_along_k(bias: Optional[torch.Tensor], NK: int) -> bool:
 
 
 def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail,
-                        one_copy_ok=True) -> _Accumulators:
-    """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias); `one_copy_ok`:
-    dq may be converted together with the bias gradient (not where it has its own place)."""
+                        out_layout=None) -> _Accumulators:
+    """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias). With `out_layout`
+    (``attention_packed``: dq has its own place in the packed gradient), dQ is summed laid out
+    as the output (size, stride of [*, Q, H, C]: rows of H * C in the packed projection's row
+    order, so that one pass of ``_cast_rows`` converts it into place) and never converted
+    together with the bias gradient."""
     n_dq = q.numel() if fuse_dq else 0
     db_dims, db_flags = _bias_grad_dims(plan, "pair_bias", full_tail) if fuse_db else ((), ())
     n_db = math.prod(db_dims) if fuse_db else 0
@@ -1290,14 +1327,18 @@ def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail,
 
     dq = db = db_out = None
     dq_s, db_s = (0,) * 5, (0,) * 5
-    if fuse_dq:
+    if fuse_dq and out_layout is not None:
+        dqa = buf[:n_dq].as_strided(*out_layout).transpose(-2, -3)
+        dq, dq_s = view(dqa), plan.strides["out"]  # (z0, z1, h, row, c), as q's
+    elif fuse_dq:
         dqa = _grad_like(q, buf[:n_dq])
         dq, dq_s = view(dqa), _grad_strides(plan, dqa, q, "q")
     if fuse_db:
         dba = buf[n_dq:].view(db_dims)
         db = view(dba)
         db_s = tuple(0 if f else s for s, f in zip(dba.stride(), (*db_flags, False), strict=True))
-    one_copy = one_copy_ok and fuse_dq and fuse_db and q.dtype == bias.dtype != torch.float32
+    one_copy = (out_layout is None and fuse_dq and fuse_db
+                and q.dtype == bias.dtype != torch.float32)
     if one_copy:
         db_out = view(buf[n_dq:].view(bias.shape))
     return _Accumulators(n_dq + n_db, dq, dq_s, db, db_s, one_copy, db_out)

@@ -111,8 +111,10 @@ def _layer_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    # dweight / dbias partials tile by tile, reduced over rows once at the end (a reduction
+    # across each tile's rows would cross warps every step)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     row0 = pid.to(tl.int64) * rows_per_program
     for i in range(0, rows_per_program, BLOCK_M):
         rows = row0 + i + tl.arange(0, BLOCK_M)
@@ -144,12 +146,12 @@ def _layer_norm_bwd_kernel(
             dx += tl.load(DRES + r_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         dx_rows = _row_offsets(rows, stride_dx, R_IN, stride_dx_in, TWO_LEVEL)
         tl.store(DX + dx_rows[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
-        dw_acc += tl.sum(dy * xhat, axis=0)
-        db_acc += tl.sum(dy, axis=0)
+        dw_acc += dy * xhat
+        db_acc += dy
     # partials [C, programs]: the caller's sum over them runs along contiguous memory
     n_prog = tl.num_programs(0)
-    tl.store(DW_PART + cols * n_prog + pid, dw_acc, mask=col_ok)
-    tl.store(DB_PART + cols * n_prog + pid, db_acc, mask=col_ok)
+    tl.store(DW_PART + cols * n_prog + pid, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(DB_PART + cols * n_prog + pid, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,18 +62,20 @@ from ._triton_utils import (
 def _column_sum_kernel(G, PART, M, C, stride_g, rows_per_program,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """PART[c, pid] = sum of G[r, c] (fp32) over this program's `rows_per_program` rows (the
-    partials of a column along contiguous memory: the caller's sum of them reads it so)."""
+    partials of a column along contiguous memory: the caller's sum of them reads it so). The
+    tiles are added elementwise and reduced over their rows once, at the end: a reduction
+    across the rows of each tile would cross warps (shared memory and a barrier) every step."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     row0 = pid.to(tl.int64) * rows_per_program
     for i in range(0, rows_per_program, BLOCK_M):
         rows = row0 + i + tl.arange(0, BLOCK_M)
         ok = (rows < M)[:, None] & col_ok[None, :]
-        g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=ok, other=0.0)
-        acc += tl.sum(g.to(tl.float32), axis=0)
-    tl.store(PART + cols * tl.num_programs(0) + pid, acc, mask=col_ok)
+        acc += tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=ok,
+                       other=0.0).to(tl.float32)
+    tl.store(PART + cols * tl.num_programs(0) + pid, tl.sum(acc, axis=0), mask=col_ok)
 
 
 class _Plan(NamedTuple):

@@ -89,7 +89,7 @@ def _transition_bwd_kernel(
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # reduced over rows once, at the end
     row0 = pid_m.to(tl.int64) * rows_per_program
     for i in range(0, rows_per_program, BLOCK_M):
         rows = row0 + i + tl.arange(0, BLOCK_M)
@@ -104,8 +104,8 @@ def _transition_bwd_kernel(
             d = g * s[:, None]
         d = d.to(OUT.dtype.element_ty)
         tl.store(OUT + rows[:, None] * stride_out + cols[None, :], d, mask=ok)
-        acc += tl.sum(d.to(tl.float32), axis=0)
-    tl.store(PART + cols * tl.num_programs(0) + pid_m, acc, mask=col_ok)
+        acc += d.to(tl.float32)
+    tl.store(PART + cols * tl.num_programs(0) + pid_m, tl.sum(acc, axis=0), mask=col_ok)
 
 
 @triton.jit
