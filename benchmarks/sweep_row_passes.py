@@ -27,11 +27,13 @@ from fastfold_plugin.kernels import linear as LIN
 from fastfold_plugin.kernels import transition as T
 
 # LayerNorm backward: (label, rows, channels, output gradients summed); bf16 gradients, fp32
-# x / dx / residual gradient
+# x / dx / residual gradient. An attention's LayerNorm has one reader per projection GEMM: the
+# packed q/k/v/gate projection (``linear_packed``), plus the pair-bias projection in the
+# triangle attention.
 LN_CASES = [
-    ("MSA att 512x384", 512 * 384, 256, 4), ("MSA transition 512x384", 512 * 384, 256, 1),
-    ("pair tri-att 384", 384 * 384, 128, 5), ("pair transition 384", 384 * 384, 128, 1),
-    ("MSA att 128x256", 128 * 256, 256, 4), ("pair tri-att 256", 256 * 256, 128, 5),
+    ("MSA att 512x384", 512 * 384, 256, 1), ("MSA transition 512x384", 512 * 384, 256, 1),
+    ("pair tri-att 384", 384 * 384, 128, 2), ("pair transition 384", 384 * 384, 128, 1),
+    ("MSA att 128x256", 128 * 256, 256, 1), ("pair tri-att 256", 256 * 256, 128, 2),
 ]
 LN_CONFIGS = list(itertools.product((2048, 4096, 8192), (4, 8, 16), (4, 8)))
 # column sum and transition passes: (label, rows, columns), bf16

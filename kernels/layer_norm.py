@@ -208,9 +208,12 @@ class _BwdPlan(NamedTuple):
 
 # The backward's launch shape on a GPU (``benchmarks/sweep_row_passes.py`` times the
 # alternatives): elements per row tile, programs per SM (each loops over its share of the rows
-# and writes one partial dweight / dbias column), warps per program.
+# and writes one partial dweight / dbias column), warps per program. Since the partials are
+# reduced once per program (b66c0bf), 4 programs per SM lead or tie every case of the sweep on
+# an H100 (``logs/sweep-row-passes_h100_b66c0bf.txt``: 366 vs 379 us for the MSA attention's
+# LayerNorm at 512 x 384, 82 vs 111 us at 128 x 256); 16 did before.
 _BWD_TILE_ELEMS = 4096
-_BWD_PROGRAMS_PER_SM = 16
+_BWD_PROGRAMS_PER_SM = 4
 _BWD_WARPS = 4
 
 
