@@ -257,9 +257,13 @@ class _PackedLinearFn(torch.autograd.Function):
         weights, biases = params[:n], params[n:]
         w = torch.cat(weights).to(dt)
         b = None
-        if any(t is not None for t in biases):
-            b = torch.cat([w_.new_zeros(w_.shape[0], dtype=dt) if t is None else t.to(dt)
-                           for w_, t in zip(weights, biases, strict=True)])
+        if any(t is not None for t in biases):  # zeros where a Linear has none (2 launches for
+            b = w.new_zeros(w.shape[0])          # q, k, v and a gated attention's one bias)
+            row = 0
+            for w_, t in zip(weights, biases, strict=True):
+                if t is not None:
+                    b[row:row + w_.shape[0]].copy_(t)
+                row += w_.shape[0]
         ctx.save_for_backward(x if any(t.requires_grad for t in weights) else None,
                               w if x.requires_grad else None)
         ctx.x_shape, ctx.dt = x.shape, dt
@@ -285,9 +289,11 @@ class _PackedLinearFn(torch.autograd.Function):
             bounds.append(bounds[-1] + r)
         if any(needs[:n]):
             dw = g2.t() @ x.reshape(-1, x.shape[-1])  # one GEMM; each weight its rows
+            if len(set(ctx.dtypes[:n])) == 1:
+                dw = dw.to(ctx.dtypes[0])  # one conversion; each gradient a view of its rows
             for i in range(n):
                 if needs[i]:
-                    grads[i] = dw[bounds[i]:bounds[i + 1]].to(ctx.dtypes[i], copy=True)
+                    grads[i] = dw[bounds[i]:bounds[i + 1]].to(ctx.dtypes[i])
         for i in range(n):
             if needs[n + i]:
                 db = column_sum(g2[:, bounds[i]:bounds[i + 1]], ctx.dt)
@@ -308,8 +314,9 @@ def linear_packed(x: torch.Tensor, weights: Sequence[torch.Tensor],
     dtype under autocast, as autocast rounds each), missing biases zeros. Its backward is one
     GEMM for dx (the readers' gradients summed in the GEMM's fp32 accumulator, rounded once,
     where autograd rounds each reader's and sums them), one for the stacked weight gradient
-    (each weight its rows, in its own dtype), and each bias gradient summed by the column-sum
-    kernel over its own columns. Outside autograd (no gradient asked for, fp64, or on a CPU
+    (converted once to the weights' dtype; each weight's gradient is a view of its rows, which
+    autograd's accumulation takes as the parameter's ``.grad`` or adds into it), and each bias
+    gradient summed by the column-sum kernel over its own columns. Outside autograd (no gradient asked for, fp64, or on a CPU
     without the interpreter) it is ``F.linear`` of the stacked weights.
 
     Every output column is the same dot product as its own Linear's; cuBLAS may order the fp32

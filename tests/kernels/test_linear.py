@@ -311,3 +311,25 @@ def test_linear_packed_outside_autograd_and_checks():
         lin.linear_packed(x, ws, bs[:1])
     with pytest.raises(TypeError, match="linear_packed"):
         lin.linear_packed(x.requires_grad_(), [w.bfloat16() for w in ws], [None, None])
+
+
+def test_linear_packed_gradients_accumulate_per_parameter():
+    """The weights' gradients are views of one stacked gradient: two backward passes still
+    accumulate each parameter's own gradient (as with separate Linears), and zeroing one
+    parameter's gradient leaves the others alone."""
+    x, ws, bs, dout = _packed_case((3, 5), 8, (6, 6, 6, 6), (False, False, False, True), seed=3)
+
+    def two_steps(fn):
+        w = [t.clone().requires_grad_() for t in ws]
+        b = [None if t is None else t.clone().requires_grad_() for t in bs]
+        for _ in range(2):
+            fn(x, w, b).backward(dout)
+        return w, b
+
+    w_got, b_got = two_steps(lin.linear_packed)
+    w_ref, b_ref = two_steps(lin.linear_packed_reference)
+    for a, e in zip(w_got, w_ref):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b_got[3].grad, b_ref[3].grad, rtol=1e-5, atol=1e-5)
+    w_got[0].grad.zero_()
+    torch.testing.assert_close(w_got[1].grad, w_ref[1].grad, rtol=1e-5, atol=1e-5)
