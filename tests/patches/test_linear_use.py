@@ -1,6 +1,8 @@
 """The attentions' gate and output projections go through the op table's ``linear`` (their bias
 gradient fused) when calling the module would be plain ``F.linear``; a module with hooks, or a
-Linear with its own forward, is called as stock OpenFold calls it."""
+Linear with its own forward, is called as stock OpenFold calls it. With the Triton ops, a
+self-attention's q, k, v and gate projections run as one packed GEMM (``linear_packed``) read
+in place by ``attention_packed``, unless one of them has hooks."""
 import torch
 from openfold.model.primitives import Attention, Linear
 
