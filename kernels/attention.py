@@ -71,7 +71,8 @@ output and gradients in that same memory order, and the Linears around the op ne
 Linears as one GEMM) and writes their four gradients, each laid out like its part, into one
 buffer laid out like the projection: the projection's backward is then one GEMM, with no copy
 to gather the gradients (its preprocess is never folded, see 1. above: the folded form stores
-the gate's gradient laid out like the output). The output is laid out in the gate's memory order.
+the gate's gradient laid out like the output). The output is laid out in the gate's memory
+order (ungated: q's).
 Leading batch dims
 are folded into at most two (size, stride) pairs per tensor (``collapse_dims``); the rare layout
 that needs more is handled by an explicit loop over the first batch dim. Offsets of batch and
@@ -1315,8 +1316,9 @@ def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail,
     """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias). With `out_layout`
     (``attention_packed``: dq has its own place in the packed gradient), dQ is summed laid out
     as the output (size, stride of [*, Q, H, C]: rows of H * C in the packed projection's row
-    order, so that one pass of ``_cast_rows`` converts it into place) and never converted
-    together with the bias gradient."""
+    order, since the output follows the gate's memory order, or without a gate q's; one pass
+    of ``_cast_rows`` converts it into place) and never converted together with the bias
+    gradient."""
     n_dq = q.numel() if fuse_dq else 0
     db_dims, db_flags = _bias_grad_dims(plan, "pair_bias", full_tail) if fuse_db else ((), ())
     n_db = math.prod(db_dims) if fuse_db else 0
@@ -1614,9 +1616,15 @@ def _layout(key, needs_grad: bool, interp: bool, dot_prec: str, scale: float = 1
         return _Layout(batch, expand, True, None)
     # the output laid out like the gate where it is a permuted dense tensor, dense in the
     # gate's memory order where it is a view with gaps (one part of ``attention_packed``'s
-    # projections), batch-contiguous otherwise (an expanded gate)
-    out_stride = (gate.stride() if _dense(gate) else _dense_in_order(gate)
-                  or contiguous_strides((*batch, NQ, H, C)))
+    # projections), without a gate dense in q's memory order where q is such a view; else
+    # batch-contiguous (an expanded gate or q, a dense q without a gate)
+    if _dense(gate):
+        out_stride = gate.stride()
+    elif gate is not None:
+        out_stride = _dense_in_order(gate)
+    else:
+        out_stride = None if _dense(q) else _dense_in_order(q.transpose(-2, -3))
+    out_stride = out_stride or contiguous_strides((*batch, NQ, H, C))
     plan = _make_plan(batch, (H, NQ, NK, C), tuple(out_stride), q=q, k=k, v=v, gate=gate,
                       mask_bias=mask_bias, pair_bias=pair_bias)
     if plan is None:

@@ -223,7 +223,7 @@ def _packed_ops(h, c, gated, columns):
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("case,n,c,gated", [
     ("row", 17, 32, True), ("row", 5, 8, False), ("column", 9, 16, True), ("triangle", 9, 16, True),
-    ("row", 1, 16, True),
+    ("row", 1, 16, True), ("column", 7, 16, False),
 ], ids=str)
 def test_attention_packed_matches_reference(monkeypatch, case, n, c, gated, dtype, tol, fused):
     """One packed projection y = [q | k | v | gate]: the output and the gradients of y (one
