@@ -248,6 +248,24 @@ def linear_fused(x: torch.Tensor, weight: torch.Tensor,
         return _LinearFn.apply(x, weight, bias)
 
 
+def _stack(weights, biases, dt: Optional[torch.dtype] = None):
+    """(the weights stacked, the biases stacked with zeros where a Linear has none, or None
+    without any), rounded to `dt` if given: a cat and a cast, and a zero fill and one copy per
+    bias (q, k, v and a gated attention's one bias: two launches)."""
+    w = torch.cat(list(weights))
+    if dt is not None:
+        w = w.to(dt)
+    b = None
+    if any(t is not None for t in biases):
+        b = w.new_zeros(w.shape[0])
+        row = 0
+        for w_, t in zip(weights, biases, strict=True):
+            if t is not None:
+                b[row:row + w_.shape[0]].copy_(t)
+            row += w_.shape[0]
+    return w, b
+
+
 class _PackedLinearFn(torch.autograd.Function):
     """``linear_packed`` on x already in its compute dtype `dt` (autocast off); the weights and
     biases in their own dtypes, stacked and rounded to `dt` here."""
@@ -255,15 +273,7 @@ class _PackedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, n, *params):
         weights, biases = params[:n], params[n:]
-        w = torch.cat(weights).to(dt)
-        b = None
-        if any(t is not None for t in biases):  # zeros where a Linear has none (2 launches for
-            b = w.new_zeros(w.shape[0])          # q, k, v and a gated attention's one bias)
-            row = 0
-            for w_, t in zip(weights, biases, strict=True):
-                if t is not None:
-                    b[row:row + w_.shape[0]].copy_(t)
-                row += w_.shape[0]
+        w, b = _stack(weights, biases, dt)
         ctx.save_for_backward(x if any(t.requires_grad for t in weights) else None,
                               w if x.requires_grad else None)
         ctx.x_shape, ctx.dt = x.shape, dt
@@ -316,8 +326,9 @@ def linear_packed(x: torch.Tensor, weights: Sequence[torch.Tensor],
     where autograd rounds each reader's and sums them), one for the stacked weight gradient
     (converted once to the weights' dtype; each weight's gradient is a view of its rows, which
     autograd's accumulation takes as the parameter's ``.grad`` or adds into it), and each bias
-    gradient summed by the column-sum kernel over its own columns. Outside autograd (no gradient asked for, fp64, or on a CPU
-    without the interpreter) it is ``F.linear`` of the stacked weights.
+    gradient summed by the column-sum kernel over its own columns. Outside autograd (no
+    gradient asked for, fp64, or on a CPU without the interpreter) it is ``F.linear`` of the
+    stacked weights.
 
     Every output column is the same dot product as its own Linear's; cuBLAS may order the fp32
     accumulation differently for the wider GEMM."""
@@ -330,12 +341,7 @@ def linear_packed(x: torch.Tensor, weights: Sequence[torch.Tensor],
     dt = autocast_dtype(x.device.type)
     if (not grad or not (x.is_cuda or is_interpreter())
             or any(t is not None and t.dtype == torch.float64 for t in (x, *params))):
-        w = torch.cat(list(weights))
-        b = None
-        if any(t is not None for t in biases):
-            b = torch.cat([t if t is not None else w_.new_zeros(w_.shape[0])
-                           for w_, t in zip(weights, biases, strict=True)])
-        return F.linear(x, w, b)
+        return F.linear(x, *_stack(weights, biases))
     if dt is None:
         bad = [t.dtype for t in params if t is not None and t.dtype != x.dtype]
         if bad:  # (as F.linear: no implicit casts outside autocast)
