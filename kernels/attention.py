@@ -1422,6 +1422,13 @@ def _bias_grad(plan, bias, name, common, common_strides, kwargs, full_tail, scal
 # --------------------------------------------------------------------------------------------
 # Public op
 # --------------------------------------------------------------------------------------------
+def _logit_scale(q_div: Optional[float]) -> float:
+    """The factor on q @ k^T for the caller's divisor of q (None: 1)."""
+    if q_div is not None and not (math.isfinite(q_div) and q_div > 0):
+        raise ValueError(f"q_div must be a positive finite number, got {q_div}")
+    return 1.0 if q_div is None else 1.0 / q_div
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1444,9 +1451,7 @@ def attention(
     Returns:
         [*, Q, H, C] in q's dtype (promoted with gate's)
     """
-    if q_div is not None and not (math.isfinite(q_div) and q_div > 0):
-        raise ValueError(f"q_div must be a positive finite number, got {q_div}")
-    scale = 1.0 if q_div is None else 1.0 / q_div
+    scale = _logit_scale(q_div)
     ac = autocast_dtype(q.device.type)
     if ac is not None and q.dtype == torch.float32:
         q, k, v = q.to(ac), k.to(ac), v.to(ac)  # as torch.matmul does under autocast
@@ -1526,9 +1531,7 @@ def attention_packed(y: torch.Tensor, heads: int, mask_bias: Optional[torch.Tens
     if not _dense(y):
         y = y.contiguous()  # (the gradient buffer is laid out like y: no gaps, no overlaps)
     q, k, v, gate = _packed_views(y, heads, gated, columns)
-    scale = 1.0 if q_div is None else 1.0 / q_div
-    if q_div is not None and not (math.isfinite(q_div) and q_div > 0):
-        raise ValueError(f"q_div must be a positive finite number, got {q_div}")
+    scale = _logit_scale(q_div)
     mask_bias, pair_bias = _bias_view(mask_bias), _bias_view(pair_bias)
     inputs = (q, k, v, mask_bias, pair_bias, gate)
     needs_grad = torch.is_grad_enabled() and any(
