@@ -172,6 +172,34 @@ def _rows(t: torch.Tensor, c: int) -> torch.Tensor:
     return t2
 
 
+def _broadcast_rows(g: torch.Tensor) -> bool:
+    """Whether `g` [*, C] has a stride of 0 on every dim but the last (one row broadcast to all:
+    the gradient a sum's backward hands out) and more than one row."""
+    return g.dim() > 1 and g.numel() > g.shape[-1] > 0 and not any(g.stride()[:-1])
+
+
+def grad_rows(g: torch.Tensor, c: int) -> torch.Tensor:
+    """[M, C] rows of a gradient with unit column stride, for kernels that only read them:
+    ``_rows``, except that a gradient broadcast over its rows (``_broadcast_rows``) stays a view
+    with row stride 0 (its one row made contiguous first where it is broadcast along C too: C
+    elements) instead of being materialised."""
+    if not _broadcast_rows(g):
+        return _rows(g, c)
+    row = g[(0,) * (g.dim() - 1)]
+    if row.stride(-1) != 1 and c > 1:
+        row = row.contiguous()
+    return row.expand(g.numel() // c, c)
+
+
+def read_grad_rows(g: torch.Tensor) -> Tuple[torch.Tensor, "RowLayout"]:
+    """``read_rows`` for a gradient that kernels only read: one broadcast over its rows is read
+    where it lies, with row stride 0 (``grad_rows``)."""
+    if not _broadcast_rows(g):
+        return read_rows(g)
+    g2 = grad_rows(g, g.shape[-1])
+    return g2, RowLayout(g2.shape[0], 0)
+
+
 class _FwdPlan(NamedTuple):
     """What a forward launch fixes for [M, C] rows: grid, y's row stride, launch keywords."""
     grid: tuple
@@ -391,14 +419,14 @@ def _backward(ctx, dys, dres=None):
     xs, w, mean, rstd = ctx.saved_tensors
     shape, x_dtype, w_dtype, b_dtype, interp = ctx.meta[:5]
     c = shape[-1]
-    dys = [_rows(g, c) for g in dys]
+    dys = [grad_rows(g, c) for g in dys]
     if any(d.stride(0) != dys[0].stride(0) for d in dys):
         dys = [d.contiguous() for d in dys]
     if len(dys) > MAX_DY:  # more readers than the kernel takes: pre-sum the rest
         dys = dys[:MAX_DY - 1] + [torch.stack(dys[MAX_DY - 1:]).float().sum(0)]
     dres_layout = None
     if dres is not None:
-        dres, dres_layout = read_rows(dres)
+        dres, dres_layout = read_grad_rows(dres)
     # the layout of the saved x as it comes back: a saved-tensor hook (e.g. torch's
     # save_on_cpu) may return it with other strides than the forward read
     xs, layout = read_rows(xs)

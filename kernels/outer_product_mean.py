@@ -64,7 +64,12 @@ from ._triton_utils import (
 from ._triton_utils import cast_rne as _cast
 from ._triton_utils import dot_acc32 as _dot
 from ._triton_utils import weight_grad_fp32 as _weight_grad
-from .layer_norm import _kernel_rows, _row_offsets, layer_norm_torch_reference, read_rows
+from .layer_norm import (
+    _kernel_rows,
+    _row_offsets,
+    layer_norm_torch_reference,
+    read_grad_rows,
+)
 
 # Largest outer-product chunk, in elements (512 MiB in bf16); backward holds two of them.
 _CHUNK_ELEMENTS = 1 << 28
@@ -471,8 +476,9 @@ def _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps: float, cdt: torch.dtype,
     in `m_dtype`, d[w1; w2] [2C, C_m] fp32, the partial sums' total [2C + 2 C_m] fp32: the
     projection biases', then the LayerNorm weight's and bias's gradients).  `dres` (m's shape,
     any strides and float dtype): a gradient the kernel adds to dm in fp32, its rows read where
-    they lie when they are at most two strided dims with unit column stride (a transposed view),
-    else from an [M, C_m] copy (``read_rows``)."""
+    they lie when they are at most two strided dims with unit column stride (a transposed view)
+    or all broadcast (a sum's gradient: row stride 0), else from an [M, C_m] copy
+    (``read_grad_rows``)."""
     M, CM = m2.shape
     C = w12.shape[0] // 2
     dev = m2.device
@@ -483,7 +489,7 @@ def _proj_bwd(m2, mk, ln_w, ln_b, w12, da, db, ln_eps: float, cdt: torch.dtype,
     part = torch.zeros((n_prog, 2 * C + 2 * CM), device=dev, dtype=torch.float32)
     res_rows = (0, 1, 0, False)
     if dres is not None:
-        dres, layout = read_rows(dres)
+        dres, layout = read_grad_rows(dres)
         res_rows = _kernel_rows(layout)
     _launch(_opm_proj_bwd_kernel, _proj_bwd_tuned, lambda mt: (cdiv(M, mt["BLOCK_M"]),),
             (m2, mk, ln_w, ln_b, w12, da, db, dp, ln_out, dm, part,

@@ -63,6 +63,7 @@ from ._triton_utils import (
 )
 from .layer_norm import (
     _rows,
+    grad_rows,
     layer_norm_bwd_rows,
     layer_norm_fwd_rows,
     layer_norm_reference,
@@ -245,7 +246,7 @@ class _TransitionFn(torch.autograd.Function):
         m = x2.shape[0]
         interp = ctx.interp
         with autocast_off(x2.device.type):
-            g2 = _rows(g, g.shape[-1])
+            g2 = grad_rows(g, g.shape[-1])  # (a sum's broadcast gradient: read in place)
             # with residual, g is also the residual's gradient, added to dx by the LayerNorm's
             # backward kernel
             dres = g2 if ctx.residual else None

@@ -397,6 +397,56 @@ def test_layer_norm_fanout_rounds_once_and_sums_in_fp32():
     assert_close(b.grad, dy.sum(0), rtol=1e-5, atol=1e-5, name="dbias")
 
 
+@pytest.mark.parametrize("bcast", ["row", "scalar"])
+def test_broadcast_gradients_are_read_in_place(bcast):
+    """Gradients broadcast over every row, as a sum's backward hands them out (one row expanded,
+    or one scalar expanded to all elements), reach the kernel unmaterialised (no copy of a
+    broadcast tensor but its one row: the row is read with stride 0) and give the gradients of
+    their dense copies, for the readers' outputs and for the carried x alike."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastfold_plugin.kernels.layer_norm import layer_norm_fanout
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 9, 40, generator=g) * 2.0).requires_grad_()
+    w = (1.0 + 0.1 * torch.randn(40, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(40, generator=g)).requires_grad_()
+
+    def cotangent(seed):
+        v = torch.randn(40 if bcast == "row" else (), generator=torch.Generator().manual_seed(seed))
+        return v.expand(x.shape)
+
+    grads = [cotangent(6), cotangent(7), cotangent(8)]  # two readers and the carried x
+    assert all(not any(t.stride()[:-1]) for t in grads)
+
+    class Copies(TorchDispatchMode):
+        """Records the copies made of a broadcast tensor of more than one row."""
+        big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            copies = {torch.ops.aten.clone: 0, torch.ops.aten._to_copy: 0,
+                      torch.ops.aten.copy_: 1}
+            src = args[copies[func.overloadpacket]] if func.overloadpacket in copies else None
+            if isinstance(src, torch.Tensor) and src.numel() > x.shape[-1] and any(
+                    st == 0 and n > 1 for n, st in zip(src.shape, src.stride(), strict=True)):
+                self.big.append((func, tuple(src.shape)))
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for dense in (False, True):
+        for t in (x, w, b):
+            t.grad = None
+        outs = layer_norm_fanout(x, w, b, 1e-5, 2, carry=True)
+        gs = [gr.contiguous() if dense else gr for gr in grads]
+        with Copies() as mode:
+            torch.autograd.backward(list(outs), gs)
+        if not dense:
+            assert mode.big == [], mode.big
+        results.append([t.grad.clone() for t in (x, w, b)])
+    for a, e, name in zip(*results, ("dx", "dweight", "dbias")):
+        assert torch.equal(a, e), name
+
+
 def test_layer_norm_fanout_without_grad_or_autocast():
     """No gradients: one forward kernel, no saved statistics, aliases. No autocast: the
     ``layer_norm`` contract's dtype (nothing to round), same values as ``layer_norm``."""

@@ -434,10 +434,13 @@ def _res_grad(shape, layout, dtype):
                            generator=gen).to(dtype).transpose(-2, -3)
     if layout == "strided-channels":  # channel stride 2: read through a contiguous copy
         return torch.randn(*shape[:-1], 2 * shape[-1], generator=gen).to(dtype)[..., ::2]
+    if layout == "broadcast":  # one row for all, as a sum's gradient: read with row stride 0
+        return (torch.rand(shape[-1], generator=gen) + 0.5).to(dtype).expand(shape)
     return torch.randn(shape, generator=gen).to(dtype)
 
 
-@pytest.mark.parametrize("res_layout", ["contiguous", "transposed", "strided-channels"])
+@pytest.mark.parametrize("res_layout", ["contiguous", "transposed", "strided-channels",
+                                        "broadcast"])
 @pytest.mark.parametrize("x_dtype,ac,tol", CARRY_CASES)
 def test_carry_adds_the_residual_gradient(x_dtype, ac, tol, res_layout):
     """With carry the op returns (out, m2): out is the no-carry output, m2 equals m (its own

@@ -205,6 +205,22 @@ def test_residual_is_the_add_of_the_update(x_dtype, mask_dtype, ac):
     assert rel_err(dx, (dx_plain.float() + g.float()).to(x_dtype)) < tol
 
 
+def test_residual_takes_a_sums_broadcast_gradient():
+    """The gradient of ``y.sum()`` is one scalar broadcast to y's shape: read in place (row
+    stride 0) by the backward's passes and the LayerNorm's kernel, it gives exactly the
+    gradients of its dense copy."""
+    args = make_inputs((3, 6, 16), 4, torch.float32, torch.float32, "cpu", seed=12)
+    grads = []
+    for dense in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = transition(args[0], args[1], *args[2:], residual=True)
+        g = torch.full((), 0.75).expand(y.shape)
+        grads.append(torch.autograd.grad(y, [args[0]] + args[2:],
+                                         g.contiguous() if dense else g))
+    for a, e, name in zip(*grads, GRAD_NAMES, strict=True):
+        assert torch.equal(a, e), name
+
+
 def test_cached_plans_are_keyed_on_everything_they_fix():
     """Calls on the same rows and channels that differ in one thing a cached launch plan fixes
     or leaves to the call, made in turn, each match the reference: x's strides, the dtypes,
