@@ -2,14 +2,12 @@
 
 For each case (bench_attention's inputs, bf16): forward time; the backward in each variant
 (V = dQ and pair-bias gradient in their own kernels, as before; Q = dQ fused into the dK/dV
-kernel with fp32 atomics; QB = dQ and the pair-bias gradient both fused there; S = as QB but
-dQ summed SERIALly by one program per (batch, head), no atomics: the default from enough
-(batch, head) pairs, ``attention._SERIAL_DQ_PER_SM``),
+kernel with fp32 atomics; QB = dQ and the pair-bias gradient both fused there, the default),
 with a profiler breakdown per kernel and the gradients' difference from the first variant;
 with --sweep, per-config timings of the dK/dV, dQ and bias-gradient kernels over a wide
 candidate list (the autotuner's own measurements).
 
-    python benchmarks/profile_attention_bwd.py [--cases tri1024,msa128x256] [--variants QB,S]
+    python benchmarks/profile_attention_bwd.py [--cases tri1024,msa128x256] [--variants V,QB]
         [--sweep]
 
 Measured on an H200 (bwd ms; fwd 3.20 / 0.22 / 0.21 / 0.64):
@@ -20,7 +18,6 @@ Measured on an H200 (bwd ms; fwd 3.20 / 0.22 / 0.21 / 0.64):
     MSA row 128 x 256 0.58, 512 x 384 1.98. (Its per-kernel breakdown is still to be run.)
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -38,8 +35,6 @@ CASES = {
     "tri1024": ("tri_att", dict(n_res=1024, heads=4, c=32)),
     "msa128x256": ("msa_row", dict(n_seq=128, n_res=256, heads=8, c=32)),
     "msa512x384": ("msa_row", dict(n_seq=512, n_res=384, heads=8, c=32)),
-    "col128x256": ("msa_col", dict(n_seq=128, n_res=256, heads=8, c=32)),
-    "col512x384": ("msa_col", dict(n_seq=512, n_res=384, heads=8, c=32)),
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 DKDV = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (128, 128, 8, 2),
@@ -89,14 +84,7 @@ def profile(fn, n=3):
     return rows
 
 
-# variant -> (_FUSE_DQ, _FUSE_DB, _SERIAL_DQ_PER_SM)
-VARIANTS = {"V": (False, False, math.inf), "Q": (True, False, math.inf),
-            "QB": (True, True, math.inf), "B": (False, True, math.inf), "S": (True, True, 0)}
-DEFAULT = (A._FUSE_DQ, A._FUSE_DB, A._SERIAL_DQ_PER_SM)
-
-
-def use(variant):
-    A._FUSE_DQ, A._FUSE_DB, A._SERIAL_DQ_PER_SM = variant
+VARIANTS = {"V": (False, False), "Q": (True, False), "QB": (True, True), "B": (False, True)}
 
 
 def run_case(name, variants, sweep):
@@ -113,7 +101,7 @@ def run_case(name, variants, sweep):
 
     ref = None
     for var in variants:
-        use(VARIANTS[var])
+        A._FUSE_DQ, A._FUSE_DB = VARIANTS[var]
         t0 = time.time()
         g = bwd()
         torch.cuda.synchronize()
@@ -132,9 +120,9 @@ def run_case(name, variants, sweep):
                 say("  dq:  ", timings(A._dq_tuned, A._DQ_BLOCKS))
         for ms, k in profile(bwd)[:8]:
             say(f"    {ms:8.3f} ms  {k}")
-    use(VARIANTS["V"])
+    A._FUSE_DQ, A._FUSE_DB = VARIANTS["V"]
     if not sweep:
-        use(DEFAULT)
+        A._FUSE_DQ, A._FUSE_DB = VARIANTS["QB"]
         return
     # bias-gradient block sizes
     for bm, bn in DBIAS_BLOCKS:
@@ -149,21 +137,20 @@ def run_case(name, variants, sweep):
         say(f"  dbias {bm}x{bn}: " + " ".join(
             f"(w{c.num_warps},s{c.num_stages}):{ms:.3f}" for ms, c in sorted(rows, key=lambda r: r[0])))
     A._DBIAS_BLOCK_M = A._DBIAS_BLOCK_N = 64
-    use(DEFAULT)
+    A._FUSE_DQ, A._FUSE_DB = VARIANTS["QB"]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="tri1024,msa128x256,tri256,msa512x384")
-    ap.add_argument("--variants", default="V,Q,QB,S")
+    ap.add_argument("--variants", default="V,Q,QB")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     say("device:", torch.cuda.get_device_name(), "triton", triton.__version__)
     if args.sweep:
         A._dkdv_tuned = tuner(A._attention_bwd_dkdv_kernel, DKDV,
-                              A._TUNE_KEY + ["FUSE_DQ", "SERIAL", "FUSE_DB", "FOLD_PRE",
-                                             "HAS_GATE"],
+                              A._TUNE_KEY + ["FUSE_DQ", "FUSE_DB", "FOLD_PRE", "HAS_GATE"],
                               reset_to_zero=["DQA", "DB"])
         A._dq_tuned = tuner(A._attention_bwd_dq_kernel, DQ, A._TUNE_KEY)
     try:

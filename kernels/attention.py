@@ -40,12 +40,7 @@ to max; such a row must come out uniform, as in OpenFold.) Backward (FlashAttent
    atomics, so the whole backward is one pass with one exp per logit. The two buffers are one
    zeroed allocation, dQ's laid out like dq, and are converted to the inputs' dtypes by one
    copy when those agree. A small fwd+bwd is thus 4 launches (forward, zero fill, dK/dV,
-   conversion; 3 in fp32). Where there are enough (batch, head) pairs to fill the card
-   (``_SERIAL_DQ_PER_SM``, all the Evoformer's attentions at training crops), the kernel runs
-   SERIAL instead: one program per (batch, head) takes its key blocks in turn, sums dQ in an
-   fp32 scratch buffer that only it reads and writes (key block 0 stores, later ones add; no
-   zero fill, no atomics), and the last key block stores dq in q's dtype: no conversion pass,
-   and dQ is deterministic. The bias gradient keeps its atomics (it sums over the batch).
+   conversion; 3 in fp32).
 3. Otherwise ``_attention_bwd_dq_kernel``: one program per (batch, head, query block) loops
    over key blocks.
 4. Otherwise (and always for the mask bias) ``_attention_bwd_dbias_kernel``: one program owns
@@ -118,7 +113,6 @@ from ._triton_utils import (
     contiguous_strides,
     dot_precision,
     is_interpreter,
-    max_programs,
     next_power_of_2,
 )
 
@@ -433,23 +427,20 @@ def _attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG,
-                              DQ, offs_n, offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn,
-                              spm, spn, sbm, sbn, sdqm, sdqc, som, soc, sgm, sgc, sfqm, sfqc,
-                              NQ, NK, STAT_STRIDE, kb, last_kb, SCALE,
+                              offs_n, offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn,
+                              spm, spn, sbm, sbn, sdqm, sdqc, som, soc, sgm, sgc, NQ, NK,
+                              STAT_STRIDE, first_kb, SCALE,
                               C: tl.constexpr, CP: tl.constexpr,
                               HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr,
                               PB_QB: tl.constexpr, MASK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
-                              SERIAL: tl.constexpr, FUSE_DB: tl.constexpr,
-                              FOLD_PRE: tl.constexpr, HAS_GATE: tl.constexpr,
-                              DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
-                              BLOCK_M: tl.constexpr):
+                              FUSE_DB: tl.constexpr, FOLD_PRE: tl.constexpr,
+                              HAS_GATE: tl.constexpr, DOT_PREC: tl.constexpr,
+                              INTERP: tl.constexpr, BLOCK_M: tl.constexpr):
     """One query block's contribution to dK, dV (transposed tiles [BLOCK_N, BLOCK_M]); with
-    FUSE_DQ also its dQ contribution dS k: added atomically to the fp32 rows at DQA, or with
-    SERIAL (this program runs key blocks 0..last_kb in turn) added to the fp32 sum of the
-    earlier key blocks at DQA (stored there, not read, by key block 0) and, by the last key
-    block, stored at DQ in its dtype. With FOLD_PRE, dO and delta come from the upstream
-    gradient at DO, ORAW and the gate here (the preprocess kernel's math, redone per key
-    block); the first key block stores the gate gradient."""
+    FUSE_DQ also its dQ contribution dS k, added atomically to the fp32 rows at DQA. With
+    FOLD_PRE, dO and delta come from the upstream gradient at DO, ORAW and the gate here (the
+    preprocess kernel's math, redone per key block); the first key block stores the gate
+    gradient."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASK_M:
         offs_mc = tl.minimum(offs_m, NQ - 1)
@@ -475,7 +466,7 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
         if HAS_GATE:
             tl.store(DG + offs_m[:, None] * som + offs_c[None, :] * soc,
                      cast_rne(dg, DG.dtype.element_ty, INTERP),
-                     mask=(offs_m[:, None] < NQ) & (offs_c[None, :] < C) & (kb == 0))
+                     mask=(offs_m[:, None] < NQ) & (offs_c[None, :] < C) & first_kb)
     else:
         do = _load_rows(DO, offs_mc, offs_c, sdm, sdc, C, CP)
         delta = tl.load(DELTA + offs_mc)
@@ -494,16 +485,7 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
     if FUSE_DQ:
         dq = _mm(tl.trans(dsT), kq, DOT_PREC, INTERP) * SCALE
         pq = DQA + offs_m[:, None] * sdqm + offs_c[None, :] * sdqc
-        if SERIAL:  # this program alone reads and writes these rows: no atomics
-            ok = (offs_m[:, None] < NQ) & (offs_c[None, :] < C)
-            if kb > 0:
-                dq += tl.load(pq, mask=ok, other=0.0)
-            if kb == last_kb:
-                tl.store(DQ + offs_m[:, None] * sfqm + offs_c[None, :] * sfqc,
-                         cast_rne(dq, DQ.dtype.element_ty, INTERP), mask=ok)
-            else:
-                tl.store(pq, dq, mask=ok)
-        elif MASK_M:
+        if MASK_M:
             tl.atomic_add(pq, dq, mask=(offs_m[:, None] < NQ) & (offs_c[None, :] < C),
                           sem="relaxed")
         elif C == CP:
@@ -514,55 +496,8 @@ def _attention_bwd_dkdv_block(dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA
 
 
 @triton.jit
-def _attention_bwd_dkdv_keys(kb, last_kb, Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB, ORAW,
-                             G, DG, DQ, skn, skc, svn, svc, sdkn, sdkc, sdvn, sdvc, sqm, sqc,
-                             sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc, som, soc, sgm,
-                             sgc, sfqm, sfqc, NQ, NK, STAT_STRIDE, SCALE,
-                             C: tl.constexpr, CP: tl.constexpr, HAS_MB: tl.constexpr,
-                             MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
-                             FUSE_DQ: tl.constexpr, SERIAL: tl.constexpr, FUSE_DB: tl.constexpr,
-                             FOLD_PRE: tl.constexpr, HAS_GATE: tl.constexpr,
-                             DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
-    """dK, dV of key block `kb` of one (batch, head) (the pointers are offset to it): a loop
-    over the query blocks, see ``_attention_bwd_dkdv_block``."""
-    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_nc = tl.minimum(offs_n, NK - 1)
-    offs_c = tl.arange(0, CP)
-    k = _load_rows(K, offs_nc, offs_c, skn, skc, C, CP)
-    v = _load_rows(V, offs_nc, offs_c, svn, svc, C, CP)
-    kq = k
-    if FUSE_DQ:  # keys past NK are clamped duplicates: no dQ from them
-        kq = tl.where(offs_n[:, None] < NK, k, 0.0).to(k.dtype)
-
-    dk = tl.zeros([BLOCK_N, CP], tl.float32)
-    dv = tl.zeros([BLOCK_N, CP], tl.float32)
-    m_full = (NQ // BLOCK_M) * BLOCK_M
-    for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, DQ, offs_n,
-            offs_nc, offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm,
-            sdqc, som, soc, sgm, sgc, sfqm, sfqc, NQ, NK, STAT_STRIDE, kb, last_kb, SCALE, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, False, FUSE_DQ, SERIAL, FUSE_DB, FOLD_PRE, HAS_GATE,
-            DOT_PREC, INTERP, BLOCK_M)
-    if m_full < NQ:
-        dk, dv = _attention_bwd_dkdv_block(
-            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, DQ, offs_n,
-            offs_nc, offs_c, m_full, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm,
-            sdqc, som, soc, sgm, sgc, sfqm, sfqc, NQ, NK, STAT_STRIDE, kb, last_kb, SCALE, C, CP,
-            HAS_MB, MB_QB, HAS_PB, PB_QB, True, FUSE_DQ, SERIAL, FUSE_DB, FOLD_PRE, HAS_GATE,
-            DOT_PREC, INTERP, BLOCK_M)
-
-    st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
-    tl.store(DK + offs_n[:, None] * sdkn + offs_c[None, :] * sdkc,
-             cast_rne(dk * SCALE, DK.dtype.element_ty, INTERP), mask=st_mask)
-    tl.store(DV + offs_n[:, None] * sdvn + offs_c[None, :] * sdvc,
-             cast_rne(dv, DV.dtype.element_ty, INTERP), mask=st_mask)
-
-
-@triton.jit
 def _attention_bwd_dkdv_kernel(
-    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB, ORAW, G, DG, DQ,
+    Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB, ORAW, G, DG,
     sq0, sq1, sqh, sqm, sqc,
     sk0, sk1, skh, skn, skc,
     sv0, sv1, svh, svn, svc,
@@ -575,39 +510,34 @@ def _attention_bwd_dkdv_kernel(
     sdq0, sdq1, sdqh, sdqm, sdqc,
     so0, so1, soh, som, soc,
     sg0, sg1, sgh, sgm, sgc,
-    sfq0, sfq1, sfqh, sfqm, sfqc,
     Z1, H, NQ, NK, STAT_STRIDE, Q_BUCKET, K_BUCKET, SCALE,
     C: tl.constexpr, CP: tl.constexpr,
     HAS_MB: tl.constexpr, MB_QB: tl.constexpr, HAS_PB: tl.constexpr, PB_QB: tl.constexpr,
-    FUSE_DQ: tl.constexpr, SERIAL: tl.constexpr, FUSE_DB: tl.constexpr, FOLD_PRE: tl.constexpr,
+    FUSE_DQ: tl.constexpr, FUSE_DB: tl.constexpr, FOLD_PRE: tl.constexpr,
     HAS_GATE: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK, dV for one (batch, head, key block), or with SERIAL for every key block of one (batch,
-    head) in turn; loops over query blocks (transposed tiles). With FUSE_DQ, dQ too: with
-    SERIAL summed in fp32 at DQA (a scratch buffer laid out like dq, not zeroed) by the key
-    blocks in turn and stored at DQ (strides sfq*) by the last; else accumulated with fp32
-    atomics in DQA (then a zeroed fp32 [*, H, Q, C] buffer). With FUSE_DB, the pair-bias
-    gradient, accumulated with fp32 atomics in DB (strides 0 on the dims it is broadcast on). DO
-    is the gated dO and DELTA its row sums (from the preprocess kernel), or with FOLD_PRE the
-    upstream gradient, from which dO, delta and the gate gradient DG are computed here (ORAW:
-    the ungated output; ORAW and DG share strides)."""
+    """dK, dV for one (batch, head, key block); loops over query blocks (transposed tiles).
+    With FUSE_DQ, dQ too, accumulated with fp32 atomics in DQA (a zeroed fp32 [*, H, Q, C]
+    buffer laid out like dq); with FUSE_DB, the pair-bias gradient, accumulated with fp32 atomics
+    in DB (strides 0 on the dims it is broadcast on). DO is the gated dO and DELTA its row sums
+    (from the preprocess kernel), or with FOLD_PRE the upstream gradient, from which dO, delta
+    and the gate gradient DG are computed here (ORAW: the ungated output; ORAW and DG share strides)."""
     pid = tl.program_id(0)
     n_kb = tl.cdiv(NK, BLOCK_N)
-    if SERIAL:
-        zh = pid
-    else:
-        zh = pid // n_kb
+    kb = pid % n_kb
+    zh = pid // n_kb
     h = (zh % H).to(tl.int64)
     z = zh // H
     z1 = (z % Z1).to(tl.int64)
     z0 = (z // Z1).to(tl.int64)
 
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_nc = tl.minimum(offs_n, NK - 1)
+    offs_c = tl.arange(0, CP)
+    k = _load_rows(K + z0 * sk0 + z1 * sk1 + h * skh, offs_nc, offs_c, skn, skc, C, CP)
+    v = _load_rows(V + z0 * sv0 + z1 * sv1 + h * svh, offs_nc, offs_c, svn, svc, C, CP)
     Q += z0 * sq0 + z1 * sq1 + h * sqh
-    K += z0 * sk0 + z1 * sk1 + h * skh
-    V += z0 * sv0 + z1 * sv1 + h * svh
-    DK += z0 * sdk0 + z1 * sdk1 + h * sdkh
-    DV += z0 * sdv0 + z1 * sdv1 + h * sdvh
     DO += z0 * sd0 + z1 * sd1 + h * sdh
     if HAS_MB:
         MB += z0 * sm0 + z1 * sm1 + h * smh
@@ -623,27 +553,35 @@ def _attention_bwd_dkdv_kernel(
         DELTA += zh.to(tl.int64) * NQ
     if FUSE_DQ:
         DQA += z0 * sdq0 + z1 * sdq1 + h * sdqh
-        if SERIAL:
-            DQ += z0 * sfq0 + z1 * sfq1 + h * sfqh
     if FUSE_DB:
         DB += z0 * sb0 + z1 * sb1 + h * sbh
-    if SERIAL:
-        for kb in range(0, n_kb):
-            # the previous key block's dQ sums, stored by other threads of this program
-            tl.debug_barrier()
-            _attention_bwd_dkdv_keys(
-                kb, n_kb - 1, Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB, ORAW, G, DG,
-                DQ, skn, skc, svn, svc, sdkn, sdkc, sdvn, sdvc, sqm, sqc, sdm, sdc, smm, smn, spm,
-                spn, sbm, sbn, sdqm, sdqc, som, soc, sgm, sgc, sfqm, sfqc, NQ, NK, STAT_STRIDE,
-                SCALE, C, CP, HAS_MB, MB_QB, HAS_PB, PB_QB, FUSE_DQ, SERIAL, FUSE_DB, FOLD_PRE,
-                HAS_GATE, DOT_PREC, INTERP, BLOCK_M, BLOCK_N)
-    else:
-        _attention_bwd_dkdv_keys(
-            pid % n_kb, n_kb - 1, Q, K, V, MB, PB, DO, STATS, DELTA, DK, DV, DQA, DB, ORAW, G, DG,
-            DQ, skn, skc, svn, svc, sdkn, sdkc, sdvn, sdvc, sqm, sqc, sdm, sdc, smm, smn, spm,
-            spn, sbm, sbn, sdqm, sdqc, som, soc, sgm, sgc, sfqm, sfqc, NQ, NK, STAT_STRIDE,
-            SCALE, C, CP, HAS_MB, MB_QB, HAS_PB, PB_QB, FUSE_DQ, SERIAL, FUSE_DB, FOLD_PRE,
-            HAS_GATE, DOT_PREC, INTERP, BLOCK_M, BLOCK_N)
+    kq = k
+    if FUSE_DQ:  # keys past NK are clamped duplicates: no dQ from them
+        kq = tl.where(offs_n[:, None] < NK, k, 0.0).to(k.dtype)
+    first_kb = kb == 0
+
+    dk = tl.zeros([BLOCK_N, CP], tl.float32)
+    dv = tl.zeros([BLOCK_N, CP], tl.float32)
+    m_full = (NQ // BLOCK_M) * BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _attention_bwd_dkdv_block(
+            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, offs_n, offs_nc,
+            offs_c, start_m, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc,
+            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, SCALE, C, CP, HAS_MB, MB_QB, HAS_PB,
+            PB_QB, False, FUSE_DQ, FUSE_DB, FOLD_PRE, HAS_GATE, DOT_PREC, INTERP, BLOCK_M)
+    if m_full < NQ:
+        dk, dv = _attention_bwd_dkdv_block(
+            dk, dv, k, kq, v, Q, DO, MB, PB, STATS, DELTA, DQA, DB, ORAW, G, DG, offs_n, offs_nc,
+            offs_c, m_full, sqm, sqc, sdm, sdc, smm, smn, spm, spn, sbm, sbn, sdqm, sdqc,
+            som, soc, sgm, sgc, NQ, NK, STAT_STRIDE, first_kb, SCALE, C, CP, HAS_MB, MB_QB, HAS_PB,
+            PB_QB, True, FUSE_DQ, FUSE_DB, FOLD_PRE, HAS_GATE, DOT_PREC, INTERP, BLOCK_M)
+
+    st_mask = (offs_n[:, None] < NK) & (offs_c[None, :] < C)
+    tl.store(DK + z0 * sdk0 + z1 * sdk1 + h * sdkh + offs_n[:, None] * sdkn
+             + offs_c[None, :] * sdkc, cast_rne(dk * SCALE, DK.dtype.element_ty, INTERP),
+             mask=st_mask)
+    tl.store(DV + z0 * sdv0 + z1 * sdv1 + h * sdvh + offs_n[:, None] * sdvn
+             + offs_c[None, :] * sdvc, cast_rne(dv, DV.dtype.element_ty, INTERP), mask=st_mask)
 
 
 @triton.jit
@@ -902,13 +840,7 @@ _DQ_BLOCKS = [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3),
               (16, 64, 2, 2), (16, 16, 1, 2)]
 _DBIAS_WARPS = [(4, 3), (8, 2), (4, 2)]
 _DBIAS_BLOCK_M = _DBIAS_BLOCK_N = 64
-_FUSE_DQ = True  # dQ inside the dK/dV kernel (else its own kernel)
-# With dQ fused, one program per (batch, head) runs its key blocks in turn (SERIAL: dQ summed
-# in an fp32 scratch that program alone touches, the last key block storing it in q's dtype)
-# where there are at least this many (batch, head) pairs per SM; else one program per key block
-# adds its dQ with fp32 atomics into a zeroed buffer, converted by one more pass. Serial saves
-# that fill and that pass and is deterministic; below the threshold it would leave SMs idle.
-_SERIAL_DQ_PER_SM = 4
+_FUSE_DQ = True  # dQ inside the dK/dV kernel with fp32 atomics (else its own kernel)
 _FUSE_DB = True  # pair-bias gradient inside the dK/dV kernel with fp32 atomics
 # Up to this many logits (Z * H * Q * K) the backward's preprocess (gate gradient, gated dO,
 # delta) is redone inside the dK/dV kernel for every key block (FOLD_PRE) instead of run once
@@ -926,8 +858,7 @@ _INTERP_BLOCK_M, _INTERP_BLOCK_N = 16, 32  # under the interpreter: uneven, smal
 _fwd_tuned = autotune(_configs(_FWD_BLOCKS), key=_TUNE_KEY + ["HAS_GATE", "STORE_O"],
                       prune=_prune)(_attention_fwd_kernel)
 _dkdv_tuned = autotune(_configs(_DKDV_BLOCKS),
-                       key=_TUNE_KEY + ["FUSE_DQ", "SERIAL", "FUSE_DB", "FOLD_PRE", "HAS_GATE"],
-                       prune=_prune,
+                       key=_TUNE_KEY + ["FUSE_DQ", "FUSE_DB", "FOLD_PRE", "HAS_GATE"], prune=_prune,
                        reset_to_zero=["DQA", "DB"])(_attention_bwd_dkdv_kernel)
 _dq_tuned = autotune(_configs(_DQ_BLOCKS), key=_TUNE_KEY, prune=_prune)(_attention_bwd_dq_kernel)
 _dbias_tuned = autotune(
@@ -959,14 +890,6 @@ def _launch(jit_fn, tuned, launch: _Launch, tensors: tuple, interp: bool) -> Non
     if launch.key is None:
         launch.key = tuned.key(args, launch.kwargs)
     tuned.launch(launch.key, launch.grid, args, launch.kwargs)
-
-
-def _serial_dq_min(device: torch.device) -> float:
-    """From how many (batch, head) pairs the fused dQ is SERIAL on `device` (the interpreter
-    counts as 2 SMs)."""
-    if device.type != "cuda":
-        return 2 * _SERIAL_DQ_PER_SM
-    return max_programs(device, 1) * _SERIAL_DQ_PER_SM
 
 
 def _target_programs(device: torch.device) -> int:
@@ -1115,7 +1038,7 @@ def _attention_backward(lay, saved, o, stats, dout, needs, dest=None):
     # the module's switches are read per call (benchmarks and tests flip them), and so is
     # the dot precision, as torch's matmuls read it
     key = (needs, dout.stride(), dot_precision(q.dtype), _FUSE_DQ, _FUSE_DB,
-           _FOLD_PRE_MAX_LOGITS, _serial_dq_min(q.device), dest is not None)
+           _FOLD_PRE_MAX_LOGITS, dest is not None)
     bw = lay.backward.get(key)
     if bw is None:
         bw = lay.backward[key] = _backward_plan(lay, *key)
@@ -1151,16 +1074,11 @@ def _attention_backward(lay, saved, o, stats, dout, needs, dest=None):
         else:
             dk, dv = k.new_empty_strided(*bw.dk), v.new_empty_strided(*bw.dv)
         buf, dqa, dba = _grad_accumulators(q, bw.acc)
-        if bw.serial:  # the kernel stores dq itself
-            dq = dest[0] if dest is not None else q.new_empty_strided(*bw.dq_layout)
         _launch(_attention_bwd_dkdv_kernel, _dkdv_tuned, bw.dkdv,
                 (*common, dk, dv, dqa, dba, o, gate if gate is not None else o,
-                 dgate if dgate is not None else o, dq if bw.serial else dqa),
+                 dgate if dgate is not None else o),
                 interp)
-        if bw.serial:
-            if bw.acc.db is not None:
-                dpb = dba.reshape(pair_bias.shape).to(pair_bias.dtype)
-        elif dest is not None and bw.acc.dq is not None:
+        if dest is not None and bw.acc.dq is not None:
             # the fp32 sums converted into their place: rows of H * C, in the packed rows' order
             dq, rows = dest[0], dest[4]
             if rows is not None:
@@ -1244,7 +1162,6 @@ class _Accumulators(NamedTuple):
     db_strides: Tuple[int, ...]  # (s_z0, s_z1, s_h, s_q, s_k), 0 on the summed dims
     one_copy: bool
     db_out: Optional[tuple]
-    scratch: int                 # the leading elements that need no zeros (SERIAL's dQ sums)
 
 
 class _Backward(NamedTuple):
@@ -1258,7 +1175,6 @@ class _Backward(NamedTuple):
     dv: Optional[tuple]
     acc: Optional[_Accumulators]
     fuse_db: bool                  # the pair-bias gradient comes from the dK/dV kernel
-    serial: bool                   # the dK/dV kernel stores dq (SERIAL), laid out as dq_layout
     dq: Optional[_Launch]          # dQ by its own kernel
     dq_layout: Optional[tuple]
     common_strides: tuple          # the strides of q, k, v, the biases and dO, for _bias_grad
@@ -1266,14 +1182,13 @@ class _Backward(NamedTuple):
 
 
 def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fold_max,
-                   serial_min=math.inf, packed=False):
+                   packed=False):
     """The ``_Backward`` of a call: which kernels run (see the module docstring), their
     arguments less the tensors, and the layouts of the buffers, worked out on `lay`'s meta
     tensors once per key of ``_attention_backward``. `packed`: the gradients of q, k, v and
     the gate are written into given buffers laid out like those inputs (``attention_packed``);
     the preprocess is then never folded (its folded form stores the gate gradient laid out
-    like the output). With dQ fused, the dK/dV kernel runs SERIAL (``_SERIAL_DQ_PER_SM``) when
-    there are at least `serial_min` (batch, head) pairs."""
+    like the output)."""
     q, k, v, mask_bias, pair_bias, gate = lay.inputs
     H, NQ, NK, C, CP = lay.tail
     need_q, need_k, need_v, need_mb, need_pb, _ = needs
@@ -1298,7 +1213,6 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
 
     run_dkdv = need_k or need_v
     fuse_dq = need_q and run_dkdv and fuse_dq_on
-    serial = fuse_dq and Z * H >= serial_min
     # the pair-bias gradient with atomics inside the dK/dV kernel (unless constant along K:
     # then it is zero, see _bias_grad)
     fuse_db = need_pb and run_dkdv and fuse_db_on and not _const_along_k(pair_bias, NK)
@@ -1330,32 +1244,25 @@ def _backward_plan(lay, needs, dout_stride, dot_prec, fuse_dq_on, fuse_db_on, fo
     tail = (plan.Z1, H, NQ, NK, Z * H * NQ, next_power_of_2(NQ),  # Z * H * NQ: stats.stride(0)
             next_power_of_2(NK), lay.scale)
 
-    dq_layout = dq_strides = None
-    if need_q:  # the buffer for dq where a kernel stores it: laid out like q
-        g = q if packed else _grad_like(q)
-        dq_layout, dq_strides = (tuple(g.shape), g.stride()), _grad_strides(plan, g, q, "q")
     dkdv = dk = dv = acc = None
     if run_dkdv:
         gk, gv = (k, v) if packed else (_grad_like(k), _grad_like(v))
         dk, dv = (tuple(gk.shape), gk.stride()), (tuple(gv.shape), gv.stride())
         acc = _accumulator_layout(plan, q, pair_bias, fuse_dq, fuse_db, (H, NQ, NK),
-                                  (lay.out_shape, lay.out_stride) if packed else None, serial)
-        if serial:
-            grid = lambda m: (Z * H,)  # noqa: E731
-        else:
-            grid = lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,)  # noqa: E731
-        dkdv = _Launch(grid,
+                                  (lay.out_shape, lay.out_stride) if packed else None)
+        dkdv = _Launch(lambda m: (triton.cdiv(NK, m["BLOCK_N"]) * Z * H,),
                        (*common_strides, *_grad_strides(plan, gk, k, "k"),
                         *_grad_strides(plan, gv, v, "v"), *acc.db_strides, *acc.dq_strides,
-                        *o_s, *g_s, *(dq_strides if serial else (0,) * 5), *tail),
-                       dict(kwargs, FUSE_DQ=fuse_dq, SERIAL=serial, FUSE_DB=fuse_db,
-                            FOLD_PRE=fold,
+                        *o_s, *g_s, *tail),
+                       dict(kwargs, FUSE_DQ=fuse_dq, FUSE_DB=fuse_db, FOLD_PRE=fold,
                             HAS_GATE=fold and gate is not None))  # read only with FOLD_PRE
-    dq = None
+    dq = dq_layout = None
     if need_q and not fuse_dq:
+        g = q if packed else _grad_like(q)
         dq = _Launch(lambda m: (triton.cdiv(NQ, m["BLOCK_M"]) * Z * H,),
-                     (*common_strides, *dq_strides, *tail), kwargs)
-    return _Backward(plan, dout_copy, pre, dkdv, dk, dv, acc, fuse_db, serial, dq, dq_layout,
+                     (*common_strides, *_grad_strides(plan, g, q, "q"), *tail), kwargs)
+        dq_layout = (tuple(g.shape), g.stride())
+    return _Backward(plan, dout_copy, pre, dkdv, dk, dv, acc, fuse_db, dq, dq_layout,
                      common_strides, kwargs)
 
 
@@ -1405,14 +1312,13 @@ def _const_along_k(bias: Optional[torch.Tensor], NK: int) -> bool:
 
 
 def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail,
-                        out_layout=None, serial=False) -> _Accumulators:
+                        out_layout=None) -> _Accumulators:
     """The ``_Accumulators`` for meta tensors `q` and `bias` (the pair bias). With `out_layout`
     (``attention_packed``: dq has its own place in the packed gradient), dQ is summed laid out
     as the output (size, stride of [*, Q, H, C]: rows of H * C in the packed projection's row
     order, since the output follows the gate's memory order, or without a gate q's; one pass
     of ``_cast_rows`` converts it into place) and never converted together with the bias
-    gradient. With `serial` the dQ part is the SERIAL kernel's scratch: not zeroed (see
-    ``_grad_accumulators``), and never converted (the kernel stores dq)."""
+    gradient."""
     n_dq = q.numel() if fuse_dq else 0
     db_dims, db_flags = _bias_grad_dims(plan, "pair_bias", full_tail) if fuse_db else ((), ())
     n_db = math.prod(db_dims) if fuse_db else 0
@@ -1433,22 +1339,20 @@ def _accumulator_layout(plan, q, bias, fuse_dq, fuse_db, full_tail,
         dba = buf[n_dq:].view(db_dims)
         db = view(dba)
         db_s = tuple(0 if f else s for s, f in zip(dba.stride(), (*db_flags, False), strict=True))
-    one_copy = (out_layout is None and fuse_dq and fuse_db and not serial
+    one_copy = (out_layout is None and fuse_dq and fuse_db
                 and q.dtype == bias.dtype != torch.float32)
     if one_copy:
         db_out = view(buf[n_dq:].view(bias.shape))
-    return _Accumulators(n_dq + n_db, dq, dq_s, db, db_s, one_copy, db_out,
-                         n_dq if serial else 0)
+    return _Accumulators(n_dq + n_db, dq, dq_s, db, db_s, one_copy, db_out)
 
 
 def _grad_accumulators(q, acc: _Accumulators):
-    """The buffer of `acc` zeroed (but for its scratch), and its dQ and pair-bias-gradient views (the buffer itself
+    """The buffer of `acc` zeroed, and its dQ and pair-bias-gradient views (the buffer itself
     stands in for one not asked for, a tiny placeholder for both)."""
     if acc.numel == 0:
         dummy = q.new_empty(1, dtype=torch.float32)
         return dummy, dummy, dummy
-    buf = torch.empty(acc.numel, device=q.device, dtype=torch.float32)
-    buf[acc.scratch:].zero_()
+    buf = torch.zeros(acc.numel, device=q.device, dtype=torch.float32)
     dqa = buf if acc.dq is None else buf.as_strided(*acc.dq)
     dba = buf if acc.db is None else buf.as_strided(*acc.db)
     return buf, dqa, dba

@@ -4,7 +4,6 @@ CPU runs use Triton's interpreter at tiny sizes; the `gpu` tests use real AlphaF
 """
 import functools
 import importlib
-import math
 
 import pytest
 import torch
@@ -37,20 +36,6 @@ GRAD_NAMES = ("q", "k", "v", "mask_bias", "pair_bias", "gate")
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-# the backward's kernels: dQ and the pair-bias gradient fused into the dK/dV kernel, dQ summed
-# by each (batch, head)'s program over its key blocks in turn ("serial") or with atomics by one
-# program per key block ("atomic"); or dQ and the bias gradient by their own kernels
-BACKWARDS = ["serial", "atomic", "separate"]
-
-
-def _set_backward(monkeypatch, backward):
-    from fastfold_plugin.kernels import attention as A
-
-    monkeypatch.setattr(A, "_FUSE_DQ", backward != "separate")
-    monkeypatch.setattr(A, "_FUSE_DB", backward != "separate")
-    monkeypatch.setattr(A, "_SERIAL_DQ_PER_SM", 0 if backward == "serial" else math.inf)
 
 
 def _heads(shape_qhc, dtype, device, gen, scale=1.0):
@@ -165,14 +150,17 @@ def test_attention_matches_reference(case, n, c, dtype, tol):
     check(_requires_grad(make_case(case, n, c, dtype)), dtype, tol)
 
 
-@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("case", ["row", "triangle"])
-def test_q_div_matches_reference(monkeypatch, case, dtype, tol, backward):
+def test_q_div_matches_reference(monkeypatch, case, dtype, tol, fused):
     """OpenFold's q / sqrt(C) done by the op (``q_div``): the kernels scale the fp32 logits, dQ
     and dK; the reference divides q first. Fused backward, and the separate dQ and bias-gradient
     kernels (the mask bias's gradient too: every kernel that recomputes the logits)."""
-    _set_backward(monkeypatch, backward)
+    from fastfold_plugin.kernels import attention as A
+
+    monkeypatch.setattr(A, "_FUSE_DQ", fused)
+    monkeypatch.setattr(A, "_FUSE_DB", fused)
     n, c = (17, 32) if case == "row" else (9, 16)
     inputs = make_case(case, n, c, dtype)
     inputs["q"] = inputs["q"] * c ** 0.5  # unscaled, as the q projection gives it
@@ -184,14 +172,17 @@ def test_q_div_matches_reference(monkeypatch, case, dtype, tol, backward):
         attention(**inputs, q_div=0.0)
 
 
-@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("n,c", [(5, 16), (17, 8)], ids=str)
-def test_output_and_gradients_follow_the_inputs_layouts(monkeypatch, n, c, dtype, tol, backward):
+def test_output_and_gradients_follow_the_inputs_layouts(monkeypatch, n, c, dtype, tol, fused):
     """Permuted dense inputs (the column attention on the MSA as it lies): the output, and the
     gate's gradient, come laid out like the gate, dq / dk / dv like q / k / v (no transposed
-    copies around the Linears), with the reference's values; every backward (BACKWARDS)."""
-    _set_backward(monkeypatch, backward)
+    copies around the Linears), with the reference's values; fused and separate backwards."""
+    from fastfold_plugin.kernels import attention as A
+
+    monkeypatch.setattr(A, "_FUSE_DQ", fused)
+    monkeypatch.setattr(A, "_FUSE_DB", fused)
     inputs = _requires_grad(make_case("column_as_laid", n, c, dtype, s=6),
                             ("q", "k", "v", "mask_bias", "gate"))
     check(inputs, dtype, tol)
@@ -228,17 +219,20 @@ def _packed_ops(h, c, gated, columns):
             functools.partial(attention_packed_reference, **kw))
 
 
-@pytest.mark.parametrize("backward", BACKWARDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("case,n,c,gated", [
     ("row", 17, 32, True), ("row", 5, 8, False), ("column", 9, 16, True), ("triangle", 9, 16, True),
     ("row", 1, 16, True), ("column", 7, 16, False),
 ], ids=str)
-def test_attention_packed_matches_reference(monkeypatch, case, n, c, gated, dtype, tol, backward):
+def test_attention_packed_matches_reference(monkeypatch, case, n, c, gated, dtype, tol, fused):
     """One packed projection y = [q | k | v | gate]: the output and the gradients of y (one
     buffer, laid out like y, each part written by the kernels) and of the biases match the
-    reference on y's views; every backward (BACKWARDS)."""
-    _set_backward(monkeypatch, backward)
+    reference on y's views; fused and separate dQ / bias-gradient kernels."""
+    from fastfold_plugin.kernels import attention as A
+
+    monkeypatch.setattr(A, "_FUSE_DQ", fused)
+    monkeypatch.setattr(A, "_FUSE_DB", fused)
     h = 2
     inputs = _requires_grad(make_packed(case, n, c, dtype, h=h, gated=gated),
                             ("y", "mask_bias", "pair_bias"))
@@ -586,31 +580,6 @@ def test_folded_preprocess_fully_masked_rows(monkeypatch, dtype, gated):
             scale = grads_ref[name].abs().max().item()
             assert_close(grads[name], grads_ref[name], rtol=1e-3, atol=1e-5 * scale,
                          max_rel=1e-5, name="d" + name)
-
-
-@pytest.mark.parametrize("per_sm,serial", [(1, True), (4, False)])
-def test_serial_dq_from_enough_batch_heads(monkeypatch, per_sm, serial):
-    """The dK/dV kernel runs SERIAL (each (batch, head)'s key blocks in one program, dQ stored
-    by it) from ``_SERIAL_DQ_PER_SM`` (batch, head) pairs per SM (the interpreter counts as 2
-    SMs), with atomics below; the gradients match the reference either way, and serial dQ is
-    the same bit for bit from run to run. Here B * S * H = 1 * 3 * 2 = 6 pairs, K = 33: two
-    key blocks under the interpreter, the second partial."""
-    monkeypatch.setattr(ATTN, "_SERIAL_DQ_PER_SM", per_sm)
-    seen = []
-    launch = ATTN._launch
-
-    def spy(jit_fn, tuned, plan, tensors, interp):
-        if jit_fn is ATTN._attention_bwd_dkdv_kernel:
-            seen.append(plan.kwargs["SERIAL"])
-        return launch(jit_fn, tuned, plan, tensors, interp)
-
-    monkeypatch.setattr(ATTN, "_launch", spy)
-    inputs = _requires_grad(make_case("row", 33, 16, torch.float32, b=1, s=3))
-    check(inputs, torch.float32, 1e-5)
-    assert seen and set(seen) == {serial}
-    if serial:
-        first, second = run(attention, inputs)[1]["q"], run(attention, inputs)[1]["q"]
-        assert torch.equal(first, second)
 
 
 def test_layouts_with_equal_shapes_are_not_confused():
