@@ -35,6 +35,8 @@ CASES = {
     "tri1024": ("tri_att", dict(n_res=1024, heads=4, c=32)),
     "msa128x256": ("msa_row", dict(n_seq=128, n_res=256, heads=8, c=32)),
     "msa512x384": ("msa_row", dict(n_seq=512, n_res=384, heads=8, c=32)),
+    "col128x256": ("msa_col", dict(n_seq=128, n_res=256, heads=8, c=32)),
+    "col512x384": ("msa_col", dict(n_seq=512, n_res=384, heads=8, c=32)),
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 DKDV = [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2), (128, 128, 8, 2),
@@ -58,6 +60,8 @@ def tuner(fn, blocks, key, **kw):
 
 
 def timings(t, default=None):
+    if not getattr(t, "configs_timings", None):
+        return "(not tuned here)"
     rows = sorted(((v[0] if isinstance(v, (list, tuple)) else v, c) for c, v in
                    t.configs_timings.items()), key=lambda r: r[0])
     out = []
@@ -93,7 +97,8 @@ def run_case(name, variants, sweep):
     fwd, grads = bench_attention.provider_fn("plugin", case, inp, torch.device("cuda"))
     with torch.no_grad():
         t_fwd = triton.testing.do_bench(fwd, quantiles=[0.5])
-    out = fwd()
+    out = fwd()  # (with gradients: the forward a training step tunes and runs)
+    say(f"{name} fwd configs (ms, training forward):", timings(A._fwd_tuned))
     dout = torch.randn_like(out)
 
     def bwd():

@@ -831,7 +831,8 @@ def _prune(configs, named_args, **kwargs):
 _TUNE_KEY = ["C", "Q_BUCKET", "K_BUCKET", "HAS_MB", "MB_QB", "HAS_PB", "PB_QB"]
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M = query rows, BLOCK_N = key rows.
 _FWD_BLOCKS = [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-               (128, 32, 4, 3), (16, 64, 2, 2), (16, 16, 1, 2)]
+               (128, 32, 4, 3), (128, 128, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+               (256, 64, 8, 2), (16, 64, 2, 2), (16, 16, 1, 2)]
 # measured on an H200 (tri-att N_res 256/1024, MSA row 128 x 256 / 512 x 384, C 32): the dK/dV
 # kernel is fastest at (64, 128, 4, 3) with dQ fused, at (64, 64, 4, 3) without; 8 warps lose
 _DKDV_BLOCKS = [(64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2),
