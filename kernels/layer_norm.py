@@ -60,14 +60,16 @@ def _row_offsets(rows, stride, R_IN, stride_in, TWO_LEVEL: tl.constexpr):
 
 @triton.jit
 def _layer_norm_fwd_kernel(
-    X, W, B, Y, MEAN, RSTD,
+    X, W, B, Y, MEAN, RSTD, U, XS,
     M, C, stride_x, stride_y, eps, R_IN, stride_x_in,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STORE_STATS: tl.constexpr,
-    TWO_LEVEL: tl.constexpr, INTERP: tl.constexpr,
+    TWO_LEVEL: tl.constexpr, INTERP: tl.constexpr, HAS_UPD: tl.constexpr,
 ):
     """Y[r] = (X[r] - mean) * rstd * W + B for BLOCK_M rows of length C; fp32 statistics.
     X's row r is at r * stride_x, or with ``TWO_LEVEL`` at (r // R_IN) * stride_x +
-    (r % R_IN) * stride_x_in (a transposed view: see ``_row_layout``)."""
+    (r % R_IN) * stride_x_in (a transposed view: see ``_row_layout``). With HAS_UPD the rows
+    normalised are X + U (added in fp32, rounded to XS's dtype and stored in XS; U and XS laid
+    out as X): a residual add fused into the LayerNorm that reads its sum."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     row_ok = rows < M
@@ -75,6 +77,11 @@ def _layer_norm_fwd_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     x_rows = _row_offsets(rows, stride_x, R_IN, stride_x_in, TWO_LEVEL)
     x = tl.load(X + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_UPD:
+        x += tl.load(U + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        xs = cast_rne(x, XS.dtype.element_ty, INTERP)
+        tl.store(XS + x_rows[:, None] + cols[None, :], xs, mask=ok)
+        x = xs.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(ok, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / C
@@ -91,11 +98,12 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    X, W, DY, DY1, DY2, DY3, DY4, DY5, DRES, DX, MEAN, RSTD, DW_PART, DB_PART,
+    X, W, DY, DY1, DY2, DY3, DY4, DY5, DRES, DX, DXL, MEAN, RSTD, DW_PART, DB_PART,
     M, C, stride_x, stride_dy, stride_dx, rows_per_program, R_IN, stride_x_in, stride_dx_in,
     stride_r, R_IN_R, stride_r_in,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, TWO_LEVEL: tl.constexpr,
     N_DY: tl.constexpr, HAS_RES: tl.constexpr, RES_TWO_LEVEL: tl.constexpr,
+    HAS_LOW: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dx for `rows_per_program` rows, and this program's partial sums of dweight and dbias.
     X and DX rows as in the forward (``TWO_LEVEL``: each with its own strides, one R_IN).
@@ -104,7 +112,9 @@ def _layer_norm_bwd_kernel(
     (the gradients of one output read by several consumers: ``layer_norm_fanout``);
     xhat = (x - mean) * rstd;  dx = rstd * (w*dy - mean_c(w*dy * xhat) * xhat - mean_c(w*dy));
     with HAS_RES, dx += DRES (rows at r * stride_r, or two-level with R_IN_R, stride_r_in):
-    the gradient x receives from its other reader, a residual add;
+    the gradient x receives from its other reader, a residual add; with HAS_LOW, dx also
+    rounded to DXL's dtype into DXL (laid out as DX: the gradient of a low-precision summand of
+    x, ``layer_norm_fwd_rows``' update);
     dweight = sum_rows dy * xhat;  dbias = sum_rows dy.
     """
     pid = tl.program_id(0)
@@ -146,6 +156,9 @@ def _layer_norm_bwd_kernel(
             dx += tl.load(DRES + r_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         dx_rows = _row_offsets(rows, stride_dx, R_IN, stride_dx_in, TWO_LEVEL)
         tl.store(DX + dx_rows[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+        if HAS_LOW:
+            tl.store(DXL + dx_rows[:, None] + cols[None, :],
+                     cast_rne(dx, DXL.dtype.element_ty, INTERP), mask=ok)
         dw_acc += dy * xhat
         db_acc += dy
     # partials [C, programs]: the caller's sum over them runs along contiguous memory
@@ -300,14 +313,21 @@ def _kernel_rows(layout: RowLayout) -> tuple:
 def layer_norm_fwd_rows(
     x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
     out_dtype: torch.dtype, store_stats: bool = True, interp: Optional[bool] = None,
-    layout: Optional[RowLayout] = None,
+    layout: Optional[RowLayout] = None, update: Optional[torch.Tensor] = None,
+    xs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Normalise the rows of `x2` [M, C] (unit column stride): (y [M, C] out_dtype, mean, rstd).
 
     With `layout`, `x2` is any tensor whose rows `layout` addresses (``_row_layout``). mean and
     rstd are fp32 [M] (None unless `store_stats`). weight/bias are used in their own dtype (cast
-    to fp32 in the kernel). `interp`: ``is_interpreter()`` (read here if None).
+    to fp32 in the kernel). `interp`: ``is_interpreter()`` (read here if None). With `update`
+    (and `xs`, both with x2's strides), the rows normalised are x2 + update, added in fp32 and
+    rounded to xs's dtype, and stored in xs.
     """
+    if (update is None) != (xs is None) or (update is not None and not (
+            update.shape == xs.shape == x2.shape and update.stride() == xs.stride() == x2.stride())):
+        raise ValueError("layer_norm_fwd_rows: update and xs come together, with x2's shape and "
+                         "strides")
     if layout is None:
         layout = RowLayout(x2.shape[0], x2.stride(0))
     m, c = layout.m, x2.shape[-1]
@@ -324,8 +344,9 @@ def layer_norm_fwd_rows(
     _layer_norm_fwd_kernel[plan.grid](
         x2, weight.contiguous(), bias.contiguous(), y,
         mean if store_stats else y, rstd if store_stats else y,
+        x2 if update is None else update, x2 if xs is None else xs,
         m, c, stride_x, plan.stride_y, float(eps), r_in, stride_x_in, TWO_LEVEL=two_level,
-        **plan.kwargs,
+        HAS_UPD=update is not None, **plan.kwargs,
     )
     return y, mean, rstd
 
@@ -338,13 +359,16 @@ def layer_norm_bwd_rows(
     dy2: torch.Tensor, dx_dtype: torch.dtype, interp: Optional[bool] = None,
     layout: Optional[RowLayout] = None, more_dy: Sequence[torch.Tensor] = (),
     dres: Optional[torch.Tensor] = None, dres_layout: Optional[RowLayout] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx_low: Optional[torch.dtype] = None,
+) -> Tuple[torch.Tensor, ...]:
     """(dx [M, C] dx_dtype, dweight fp32 [C], dbias fp32 [C]) for rows normalised by the forward.
     With `layout` (the forward's), dx has `x2`'s shape and, where `x2` is a permuted dense tensor,
     its strides (a transposed view's gradient is then contiguous once transposed back).
     `more_dy`: up to MAX_DY - 1 more output gradients with dy2's row stride, added to dy2 in
     fp32 in order. `dres`: a gradient added to dx (rows as `dres_layout` says; [M, C] rows with
-    unit column stride if None). `interp`: ``is_interpreter()`` (read here if None)."""
+    unit column stride if None). `interp`: ``is_interpreter()`` (read here if None). With
+    `dx_low` (a dtype), a fourth result: dx rounded to it, laid out as dx (the gradient of the
+    low-precision update of ``layer_norm_fwd_rows``)."""
     c = x2.shape[-1]
     device = x2.device
     if layout is None:
@@ -360,12 +384,14 @@ def layer_norm_bwd_rows(
             dx_layout = RowLayout(layout.m, c) if layout.r_in is None else \
                 RowLayout(layout.m, layout.r_in * c, layout.r_in, c)
     m = layout.m
+    dxl = None if dx_low is None else torch.empty_like(dx, dtype=dx_low)  # (dx's strides)
     if m == 0:
         z = torch.zeros((c,), dtype=torch.float32, device=device)
-        return dx, z, z.clone()
+        return (dx, z, z.clone()) + ((dxl,) if dxl is not None else ())
     if len(more_dy) >= MAX_DY:
         raise ValueError(f"layer_norm backward sums at most {MAX_DY} output gradients")
-    plan = _bwd_plan(m, c, device, is_interpreter() if interp is None else interp)
+    interp = is_interpreter() if interp is None else interp
+    plan = _bwd_plan(m, c, device, interp)
     parts = torch.empty((2, c, plan.n_prog), dtype=torch.float32, device=device)
     stride_x, r_in, stride_x_in, two_level = _kernel_rows(layout)
     stride_dx, _, stride_dx_in, _ = _kernel_rows(dx_layout)
@@ -376,14 +402,15 @@ def layer_norm_bwd_rows(
         res_rows = _kernel_rows(dres_layout if dres_layout is not None
                                 else RowLayout(m, dres.stride(0)))
     _layer_norm_bwd_kernel[(plan.n_prog,)](
-        x2, weight.contiguous(), *dys, dres if dres is not None else dx, dx, mean, rstd,
+        x2, weight.contiguous(), *dys, dres if dres is not None else dx, dx,
+        dxl if dxl is not None else dx, mean, rstd,
         parts[0], parts[1], m, c, stride_x, dy2.stride(0), stride_dx, plan.rows_per_program,
         r_in, stride_x_in, stride_dx_in, *res_rows[:3], TWO_LEVEL=two_level,
         N_DY=1 + len(more_dy), HAS_RES=dres is not None, RES_TWO_LEVEL=res_rows[3],
-        **plan.kwargs,
+        HAS_LOW=dxl is not None, INTERP=interp, **plan.kwargs,
     )
     dw, db = parts.sum(2)
-    return dx, dw, db
+    return (dx, dw, db) + ((dxl,) if dxl is not None else ())
 
 
 # ----------------------------------------------------------------------------------------------

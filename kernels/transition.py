@@ -211,21 +211,31 @@ def _linear_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------------------------
 class _TransitionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype, residual):
+    def forward(ctx, x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype, residual,
+                update):
         c = x.shape[-1]
         x2 = _rows(x, c)
         check_devices(x2.device)
         interp = is_interpreter()
+        s_dt = x.dtype  # the dtype of what is normalised: x, or x + update
+        u2 = None
+        if update is not None:
+            s_dt = torch.promote_types(x.dtype, update.dtype)
+            x2, u2 = x2.contiguous(), _rows(update, c).contiguous()  # (rows: no copies)
         # OpenFold's LayerNorm: a bf16 x is normalised with bf16 weights
-        lw, lb = (ln_w, ln_b) if x.dtype != torch.bfloat16 else (ln_w.to(x.dtype), ln_b.to(x.dtype))
+        lw, lb = (ln_w, ln_b) if s_dt != torch.bfloat16 else (ln_w.to(s_dt), ln_b.to(s_dt))
         w1c, b1c, w2c, b2c = (t.to(cdt) for t in (w1, b1, w2, b2))
         with autocast_off(x.device.type):
-            ln, mean, rstd = layer_norm_fwd_rows(x2, lw, lb, eps, cdt, interp=interp)
+            xs = None if u2 is None else torch.empty_like(x2, dtype=s_dt)
+            ln, mean, rstd = layer_norm_fwd_rows(x2, lw, lb, eps, cdt, interp=interp, update=u2,
+                                                 xs=xs)
+            if xs is not None:
+                x2 = xs  # x + update: what the rest reads, and the backward's LayerNorm input
             h = _linear_relu(ln, w1c, b1c)
             del ln
             y = torch.addmm(b2c, h, w2c.t())
             if residual:
-                out = _masked_residual(x2, y, mask_rows, torch.promote_types(x.dtype, out_dtype),
+                out = _masked_residual(x2, y, mask_rows, torch.promote_types(s_dt, out_dtype),
                                        out_dtype == y.dtype, interp)
             elif out_dtype == y.dtype:
                 out = y.mul_(mask_rows[:, None])
@@ -236,6 +246,7 @@ class _TransitionFn(torch.autograd.Function):
         ctx.interp = interp
         ctx.residual = residual
         ctx.meta = (x.shape, x.dtype, ln_w.dtype, ln_b.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
+        ctx.update = (s_dt, None if update is None else update.dtype)
         return out.view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
@@ -261,24 +272,42 @@ class _TransitionFn(torch.autograd.Function):
             del ln
             dln = dh.mm(w1c)
             del dh
-            dx, dlw, dlb = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, x_dt, interp=interp,
-                                               dres=dres)
-        return (dx.view(shape), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt), db1.to(b1_dt),
-                dw2.to(w2_dt), db2.to(b2_dt), None, None, None, None)
+            s_dt, u_dt = ctx.update
+            # with an update, dx is the sum's gradient: x's and the update's, each in its dtype
+            # (the update's rounded by the same kernel where its dtype differs)
+            low = u_dt if u_dt is not None and u_dt != s_dt else None
+            dx, dlw, dlb, *du = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, s_dt, interp=interp,
+                                                    dres=dres, dx_low=low)
+            d_upd = None
+            if u_dt is not None and ctx.needs_input_grad[12]:
+                d_upd = (du[0] if low is not None else dx.clone()).view(shape)
+        return (dx.view(shape).to(x_dt), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt),
+                db1.to(b1_dt), dw2.to(w2_dt), db2.to(b2_dt), None, None, None, None, d_upd)
 
 
 # ----------------------------------------------------------------------------------------------
 # public functions
 # ----------------------------------------------------------------------------------------------
-def _mask_or_ones(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    # OpenFold's transitions default to ones in x's dtype: [*, 1]
-    return x.new_ones((*x.shape[:-1], 1)) if mask is None else mask
+def _mask_or_ones(x: torch.Tensor, mask: Optional[torch.Tensor],
+                  dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    # OpenFold's transitions default to ones in their input's dtype: [*, 1]
+    return x.new_ones((*x.shape[:-1], 1), dtype=dtype) if mask is None else mask
+
+
+def _check_update(x: torch.Tensor, update: Optional[torch.Tensor], residual: bool) -> None:
+    if update is None:
+        return
+    if not residual:
+        raise ValueError("transition: an update is added to x only with residual=True")
+    if update.shape != x.shape:
+        raise ValueError(f"transition: update has shape {tuple(update.shape)}, x has "
+                         f"{tuple(x.shape)}; they are added elementwise")
 
 
 def transition(
     x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
-    residual: bool = False,
+    residual: bool = False, update: Optional[torch.Tensor] = None,
 ):
     """linear_2(relu(linear_1(layer_norm(x)))) * mask (Triton LayerNorm/backward passes + cuBLAS).
 
@@ -287,9 +316,14 @@ def transition(
     promote(compute dtype, mask dtype). Gradients for x and every weight; none for the mask.
     With `residual`, x + that, in promote(x's dtype, that dtype): the residual add around the
     transition, fused with the mask multiply; its gradient reaches x through the LayerNorm's
-    backward kernel (no add of its own). See the module docstring for the precision contract.
+    backward kernel (no add of its own). With `update` too (x's shape), the input is x + update
+    (the previous residual add of a block, in promote(x's dtype, update's dtype)), summed by the
+    LayerNorm's forward kernel, and the update's gradient rounded by its backward kernel: one
+    pass less each way. See the module docstring for the precision contract.
     """
-    mask = _mask_or_ones(x, mask)
+    _check_update(x, update, residual)
+    s_dt = x.dtype if update is None else torch.promote_types(x.dtype, update.dtype)
+    mask = _mask_or_ones(x, mask, s_dt)
     cdt = autocast_dtype(x.device.type) or x.dtype
     out_dtype = torch.promote_types(cdt, mask.dtype)
     rows = x.shape[:-1]
@@ -298,16 +332,20 @@ def transition(
     mask_rows = mask.detach().expand(*rows, 1).reshape(-1).to(
         torch.promote_types(mask.dtype, cdt)).contiguous()
     return _TransitionFn.apply(x, mask_rows, ln_w, ln_b, w1, b1, w2, b2, eps, cdt, out_dtype,
-                               residual)
+                               residual, update)
 
 
 def transition_reference(
     x: torch.Tensor, mask: Optional[torch.Tensor], ln_w: torch.Tensor, ln_b: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, eps: float = 1e-5,
-    residual: bool = False,
+    residual: bool = False, update: Optional[torch.Tensor] = None,
 ):
     """OpenFold's ``MSATransition._transition`` / ``PairTransition._transition`` in plain PyTorch
-    (with `residual`, x + that: the blocks' residual add, as OpenFold's ``add``)."""
+    (with `residual`, x + that: the blocks' residual add, as OpenFold's ``add``; with `update`
+    too, on x + update: the block's previous residual add)."""
+    _check_update(x, update, residual)
+    if update is not None:
+        x = x + update
     mask = _mask_or_ones(x, mask)
     m = layer_norm_reference(x, ln_w, ln_b, eps)
     m = F.linear(m, w1, b1)

@@ -397,24 +397,26 @@ def template_pointwise_attention_forward(self: TemplatePointwiseAttention, t, z,
     return z.squeeze(-2)
 
 
-def _transition(self, ops, x, mask, chunk_size, residual: bool = False):
+def _transition(self, ops, x, mask, chunk_size, residual: bool = False,
+                update: Optional[torch.Tensor] = None):
     """The transition's update of x; with `residual` (no chunks), x + that update: the blocks'
     residual add, which the op fuses with its mask multiply (and whose gradient its LayerNorm's
-    backward kernel adds to dx)."""
+    backward kernel adds to dx); with `update` too, the same on x + update (the block's previous
+    residual add, done by the op's LayerNorm kernel)."""
     if mask is None:
         mask = x.new_ones(x.shape[:-1])
     mask = mask.unsqueeze(-1)
     ln = self.layer_norm
 
-    def fn(x_chunk, mask_chunk, residual=False):
+    def fn(x_chunk, mask_chunk, residual=False, update=None):
         return ops.transition(x_chunk, mask_chunk, ln.weight, ln.bias, self.linear_1.weight,
                               self.linear_1.bias, self.linear_2.weight, self.linear_2.bias, ln.eps,
-                              residual=residual)
+                              residual=residual, update=update)
 
     if residual:
         if chunk_size is not None:
             raise ValueError("_transition: residual needs chunk_size None")
-        return fn(x, mask, residual=True)
+        return fn(x, mask, residual=True, update=update)
     if chunk_size is None:
         return fn(x, mask)
     n = x.shape[-3]
@@ -532,8 +534,10 @@ def _dropout_residual(ops, drop: nn.Module, residual: torch.Tensor, update: torc
 def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_mask, pair_mask,
                                  chunk_size=None, use_lma=False, inplace_safe=False,
                                  _mask_trans=True, _attn_chunk_size=None,
-                                 _offload_inference=False):
-    """EvoformerBlockCore.forward: MSA transition, outer product mean, then the pair stack."""
+                                 _offload_inference=False, _m_update=None):
+    """EvoformerBlockCore.forward: MSA transition, outer product mean, then the pair stack.
+    `_m_update` (the blocks' own calls, ``_core``): an update of m still to be added, which
+    the MSA transition's LayerNorm adds where the transition ``_carries``."""
     _reject_offload(_offload_inference)
     m, z = input_tensors
     ops = self._fastfold_patch.ops_for(m)
@@ -544,8 +548,11 @@ def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_ma
     drop = self.ps_dropout_row_layer
 
     if _carries(self.msa_transition, msa_transition_forward, chunk_size, inplace_safe):
-        m = _transition(self.msa_transition, ops, m, msa_trans_mask, None, residual=True)
+        m = _transition(self.msa_transition, ops, m, msa_trans_mask, None, residual=True,
+                        update=_m_update)
     else:
+        if _m_update is not None:
+            m = add(m, _m_update, inplace_safe)
         m = add(m, self.msa_transition(m, mask=msa_trans_mask, chunk_size=chunk_size),
                 inplace_safe)
     if (_carries(self.outer_product_mean, outer_product_mean_forward, chunk_size, inplace_safe)
@@ -589,6 +596,18 @@ def evoformer_block_core_forward(self: EvoformerBlockCore, input_tensors, msa_ma
     return m, add(z, upd, inplace_safe)
 
 
+def _core(self, m, update, z, msa_mask, pair_mask, chunk_size, use_lma, inplace_safe,
+          _mask_trans, _attn_chunk_size):
+    """self.core([m + update, z], ...): with the core as stock calls our forward (``_carries``),
+    the add is left to its MSA transition's LayerNorm (``_m_update``)."""
+    kw = dict(msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=chunk_size, use_lma=use_lma,
+              inplace_safe=inplace_safe, _mask_trans=_mask_trans,
+              _attn_chunk_size=_attn_chunk_size)
+    if _carries(self.core, evoformer_block_core_forward, chunk_size, inplace_safe):
+        return evoformer_block_core_forward(self.core, [m, z], **kw, _m_update=update)
+    return self.core([add(m, update, inplace_safe), z], **kw)
+
+
 def _row_attention_residual(self, ops, m, z, msa_mask, chunk_size, use_lma, inplace_safe):
     """(m + dropout(MSA row attention update), z): the first step of an Evoformer or extra-MSA
     block, with m and z carried through the attention's LayerNorms when ``_carries``."""
@@ -615,10 +634,8 @@ def evoformer_block_forward(self: EvoformerBlock, m, z, msa_mask, pair_mask, chu
     else:
         upd = self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma,
                                use_flash=use_flash)
-    m = add(m, upd, inplace_safe)
-    return self.core([m, z], msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=chunk_size,
-                     use_lma=use_lma, inplace_safe=inplace_safe, _mask_trans=_mask_trans,
-                     _attn_chunk_size=_attn_chunk_size)
+    return _core(self, m, upd, z, msa_mask, pair_mask, chunk_size, use_lma, inplace_safe,
+                 _mask_trans, _attn_chunk_size)
 
 
 def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chunk_size=None,
@@ -635,11 +652,9 @@ def extra_msa_block_forward(self: ExtraMSABlock, m, z, msa_mask, pair_mask, chun
                                    inplace_safe)
 
     def fn(m, z):
-        m = add(m, self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma),
-                inplace_safe)
-        return self.core([m, z], msa_mask=msa_mask, pair_mask=pair_mask, chunk_size=chunk_size,
-                         use_lma=use_lma, inplace_safe=inplace_safe, _mask_trans=_mask_trans,
-                         _attn_chunk_size=_attn_chunk_size)
+        upd = self.msa_att_col(m, mask=msa_mask, chunk_size=chunk_size, use_lma=use_lma)
+        return _core(self, m, upd, z, msa_mask, pair_mask, chunk_size, use_lma, inplace_safe,
+                     _mask_trans, _attn_chunk_size)
 
     if torch.is_grad_enabled() and self.ckpt:
         from openfold.utils.checkpointing import get_checkpoint_fn

@@ -205,6 +205,62 @@ def test_residual_is_the_add_of_the_update(x_dtype, mask_dtype, ac):
     assert rel_err(dx, (dx_plain.float() + g.float()).to(x_dtype)) < tol
 
 
+@pytest.mark.parametrize("x_dtype,u_dtype,ac", [
+    (torch.float32, torch.bfloat16, torch.bfloat16),  # the blocks' case: fp32 m + a bf16 update
+    (torch.float32, torch.float32, None),
+    (torch.bfloat16, torch.bfloat16, None),           # the sum rounded to bf16
+    (torch.bfloat16, torch.float32, torch.bfloat16),  # promoted: an fp32 sum
+], ids=["f32+bf16-autocast", "f32", "bf16", "bf16+f32-autocast"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
+def test_update_is_added_first(x_dtype, u_dtype, ac, transpose):
+    """With `update`, the op is the plain residual op on x + update (the add done by its
+    LayerNorm kernel, in the promoted dtype): bit for bit the same output and parameter
+    gradients as ``transition(x + update, residual=True)``, the sum's gradient for x (in x's
+    dtype) and, rounded to the update's dtype, for the update; the reference agrees."""
+    p_dtype = torch.float32 if ac is not None else x_dtype  # (no autocast: the reference's
+    args = make_inputs((2, 5, 6, 16), 4, x_dtype, p_dtype, "cpu", seed=21)  # Linears need it)
+    gen = torch.Generator().manual_seed(22)
+    x0, ws = args[0].detach(), args[2:]
+    u0 = (torch.randn(x0.shape, generator=gen) * 0.5).to(u_dtype)
+    if transpose:  # the update as a transposed view (read through a copy of its rows)
+        u0 = u0.transpose(-2, -3).contiguous().transpose(-2, -3)
+    mask = args[1]
+    results = {}
+    for name in ("fused", "added", "reference"):
+        x, u = x0.clone().requires_grad_(), u0.clone().requires_grad_()
+        with _autocast("cpu", ac):
+            if name == "fused":
+                y = transition(x, mask, *ws, residual=True, update=u)
+            elif name == "added":
+                y = transition(x + u, mask, *ws, residual=True)
+            else:
+                y = transition_reference(x, mask, *ws, residual=True, update=u)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(23)).to(y.dtype)
+        results[name] = (y.detach(), torch.autograd.grad(y, [x, u] + ws, g))
+    (y, grads), (y_add, grads_add) = results["fused"], results["added"]
+    assert y.dtype == y_add.dtype and torch.equal(y, y_add)
+    assert grads[0].dtype == x_dtype and grads[1].dtype == u_dtype
+    assert torch.equal(grads[0], grads_add[0])
+    assert torch.equal(grads[1], grads_add[1])  # autograd rounds the sum's gradient as well
+    for a, e, name in zip(grads[2:], grads_add[2:], GRAD_NAMES[1:], strict=True):
+        assert torch.equal(a, e), name
+    y_ref, grads_ref = results["reference"]
+    tol = 1e-5 if ac is None and x_dtype == torch.float32 else 2e-2
+    assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol * y_ref.abs().max().item(),
+                 name="out")
+    for a, e, name in zip(grads, grads_ref, ("dx", "dupdate") + GRAD_NAMES[1:], strict=True):
+        assert rel_err(a.float(), e.float()) < (1e-5 if tol == 1e-5 else 3e-2), name
+
+
+def test_update_checks():
+    args = make_inputs((3, 16), 4, torch.float32, torch.float32, "cpu", seed=24)
+    u = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="residual=True"):
+        transition(*args, update=u)
+    with pytest.raises(ValueError, match="shape"):
+        transition(*args, residual=True, update=u[:2])
+
+
 def test_residual_takes_a_sums_broadcast_gradient():
     """The gradient of ``y.sum()`` is one scalar broadcast to y's shape: read in place (row
     stride 0) by the backward's passes and the LayerNorm's kernel, it gives exactly the
