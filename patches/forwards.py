@@ -91,8 +91,42 @@ def head_bias(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     shape rounds differently, and the whole-model training gradients amplify that)."""
     if not x.is_cuda:
         return F.linear(x, weight).transpose(-1, -2)
-    xt = x.transpose(-1, -2)  # [*, Q, C, K]
-    return torch.matmul(weight.expand(xt.shape[:-2] + weight.shape), xt)
+    return _HeadBias.apply(x, weight, autocast_dtype(x.device.type))
+
+
+class _HeadBias(torch.autograd.Function):
+    """``head_bias``'s GEMMs on GPUs (`dt`: the autocast dtype, or None), with their gradients
+    laid out as their inputs. Forward: the weight rounded to `dt` (under autocast; once, before
+    it is broadcast over the rows), then one GEMM batched over the rows. Backward: dx [*, Q, K, C]
+    as one GEMM batched over the rows, dout^T @ weight, which writes it in x's own layout
+    (autograd's backward of the forward's GEMM gives it as a transposed view, [*, Q, C, K] seen
+    as [*, Q, K, C], which the LayerNorm's backward then copies: a pair-sized transpose per
+    bias, three per Evoformer block step); dweight as one GEMM over all Q * K positions,
+    rounded once to `dt` like the stock Linear's, then to the weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dt):
+        w = weight.to(dt) if dt is not None else weight
+        x = x.to(dt) if dt is not None else x
+        xt = x.transpose(-1, -2)  # [*, Q, C, K]
+        with torch.autocast(x.device.type, enabled=False):
+            out = torch.matmul(w.expand(xt.shape[:-2] + w.shape), xt)
+        ctx.save_for_backward(x, w)
+        ctx.w_dtype = weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g = g.to(w.dtype)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.matmul(g.transpose(-1, -2), w)  # [*, Q, K, H] @ [H, C]
+        if ctx.needs_input_grad[1]:
+            heads = w.shape[0]
+            g2 = g.movedim(-2, 0).reshape(heads, -1)  # [H, * Q K]: a view of a dense [H, Q, K]
+            dw = (g2 @ x.reshape(-1, x.shape[-1])).to(ctx.w_dtype)
+        return dx, dw, None
 
 
 def _no_hooks(mod: nn.Module) -> bool:

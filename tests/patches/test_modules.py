@@ -349,3 +349,32 @@ def test_triton_attention_chunks_with_gradients(name):
     assert grad_p.keys() == grad_s.keys()
     for k, r in grad_errors(grad_p, grad_s).items():
         assert r <= 1e-4, f"{name}: gradient of {k}: rel err {r:.2e}"
+
+
+@pytest.mark.parametrize("dt", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_head_bias_gemms_and_gradient_layouts(dt):
+    """The GPU path of ``head_bias`` (its GEMMs run here on the CPU): the stock Linear's
+    [*, Q, K, H] bias as [*, Q, H, K]; gradients: dx laid out as x (contiguous, not the
+    transposed view autograd's own backward gives) and dweight, both matching autograd
+    through the stock Linear (fp32 exactly up to summation order; under autocast bf16 operands
+    and one rounding of dweight to bf16, as the stock Linear's)."""
+    from fastfold_plugin.patches.forwards import _HeadBias
+
+    g = torch.Generator().manual_seed(41)
+    x0 = torch.randn(2, 6, 7, 16, generator=g)
+    w0 = torch.randn(4, 16, generator=g) / 4
+    cot = torch.randn(2, 6, 4, 7, generator=g)
+    if dt is not None:
+        x0 = x0.to(dt)  # (a LayerNorm's output, rounded for the Linears)
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    out = _HeadBias.apply(x, w, dt)
+    dx, dw = torch.autograd.grad(out, (x, w), cot.to(out.dtype))
+    xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt is not None):
+        ref = torch.nn.functional.linear(xr, wr).transpose(-1, -2)
+    dxr, dwr = torch.autograd.grad(ref, (xr, wr), cot.to(ref.dtype))
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert dx.is_contiguous() and dx.dtype == x.dtype and dw.dtype == w.dtype
+    tol = 1e-5 if dt is None else 2e-2
+    for a, e, name in ((out, ref, "out"), (dx, dxr, "dx"), (dw, dwr, "dweight")):
+        assert rel_err(a.float(), e.float()) < tol, name
