@@ -1,7 +1,11 @@
 """OpenFold's MSA / pair transition: ``linear_2(relu(linear_1(layer_norm(x)))) * mask``.
 
 With ``residual``, the op returns ``x + that``: the residual add the Evoformer blocks put around
-the transition, fused with the row mask (below).
+the transition, fused with the row mask (below). With ``update`` too, it runs on ``x + update``:
+the block's previous residual add (the column attention's update of m), which the LayerNorm's
+forward kernel sums as it reads x (storing the sum, which the rest reads) and whose gradient for
+the update the LayerNorm's backward kernel rounds as it writes dx: stock's fp32 add and its
+backward's conversion, two passes over m, gone.
 
 ``MSATransition._transition`` (c_m 256, n 4) and ``PairTransition._transition`` (c_z 128, n 4).
 
