@@ -306,6 +306,9 @@ def _check_update(x: torch.Tensor, update: Optional[torch.Tensor], residual: boo
     if update.shape != x.shape:
         raise ValueError(f"transition: update has shape {tuple(update.shape)}, x has "
                          f"{tuple(x.shape)}; they are added elementwise")
+    if update.device != x.device:
+        raise ValueError(f"transition: update is on {update.device}, x on {x.device}; move "
+                         "them to one device")
 
 
 def transition(
@@ -328,7 +331,7 @@ def transition(
     _check_update(x, update, residual)
     s_dt = x.dtype if update is None else torch.promote_types(x.dtype, update.dtype)
     mask = _mask_or_ones(x, mask, s_dt)
-    cdt = autocast_dtype(x.device.type) or x.dtype
+    cdt = autocast_dtype(x.device.type) or s_dt  # (as the op on x + update would take)
     out_dtype = torch.promote_types(cdt, mask.dtype)
     rows = x.shape[:-1]
     # (contiguous: the backward kernel reads one value per row; a reshape of a strided view, e.g.

@@ -210,15 +210,17 @@ def test_residual_is_the_add_of_the_update(x_dtype, mask_dtype, ac):
     (torch.float32, torch.float32, None),
     (torch.bfloat16, torch.bfloat16, None),           # the sum rounded to bf16
     (torch.bfloat16, torch.float32, torch.bfloat16),  # promoted: an fp32 sum
-], ids=["f32+bf16-autocast", "f32", "bf16", "bf16+f32-autocast"])
+    (torch.bfloat16, torch.float32, None),            # the same without autocast: fp32 GEMMs
+], ids=["f32+bf16-autocast", "f32", "bf16", "bf16+f32-autocast", "bf16+f32"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["rows", "transposed"])
 def test_update_is_added_first(x_dtype, u_dtype, ac, transpose):
     """With `update`, the op is the plain residual op on x + update (the add done by its
     LayerNorm kernel, in the promoted dtype): bit for bit the same output and parameter
     gradients as ``transition(x + update, residual=True)``, the sum's gradient for x (in x's
     dtype) and, rounded to the update's dtype, for the update; the reference agrees."""
-    p_dtype = torch.float32 if ac is not None else x_dtype  # (no autocast: the reference's
-    args = make_inputs((2, 5, 6, 16), 4, x_dtype, p_dtype, "cpu", seed=21)  # Linears need it)
+    # (without autocast the reference's Linears need the parameters in the sum's dtype)
+    p_dtype = torch.float32 if ac is not None else torch.promote_types(x_dtype, u_dtype)
+    args = make_inputs((2, 5, 6, 16), 4, x_dtype, p_dtype, "cpu", seed=21)
     gen = torch.Generator().manual_seed(22)
     x0, ws = args[0].detach(), args[2:]
     u0 = (torch.randn(x0.shape, generator=gen) * 0.5).to(u_dtype)
@@ -245,7 +247,7 @@ def test_update_is_added_first(x_dtype, u_dtype, ac, transpose):
     for a, e, name in zip(grads[2:], grads_add[2:], GRAD_NAMES[1:], strict=True):
         assert torch.equal(a, e), name
     y_ref, grads_ref = results["reference"]
-    tol = 1e-5 if ac is None and x_dtype == torch.float32 else 2e-2
+    tol = 1e-5 if ac is None and torch.promote_types(x_dtype, u_dtype) == torch.float32 else 2e-2
     assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol * y_ref.abs().max().item(),
                  name="out")
     for a, e, name in zip(grads, grads_ref, ("dx", "dupdate") + GRAD_NAMES[1:], strict=True):
@@ -259,6 +261,8 @@ def test_update_checks():
         transition(*args, update=u)
     with pytest.raises(ValueError, match="shape"):
         transition(*args, residual=True, update=u[:2])
+    with pytest.raises(ValueError, match="device"):
+        transition(*args, residual=True, update=u.to("meta"))
 
 
 def test_residual_takes_a_sums_broadcast_gradient():
