@@ -279,11 +279,12 @@ class _TransitionFn(torch.autograd.Function):
             s_dt, u_dt = ctx.update
             # with an update, dx is the sum's gradient: x's and the update's, each in its dtype
             # (the update's rounded by the same kernel where its dtype differs)
-            low = u_dt if u_dt is not None and u_dt != s_dt else None
+            need_upd = u_dt is not None and ctx.needs_input_grad[12]
+            low = u_dt if need_upd and u_dt != s_dt else None
             dx, dlw, dlb, *du = layer_norm_bwd_rows(x2, lw, mean, rstd, dln, s_dt, interp=interp,
                                                     dres=dres, dx_low=low)
             d_upd = None
-            if u_dt is not None and ctx.needs_input_grad[12]:
+            if need_upd:
                 d_upd = (du[0] if low is not None else dx.clone()).view(shape)
         return (dx.view(shape).to(x_dt), None, dlw.to(lw_dt), dlb.to(lb_dt), dw1.to(w1_dt),
                 db1.to(b1_dt), dw2.to(w2_dt), db2.to(b2_dt), None, None, None, None, d_upd)
