@@ -11,7 +11,8 @@ autocast the attentions' LayerNorms also store their output
 rounded to bf16 once for all its readers. Checked here on a patched EvoformerBlock in a bf16
 training step, against the same block with a no-op forward hook on each of those sub-modules
 (a hooked module is called as in stock OpenFold, without carry): the same outputs and gradients,
-twelve fewer activation-sized fp32 adds, and no fp32 -> bf16 rounding of an activation.
+thirteen fewer activation-sized fp32 adds (the column attention's update is added by the MSA
+transition's LayerNorm), and no fp32 -> bf16 rounding of an activation.
 """
 import copy
 
@@ -47,9 +48,9 @@ class _Census(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _step(block, inputs, hooked):
+def _step(block, inputs, hooked, names=CARRIED_MODULES):
     handles = [block.get_submodule(n).register_forward_hook(lambda *a: None)
-               for n in CARRIED_MODULES] if hooked else []
+               for n in names] if hooked else []
     m, z = (inputs[k].clone().requires_grad_() for k in ("m", "z"))
     census = _Census([m.numel(), z.numel()])
     torch.manual_seed(7)  # the same dropout masks on both sides
@@ -94,3 +95,25 @@ def test_evoformer_block_carries_its_residuals_through_the_layer_norms():
     # the LayerNorms store bf16 for the Linears (stock: one rounding per Linear that reads them)
     assert census_c.roundings == 0 and census_h.roundings == 0
     assert _step(stock, inputs, hooked=False)[2].roundings > 0
+
+
+def test_column_attention_update_reaches_a_hooked_core():
+    """With a forward hook on the block's core (``EvoformerBlockCore``), the block adds the
+    column attention's update itself and calls the core as stock does (no pending update for
+    its transition): the outputs and gradients of the unhooked step, one more fp32 add."""
+    block = randomize_parameters_(EvoformerBlock(
+        c_m=C_M, c_z=C_Z, c_hidden_msa_att=8, c_hidden_opm=4, c_hidden_mul=8,
+        c_hidden_pair_att=8, no_heads_msa=2, no_heads_pair=2, transition_n=2,
+        msa_dropout=0.15, pair_dropout=0.25, inf=1e9, eps=1e-10), seed=4).train()
+    fastfold_plugin.enable(block, backend="triton")
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(m=torch.randn(S, N, C_M, generator=g), z=torch.randn(N, N, C_Z, generator=g),
+                  msa_mask=(torch.rand(S, N, generator=g) > 0.2).float(),
+                  pair_mask=(torch.rand(N, N, generator=g) > 0.2).float())
+    outs_h, grads_h, census_h = _step(block, inputs, hooked=True, names=("core",))
+    outs_c, grads_c, census_c = _step(block, inputs, hooked=False)
+    for a, b in zip(outs_c, outs_h):
+        assert torch.equal(a, b)
+    for name, a in grads_c.items():
+        assert rel_err(a, grads_h[name]) < 1e-5, name
+    assert census_h.adds == census_c.adds + 1
