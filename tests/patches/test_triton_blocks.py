@@ -58,6 +58,25 @@ def _run(block, kind, inputs, seed):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 def test_triton_block_matches_stock(name, training):
+    _check_block(name, training)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_triton_block_with_the_gpu_pair_bias_path(monkeypatch, name):
+    """The same in training, with the pair biases formed as on GPUs (``_HeadBias``: one GEMM
+    batched over the rows, its backward writing z's gradient in z's layout) instead of the
+    CPU's stock Linear."""
+    from fastfold_plugin.kernels._triton_utils import autocast_dtype
+    from fastfold_plugin.patches import forwards
+
+    def gpu_head_bias(x, weight):
+        return forwards._HeadBias.apply(x, weight, autocast_dtype(x.device.type))
+
+    monkeypatch.setattr(forwards, "head_bias", gpu_head_bias)
+    _check_block(name, True)
+
+
+def _check_block(name, training):
     make, kind = BLOCKS[name]
     torch.manual_seed(0)
     stock = randomize_parameters_(make(), seed=3).train(training)
