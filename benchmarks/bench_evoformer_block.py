@@ -12,6 +12,10 @@ Providers:
     *_cudagraph       training cases on a GPU: the block's fwd and bwd captured in CUDA graphs
                       (``torch.cuda.make_graphed_callables``), i.e. without host launch overhead;
                       a block that cannot be captured records the error
+    *_captured        training cases on a GPU: the whole step (forward, loss, backward writing
+                      every gradient, from no gradients) captured in one CUDA graph
+                      (``bench_dap.captured_step``, as ``profile_block_step.py`` times it), here
+                      timed by ``do_bench`` with its L2 flushes
 
     python benchmarks/bench_evoformer_block.py [--quick | --full | --dry-run] [--out DIR]
 
@@ -19,6 +23,7 @@ Providers:
 runs out of memory unchunked at 2048: it is run with chunk_size 4 in --full only, about 2 s a
 call). --full adds torch.compile and the chunked stock baseline.
 """
+import argparse
 import copy
 
 import harness
@@ -78,6 +83,17 @@ def graphed_step_fn(block, kw, p, device):
             mo, zo = graphed(m, z, mm, pm)
         (mo.float().sum() + zo.float().sum()).backward()
     return step
+
+
+def captured_step_fn(block, kw, p, device):
+    """The whole training step captured in one CUDA graph (``bench_dap.captured_step``): a
+    replay is one launch, and the step starts from no gradients, as a training step does."""
+    import bench_dap
+
+    inner = step_fn(block, kw, p, device)  # sets the mode, builds the inputs
+    m, z, mm, pm = inner.inputs
+    return bench_dap.captured_step(lambda mi, zi: block(mi, zi, mm, pm), (m, z),
+                                   argparse.Namespace(dtype="bf16"), device, block.parameters())
 
 
 def step_fn(block, kw, p, device, chunk_size=None):
@@ -142,16 +158,23 @@ def main(argv=None):
         if args.full and p["n_res"] >= 2048:
             providers.append(("openfold_chunk4", stock, 4))
         if device.type == "cuda" and p["case"] == "train":
-            providers += [("openfold_cudagraph", stock, "graph"), ("plugin_cudagraph", plugin, "graph")]
+            providers += [("openfold_cudagraph", stock, "graph"), ("plugin_cudagraph", plugin, "graph"),
+                          ("openfold_captured", stock, "whole"), ("plugin_captured", plugin, "whole")]
         for name, block, chunk in providers:
             if args.providers is not None and name not in args.providers:
                 continue
             row = dict(op="evoformer_block", provider=name, **p, dtype="bf16-autocast",
                        mode="fwd+bwd" if p["case"] == "train" else "fwd")
             try:
-                step = (graphed_step_fn(block, kw, p, device) if chunk == "graph"
-                        else step_fn(block, kw, p, device, chunk))
+                if chunk == "graph":
+                    step = graphed_step_fn(block, kw, p, device)
+                elif chunk == "whole":
+                    step = captured_step_fn(block, kw, p, device)
+                else:
+                    step = step_fn(block, kw, p, device, chunk)
                 row.update(timed(step, device, args))
+                if chunk in ("graph", "whole"):
+                    row["peak_mib"] = None  # a replay allocates nothing: its memory is the graph's pool
             except Exception as e:  # noqa: BLE001 - out of memory is a result
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rec.add(row)
