@@ -352,20 +352,26 @@ def graphed_step(block, fn, xs, args, device):
     return step
 
 
-def captured_step(fn, xs, args, device, params=()):
+def captured_step(fn, xs, args, device, params=(), grads=None):
     """The whole training step of `fn(*xs)` (forward, loss, and the backward writing every
     gradient into ``.grad``) captured in one CUDA graph, torch's whole-network capture: a
     replay is one launch. Warmed up first on a side stream (autotuning, NCCL communicators);
     then, as torch's recipe does (``zero_grad(set_to_none=True)`` before the capture), the
     gradients of `params` (the parameters fn trains) and of the inputs are set to None, so that
     the captured backward writes them rather than adding into last step's (a training step
-    starts from no gradients; the inputs stand for the previous block's outputs)."""
+    starts from no gradients; the inputs stand for the previous block's outputs).
+    `grads`: the outputs' gradients instead of the loss's (``_loss``, whose gradient is one
+    value broadcast over every output), as a block inside a stack receives them."""
     xs = tuple(x.detach().clone().requires_grad_() for x in xs)
     params = list(params)
 
     def body():
         with autocast(args, device, cache_enabled=False):
-            _loss(fn(*xs)).backward()
+            outs = fn(*xs)
+            if grads is None:
+                _loss(outs).backward()
+            else:
+                torch.autograd.backward(outs, grads)
 
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -390,10 +396,10 @@ def _single_process_fn(block, ins):
     return lambda mi, zi: block(mi, zi, msa_mask=mm, pair_mask=pm, chunk_size=None)
 
 
-def graphed_single_process_step(block, ins, args, device, whole: bool = False):
+def graphed_single_process_step(block, ins, args, device, whole: bool = False, grads=None):
     fn = _single_process_fn(block, ins)
     if whole:
-        return captured_step(fn, ins[:2], args, device, block.parameters())
+        return captured_step(fn, ins[:2], args, device, block.parameters(), grads)
     return graphed_step(block, fn, ins[:2], args, device)
 
 

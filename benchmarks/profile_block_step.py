@@ -1,7 +1,7 @@
 """The Evoformer block's training step captured whole, on one GPU: time, and where it goes.
 
     python benchmarks/profile_block_step.py [--sizes 128x256,512x384] [--no-stock] [--no-carry]
-        [--no-packed] [--out DIR]
+        [--no-packed] [--dense-grad] [--out DIR]
 
 bench_dap's block and inputs (AF2 widths, bf16 autocast, train mode with OpenFold's dropout),
 the whole training step (forward, loss, backward) captured in one CUDA graph
@@ -39,6 +39,10 @@ def main(argv=None) -> None:
                    help="also time the plugin with each attention's q, k, v and gate projections "
                         "as four Linears (a no-op forward hook on each linear_q: no packed "
                         "projection), provider plugin_unpacked")
+    p.add_argument("--dense-grad", action="store_true",
+                   help="also time each step with dense random gradients of the block's outputs "
+                        "in place of the loss's (one value broadcast over every element), as a "
+                        "block inside a stack receives them: providers <name>_dense")
     p.add_argument("--steps", type=int, default=3, help="replays under the profiler")
     p.add_argument("--limit", type=int, default=60, help="kernel rows per table")
     p.add_argument("--out", default=None)
@@ -77,21 +81,32 @@ def main(argv=None) -> None:
                                                                       whole=True)
         if not a.no_stock:
             steps["openfold"] = bd.graphed_single_process_step(stock, ins, args, dev, whole=True)
+        if a.dense_grad:
+            gen = torch.Generator(device=dev).manual_seed(2)
+            grads = tuple(torch.randn(x.shape, generator=gen, device=dev) for x in ins[:2])
+            for name, block in (("plugin", plugin), ("openfold", stock)):
+                if name in steps:
+                    steps[f"{name}_dense"] = bd.graphed_single_process_step(
+                        block, ins, args, dev, whole=True, grads=grads)
         ms = {k: [] for k in steps}
         for _ in range(3):
             for k, st in steps.items():
                 ms[k].append(round(ab_op.timed(st), 3))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(a.steps):
-                steps["plugin"]()
-            torch.cuda.synchronize()
-        table = kernel_table(prof, a.steps, limit=a.limit)
-        tables.append(f"== plugin, whole step captured, {size}: {min(ms['plugin']):.3f} ms/step "
-                      f"(event timing)\n{table}")
-        print(tables[-1], flush=True)
+        kernel_ms = {}
+        for name in [k for k in ("plugin", "plugin_dense") if k in steps]:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(a.steps):
+                    steps[name]()
+                torch.cuda.synchronize()
+            table = kernel_table(prof, a.steps, limit=a.limit)
+            what = "" if name == "plugin" else ", dense output gradients"
+            tables.append(f"== plugin, whole step captured{what}, {size}: {min(ms[name]):.3f} "
+                          f"ms/step (event timing)\n{table}")
+            print(tables[-1], flush=True)
+            kernel_ms["kernel_ms" if name == "plugin" else "kernel_ms_dense"] = round(
+                float(table.split()[5]), 3)
         row = dict(case=size, mode="fwd+bwd captured", dtype="bf16",
-                   **{f"ms_{k}": v for k, v in ms.items()},
-                   kernel_ms=round(float(table.split()[5]), 3))
+                   **{f"ms_{k}": v for k, v in ms.items()}, **kernel_ms)
         lines.append(row)
         print(json.dumps(row), flush=True)
         del steps, plugin, ins
