@@ -23,7 +23,6 @@ Providers:
 runs out of memory unchunked at 2048: it is run with chunk_size 4 in --full only, about 2 s a
 call). --full adds torch.compile and the chunked stock baseline.
 """
-import argparse
 import copy
 
 import harness
@@ -93,7 +92,8 @@ def captured_step_fn(block, kw, p, device):
     inner = step_fn(block, kw, p, device)  # sets the mode, builds the inputs
     m, z, mm, pm = inner.inputs
     return bench_dap.captured_step(lambda mi, zi: block(mi, zi, mm, pm), (m, z),
-                                   argparse.Namespace(dtype="bf16"), device, block.parameters())
+                                   bench_dap.parse_args(["--dtype", "bf16"]), device,
+                                   block.parameters())
 
 
 def step_fn(block, kw, p, device, chunk_size=None):
